@@ -1,0 +1,99 @@
+"""Typed progress events of a completion, for the CLI, verbose output and the server stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rlm_orchestrator.types import REPLResult, UsageSummary
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    depth: int
+    iteration: int
+
+
+@dataclass(frozen=True)
+class RootResponse:
+    depth: int
+    iteration: int
+    text: str
+    duration: float
+
+
+@dataclass(frozen=True)
+class CodeBlockStarted:
+    depth: int
+    iteration: int
+    block: int
+    code: str
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    depth: int
+    iteration: int
+    block: int
+    stream: str  # "stdout" | "stderr"
+    text: str
+
+
+@dataclass(frozen=True)
+class SubCallStarted:
+    depth: int
+    call_id: int
+    kind: str  # "llm_query" | "rlm_query"
+    model: str
+    prompt_chars: int
+
+
+@dataclass(frozen=True)
+class SubCallFinished:
+    depth: int
+    call_id: int
+    ok: bool
+    response_chars: int
+    duration: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class CodeBlockFinished:
+    depth: int
+    iteration: int
+    block: int
+    result: REPLResult
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the model was told that a person watching should see too."""
+
+    depth: int
+    text: str
+
+
+@dataclass(frozen=True)
+class UsageUpdated:
+    depth: int
+    usage: UsageSummary
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    depth: int
+    answer: str
+    source: str  # "FINAL" | "FINAL_VAR" | "code" | "out_of_turns" | "plain_lm"
+    iterations: int
+
+
+Event = (
+    TurnStarted | RootResponse | CodeBlockStarted | OutputChunk | SubCallStarted
+    | SubCallFinished | CodeBlockFinished | Notice | UsageUpdated | FinalAnswer
+)  # fmt: skip
+EventHandler = Callable[[Event], None]
+
+
+def ignore_event(event: Event) -> None:
+    """The default handler."""

@@ -1,0 +1,75 @@
+"""The exception tree. Everything we raise derives from RLMError.
+
+RLMError
+├── ConfigurationError          bad arguments (unknown backend, environment...)
+├── SandboxError                a sandbox could not be started or was lost
+├── LMError                     the root LM call failed (after retries)
+└── LimitExceededError          a limit stopped the run; carries the partial answer
+    ├── CompletionTimeoutError  timeout_seconds or iteration_timeout_seconds
+    └── CostLimitExceededError  max_cost
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlm_orchestrator.types import UsageSummary
+
+
+class RLMError(Exception):
+    """Base of every error this package raises."""
+
+
+class ConfigurationError(RLMError, ValueError):
+    """The RLM was configured with something that cannot work."""
+
+
+class SandboxError(RLMError):
+    """A sandbox could not be started, or stopped answering."""
+
+
+class LMError(RLMError):
+    """A root LM call failed for good (after retries)."""
+
+    def __init__(self, message: str, *, model: str | None = None, status_code: int | None = None):
+        super().__init__(message)
+        self.model = model
+        self.status_code = status_code
+
+
+class LimitExceededError(RLMError):
+    """A limit stopped the run. `partial_answer` is the best answer known so far, if any."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        partial_answer: str | None = None,
+        usage_summary: UsageSummary | None = None,
+        iterations: int = 0,
+    ):
+        super().__init__(message)
+        self.partial_answer = partial_answer
+        self.usage_summary = usage_summary
+        self.iterations = iterations
+
+
+class CompletionTimeoutError(LimitExceededError):
+    """The completion (or one iteration) ran out of time."""
+
+    def __init__(
+        self, message: str, *, timeout_seconds: float, elapsed_seconds: float, **kwargs: object
+    ):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.timeout_seconds = timeout_seconds
+        self.elapsed_seconds = elapsed_seconds
+
+
+class CostLimitExceededError(LimitExceededError):
+    """Spend (the children's included) went over max_cost."""
+
+    def __init__(self, message: str, *, current_cost: float, cost_limit: float, **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.current_cost = current_cost
+        self.cost_limit = cost_limit

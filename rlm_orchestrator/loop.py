@@ -1,0 +1,294 @@
+"""The RLM loop: root LM turn -> run its ```repl blocks in the sandbox -> final answer?
+
+One CompletionLoop runs one completion against one sandbox session. It is asyncio
+throughout; `RLM` (rlm.py) is the synchronous facade and owns the sandbox's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlm_orchestrator import events as ev
+from rlm_orchestrator.exceptions import CompletionTimeoutError, CostLimitExceededError, LMError
+from rlm_orchestrator.logger import RLMLogger
+from rlm_orchestrator.parsing import (
+    find_code_blocks,
+    find_final_answer,
+    format_code_result_message,
+    format_execution_output,
+    truncate_output,
+)
+from rlm_orchestrator.prompts import (
+    DEFAULT_SYSTEM_PROMPT,
+    FINAL_ANSWER_REQUEST,
+    build_initial_messages,
+    build_user_prompt,
+)
+from rlm_orchestrator.router import LMRouter, UsageTracker
+from rlm_orchestrator.sandbox import Sandbox, SubCallOutcome
+from rlm_orchestrator.types import (
+    CodeBlock,
+    REPLResult,
+    RLMChatCompletion,
+    RLMIteration,
+    UsageSummary,
+)
+
+# Types not listed as "REPL variables" to the model: code, not data.
+_CODE_TYPES = {"function", "type", "builtin_function_or_method", "method", "ABCMeta"}
+DEFERRED_FINAL_NOTE = (
+    "Note: your response both ran code and gave a final answer. The answer was not accepted "
+    "because you had not seen the code's output yet. Check the output above, then answer with "
+    "FINAL(...) or FINAL_VAR(...) in a response without code."
+)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    depth: int = 0
+    max_depth: int = 1
+    max_iterations: int = 30
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    timeout_seconds: float | None = None
+    iteration_timeout_seconds: float | None = None
+    exec_timeout_seconds: float = 300.0
+    max_output_chars: int = 1_000_000
+    # What the root LM sees of one block's output.
+    max_block_chars: int = 20_000
+    max_concurrent_sub_calls: int = 16
+    # Accept a FINAL given in the same response as code (the original's behaviour).
+    final_with_code: bool = False
+
+
+@dataclass
+class SessionState:
+    """A sandbox and what has been loaded into it; lives across completions when persistent."""
+
+    sandbox: Sandbox
+    context_count: int = 0
+    history_count: int = 0
+
+    async def add_context(self, context: Any) -> None:
+        index = self.context_count
+        await self.sandbox.client.load_value(
+            f"context_{index}", context, "context" if index == 0 else ""
+        )
+        self.context_count += 1
+
+    async def add_history(self, messages: list[dict[str, Any]]) -> None:
+        index = self.history_count
+        await self.sandbox.client.load_value(
+            f"history_{index}", messages, "history" if index == 0 else ""
+        )
+        self.history_count += 1
+
+
+@dataclass
+class _Outcome:
+    answer: str | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class CompletionLoop:
+    def __init__(self, settings: LoopSettings, router: LMRouter, tracker: UsageTracker,
+                 session: SessionState, *, root_model: str, emit: ev.EventHandler = ev.ignore_event,
+                 logger: RLMLogger | None = None) -> None:  # fmt: skip
+        self.settings = settings
+        self.router = router
+        self.tracker = tracker
+        self.session = session
+        self.root_model = root_model
+        self.emit = emit
+        self.logger = logger
+        self.messages: list[dict[str, Any]] = []
+        self.partial_answer: str | None = None
+        self.iterations = 0
+        self._call_ids = itertools.count(1)
+        self._sub_call_slots = asyncio.Semaphore(settings.max_concurrent_sub_calls)
+
+    async def run(self, context: Any, root_prompt: str | None) -> RLMChatCompletion:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                answer = await self._run(context, root_prompt)
+        except TimeoutError as exc:
+            elapsed = time.perf_counter() - started
+            raise CompletionTimeoutError(
+                f"completion exceeded its timeout of {self.settings.timeout_seconds:g}s "
+                f"after {self.iterations} iteration(s)",
+                timeout_seconds=self.settings.timeout_seconds or 0.0, elapsed_seconds=elapsed,
+                partial_answer=self.partial_answer, usage_summary=self.tracker.summary(),
+                iterations=self.iterations,
+            ) from exc  # fmt: skip
+        return RLMChatCompletion(self.root_model, context, answer, self.tracker.summary(),
+                                 time.perf_counter() - started)  # fmt: skip
+
+    async def _run(self, context: Any, root_prompt: str | None) -> str:
+        self.messages = build_initial_messages(self.settings.system_prompt, context)
+        for iteration in range(self.settings.max_iterations):
+            self.iterations = iteration + 1
+            prompt = [*self.messages, build_user_prompt(root_prompt, iteration,
+                      self.session.context_count, self.session.history_count)]  # fmt: skip
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.settings.iteration_timeout_seconds):
+                    record, outcome = await self._turn(prompt, iteration)
+            except TimeoutError as exc:
+                raise CompletionTimeoutError(
+                    f"iteration {iteration + 1} exceeded its timeout of "
+                    f"{self.settings.iteration_timeout_seconds:g}s",
+                    timeout_seconds=self.settings.iteration_timeout_seconds or 0.0,
+                    elapsed_seconds=time.perf_counter() - started, partial_answer=self.partial_answer,
+                    usage_summary=self.tracker.summary(), iterations=self.iterations,
+                ) from exc  # fmt: skip
+            record.iteration_time = time.perf_counter() - started
+            record.final_answer = outcome.answer
+            if self.logger:
+                self.logger.log(record)
+            if outcome.answer is not None:
+                self.emit(
+                    ev.FinalAnswer(
+                        self.settings.depth, outcome.answer, outcome.source, self.iterations
+                    )
+                )
+                return outcome.answer
+            self.messages.append({"role": "assistant", "content": record.response})
+            for block in record.code_blocks:
+                self.messages.append(
+                    format_code_result_message(block.code, self._shown(block.result))
+                )
+            for note in outcome.notes:
+                self.emit(ev.Notice(self.settings.depth, note))
+                self.messages.append({"role": "user", "content": note})
+            self._check_budget()
+        return await self._out_of_turns()
+
+    def _shown(self, result: REPLResult) -> str:
+        output = format_execution_output(result.stdout, result.stderr, result.variables)
+        return truncate_output(output, self.settings.max_block_chars)
+
+    def _check_budget(self) -> None:
+        reason = self.tracker.over_budget()
+        if reason is not None:
+            raise CostLimitExceededError(
+                f"completion stopped: {reason}", current_cost=self.tracker.total_cost,
+                cost_limit=self.tracker.max_cost or 0.0, partial_answer=self.partial_answer,
+                usage_summary=self.tracker.summary(), iterations=self.iterations,
+            )  # fmt: skip
+
+    async def _root_call(self, prompt: list[dict[str, Any]], iteration: int) -> str:
+        self.emit(ev.TurnStarted(self.settings.depth, iteration))
+        answer = await self.router.complete(prompt, depth=self.settings.depth, tracker=self.tracker)
+        self.emit(ev.RootResponse(self.settings.depth, iteration, answer.text, answer.duration))
+        self.emit(ev.UsageUpdated(self.settings.depth, self.tracker.summary()))
+        self.partial_answer = answer.text
+        self._check_budget()
+        return answer.text
+
+    async def _turn(
+        self, prompt: list[dict[str, Any]], iteration: int
+    ) -> tuple[RLMIteration, _Outcome]:
+        response = await self._root_call(prompt, iteration)
+        record = RLMIteration(prompt=prompt, response=response)
+        outcome = _Outcome()
+        blocks = find_code_blocks(response)
+        for index, code in enumerate(blocks):
+            result = await self._run_block(iteration, index, code)
+            record.code_blocks.append(CodeBlock(code, result))
+            if result.worker_restarted:
+                outcome.notes.append(f"Note: the sandbox was restarted during block {index + 1}: "
+                                     "all variables were lost (the contexts were loaded again).")  # fmt: skip
+            if result.final_answer is not None:
+                # FINAL_VAR called inside the code ends the run; later blocks do not run.
+                outcome.answer, outcome.source = result.final_answer, "code"
+                return record, outcome
+        final = find_final_answer(response)
+        if final is None:
+            return record, outcome
+        if blocks and not self.settings.final_with_code:
+            if final.kind == "final":
+                self.partial_answer = final.value
+            outcome.notes.append(DEFERRED_FINAL_NOTE)
+        elif final.kind == "final":
+            outcome.answer, outcome.source = final.value, "FINAL"
+        else:
+            variable = await self.session.sandbox.client.get_variable(final.value)
+            if variable.found:
+                outcome.answer, outcome.source = variable.value, "FINAL_VAR"
+            else:
+                outcome.notes.append(
+                    f"FINAL_VAR({final.value}) failed: there is no variable named {final.value!r}. "
+                    f"Available variables: {variable.available}. Create it in a ```repl``` block, "
+                    "then answer again."
+                )
+        return record, outcome
+
+    async def _run_block(self, iteration: int, index: int, code: str) -> REPLResult:
+        depth = self.settings.depth
+        self.emit(ev.CodeBlockStarted(depth, iteration, index, code))
+        calls: list[RLMChatCompletion] = []
+
+        async def on_output(stream: str, text: str) -> None:
+            self.emit(ev.OutputChunk(depth, iteration, index, stream, text))
+
+        async def on_sub_call(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+            return list(
+                await asyncio.gather(*(self._sub_call(p, model, kind, calls) for p in prompts))
+            )
+
+        report = await self.session.sandbox.client.execute(
+            code, on_output=on_output, on_sub_call=on_sub_call,
+            timeout_seconds=self.settings.exec_timeout_seconds,
+            max_output_chars=self.settings.max_output_chars, execution_id=f"{iteration}.{index}",
+        )  # fmt: skip
+        result = REPLResult(
+            stdout=report.stdout, stderr=report.stderr,
+            variables=[name for name, type_name in report.variables if type_name not in _CODE_TYPES],
+            execution_time=report.duration, status=report.status, error=report.error,
+            truncated_chars=report.truncated_chars, final_answer=report.final_answer,
+            worker_restarted=report.worker_restarted, rlm_calls=calls,
+        )  # fmt: skip
+        self.emit(ev.CodeBlockFinished(depth, iteration, index, result))
+        return result
+
+    async def _sub_call(self, prompt: str, model: str, kind: str,
+                        calls: list[RLMChatCompletion]) -> SubCallOutcome:  # fmt: skip
+        async with self._sub_call_slots:
+            reason = self.tracker.over_budget()
+            if reason is not None:
+                return SubCallOutcome(error=f"not called: {reason}")
+            call_id = next(self._call_ids)
+            depth = self.settings.depth
+            self.emit(ev.SubCallStarted(depth, call_id, kind, model, len(prompt)))
+            try:
+                answer = await self.router.complete(prompt, model=model or None, depth=depth + 1,
+                                                    tracker=self.tracker)  # fmt: skip
+            except LMError as exc:
+                self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, str(exc)))
+                return SubCallOutcome(error=str(exc))
+            calls.append(RLMChatCompletion(answer.model, prompt, answer.text,
+                                           UsageSummary({answer.model: answer.usage}), answer.duration))  # fmt: skip
+            self.emit(ev.SubCallFinished(depth, call_id, True, len(answer.text), answer.duration))
+            self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
+            return SubCallOutcome(text=answer.text)
+
+    async def _out_of_turns(self) -> str:
+        """No final answer in max_iterations turns: one more call asks for one."""
+        prompt = [*self.messages, {"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
+        answer = await self.router.complete(prompt, depth=self.settings.depth, tracker=self.tracker)
+        text = answer.text
+        final = find_final_answer(text)
+        if final is not None and final.kind == "final":
+            text = final.value
+        elif final is not None:
+            variable = await self.session.sandbox.client.get_variable(final.value)
+            text = variable.value if variable.found else text
+        if self.logger:
+            self.logger.log(RLMIteration(prompt=prompt, response=answer.text, final_answer=text))
+        self.emit(ev.FinalAnswer(self.settings.depth, text, "out_of_turns", self.iterations))
+        return text

@@ -1,0 +1,230 @@
+"""`RLM`: the original library's entry point, on sandboxes reached over gRPC.
+
+Same constructor and `completion()` as the original. Each completion gets a fresh sandbox
+(released at the end, whatever happens: error, timeout, Ctrl-C), unless `persistent=True`,
+where one sandbox lives until `close()` and every completion adds `context_N` to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from rlm_orchestrator import events as ev
+from rlm_orchestrator.exceptions import ConfigurationError
+from rlm_orchestrator.logger import RLMLogger, redact
+from rlm_orchestrator.loop import CompletionLoop, LoopSettings, SessionState
+from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
+from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
+from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec, create_provider
+from rlm_orchestrator.types import RLMChatCompletion, RLMMetadata
+
+# environment_kwargs keys that shape the sandbox; the rest go to the provider.
+_SPEC_KEYS = (
+    "exec_timeout_seconds",
+    "max_output_chars",
+    "memory_limit_mb",
+    "startup_timeout_seconds",
+)
+_LOOP_KEYS = ("setup_code",)
+
+
+class RLM:
+    """A Recursive Language Model: the root LM reaches its context only through a REPL."""
+
+    def __init__(
+        self,
+        backend: str = "openai",
+        backend_kwargs: dict[str, Any] | None = None,
+        environment: str = "local",
+        environment_kwargs: dict[str, Any] | None = None,
+        depth: int = 0,
+        max_depth: int = 1,
+        max_iterations: int = 30,
+        custom_system_prompt: str | None = None,
+        other_backends: list[str] | None = None,
+        other_backend_kwargs: list[dict[str, Any]] | None = None,
+        logger: RLMLogger | None = None,
+        verbose: bool = False,
+        persistent: bool = False,
+        max_cost: float | None = None,
+        timeout_seconds: float | None = None,
+        iteration_timeout_seconds: float | None = None,
+        *,
+        on_event: ev.EventHandler | None = None,
+        final_with_code: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.backend_kwargs = dict(backend_kwargs or {})
+        self.environment = environment
+        self.environment_kwargs = dict(environment_kwargs or {})
+        if other_backends and len(other_backends) != len(other_backend_kwargs or []):
+            raise ConfigurationError(
+                "other_backends and other_backend_kwargs must have the same length"
+            )
+        self.root_config = LMClientConfig.from_backend(backend, self.backend_kwargs)
+        self.other_configs = [
+            LMClientConfig.from_backend(b, k)
+            for b, k in zip(other_backends or [], other_backend_kwargs or [], strict=True)
+        ]
+        self.other_backends = other_backends
+        if max_iterations < 1 or max_depth < 0 or depth < 0:
+            raise ConfigurationError("max_iterations must be >= 1; depth and max_depth >= 0")
+        self.depth = depth
+        self.max_depth = max_depth
+        self.max_iterations = max_iterations
+        self.system_prompt = custom_system_prompt or DEFAULT_SYSTEM_PROMPT
+        self.logger = logger
+        self.verbose = verbose
+        self.persistent = persistent
+        self.max_cost = max_cost
+        self.timeout_seconds = timeout_seconds
+        self.iteration_timeout_seconds = iteration_timeout_seconds
+        self.final_with_code = final_with_code
+        self._on_event = on_event or ev.ignore_event
+        if verbose:
+            from rlm_orchestrator.console import EventPrinter
+
+            printer = EventPrinter()
+            user_handler = self._on_event
+
+            def both(event: ev.Event) -> None:
+                printer(event)
+                user_handler(event)
+
+            self._on_event = both
+        self._spec_options = {
+            k: self.environment_kwargs[k] for k in _SPEC_KEYS if k in self.environment_kwargs
+        }
+        self._provider_options = {
+            k: v for k, v in self.environment_kwargs.items() if k not in _SPEC_KEYS + _LOOP_KEYS
+        }
+        self._provider: SandboxProvider | None = None
+        self._session: SessionState | None = None
+        self._runner: asyncio.Runner | None = None
+        if logger is not None:
+            logger.log_metadata(self.metadata())
+
+    def metadata(self) -> RLMMetadata:
+        return RLMMetadata(
+            root_model=self.root_config.model_name, max_depth=self.max_depth,
+            max_iterations=self.max_iterations, backend=self.backend,
+            backend_kwargs=redact(self.backend_kwargs), environment_type=self.environment,
+            environment_kwargs=redact(self.environment_kwargs), other_backends=self.other_backends,
+        )  # fmt: skip
+
+    def _settings(self) -> LoopSettings:
+        return LoopSettings(
+            depth=self.depth, max_depth=self.max_depth, max_iterations=self.max_iterations,
+            system_prompt=self.system_prompt, timeout_seconds=self.timeout_seconds,
+            iteration_timeout_seconds=self.iteration_timeout_seconds,
+            exec_timeout_seconds=float(self._spec_options.get("exec_timeout_seconds", 300.0)),
+            max_output_chars=int(self._spec_options.get("max_output_chars", 1_000_000)),
+            final_with_code=self.final_with_code,
+        )  # fmt: skip
+
+    # -- synchronous API --------------------------------------------------------------------
+
+    def completion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
+        """Answer `root_prompt` (or the task in `prompt`) about the context `prompt`."""
+        if not self.persistent:
+            return asyncio.run(self.acompletion(prompt, root_prompt))
+        # A persistent sandbox's channel belongs to one event loop: keep that loop.
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(self.acompletion(prompt, root_prompt))
+
+    def close(self) -> None:
+        """End a persistent session: its sandbox is released. Idempotent."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            try:
+                runner.run(self.aclose())
+            finally:
+                runner.close()
+
+    def __enter__(self) -> RLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- asynchronous API -------------------------------------------------------------------
+
+    async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
+        router = LMRouter(self.root_config, self.other_configs)
+        tracker = UsageTracker(self.max_cost)
+        if self.depth >= self.max_depth:
+            return await self._plain_lm(router, tracker, prompt)
+        session = await self._acquire_session()
+        try:
+            await session.add_context(prompt)
+            loop = CompletionLoop(self._settings(), router, tracker, session,
+                                  root_model=self.root_config.model_name, emit=self._on_event,
+                                  logger=self.logger)  # fmt: skip
+            result = await loop.run(prompt, root_prompt)
+            if self.persistent:
+                await session.add_history(loop.messages)
+            return result
+        finally:
+            if not self.persistent:
+                await self._release_session()
+
+    async def _plain_lm(
+        self, router: LMRouter, tracker: UsageTracker, prompt: Any
+    ) -> RLMChatCompletion:
+        """At depth >= max_depth an RLM is a plain LM call (same result type)."""
+        started = time.perf_counter()
+        answer = await router.complete(prompt, depth=self.depth, tracker=tracker)
+        self._on_event(ev.FinalAnswer(self.depth, answer.text, "plain_lm", 0))
+        return RLMChatCompletion(self.root_config.model_name, prompt, answer.text,
+                                 tracker.summary(), time.perf_counter() - started)  # fmt: skip
+
+    async def _acquire_session(self) -> SessionState:
+        if self._session is not None:
+            return self._session
+        provider = create_provider(self.environment, self._provider_options)
+        spec = SandboxSpec(session_id=uuid.uuid4().hex, **self._spec_options)
+        try:
+            sandbox = await provider.acquire(spec)
+        except BaseException:
+            await provider.aclose()
+            raise
+        self._provider, self._session = provider, SessionState(sandbox)
+        setup_code = self.environment_kwargs.get("setup_code")
+        if setup_code:
+            await self._run_setup(str(setup_code))
+        return self._session
+
+    async def _run_setup(self, code: str) -> None:
+        assert self._session is not None
+        from rlm_orchestrator.sandbox import SubCallOutcome
+
+        async def no_output(stream: str, text: str) -> None:
+            return None
+
+        async def no_sub_calls(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+            return [SubCallOutcome(error="not available in setup_code")] * len(prompts)
+
+        await self._session.sandbox.client.execute(
+            code, on_output=no_output, on_sub_call=no_sub_calls
+        )
+
+    async def _release_session(self) -> None:
+        provider, session = self._provider, self._session
+        self._provider, self._session = None, None
+        if provider is not None:
+            if session is not None:
+                await provider.release(session.sandbox)
+            await provider.aclose()
+
+    async def aclose(self) -> None:
+        await self._release_session()
+
+    async def __aenter__(self) -> RLM:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,241 @@
+"""LM routing: which model answers a call, through litellm, with retries, caps and accounting.
+
+litellm is imported on first use only: it costs seconds and ~200 MB, which neither the CLI's
+--help nor the sandbox agent should pay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from rlm_orchestrator.exceptions import ConfigurationError, LMError
+from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
+
+# The original library's backend names, as litellm provider prefixes.
+_PROVIDER_PREFIX = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gemini",
+    "azure_openai": "azure",
+    "portkey": "openai",
+    "openrouter": "openrouter",
+    "vllm": "hosted_vllm",
+    "vercel": "vercel_ai_gateway",
+    "litellm": "",
+}
+_PORTKEY_BASE = "https://api.portkey.ai/v1"
+# Keys of backend_kwargs that are ours; every other key is passed on to litellm as is.
+_OWN_KEYS = {
+    "model_name", "api_base", "base_url", "azure_endpoint", "api_key", "max_retries",
+    "retry_initial_delay", "max_concurrency", "input_cost_per_token", "output_cost_per_token",
+}  # fmt: skip
+RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+Messages = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class LMClientConfig:
+    """One model the router can call. `repr` never shows the key."""
+
+    backend: str
+    model_name: str
+    litellm_model: str
+    api_base: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+    max_retries: int = 3
+    retry_initial_delay: float = 0.5
+    max_concurrency: int = 16
+    input_cost_per_token: float | None = None
+    output_cost_per_token: float | None = None
+
+    @classmethod
+    def from_backend(cls, backend: str, kwargs: dict[str, Any] | None) -> LMClientConfig:
+        kwargs = dict(kwargs or {})
+        if backend not in _PROVIDER_PREFIX:
+            known = ", ".join(sorted(_PROVIDER_PREFIX))
+            raise ConfigurationError(f"unknown backend {backend!r}; known backends: {known}")
+        model_name = kwargs.get("model_name")
+        if not model_name:
+            raise ConfigurationError(f"backend_kwargs for {backend!r} need a 'model_name'")
+        prefix = _PROVIDER_PREFIX[backend]
+        litellm_model = (
+            model_name
+            if not prefix or model_name.startswith(f"{prefix}/")
+            else f"{prefix}/{model_name}"
+        )
+        api_base = kwargs.get("api_base") or kwargs.get("base_url") or kwargs.get("azure_endpoint")
+        if backend == "portkey" and not api_base:
+            api_base = _PORTKEY_BASE
+        costs = {
+            k: float(kwargs[k])
+            for k in ("input_cost_per_token", "output_cost_per_token")
+            if k in kwargs
+        }
+        return cls(
+            backend=backend,
+            model_name=str(model_name),
+            litellm_model=litellm_model,
+            api_base=api_base,
+            api_key=kwargs.get("api_key"),
+            extra={k: v for k, v in kwargs.items() if k not in _OWN_KEYS},
+            max_retries=int(kwargs.get("max_retries", 3)),
+            retry_initial_delay=float(kwargs.get("retry_initial_delay", 0.5)),
+            max_concurrency=int(kwargs.get("max_concurrency", 16)),
+            **costs,  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class LMAnswer:
+    """One successful LM call."""
+
+    text: str
+    model: str
+    usage: ModelUsageSummary
+    duration: float
+
+
+def _litellm() -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def _status_of(exc: BaseException) -> int | None:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | ConnectionError):
+        return True
+    name = type(exc).__name__
+    if name in {"APIConnectionError", "Timeout", "RateLimitError", "ServiceUnavailableError",
+                "InternalServerError"}:  # fmt: skip
+        return True
+    return _status_of(exc) in RETRYABLE_STATUS
+
+
+def as_messages(prompt: Any) -> Messages:
+    """A prompt as chat messages: a str is one user message; messages pass through."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return prompt
+    import json
+
+    return [{"role": "user", "content": json.dumps(prompt, default=str)}]
+
+
+class UsageTracker:
+    """Usage of every call made for one completion (and its children), and the budget."""
+
+    def __init__(self, max_cost: float | None = None, parent: UsageTracker | None = None) -> None:
+        self.max_cost = max_cost
+        self.parent = parent
+        self._usage = UsageSummary()
+
+    def record(self, model: str, usage: ModelUsageSummary) -> None:
+        self._usage.model_usage_summaries.setdefault(model, ModelUsageSummary()).add(usage)
+        if self.parent is not None:
+            self.parent.record(model, usage)
+
+    def summary(self) -> UsageSummary:
+        return self._usage.copy()
+
+    @property
+    def total_cost(self) -> float:
+        return self._usage.total_cost
+
+    def over_budget(self) -> str | None:
+        """Why no more spending is allowed, if it is not; a parent's budget counts too."""
+        if self.max_cost is not None and self.total_cost > self.max_cost:
+            return f"cost ${self.total_cost:.6f} exceeded the limit ${self.max_cost:.6f}"
+        return self.parent.over_budget() if self.parent is not None else None
+
+
+class LMRouter:
+    """Routes calls: an explicit registered model name, else depth 0 -> root, deeper -> sub."""
+
+    def __init__(self, root: LMClientConfig, others: Sequence[LMClientConfig] = ()) -> None:
+        self.root = root
+        self.sub = others[0] if others else root
+        self.models: dict[str, LMClientConfig] = {root.model_name: root}
+        for other in others:
+            self.models.setdefault(other.model_name, other)
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    def resolve(self, model: str | None, depth: int) -> LMClientConfig:
+        if model:
+            if model not in self.models:
+                raise LMError(
+                    f"unknown model {model!r}; registered models: {sorted(self.models)}",
+                    model=model,
+                )
+            return self.models[model]
+        return self.root if depth == 0 else self.sub
+
+    def _semaphore(self, config: LMClientConfig) -> asyncio.Semaphore:
+        if config.model_name not in self._semaphores:
+            self._semaphores[config.model_name] = asyncio.Semaphore(config.max_concurrency)
+        return self._semaphores[config.model_name]
+
+    async def complete(self, prompt: Any, *, model: str | None = None, depth: int = 0,
+                       tracker: UsageTracker | None = None) -> LMAnswer:  # fmt: skip
+        """One call, retried on 429/5xx/timeouts; raises LMError when it fails for good."""
+        config = self.resolve(model, depth)
+        litellm = _litellm()
+        messages = as_messages(prompt)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(config.max_retries + 1),
+            wait=wait_exponential_jitter(initial=config.retry_initial_delay, max=10.0),
+            retry=retry_if_exception(_is_retryable),
+            reraise=True,
+        )
+        started = time.perf_counter()
+        try:
+            async with self._semaphore(config):
+                async for attempt in retrying:
+                    with attempt:
+                        response = await litellm.acompletion(
+                            model=config.litellm_model, messages=messages,
+                            api_base=config.api_base, api_key=config.api_key, **config.extra,
+                        )  # fmt: skip
+        except Exception as exc:
+            raise LMError(
+                f"LM call to {config.model_name!r} failed: {type(exc).__name__}: {exc}",
+                model=config.model_name, status_code=_status_of(exc),
+            ) from exc  # fmt: skip
+        usage = self._usage_of(config, response, litellm)
+        if tracker is not None:
+            tracker.record(config.model_name, usage)
+        text = response.choices[0].message.content or ""
+        return LMAnswer(
+            text=text, model=config.model_name, usage=usage, duration=time.perf_counter() - started
+        )
+
+    @staticmethod
+    def _usage_of(config: LMClientConfig, response: Any, litellm: Any) -> ModelUsageSummary:
+        usage = getattr(response, "usage", None)
+        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        if config.input_cost_per_token is not None or config.output_cost_per_token is not None:
+            cost = input_tokens * (config.input_cost_per_token or 0.0) + output_tokens * (
+                config.output_cost_per_token or 0.0
+            )
+        else:
+            try:
+                cost = float(litellm.completion_cost(completion_response=response) or 0.0)
+            except Exception:  # litellm has no price for this model: count it as free
+                cost = 0.0
+        return ModelUsageSummary(1, input_tokens, output_tokens, cost)

@@ -1,0 +1,29 @@
+"""Sandbox backends behind one interface, chosen by name and imported lazily."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlm_orchestrator.exceptions import ConfigurationError
+from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport, SubCallOutcome
+from rlm_orchestrator.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
+
+__all__ = [
+    "AgentClient",
+    "ExecutionReport",
+    "Sandbox",
+    "SandboxProvider",
+    "SandboxSpec",
+    "SubCallOutcome",
+    "create_provider",
+]
+
+
+def create_provider(environment: str, options: dict[str, Any] | None = None) -> SandboxProvider:
+    """The provider for `environment`, configured from its part of environment_kwargs."""
+    options = options or {}
+    if environment == "local":
+        from rlm_orchestrator.sandbox.local import LocalProvider
+
+        return LocalProvider.from_options(options)
+    raise ConfigurationError(f"unknown environment {environment!r}; available here: 'local'")

@@ -1,0 +1,53 @@
+"""What a sandbox backend is: something that hands out agents and takes them back.
+
+A provider either creates a sandbox per session (local process, Docker container, Modal
+sandbox) or leases one from a running fleet; both fit `acquire` / `release`. Whatever the
+backend, what comes back speaks the same gRPC protocol to the same agent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from rlm_orchestrator.sandbox.agent_client import AgentClient
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What the orchestrator needs from one sandbox."""
+
+    session_id: str
+    exec_timeout_seconds: float = 300.0
+    max_output_chars: int = 1_000_000
+    memory_limit_mb: int = 0
+    startup_timeout_seconds: float = 30.0
+
+
+@dataclass
+class Sandbox:
+    """An acquired sandbox: a client connected to its agent, plus the provider's own state."""
+
+    sandbox_id: str
+    client: AgentClient
+    spec: SandboxSpec
+    provider_state: Any = field(default=None, repr=False)
+
+
+@runtime_checkable
+class SandboxProvider(Protocol):
+    """A sandbox backend. Implementations must make `release` idempotent and leak-free."""
+
+    name: str
+
+    async def acquire(self, spec: SandboxSpec) -> Sandbox:
+        """A ready sandbox (its agent answers health checks), or SandboxError."""
+        ...
+
+    async def release(self, sandbox: Sandbox) -> None:
+        """Give the sandbox back: stop it, or return it to its fleet. Never raises."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything this provider still holds."""
+        ...

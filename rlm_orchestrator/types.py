@@ -1,0 +1,206 @@
+"""Result and record types, field-compatible with the original library's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+Context = str | dict[str, Any] | list[Any]
+
+
+def serialize_value(value: Any) -> Any:
+    """A JSON-friendly rendering of any value, for logs."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, ModuleType):
+        return f"<module '{value.__name__}'>"
+    if isinstance(value, list | tuple):
+        return [serialize_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): serialize_value(v) for k, v in value.items()}
+    if callable(value):
+        return f"<{type(value).__name__} '{getattr(value, '__name__', repr(value))}'>"
+    try:
+        return repr(value)
+    except Exception:  # a broken __repr__ must not break logging
+        return f"<{type(value).__name__}>"
+
+
+@dataclass
+class ModelUsageSummary:
+    """Usage of one model: calls, tokens and cost in USD."""
+
+    total_calls: int = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    total_cost: float = 0.0
+
+    def add(self, other: ModelUsageSummary) -> None:
+        self.total_calls += other.total_calls
+        self.total_input_tokens += other.total_input_tokens
+        self.total_output_tokens += other.total_output_tokens
+        self.total_cost += other.total_cost
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_calls": self.total_calls,
+            "total_input_tokens": self.total_input_tokens,
+            "total_output_tokens": self.total_output_tokens,
+            "total_cost": self.total_cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelUsageSummary:
+        return cls(
+            total_calls=int(data.get("total_calls", 0)),
+            total_input_tokens=int(data.get("total_input_tokens", 0)),
+            total_output_tokens=int(data.get("total_output_tokens", 0)),
+            total_cost=float(data.get("total_cost", 0.0)),
+        )
+
+
+@dataclass
+class UsageSummary:
+    """Usage per model name."""
+
+    model_usage_summaries: dict[str, ModelUsageSummary] = field(default_factory=dict)
+
+    @property
+    def total_cost(self) -> float:
+        return sum(u.total_cost for u in self.model_usage_summaries.values())
+
+    @property
+    def total_calls(self) -> int:
+        return sum(u.total_calls for u in self.model_usage_summaries.values())
+
+    def merge(self, other: UsageSummary) -> None:
+        for model, usage in other.model_usage_summaries.items():
+            self.model_usage_summaries.setdefault(model, ModelUsageSummary()).add(usage)
+
+    def copy(self) -> UsageSummary:
+        merged = UsageSummary()
+        merged.merge(self)
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_usage_summaries": {
+                model: usage.to_dict() for model, usage in self.model_usage_summaries.items()
+            },
+            "total_cost": self.total_cost,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UsageSummary:
+        return cls(
+            {
+                model: ModelUsageSummary.from_dict(usage)
+                for model, usage in data.get("model_usage_summaries", {}).items()
+            }
+        )
+
+
+@dataclass
+class RLMChatCompletion:
+    """What `RLM.completion` returns (and the record of one sub-LM call)."""
+
+    root_model: str
+    prompt: Any
+    response: str
+    usage_summary: UsageSummary
+    execution_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root_model": self.root_model,
+            "prompt": serialize_value(self.prompt),
+            "response": self.response,
+            "usage_summary": self.usage_summary.to_dict(),
+            "execution_time": self.execution_time,
+        }
+
+
+@dataclass
+class REPLResult:
+    """The outcome of one code block, as the loop saw it."""
+
+    stdout: str
+    stderr: str
+    variables: list[str]
+    execution_time: float
+    status: str = "ok"  # ok | error | timeout | worker_died | cancelled
+    error: str = ""
+    truncated_chars: int = 0
+    final_answer: str | None = None
+    worker_restarted: bool = False
+    rlm_calls: list[RLMChatCompletion] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "locals": {name: "" for name in self.variables},
+            "execution_time": self.execution_time,
+            "status": self.status,
+            "error": self.error,
+            "truncated_chars": self.truncated_chars,
+            "final_answer": self.final_answer,
+            "worker_restarted": self.worker_restarted,
+            "rlm_calls": [call.to_dict() for call in self.rlm_calls],
+        }
+
+
+@dataclass
+class CodeBlock:
+    code: str
+    result: REPLResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "result": self.result.to_dict()}
+
+
+@dataclass
+class RLMIteration:
+    """One turn: the prompt sent to the root LM, its response, the blocks it ran."""
+
+    prompt: Any
+    response: str
+    code_blocks: list[CodeBlock] = field(default_factory=list)
+    final_answer: str | None = None
+    iteration_time: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "response": self.response,
+            "code_blocks": [block.to_dict() for block in self.code_blocks],
+            "final_answer": self.final_answer,
+            "iteration_time": self.iteration_time,
+        }
+
+
+@dataclass
+class RLMMetadata:
+    """The configuration of a run, the first line of a trajectory log (secrets removed)."""
+
+    root_model: str
+    max_depth: int
+    max_iterations: int
+    backend: str
+    backend_kwargs: dict[str, Any]
+    environment_type: str
+    environment_kwargs: dict[str, Any]
+    other_backends: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root_model": self.root_model,
+            "max_depth": self.max_depth,
+            "max_iterations": self.max_iterations,
+            "backend": self.backend,
+            "backend_kwargs": serialize_value(self.backend_kwargs),
+            "environment_type": self.environment_type,
+            "environment_kwargs": serialize_value(self.environment_kwargs),
+            "other_backends": self.other_backends,
+        }

@@ -1,0 +1,85 @@
+"""The agent's gRPC server: the Sandbox service, health, reflection, keepalive, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
+from sandbox_agent.executor import Executor, ExecutorConfig
+from sandbox_agent.service import SandboxService
+
+log = logging.getLogger("sandbox_agent")
+
+SERVICE_NAME = sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The orchestrator pings every 20 s on long executions; allow it (and no more often than 10 s),
+# or the server answers GOAWAY too_many_pings and the stream dies.
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class AgentConfig:
+    listen: str  # "unix:/path/agent.sock" or "host:port"
+    executor: ExecutorConfig
+    shutdown_grace_seconds: float = 5.0
+
+
+class Agent:
+    """An executor behind a grpc.aio server, started and stopped as one."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.executor = Executor(config.executor)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> None:
+        sandbox_pb2_grpc.add_SandboxServicer_to_server(SandboxService(self.executor), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.port == 0 and not self.config.listen.startswith("unix:"):
+            raise OSError(f"could not listen on {self.config.listen}")
+        # The worker is up before the server reports SERVING: ready means ready to run code.
+        await self.executor.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace_seconds)
+        await self.executor.close()
+
+
+async def run_until_signalled(config: AgentConfig) -> None:
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await agent.start()
+        address = config.listen if config.listen.startswith("unix:") else f"port {agent.port}"
+        print(f"LISTENING {address}", flush=True)
+        await stop.wait()
+    finally:
+        await agent.stop()

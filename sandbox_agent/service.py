@@ -1,0 +1,228 @@
+"""The gRPC face of the agent: a thin adapter from rlm.v1.Sandbox onto the Executor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import keyword
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from sandbox_agent import __version__
+from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
+from sandbox_agent.executor import Executor, ExecutionOutcome, WorkerError
+from sandbox_agent.frames import Kind
+from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
+
+DEFAULT_VARIABLE_CHARS = 16 * 1024 * 1024
+_STATUS = {
+    "ok": pb.EXECUTION_STATUS_OK,
+    "error": pb.EXECUTION_STATUS_ERROR,
+    "timeout": pb.EXECUTION_STATUS_TIMEOUT,
+    "worker_died": pb.EXECUTION_STATUS_WORKER_DIED,
+    "cancelled": pb.EXECUTION_STATUS_CANCELLED,
+}
+_ENCODINGS = {pb.VALUE_ENCODING_TEXT: "text", pb.VALUE_ENCODING_JSON: "json"}
+
+
+class _StreamSink:
+    """Writes an execution's events to its gRPC stream; goes quiet once the stream is gone."""
+
+    def __init__(
+        self, context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse]
+    ) -> None:
+        self._context = context
+        self.closed = False
+
+    async def _write(self, message: pb.ExecuteResponse) -> None:
+        if self.closed:
+            return
+        try:
+            await self._context.write(message)
+        except Exception:  # the client went away; the execution is being interrupted
+            self.closed = True
+
+    async def output(self, stream: int, text: str) -> None:
+        which = pb.OUTPUT_STREAM_STDOUT if stream == Kind.STDOUT else pb.OUTPUT_STREAM_STDERR
+        await self._write(pb.ExecuteResponse(output=pb.OutputChunk(stream=which, text=text)))
+
+    async def llm_request(self, request_id: int, prompts: list[str], model: str, kind: str) -> None:
+        kind_pb = (
+            pb.LLM_REQUEST_KIND_LLM_QUERY if kind == LLM_QUERY else pb.LLM_REQUEST_KIND_RLM_QUERY
+        )
+        request = pb.LlmRequest(request_id=request_id, prompts=prompts, model=model, kind=kind_pb)
+        await self._write(pb.ExecuteResponse(llm_request=request))
+
+
+def _result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
+    result = pb.ExecuteResult(
+        status=_STATUS[outcome.status],
+        error=outcome.error,
+        stdout_chars=outcome.stdout_chars,
+        stderr_chars=outcome.stderr_chars,
+        truncated_chars=outcome.truncated_chars,
+        variables=[pb.Variable(name=n, type_name=t) for n, t in outcome.variables],
+        duration_seconds=outcome.duration,
+        worker_restarted=outcome.worker_restarted,
+    )
+    if outcome.final_answer is not None:
+        result.final_answer = outcome.final_answer
+    return result
+
+
+class SandboxService(sandbox_pb2_grpc.SandboxServicer):
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._value_dir = executor.config.state_dir / "values"
+
+    async def Execute(
+        self,
+        request_iterator: AsyncIterator[pb.ExecuteRequest],
+        context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
+    ) -> None:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "start":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`"
+            )
+            return
+        if self._executor.busy:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "another execution is running in this sandbox"
+            )
+            return
+        start = first.start
+        sink = _StreamSink(context)
+        execution = asyncio.create_task(
+            self._executor.execute(start.code, sink, start.timeout_seconds, start.max_output_chars)
+        )
+        answers = asyncio.create_task(self._forward_answers(request_iterator, execution))
+        try:
+            outcome = await asyncio.shield(execution)
+        except asyncio.CancelledError:
+            # The orchestrator cancelled the call: stop the code, but let the executor finish
+            # its bookkeeping (it is bounded by the interrupt grace and a kill).
+            self._executor.interrupt("cancelled")
+            sink.closed = True
+            with contextlib.suppress(Exception):
+                await execution
+            raise
+        finally:
+            answers.cancel()
+        await sink._write(pb.ExecuteResponse(result=_result_message(outcome)))
+
+    async def _forward_answers(
+        self,
+        request_iterator: AsyncIterator[pb.ExecuteRequest],
+        execution: asyncio.Task[ExecutionOutcome],
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") == "llm_response":
+                    answer = message.llm_response
+                    texts = [
+                        r.text if r.WhichOneof("outcome") == "text" else f"Error: {r.error}"
+                        for r in answer.results
+                    ]
+                    self._executor.deliver_llm_response(answer.request_id, texts)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+        # The orchestrator half-closed before the result: it no longer wants this execution.
+        if not execution.done():
+            self._executor.interrupt("cancelled")
+
+    async def LoadValue(
+        self,
+        request_iterator: AsyncIterator[pb.LoadValueRequest],
+        context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
+    ) -> pb.LoadValueResponse:
+        header: pb.LoadValueHeader | None = None
+        received = 0
+        self._value_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self._value_dir, delete=False) as staging:
+            async for chunk in request_iterator:
+                if header is None:
+                    header = chunk.header
+                    await self._check_header(header, context)
+                staging.write(chunk.data)
+                received += len(chunk.data)
+        staged = Path(staging.name)
+        if header is None:
+            staged.unlink()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty LoadValue stream")
+            raise AssertionError("unreachable")
+        if header.total_bytes and received != header.total_bytes:
+            staged.unlink()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"received {received} bytes of {header.name!r}, header announced {header.total_bytes}",
+            )
+        target = self._value_dir / f"{header.name}.value"
+        staged.replace(target)
+        try:
+            reply = await self._executor.load_value(
+                header.name, header.alias, _ENCODINGS[header.encoding], target
+            )
+        except WorkerError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+        return pb.LoadValueResponse(type_name=reply["type_name"], length=reply["length"])
+
+    @staticmethod
+    async def _check_header(
+        header: pb.LoadValueHeader,
+        context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
+    ) -> None:
+        for name in (header.name, header.alias):
+            if name and (
+                not name.isidentifier() or keyword.iskeyword(name) or name in HELPER_NAMES
+            ):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"invalid variable name {name!r}"
+                )
+        if not header.name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first chunk needs a header.name"
+            )
+        if header.encoding not in _ENCODINGS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "header.encoding must be TEXT or JSON"
+            )
+
+    async def GetVariable(
+        self,
+        request: pb.GetVariableRequest,
+        context: grpc.aio.ServicerContext[pb.GetVariableRequest, pb.GetVariableResponse],
+    ) -> pb.GetVariableResponse:
+        reply = await self._executor.get_variable(
+            request.name, request.max_chars or DEFAULT_VARIABLE_CHARS
+        )
+        return pb.GetVariableResponse(
+            found=reply["found"],
+            value=reply.get("value", ""),
+            type_name=reply.get("type_name", ""),
+            truncated=reply.get("truncated", False),
+            available=reply["available"],
+        )
+
+    async def GetInfo(
+        self,
+        request: pb.GetInfoRequest,
+        context: grpc.aio.ServicerContext[pb.GetInfoRequest, pb.GetInfoResponse],
+    ) -> pb.GetInfoResponse:
+        import os
+        import platform
+
+        return pb.GetInfoResponse(
+            agent_version=__version__,
+            python_version=platform.python_version(),
+            agent_pid=os.getpid(),
+            worker_pid=self._executor.worker_pid,
+            workers_started=self._executor.workers_started,
+            loaded_values=self._executor.loaded_names,
+            workdir=str(self._executor.config.workdir),
+        )

@@ -1,0 +1,224 @@
+"""The worker process: runs user code in a persistent namespace, one request at a time.
+
+Started by the agent with two pipe descriptors (commands in, frames out). The main thread
+runs the code, so that the agent can stop it with SIGINT (KeyboardInterrupt at the next
+bytecode); a reader thread delivers sub-LM answers while the code waits for them. Only the
+standard library is imported here: the worker starts in tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import linecache
+import os
+import queue
+import resource
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+from sandbox_agent.capture import STDERR, STDOUT, CaptureStream, OutputCapture
+from sandbox_agent.fd_capture import FdCapture
+from sandbox_agent.frames import BlockingChannel, Kind
+from sandbox_agent.namespace import LlmBridge, Namespace
+
+MAX_TRACEBACK_FRAMES = 6
+PR_SET_PDEATHSIG = 1
+
+
+class InterruptGate:
+    """Turns SIGINT into KeyboardInterrupt only while user code runs, never mid-frame."""
+
+    def __init__(self) -> None:
+        self.executing = False
+        self._critical_depth = 0
+        self._deferred = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if not self.executing:
+            return
+        if self._critical_depth:
+            self._deferred = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # Python runs signal handlers in the main thread only
+            return
+        self._critical_depth += 1
+        try:
+            yield
+        finally:
+            self._critical_depth -= 1
+            if not self._critical_depth and self._deferred and self.executing:
+                self._deferred = False
+                raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    # If the agent is killed, the worker (and its user code) must not outlive it.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _format_exception(exc: BaseException, filename_prefix: str) -> str:
+    """A short traceback of the user's frames, ending with `ExceptionType: message`."""
+    summary = traceback.TracebackException.from_exception(exc, capture_locals=False)
+    frames = list(summary.stack)
+    # Drop the worker's own frames above the user code.
+    while frames and not frames[0].filename.startswith(filename_prefix):
+        frames.pop(0)
+    summary.stack = traceback.StackSummary.from_list(frames[-MAX_TRACEBACK_FRAMES:])
+    if not frames and not isinstance(exc, SyntaxError):
+        return "".join(summary.format_exception_only()).rstrip()
+    return "".join(summary.format()).rstrip()
+
+
+class Worker:
+    def __init__(self, channel: BlockingChannel, gate: InterruptGate, max_output: int) -> None:
+        self.channel = channel
+        self.gate = gate
+        self.capture = OutputCapture(channel, max_output)
+        self.stdout = CaptureStream(self.capture, STDOUT, 1)
+        self.stderr = CaptureStream(self.capture, STDERR, 2)
+        self.fd_captures = [FdCapture(1, STDOUT, self.capture), FdCapture(2, STDERR, self.capture)]
+        self.bridge = LlmBridge(channel)
+        self.namespace = Namespace(self.bridge)
+        self.commands: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.executions = 0
+
+    def read_commands(self) -> None:
+        """Reader thread: answers go straight to waiting callers, the rest to the main loop."""
+        while True:
+            frame = self.channel.receive()
+            if frame is None:
+                # The agent is gone: nothing can be answered any more.
+                os._exit(0)
+            kind, payload = frame
+            if kind == Kind.LLM_RESPONSE:
+                self.bridge.deliver(json.loads(payload))
+            else:
+                self.commands.put(frame)
+
+    def serve(self) -> None:
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        threading.Thread(target=self.read_commands, name="commands", daemon=True).start()
+        self.channel.send_json(Kind.READY, {"pid": os.getpid(), "python": sys.version.split()[0]})
+        while True:
+            frame = self.commands.get()
+            if frame is None:
+                return
+            kind, payload = frame
+            request = json.loads(payload)
+            if kind == Kind.EXECUTE:
+                self.channel.send_json(Kind.DONE, self.execute(request))
+            elif kind == Kind.LOAD:
+                self.channel.send_json(Kind.LOADED, self.load(request))
+            elif kind == Kind.GET_VARIABLE:
+                self.channel.send_json(Kind.VARIABLE, self.get_variable(request))
+
+    def execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.executions += 1
+        prefix = "<repl-block-"
+        filename = f"{prefix}{self.executions}>"
+        code: str = request["code"]
+        # Registering the source lets tracebacks show the user's lines.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self.capture.begin(int(request["max_output_chars"]))
+        self.namespace.final_answer = None
+        status, error = "ok", ""
+        started = time.perf_counter()
+        try:
+            compiled = compile(code, filename, "exec")
+            self.gate.executing = True
+            try:
+                exec(compiled, self.namespace.globals)
+            finally:
+                self.gate.executing = False
+        except KeyboardInterrupt:
+            status, error = "interrupted", "KeyboardInterrupt: execution interrupted"
+        except BaseException as exc:  # user code may raise anything, SystemExit included
+            status, error = "error", _format_exception(exc, prefix)
+        duration = time.perf_counter() - started
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.namespace.restore_helpers()
+        if status == "error":
+            self.capture.write(STDERR, error + "\n")  # the agent words interruptions itself
+        for original in (sys.__stdout__, sys.__stderr__):
+            # Code that wrote to the real files (sys.__stdout__) reaches fd 1/2 on flush.
+            with contextlib.suppress(Exception):
+                original and original.flush()
+        for fd_capture in self.fd_captures:
+            fd_capture.drain()
+        totals = self.capture.end()
+        return {
+            "status": status,
+            "error": error,
+            "stdout_chars": totals[STDOUT].chars,
+            "stderr_chars": totals[STDERR].chars,
+            "truncated_chars": totals[STDOUT].dropped + totals[STDERR].dropped,
+            "variables": self.namespace.user_variables(),
+            "duration": duration,
+            "final_answer": self.namespace.final_answer,
+        }
+
+    def load(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            with open(request["path"], encoding="utf-8") as source:
+                value = json.load(source) if request["encoding"] == "json" else source.read()
+        except (OSError, ValueError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        self.namespace.globals[request["name"]] = value
+        if request.get("alias"):
+            self.namespace.globals[request["alias"]] = value
+        length = len(value) if hasattr(value, "__len__") else 0
+        return {"type_name": type(value).__name__, "length": length}
+
+    def get_variable(self, request: dict[str, Any]) -> dict[str, Any]:
+        found, value = self.namespace.lookup(request["name"])
+        available = [name for name, _ in self.namespace.user_variables()]
+        if not found:
+            return {"found": False, "available": available}
+        try:
+            text = str(value)
+        except Exception as exc:  # a user __str__ can fail; say so rather than crash
+            text = f"Error: str() of the variable failed: {type(exc).__name__}: {exc}"
+        max_chars = int(request["max_chars"])
+        return {
+            "found": True,
+            "value": text[:max_chars],
+            "type_name": type(value).__name__,
+            "truncated": len(text) > max_chars,
+            "available": available,
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="rlm sandbox worker (started by the agent)")
+    parser.add_argument("--command-fd", type=int, required=True)
+    parser.add_argument("--frame-fd", type=int, required=True)
+    parser.add_argument("--max-output-chars", type=int, default=1_000_000)
+    parser.add_argument("--memory-limit-mb", type=int, default=0)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    if args.memory_limit_mb:
+        limit = args.memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    gate = InterruptGate()
+    signal.signal(signal.SIGINT, gate.handle)
+    channel = BlockingChannel(args.command_fd, args.frame_fd, critical=gate.critical)
+    Worker(channel, gate, args.max_output_chars).serve()
+
+
+if __name__ == "__main__":
+    main()

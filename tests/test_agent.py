@@ -1,0 +1,269 @@
+"""The sandbox agent over real gRPC: streaming, limits, crashes, bad input.
+
+Each test talks to a real `python -m sandbox_agent` process through AgentClient (the same
+client the orchestrator uses), via the local provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+
+from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
+from rlm_orchestrator.sandbox.agent_client import ExecutionReport
+from rlm_orchestrator.sandbox.local import LocalProvider
+from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    provider = LocalProvider()
+    box = await provider.acquire(SandboxSpec(session_id="test", exec_timeout_seconds=2.0,
+                                             max_output_chars=100_000))  # fmt: skip
+    try:
+        yield box
+    finally:
+        await provider.aclose()
+
+
+class Recorder:
+    """Collects the events of one execution in arrival order."""
+
+    def __init__(self, answers: dict[str, str] | None = None) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.answers = answers or {}
+
+    async def on_output(self, stream: str, text: str) -> None:
+        self.events.append((stream, text))
+
+    async def on_sub_call(self, prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
+        self.events.append(("sub_call", f"{kind}:{model}:{len(prompts)}"))
+        await asyncio.sleep(0.01 * len(prompts))
+        return [
+            SubCallOutcome(error="no such prompt") if p == "fail" else SubCallOutcome(text=self.answers.get(p, f"answer to {p}"))
+            for p in prompts
+        ]
+
+
+async def run(box: Sandbox, code: str, recorder: Recorder | None = None, **kwargs: float) -> ExecutionReport:
+    recorder = recorder or Recorder()
+    return await box.client.execute(code, on_output=recorder.on_output, on_sub_call=recorder.on_sub_call, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_state_persists_and_variables_are_listed(sandbox: Sandbox) -> None:
+    await run(sandbox, "x = 41\ndef f(): return x + 1")
+    report = await run(sandbox, "y = f()\nprint(y)")
+    assert report.status == "ok"
+    assert report.stdout == "42\n"
+    assert [name for name, _ in report.variables] == ["x", "f", "y"]
+    assert dict(report.variables)["f"] == "function"
+
+
+async def test_output_streams_before_the_block_ends() -> None:
+    # The first chunk must reach the orchestrator while the code is still sleeping.
+    provider = LocalProvider()
+    box = await provider.acquire(SandboxSpec(session_id="stream"))
+    try:
+        order: list[str] = []
+        first_chunk = asyncio.Event()
+
+        async def on_output(stream: str, text: str) -> None:
+            order.append(f"chunk:{text.strip()}")
+            first_chunk.set()
+
+        async def no_calls(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+            return []
+
+        execution = asyncio.create_task(box.client.execute(
+            "import time\nprint('first')\ntime.sleep(1)\nprint('second')",
+            on_output=on_output, on_sub_call=no_calls))  # fmt: skip
+        await first_chunk.wait()
+        order.append("done" if execution.done() else "still running")
+        report = await execution
+        order.append("result")
+        assert order == ["chunk:first", "still running", "chunk:second", "result"]
+        assert report.stdout == "first\nsecond\n"
+    finally:
+        await provider.aclose()
+
+
+async def test_llm_query_round_trips_on_the_execution_stream(sandbox: Sandbox) -> None:
+    recorder = Recorder({"q1": "A1"})
+    report = await run(sandbox, "print(llm_query('q1'))\nprint(llm_query_batched(['a', 'fail', 'b']))", recorder)
+    assert report.stdout.splitlines() == ["A1", "['answer to a', 'Error: no such prompt', 'answer to b']"]
+    assert ("sub_call", "llm_query::1") in recorder.events
+    assert ("sub_call", "llm_query::3") in recorder.events
+
+
+async def test_llm_query_from_threads_is_correlated_by_id(sandbox: Sandbox) -> None:
+    code = (
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "with ThreadPoolExecutor(8) as pool:\n"
+        "    answers = list(pool.map(llm_query, [f'p{i}' for i in range(16)]))\n"
+        "print(answers == [f'answer to p{i}' for i in range(16)])"
+    )
+    report = await run(sandbox, code)
+    assert report.stdout == "True\n"
+
+
+async def test_infinite_loop_is_interrupted_and_namespace_survives(sandbox: Sandbox) -> None:
+    await run(sandbox, "kept = 'still here'")
+    report = await run(sandbox, "while True: pass", timeout_seconds=0.5)
+    assert report.status == "timeout"
+    assert "TimeoutError" in report.stderr and "0.5 seconds" in report.error
+    assert not report.worker_restarted
+    assert (await run(sandbox, "print(kept)")).stdout == "still here\n"
+
+
+async def test_code_that_ignores_interrupts_is_killed_and_worker_replaced(sandbox: Sandbox) -> None:
+    await sandbox.client.load_value("context_0", "the context", alias="context")
+    await run(sandbox, "lost = 1")
+    code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"
+    report = await run(sandbox, code, timeout_seconds=0.3)
+    assert report.status == "timeout"
+    assert report.worker_restarted
+    assert "every variable is lost" in report.error
+    after = await run(sandbox, "print(context); print('lost' in globals())")
+    assert after.stdout == "the context\nFalse\n"
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("import os; os._exit(3)", "exited with code 3"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by signal SIGKILL"),
+    ],
+)
+async def test_worker_death_is_reported_and_sandbox_stays_usable(sandbox: Sandbox, code: str, expected: str) -> None:
+    report = await run(sandbox, code)
+    assert report.status == "worker_died"
+    assert expected in report.error and report.worker_restarted
+    assert (await run(sandbox, "print(1 + 1)")).stdout == "2\n"
+
+
+async def test_huge_output_is_capped_with_head_tail_and_marker(sandbox: Sandbox) -> None:
+    # 200 MB printed; the orchestrator receives only the cap (100,000 chars per stream here).
+    received = 0
+    recorder = Recorder()
+
+    async def count(stream: str, text: str) -> None:
+        nonlocal received
+        received += len(text)
+
+    code = "print('HEAD')\nfor _ in range(200):\n    print('x' * 1_000_000)\nprint('TAIL')"
+    report = await sandbox.client.execute(code, on_output=count, on_sub_call=recorder.on_sub_call)
+    assert report.status == "ok"
+    assert received < 110_000
+    assert report.stdout.startswith("HEAD\n") and report.stdout.endswith("TAIL\n")
+    assert "characters of output truncated" in report.stdout
+    assert report.truncated_chars > 199_000_000
+
+
+async def test_fd_level_output_of_child_processes_is_captured(sandbox: Sandbox) -> None:
+    report = await run(sandbox, "import os, subprocess\nos.system('echo from-shell')\n"
+                                "subprocess.run(['sh', '-c', 'echo to-stderr >&2'])")  # fmt: skip
+    assert report.stdout == "from-shell\n"
+    assert report.stderr == "to-stderr\n"
+
+
+async def test_sandbox_environment_has_no_secrets(sandbox: Sandbox) -> None:
+    report = await run(sandbox, "import os, json\nprint(json.dumps(dict(os.environ)))")
+    for secret in ("sk-orchestrator-secret", "orchestrator-secret-token", "API_KEY"):
+        assert secret not in report.stdout
+    assert os.environ["OPENAI_API_KEY"].startswith("sk-orchestrator-secret")  # the test's own env had it
+
+
+async def test_exceptions_keep_prior_output_and_assignments(sandbox: Sandbox) -> None:
+    report = await run(sandbox, "a = 1\nprint('before')\nraise ValueError('bad value')\nb = 2")
+    assert report.status == "error"
+    assert report.stdout == "before\n"
+    assert report.stderr.strip().endswith("ValueError: bad value")
+    assert 'line 3' in report.stderr
+    assert [n for n, _ in report.variables] == ["a"]
+
+
+async def test_syntax_error_and_system_exit_are_errors_not_crashes(sandbox: Sandbox) -> None:
+    syntax = await run(sandbox, "def broken(:\n  pass")
+    assert syntax.status == "error" and "SyntaxError" in syntax.stderr
+    exiting = await run(sandbox, "import sys; sys.exit(4)")
+    assert exiting.status == "error" and "SystemExit: 4" in exiting.stderr
+    assert not exiting.worker_restarted
+
+
+async def test_final_var_inside_code_sets_final_answer(sandbox: Sandbox) -> None:
+    report = await run(sandbox, "answer = [1, 2]\nFINAL_VAR('answer')")
+    assert report.final_answer == "[1, 2]"
+    missing = await run(sandbox, "print(FINAL_VAR('nope'))")
+    assert missing.final_answer is None and "not found" in missing.stdout
+
+
+async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
+    big = {"items": ["y" * 1000] * 6000}  # ~6 MB: more than one gRPC message
+    reply = await sandbox.client.load_value("context_0", big, alias="context")
+    assert reply.type_name == "dict"
+    report = await run(sandbox, "print(len(context['items']), context is context_0)")
+    assert report.stdout == "6000 True\n"
+    value = await sandbox.client.get_variable("context_0", max_chars=10)
+    assert value.found and value.truncated and len(value.value) == 10
+    missing = await sandbox.client.get_variable("'nothing'")
+    assert not missing.found and "context" in missing.available
+
+
+async def test_bad_requests_get_clear_status_codes(sandbox: Sandbox) -> None:
+    with pytest.raises(SandboxError, match="INVALID_ARGUMENT.*invalid variable name"):
+        await sandbox.client.load_value("not an identifier", "x")
+    with pytest.raises(SandboxError, match="INVALID_ARGUMENT.*invalid variable name"):
+        await sandbox.client.load_value("llm_query", "x")
+    # A stream that does not start with `start`.
+    state = sandbox.provider_state
+    async with grpc.aio.insecure_channel(f"unix:{state.root / 'agent.sock'}") as channel:
+        stub = sandbox_pb2_grpc.SandboxStub(channel)
+
+        async def only_answer() -> AsyncIterator[pb.ExecuteRequest]:
+            yield pb.ExecuteRequest(llm_response=pb.LlmResponse(request_id=1))
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Execute(only_answer()):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await run(sandbox, "print('still serving')")).stdout == "still serving\n"
+
+
+async def test_second_concurrent_execution_is_refused(sandbox: Sandbox) -> None:
+    first = asyncio.create_task(run(sandbox, "import time; time.sleep(0.5)"))
+    await asyncio.sleep(0.2)
+    with pytest.raises(SandboxError, match="FAILED_PRECONDITION"):
+        await run(sandbox, "x = 1")
+    assert (await first).status == "ok"
+
+
+async def test_cancelling_the_call_stops_the_code(sandbox: Sandbox) -> None:
+    await run(sandbox, "import time")
+    task = asyncio.create_task(run(sandbox, "while True: time.sleep(0.01)", timeout_seconds=60))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The agent interrupted the code: the next execution runs at once.
+    assert (await run(sandbox, "print('next')")).stdout == "next\n"
+    assert time.monotonic() - started < 30  # bounded, not a timing assertion on speed
+
+
+async def test_agent_starts_without_heavy_imports() -> None:
+    code = (
+        "import sys, sandbox_agent.server, sandbox_agent.worker\n"
+        "heavy = [m for m in ('litellm', 'pydantic', 'rlm_orchestrator', 'openai') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    stdout, _ = await process.communicate()
+    assert stdout.decode().strip() == "[]"
