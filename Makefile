@@ -42,7 +42,7 @@ lint: setup
 	$(VENV)/bin/mypy rlm_orchestrator sandbox_agent
 
 run: setup
-	$(PY) -m rlm_orchestrator.demo
+	$(VENV)/bin/rlm-orchestrator demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

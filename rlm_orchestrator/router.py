@@ -209,7 +209,9 @@ class LMRouter:
                     with attempt:
                         response = await litellm.acompletion(
                             model=config.litellm_model, messages=messages,
-                            api_base=config.api_base, api_key=config.api_key, **config.extra,
+                            api_base=config.api_base, api_key=config.api_key,
+                            # Retries are ours (above): no hidden second layer in the SDK.
+                            max_retries=0, num_retries=0, **config.extra,
                         )  # fmt: skip
         except Exception as exc:
             raise LMError(

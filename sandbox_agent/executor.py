@@ -143,6 +143,11 @@ class Executor:
         return self._lock.locked()
 
     @property
+    def stopping(self) -> bool:
+        """The running execution is being interrupted: the next one will start shortly."""
+        return self._interrupt_reason is not None
+
+    @property
     def worker_pid(self) -> int:
         return self._worker.pid if self._worker else 0
 

@@ -19,6 +19,7 @@ from sandbox_agent.frames import Kind
 from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
 
 DEFAULT_VARIABLE_CHARS = 16 * 1024 * 1024
+BUSY_POLLS, BUSY_POLL_SECONDS = 50, 0.01
 _STATUS = {
     "ok": pb.EXECUTION_STATUS_OK,
     "error": pb.EXECUTION_STATUS_ERROR,
@@ -90,7 +91,13 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`"
             )
             return
-        if self._executor.busy:
+        # A cancelled execution may still be stopping: the next one waits for it (bounded by
+        # the interrupt grace and a kill). A live one is a caller's bug: refuse.
+        for _ in range(BUSY_POLLS):  # a cancel sent just before this call may still be in flight
+            if not self._executor.busy or self._executor.stopping:
+                break
+            await asyncio.sleep(BUSY_POLL_SECONDS)
+        if self._executor.busy and not self._executor.stopping:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "another execution is running in this sandbox"
             )

@@ -7,6 +7,7 @@ socket may outlive it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,13 @@ SECRET_ENV = {
     "RLM_TEST_SECRET_TOKEN": "orchestrator-secret-token",
 }
 os.environ.update(SECRET_ENV)
+# Sandboxes of this run carry this label, and their temp dirs live under this run's own
+# temp dir, so that the leak check sees only this run (even beside another test run).
+OWNER = f"pytest-{os.getpid()}"
+os.environ["RLM_SANDBOX_OWNER"] = OWNER
+RUN_TMP = Path(tempfile.mkdtemp(prefix="rlm-tests-"))
+os.environ["TMPDIR"] = str(RUN_TMP)
+tempfile.tempdir = str(RUN_TMP)
 
 from rlm_orchestrator import RLM  # noqa: E402
 from rlm_orchestrator.testing.scripted_lm import Script, ScriptedLMServer  # noqa: E402
@@ -35,15 +43,24 @@ API_KEY = "sk-scripted-test-key"
 def _agent_processes() -> set[int]:
     found = set()
     for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "sandbox_agent" in cmdline and "pytest" not in cmdline:
-            found.add(process.pid)
+        if "sandbox_agent" not in " ".join(process.info["cmdline"] or []):
+            continue
+        try:
+            if process.environ().get("RLM_SANDBOX_OWNER") == OWNER:
+                found.add(process.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     return found
 
 
 def _sandbox_dirs() -> set[str]:
-    tmp = Path(tempfile.gettempdir())
-    return {p.name for p in tmp.glob("rlm-sbx-*")} | {p.name for p in tmp.glob("rlm-agent-*")}
+    return {p.name for p in RUN_TMP.glob("rlm-*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_tmp() -> Iterator[Path]:
+    yield RUN_TMP
+    shutil.rmtree(RUN_TMP, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

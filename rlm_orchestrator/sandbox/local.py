@@ -30,6 +30,7 @@ TEMP_PREFIX = "rlm-sbx-"
 # The only variables a sandbox inherits: nothing that could carry a secret.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "SYSTEMROOT")
 STOP_GRACE_SECONDS = 3.0
+OWNER_ENV = "RLM_SANDBOX_OWNER"
 
 
 class LocalOptions(BaseModel):
@@ -51,6 +52,8 @@ class _LocalState:
 def sandbox_environment(root: Path) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     env.update(HOME=str(root / "work"), TMPDIR=str(root / "tmp"), PYTHONDONTWRITEBYTECODE="1")
+    # A label (not a secret) that tells whose sandbox a process is, to find strays.
+    env[OWNER_ENV] = os.environ.get(OWNER_ENV) or f"orchestrator-{os.getpid()}"
     return env
 
 

@@ -1,0 +1,127 @@
+"""`rlm-orchestrator`: run an RLM from the command line (answer on stdout, progress on stderr)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from rlm_orchestrator.config import load_run_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+stderr = Console(stderr=True, highlight=False)
+
+
+def _read_context(source: str, context_format: str) -> Any:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    if context_format == "json" or (context_format == "auto" and source.endswith(".json")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise typer.BadParameter(f"{source} is not valid JSON: {exc}") from exc
+    return text
+
+
+@app.command()
+def run(
+    context: Annotated[str, typer.Option("--context", "-c", help="Context file, or - for stdin.")],
+    query: Annotated[str, typer.Option("--query", "-q", help="The question (root prompt).")],
+    model: Annotated[str | None, typer.Option(help="Root model name [env RLM_MODEL].")] = None,
+    sub_model: Annotated[str | None, typer.Option(help="Model for llm_query (default: the root model).")] = None,
+    backend: Annotated[str | None, typer.Option(help="openai, anthropic, gemini, azure_openai, litellm, ...")] = None,
+    api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
+    environment: Annotated[str | None, typer.Option(help="Sandbox backend.")] = None,
+    max_iterations: Annotated[int | None, typer.Option(min=1)] = None,
+    max_depth: Annotated[int | None, typer.Option(min=0)] = None,
+    timeout: Annotated[float | None, typer.Option(help="Total seconds for the completion.")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Stop when spend exceeds this (USD).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
+    context_format: Annotated[str, typer.Option(help="text, json, or auto (json for *.json).")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+) -> None:
+    """Answer QUERY about the CONTEXT file with an RLM. API keys come from the environment
+    (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...) and never reach the sandbox."""
+    settings = load_run_settings(
+        model=model, sub_model=sub_model, backend=backend, api_base=api_base,
+        environment=environment, max_iterations=max_iterations, max_depth=max_depth,
+        timeout_seconds=timeout, max_cost=max_cost, log_dir=log_dir,
+    )  # fmt: skip
+    loaded = _read_context(context, context_format)
+    from rlm_orchestrator import RLM, RLMError, RLMLogger
+    from rlm_orchestrator.console import EventPrinter
+
+    lm_kwargs: dict[str, Any] = {"model_name": settings.model}
+    if settings.api_base:
+        lm_kwargs["api_base"] = settings.api_base
+    sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
+    rlm = RLM(
+        backend=settings.backend, backend_kwargs=lm_kwargs,
+        environment=settings.environment,
+        environment_kwargs={"exec_timeout_seconds": settings.exec_timeout_seconds},
+        max_depth=settings.max_depth, max_iterations=settings.max_iterations,
+        other_backends=[settings.backend] if sub_kwargs else None,
+        other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
+        logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
+        max_cost=settings.max_cost, timeout_seconds=settings.timeout_seconds,
+        on_event=None if quiet else EventPrinter(stderr),
+    )  # fmt: skip
+    try:
+        result = rlm.completion(loaded, root_prompt=query)
+    except RLMError as exc:
+        stderr.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+        partial = getattr(exc, "partial_answer", None)
+        if partial:
+            stderr.print(f"[yellow]partial answer:[/] {partial}")
+        raise typer.Exit(1) from exc
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.response)
+    if not quiet:
+        usage = result.usage_summary
+        stderr.print(
+            f"[dim]{usage.total_calls} LM calls, ${usage.total_cost:.4f}, "
+            f"{result.execution_time:.1f}s[/]"
+        )
+
+
+@app.command()
+def demo(
+    size: Annotated[int, typer.Option(help="Context size in characters.")] = 1_500_000,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    """Offline end-to-end demo: a scripted model drives a real sandbox (see README)."""
+    from rlm_orchestrator import RLM
+    from rlm_orchestrator.console import EventPrinter
+    from rlm_orchestrator.demo import ROOT_MODEL, SUB_MODEL, demo_script, make_context
+    from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
+
+    context = make_context(size)
+    stderr.print(
+        f"[bold]demo:[/] {len(context):,}-character context with one hidden fact; "
+        "the model is [bold]scripted[/] (offline), the sandbox and transport are real."
+    )
+    with ScriptedLMServer(demo_script()) as server:
+        common = {"api_base": server.base_url, "api_key": "sk-demo-not-a-real-key"}
+        rlm = RLM(
+            backend="openai", backend_kwargs={"model_name": ROOT_MODEL, **common},
+            other_backends=["openai"], other_backend_kwargs=[{"model_name": SUB_MODEL, **common}],
+            on_event=None if quiet else EventPrinter(stderr),
+        )  # fmt: skip
+        result = rlm.completion(context, root_prompt="What is the secret launch code?")
+    print(result.response)
+    usage = result.usage_summary
+    stderr.print(f"[dim]{usage.total_calls} LM calls in {result.execution_time:.1f}s[/]")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
