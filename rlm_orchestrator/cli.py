@@ -31,26 +31,43 @@ def run(
     context: Annotated[str, typer.Option("--context", "-c", help="Context file, or - for stdin.")],
     query: Annotated[str, typer.Option("--query", "-q", help="The question (root prompt).")],
     model: Annotated[str | None, typer.Option(help="Root model name [env RLM_MODEL].")] = None,
-    sub_model: Annotated[str | None, typer.Option(help="Model for llm_query (default: the root model).")] = None,
-    backend: Annotated[str | None, typer.Option(help="openai, anthropic, gemini, azure_openai, litellm, ...")] = None,
+    sub_model: Annotated[
+        str | None, typer.Option(help="Model for llm_query (default: the root model).")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="openai, anthropic, gemini, azure_openai, litellm, ...")
+    ] = None,
     api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
     environment: Annotated[str | None, typer.Option(help="Sandbox backend.")] = None,
     max_iterations: Annotated[int | None, typer.Option(min=1)] = None,
     max_depth: Annotated[int | None, typer.Option(min=0)] = None,
     timeout: Annotated[float | None, typer.Option(help="Total seconds for the completion.")] = None,
-    max_cost: Annotated[float | None, typer.Option(help="Stop when spend exceeds this (USD).")] = None,
+    max_cost: Annotated[
+        float | None, typer.Option(help="Stop when spend exceeds this (USD).")
+    ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
-    context_format: Annotated[str, typer.Option(help="text, json, or auto (json for *.json).")] = "auto",
+    context_format: Annotated[
+        str, typer.Option(help="text, json, or auto (json for *.json).")
+    ] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole result as JSON.")
+    ] = False,
 ) -> None:
     """Answer QUERY about the CONTEXT file with an RLM. API keys come from the environment
     (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...) and never reach the sandbox."""
     settings = load_run_settings(
-        model=model, sub_model=sub_model, backend=backend, api_base=api_base,
-        environment=environment, max_iterations=max_iterations, max_depth=max_depth,
-        timeout_seconds=timeout, max_cost=max_cost, log_dir=log_dir,
-    )  # fmt: skip
+        model=model,
+        sub_model=sub_model,
+        backend=backend,
+        api_base=api_base,
+        environment=environment,
+        max_iterations=max_iterations,
+        max_depth=max_depth,
+        timeout_seconds=timeout,
+        max_cost=max_cost,
+        log_dir=log_dir,
+    )
     loaded = _read_context(context, context_format)
     from rlm_orchestrator import RLM, RLMError, RLMLogger
     from rlm_orchestrator.console import EventPrinter
@@ -60,16 +77,19 @@ def run(
         lm_kwargs["api_base"] = settings.api_base
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
     rlm = RLM(
-        backend=settings.backend, backend_kwargs=lm_kwargs,
+        backend=settings.backend,
+        backend_kwargs=lm_kwargs,
         environment=settings.environment,
         environment_kwargs={"exec_timeout_seconds": settings.exec_timeout_seconds},
-        max_depth=settings.max_depth, max_iterations=settings.max_iterations,
+        max_depth=settings.max_depth,
+        max_iterations=settings.max_iterations,
         other_backends=[settings.backend] if sub_kwargs else None,
         other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
         logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
-        max_cost=settings.max_cost, timeout_seconds=settings.timeout_seconds,
+        max_cost=settings.max_cost,
+        timeout_seconds=settings.timeout_seconds,
         on_event=None if quiet else EventPrinter(stderr),
-    )  # fmt: skip
+    )
     try:
         result = rlm.completion(loaded, root_prompt=query)
     except RLMError as exc:
@@ -109,10 +129,12 @@ def demo(
     with ScriptedLMServer(demo_script()) as server:
         common = {"api_base": server.base_url, "api_key": "sk-demo-not-a-real-key"}
         rlm = RLM(
-            backend="openai", backend_kwargs={"model_name": ROOT_MODEL, **common},
-            other_backends=["openai"], other_backend_kwargs=[{"model_name": SUB_MODEL, **common}],
+            backend="openai",
+            backend_kwargs={"model_name": ROOT_MODEL, **common},
+            other_backends=["openai"],
+            other_backend_kwargs=[{"model_name": SUB_MODEL, **common}],
             on_event=None if quiet else EventPrinter(stderr),
-        )  # fmt: skip
+        )
         result = rlm.completion(context, root_prompt="What is the secret launch code?")
     print(result.response)
     usage = result.usage_summary

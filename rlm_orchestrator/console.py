@@ -46,8 +46,9 @@ class EventPrinter:
                 out.print(f"{indent}[magenta]↲ #{call_id}[/] {status} ({d:.2f}s)")
             case ev.CodeBlockFinished(block=block, result=result):
                 colour = "green" if result.status == "ok" else "red"
+                seconds = result.execution_time
                 out.print(
-                    f"{indent}[{colour}]■ block {block + 1}: {result.status}[/] ({result.execution_time:.2f}s)"
+                    f"{indent}[{colour}]■ block {block + 1}: {result.status}[/] ({seconds:.2f}s)"
                 )
             case ev.Notice(text=text):
                 out.print(f"{indent}[bold yellow]note:[/] {escape(_preview(text))}")

@@ -44,7 +44,8 @@ ROOT_TURNS = [
     + _repl("""
 size = len(context) // 15 + 1
 chunks = [context[i:i + size] for i in range(0, len(context), size)]
-prompts = [f"Find the secret launch code in this text. Answer NONE if it is absent.\\n{c}" for c in chunks]
+question = "Find the secret launch code in this text. Answer NONE if it is absent."
+prompts = [f"{question}\\n{chunk}" for chunk in chunks]
 findings = llm_query_batched(prompts)
 for i, finding in enumerate(findings):
     print(f"chunk {i}: {finding}")
@@ -61,7 +62,11 @@ print(answer)
 def demo_script() -> Script:
     return Script(
         rules=[
-            Rule(r"The secret launch code is \1.", model=SUB_MODEL, regex=r"^Findings:.*FOUND: ([\w-]+)"),
+            Rule(
+                r"The secret launch code is \1.",
+                model=SUB_MODEL,
+                regex=r"^Findings:.*FOUND: ([\w-]+)",
+            ),
             Rule(r"FOUND: \1", model=SUB_MODEL, regex=r"secret launch code is ([\w-]+)\."),
             Rule("NONE", model=SUB_MODEL),
         ],

@@ -89,9 +89,17 @@ class FinalAnswer:
 
 
 Event = (
-    TurnStarted | RootResponse | CodeBlockStarted | OutputChunk | SubCallStarted
-    | SubCallFinished | CodeBlockFinished | Notice | UsageUpdated | FinalAnswer
-)  # fmt: skip
+    TurnStarted
+    | RootResponse
+    | CodeBlockStarted
+    | OutputChunk
+    | SubCallStarted
+    | SubCallFinished
+    | CodeBlockFinished
+    | Notice
+    | UsageUpdated
+    | FinalAnswer
+)
 EventHandler = Callable[[Event], None]
 
 

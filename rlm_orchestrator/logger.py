@@ -47,12 +47,14 @@ class RLMLogger:
 
     def log(self, iteration: RLMIteration) -> None:
         self._iteration_count += 1
-        self._append({
-            "type": "iteration",
-            "iteration": self._iteration_count,
-            "timestamp": datetime.now().isoformat(),
-            **iteration.to_dict(),
-        })  # fmt: skip
+        self._append(
+            {
+                "type": "iteration",
+                "iteration": self._iteration_count,
+                "timestamp": datetime.now().isoformat(),
+                **iteration.to_dict(),
+            }
+        )
 
     @property
     def iteration_count(self) -> int:

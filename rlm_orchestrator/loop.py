@@ -95,9 +95,17 @@ class _Outcome:
 
 
 class CompletionLoop:
-    def __init__(self, settings: LoopSettings, router: LMRouter, tracker: UsageTracker,
-                 session: SessionState, *, root_model: str, emit: ev.EventHandler = ev.ignore_event,
-                 logger: RLMLogger | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: LoopSettings,
+        router: LMRouter,
+        tracker: UsageTracker,
+        session: SessionState,
+        *,
+        root_model: str,
+        emit: ev.EventHandler = ev.ignore_event,
+        logger: RLMLogger | None = None,
+    ) -> None:
         self.settings = settings
         self.router = router
         self.tracker = tracker
@@ -121,19 +129,26 @@ class CompletionLoop:
             raise CompletionTimeoutError(
                 f"completion exceeded its timeout of {self.settings.timeout_seconds:g}s "
                 f"after {self.iterations} iteration(s)",
-                timeout_seconds=self.settings.timeout_seconds or 0.0, elapsed_seconds=elapsed,
-                partial_answer=self.partial_answer, usage_summary=self.tracker.summary(),
+                timeout_seconds=self.settings.timeout_seconds or 0.0,
+                elapsed_seconds=elapsed,
+                partial_answer=self.partial_answer,
+                usage_summary=self.tracker.summary(),
                 iterations=self.iterations,
-            ) from exc  # fmt: skip
-        return RLMChatCompletion(self.root_model, context, answer, self.tracker.summary(),
-                                 time.perf_counter() - started)  # fmt: skip
+            ) from exc
+        return RLMChatCompletion(
+            self.root_model, context, answer, self.tracker.summary(), time.perf_counter() - started
+        )
 
     async def _run(self, context: Any, root_prompt: str | None) -> str:
         self.messages = build_initial_messages(self.settings.system_prompt, context)
         for iteration in range(self.settings.max_iterations):
             self.iterations = iteration + 1
-            prompt = [*self.messages, build_user_prompt(root_prompt, iteration,
-                      self.session.context_count, self.session.history_count)]  # fmt: skip
+            prompt = [
+                *self.messages,
+                build_user_prompt(
+                    root_prompt, iteration, self.session.context_count, self.session.history_count
+                ),
+            ]
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.iteration_timeout_seconds):
@@ -143,9 +158,11 @@ class CompletionLoop:
                     f"iteration {iteration + 1} exceeded its timeout of "
                     f"{self.settings.iteration_timeout_seconds:g}s",
                     timeout_seconds=self.settings.iteration_timeout_seconds or 0.0,
-                    elapsed_seconds=time.perf_counter() - started, partial_answer=self.partial_answer,
-                    usage_summary=self.tracker.summary(), iterations=self.iterations,
-                ) from exc  # fmt: skip
+                    elapsed_seconds=time.perf_counter() - started,
+                    partial_answer=self.partial_answer,
+                    usage_summary=self.tracker.summary(),
+                    iterations=self.iterations,
+                ) from exc
             record.iteration_time = time.perf_counter() - started
             record.final_answer = outcome.answer
             if self.logger:
@@ -176,10 +193,13 @@ class CompletionLoop:
         reason = self.tracker.over_budget()
         if reason is not None:
             raise CostLimitExceededError(
-                f"completion stopped: {reason}", current_cost=self.tracker.total_cost,
-                cost_limit=self.tracker.max_cost or 0.0, partial_answer=self.partial_answer,
-                usage_summary=self.tracker.summary(), iterations=self.iterations,
-            )  # fmt: skip
+                f"completion stopped: {reason}",
+                current_cost=self.tracker.total_cost,
+                cost_limit=self.tracker.max_cost or 0.0,
+                partial_answer=self.partial_answer,
+                usage_summary=self.tracker.summary(),
+                iterations=self.iterations,
+            )
 
     async def _root_call(self, prompt: list[dict[str, Any]], iteration: int) -> str:
         self.emit(ev.TurnStarted(self.settings.depth, iteration))
@@ -201,8 +221,10 @@ class CompletionLoop:
             result = await self._run_block(iteration, index, code)
             record.code_blocks.append(CodeBlock(code, result))
             if result.worker_restarted:
-                outcome.notes.append(f"Note: the sandbox was restarted during block {index + 1}: "
-                                     "all variables were lost (the contexts were loaded again).")  # fmt: skip
+                outcome.notes.append(
+                    f"Note: the sandbox was restarted during block {index + 1}: "
+                    "all variables were lost (the contexts were loaded again)."
+                )
             if result.final_answer is not None:
                 # FINAL_VAR called inside the code ends the run; later blocks do not run.
                 outcome.answer, outcome.source = result.final_answer, "code"
@@ -242,22 +264,33 @@ class CompletionLoop:
             )
 
         report = await self.session.sandbox.client.execute(
-            code, on_output=on_output, on_sub_call=on_sub_call,
+            code,
+            on_output=on_output,
+            on_sub_call=on_sub_call,
             timeout_seconds=self.settings.exec_timeout_seconds,
-            max_output_chars=self.settings.max_output_chars, execution_id=f"{iteration}.{index}",
-        )  # fmt: skip
+            max_output_chars=self.settings.max_output_chars,
+            execution_id=f"{iteration}.{index}",
+        )
         result = REPLResult(
-            stdout=report.stdout, stderr=report.stderr,
-            variables=[name for name, type_name in report.variables if type_name not in _CODE_TYPES],
-            execution_time=report.duration, status=report.status, error=report.error,
-            truncated_chars=report.truncated_chars, final_answer=report.final_answer,
-            worker_restarted=report.worker_restarted, rlm_calls=calls,
-        )  # fmt: skip
+            stdout=report.stdout,
+            stderr=report.stderr,
+            variables=[
+                name for name, type_name in report.variables if type_name not in _CODE_TYPES
+            ],
+            execution_time=report.duration,
+            status=report.status,
+            error=report.error,
+            truncated_chars=report.truncated_chars,
+            final_answer=report.final_answer,
+            worker_restarted=report.worker_restarted,
+            rlm_calls=calls,
+        )
         self.emit(ev.CodeBlockFinished(depth, iteration, index, result))
         return result
 
-    async def _sub_call(self, prompt: str, model: str, kind: str,
-                        calls: list[RLMChatCompletion]) -> SubCallOutcome:  # fmt: skip
+    async def _sub_call(
+        self, prompt: str, model: str, kind: str, calls: list[RLMChatCompletion]
+    ) -> SubCallOutcome:
         async with self._sub_call_slots:
             reason = self.tracker.over_budget()
             if reason is not None:
@@ -266,13 +299,21 @@ class CompletionLoop:
             depth = self.settings.depth
             self.emit(ev.SubCallStarted(depth, call_id, kind, model, len(prompt)))
             try:
-                answer = await self.router.complete(prompt, model=model or None, depth=depth + 1,
-                                                    tracker=self.tracker)  # fmt: skip
+                answer = await self.router.complete(
+                    prompt, model=model or None, depth=depth + 1, tracker=self.tracker
+                )
             except LMError as exc:
                 self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, str(exc)))
                 return SubCallOutcome(error=str(exc))
-            calls.append(RLMChatCompletion(answer.model, prompt, answer.text,
-                                           UsageSummary({answer.model: answer.usage}), answer.duration))  # fmt: skip
+            calls.append(
+                RLMChatCompletion(
+                    answer.model,
+                    prompt,
+                    answer.text,
+                    UsageSummary({answer.model: answer.usage}),
+                    answer.duration,
+                )
+            )
             self.emit(ev.SubCallFinished(depth, call_id, True, len(answer.text), answer.duration))
             self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
             return SubCallOutcome(text=answer.text)

@@ -109,21 +109,28 @@ class RLM:
 
     def metadata(self) -> RLMMetadata:
         return RLMMetadata(
-            root_model=self.root_config.model_name, max_depth=self.max_depth,
-            max_iterations=self.max_iterations, backend=self.backend,
-            backend_kwargs=redact(self.backend_kwargs), environment_type=self.environment,
-            environment_kwargs=redact(self.environment_kwargs), other_backends=self.other_backends,
-        )  # fmt: skip
+            root_model=self.root_config.model_name,
+            max_depth=self.max_depth,
+            max_iterations=self.max_iterations,
+            backend=self.backend,
+            backend_kwargs=redact(self.backend_kwargs),
+            environment_type=self.environment,
+            environment_kwargs=redact(self.environment_kwargs),
+            other_backends=self.other_backends,
+        )
 
     def _settings(self) -> LoopSettings:
         return LoopSettings(
-            depth=self.depth, max_depth=self.max_depth, max_iterations=self.max_iterations,
-            system_prompt=self.system_prompt, timeout_seconds=self.timeout_seconds,
+            depth=self.depth,
+            max_depth=self.max_depth,
+            max_iterations=self.max_iterations,
+            system_prompt=self.system_prompt,
+            timeout_seconds=self.timeout_seconds,
             iteration_timeout_seconds=self.iteration_timeout_seconds,
             exec_timeout_seconds=float(self._spec_options.get("exec_timeout_seconds", 300.0)),
             max_output_chars=int(self._spec_options.get("max_output_chars", 1_000_000)),
             final_with_code=self.final_with_code,
-        )  # fmt: skip
+        )
 
     # -- synchronous API --------------------------------------------------------------------
 
@@ -161,9 +168,15 @@ class RLM:
         session = await self._acquire_session()
         try:
             await session.add_context(prompt)
-            loop = CompletionLoop(self._settings(), router, tracker, session,
-                                  root_model=self.root_config.model_name, emit=self._on_event,
-                                  logger=self.logger)  # fmt: skip
+            loop = CompletionLoop(
+                self._settings(),
+                router,
+                tracker,
+                session,
+                root_model=self.root_config.model_name,
+                emit=self._on_event,
+                logger=self.logger,
+            )
             result = await loop.run(prompt, root_prompt)
             if self.persistent:
                 await session.add_history(loop.messages)
@@ -179,8 +192,13 @@ class RLM:
         started = time.perf_counter()
         answer = await router.complete(prompt, depth=self.depth, tracker=tracker)
         self._on_event(ev.FinalAnswer(self.depth, answer.text, "plain_lm", 0))
-        return RLMChatCompletion(self.root_config.model_name, prompt, answer.text,
-                                 tracker.summary(), time.perf_counter() - started)  # fmt: skip
+        return RLMChatCompletion(
+            self.root_config.model_name,
+            prompt,
+            answer.text,
+            tracker.summary(),
+            time.perf_counter() - started,
+        )
 
     async def _acquire_session(self) -> SessionState:
         if self._session is not None:

@@ -33,9 +33,18 @@ _PROVIDER_PREFIX = {
 _PORTKEY_BASE = "https://api.portkey.ai/v1"
 # Keys of backend_kwargs that are ours; every other key is passed on to litellm as is.
 _OWN_KEYS = {
-    "model_name", "api_base", "base_url", "azure_endpoint", "api_key", "max_retries",
-    "retry_initial_delay", "max_concurrency", "input_cost_per_token", "output_cost_per_token",
-}  # fmt: skip
+    "model_name",
+    "api_base",
+    "base_url",
+    "azure_endpoint",
+    "api_key",
+    "max_retries",
+    "retry_initial_delay",
+    "max_concurrency",
+    "input_cost_per_token",
+    "output_cost_per_token",
+}
+MAX_ERROR_CHARS = 600
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 Messages = list[dict[str, Any]]
 
@@ -120,8 +129,13 @@ def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError | ConnectionError):
         return True
     name = type(exc).__name__
-    if name in {"APIConnectionError", "Timeout", "RateLimitError", "ServiceUnavailableError",
-                "InternalServerError"}:  # fmt: skip
+    if name in {
+        "APIConnectionError",
+        "Timeout",
+        "RateLimitError",
+        "ServiceUnavailableError",
+        "InternalServerError",
+    }:
         return True
     return _status_of(exc) in RETRYABLE_STATUS
 
@@ -190,8 +204,14 @@ class LMRouter:
             self._semaphores[config.model_name] = asyncio.Semaphore(config.max_concurrency)
         return self._semaphores[config.model_name]
 
-    async def complete(self, prompt: Any, *, model: str | None = None, depth: int = 0,
-                       tracker: UsageTracker | None = None) -> LMAnswer:  # fmt: skip
+    async def complete(
+        self,
+        prompt: Any,
+        *,
+        model: str | None = None,
+        depth: int = 0,
+        tracker: UsageTracker | None = None,
+    ) -> LMAnswer:
         """One call, retried on 429/5xx/timeouts; raises LMError when it fails for good."""
         config = self.resolve(model, depth)
         litellm = _litellm()
@@ -208,16 +228,25 @@ class LMRouter:
                 async for attempt in retrying:
                     with attempt:
                         response = await litellm.acompletion(
-                            model=config.litellm_model, messages=messages,
-                            api_base=config.api_base, api_key=config.api_key,
+                            model=config.litellm_model,
+                            messages=messages,
+                            api_base=config.api_base,
+                            api_key=config.api_key,
                             # Retries are ours (above): no hidden second layer in the SDK.
-                            max_retries=0, num_retries=0, **config.extra,
-                        )  # fmt: skip
+                            max_retries=0,
+                            num_retries=0,
+                            **config.extra,
+                        )
         except Exception as exc:
+            status = _status_of(exc)
+            http = f" (HTTP {status})" if status else ""
+            attempts = retrying.statistics.get("attempt_number", 1)
             raise LMError(
-                f"LM call to {config.model_name!r} failed: {type(exc).__name__}: {exc}",
-                model=config.model_name, status_code=_status_of(exc),
-            ) from exc  # fmt: skip
+                f"LM call to {config.model_name!r} failed{http} after {attempts} attempt(s): "
+                f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}",
+                model=config.model_name,
+                status_code=status,
+            ) from exc
         usage = self._usage_of(config, response, litellm)
         if tracker is not None:
             tracker.record(config.model_name, usage)

@@ -105,7 +105,8 @@ class OutputCapture:
     def _flush_locked(self) -> None:
         pending, self._pending, self._pending_chars = self._pending, [], 0
         # Adjacent pieces of the same stream become one frame; order across streams is kept.
-        run_stream, run = pending[0][0] if pending else STDOUT, []
+        run_stream = pending[0][0] if pending else STDOUT
+        run: list[str] = []
         for stream, text in pending:
             if stream != run_stream and run:
                 self._channel.send(run_stream, "".join(run).encode("utf-8", "replace"))
@@ -155,11 +156,11 @@ class CaptureStream(io.TextIOBase):
         self.buffer = _BinaryAdapter(self)
 
     @property
-    def encoding(self) -> str:
+    def encoding(self) -> str:  # type: ignore[override]  # read-only, as on real streams
         return "utf-8"
 
     @property
-    def errors(self) -> str | None:
+    def errors(self) -> str | None:  # type: ignore[override]
         return "replace"
 
     def write(self, text: str) -> int:

@@ -73,8 +73,12 @@ class _LoadedValue:
 
 
 class _WorkerProcess:
-    def __init__(self, process: asyncio.subprocess.Process, frames: asyncio.StreamReader,
-                 commands: asyncio.WriteTransport) -> None:  # fmt: skip
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        frames: asyncio.StreamReader,
+        commands: asyncio.WriteTransport,
+    ) -> None:
         self.process = process
         self.pid = process.pid
         self.commands = commands
@@ -172,13 +176,22 @@ class Executor:
         frame_read, frame_write = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
-                self.config.python, "-m", "sandbox_agent.worker",
-                "--command-fd", str(command_read), "--frame-fd", str(frame_write),
-                "--max-output-chars", str(self.config.max_output_chars),
-                "--memory-limit-mb", str(self.config.memory_limit_mb),
-                stdin=asyncio.subprocess.DEVNULL, pass_fds=(command_read, frame_write),
-                cwd=self.config.workdir, start_new_session=True,
-            )  # fmt: skip
+                self.config.python,
+                "-m",
+                "sandbox_agent.worker",
+                "--command-fd",
+                str(command_read),
+                "--frame-fd",
+                str(frame_write),
+                "--max-output-chars",
+                str(self.config.max_output_chars),
+                "--memory-limit-mb",
+                str(self.config.memory_limit_mb),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(command_read, frame_write),
+                cwd=self.config.workdir,
+                start_new_session=True,
+            )
         finally:
             os.close(command_read)
             os.close(frame_write)
@@ -226,8 +239,12 @@ class Executor:
 
     @staticmethod
     def _load_request(value: _LoadedValue) -> dict[str, str]:
-        return {"name": value.name, "alias": value.alias, "encoding": value.encoding,
-                "path": str(value.path)}  # fmt: skip
+        return {
+            "name": value.name,
+            "alias": value.alias,
+            "encoding": value.encoding,
+            "path": str(value.path),
+        }
 
     def interrupt(self, reason: str) -> None:
         """Stop the running code: SIGINT now, the whole process group after the grace."""
@@ -246,8 +263,9 @@ class Executor:
                 encode_json(Kind.LLM_RESPONSE, {"id": request_id, "results": list(results)})
             )
 
-    async def execute(self, code: str, sink: ExecutionSink, timeout_seconds: float = 0,
-                      max_output_chars: int = 0) -> ExecutionOutcome:  # fmt: skip
+    async def execute(
+        self, code: str, sink: ExecutionSink, timeout_seconds: float = 0, max_output_chars: int = 0
+    ) -> ExecutionOutcome:
         timeout = timeout_seconds or self.config.exec_timeout_seconds
         async with self._lock:
             if self._worker is None:
@@ -257,9 +275,15 @@ class Executor:
             self._interrupt_reason = None
             loop = asyncio.get_running_loop()
             started = loop.time()
-            worker.send(encode_json(Kind.EXECUTE, {
-                "code": code, "max_output_chars": max_output_chars or self.config.max_output_chars,
-            }))  # fmt: skip
+            worker.send(
+                encode_json(
+                    Kind.EXECUTE,
+                    {
+                        "code": code,
+                        "max_output_chars": max_output_chars or self.config.max_output_chars,
+                    },
+                )
+            )
             try:
                 return await self._follow(worker, sink, started + timeout, timeout)
             finally:
@@ -268,8 +292,9 @@ class Executor:
                     self._kill_timer = None
                 self._interrupt_reason = None
 
-    async def _follow(self, worker: _WorkerProcess, sink: ExecutionSink, deadline: float,
-                      timeout: float) -> ExecutionOutcome:  # fmt: skip
+    async def _follow(
+        self, worker: _WorkerProcess, sink: ExecutionSink, deadline: float, timeout: float
+    ) -> ExecutionOutcome:
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
@@ -301,21 +326,27 @@ class Executor:
             return TIMEOUT, f"TimeoutError: execution exceeded {timeout:g} seconds; {how}"
         return CANCELLED, f"CancelledError: execution cancelled by the orchestrator; {how}"
 
-    async def _finish(self, done: dict[str, Any], sink: ExecutionSink,
-                      timeout: float) -> ExecutionOutcome:  # fmt: skip
+    async def _finish(
+        self, done: dict[str, Any], sink: ExecutionSink, timeout: float
+    ) -> ExecutionOutcome:
         status, error = done["status"], done["error"]
         if status == "interrupted":
             status, error = self._interrupt_message(timeout, killed=False)
             await sink.output(Kind.STDERR, error + "\n")
         return ExecutionOutcome(
-            status=status, error=error, stdout_chars=done["stdout_chars"],
-            stderr_chars=done["stderr_chars"], truncated_chars=done["truncated_chars"],
-            variables=[(n, t) for n, t in done["variables"]], duration=done["duration"],
+            status=status,
+            error=error,
+            stdout_chars=done["stdout_chars"],
+            stderr_chars=done["stderr_chars"],
+            truncated_chars=done["truncated_chars"],
+            variables=[(n, t) for n, t in done["variables"]],
+            duration=done["duration"],
             final_answer=done["final_answer"],
-        )  # fmt: skip
+        )
 
-    async def _worker_lost(self, worker: _WorkerProcess, sink: ExecutionSink, timeout: float,
-                           duration: float) -> ExecutionOutcome:  # fmt: skip
+    async def _worker_lost(
+        self, worker: _WorkerProcess, sink: ExecutionSink, timeout: float, duration: float
+    ) -> ExecutionOutcome:
         returncode = await worker.process.wait()
         if self._interrupt_reason is not None:
             status, error = self._interrupt_message(timeout, killed=True)
@@ -328,8 +359,9 @@ class Executor:
         error += f". A new worker was started: every variable is lost; reloaded: {restored}."
         await sink.output(Kind.STDERR, error + "\n")
         await self._replace_worker()
-        return ExecutionOutcome(status=status, error=error, duration=duration,
-                                worker_restarted=True)  # fmt: skip
+        return ExecutionOutcome(
+            status=status, error=error, duration=duration, worker_restarted=True
+        )
 
     async def load_value(self, name: str, alias: str, encoding: str, path: Path) -> dict[str, Any]:
         value = _LoadedValue(name, alias, encoding, path)

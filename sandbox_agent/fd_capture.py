@@ -67,7 +67,7 @@ class FdCapture:
 
     def _pipe_is_empty(self) -> bool:
         pending = fcntl.ioctl(self._read_end, termios.FIONREAD, struct.pack("i", 0))
-        return struct.unpack("i", pending)[0] == 0
+        return bool(struct.unpack("i", pending)[0] == 0)
 
     def drain(self) -> None:
         """Return once everything written to the descriptor so far is in the capture."""

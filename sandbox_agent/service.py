@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import keyword
+import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import grpc
 from sandbox_agent import __version__
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
-from sandbox_agent.executor import Executor, ExecutionOutcome, WorkerError
+from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
 from sandbox_agent.frames import Kind
 from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
 
@@ -80,7 +81,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         self._executor = executor
         self._value_dir = executor.config.state_dir / "values"
 
-    async def Execute(
+    async def Execute(  # type: ignore[override]  # writes via context.write, returns nothing
         self,
         request_iterator: AsyncIterator[pb.ExecuteRequest],
         context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
@@ -147,29 +148,20 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request_iterator: AsyncIterator[pb.LoadValueRequest],
         context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
     ) -> pb.LoadValueResponse:
-        header: pb.LoadValueHeader | None = None
-        received = 0
-        self._value_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self._value_dir, delete=False) as staging:
-            async for chunk in request_iterator:
-                if header is None:
-                    header = chunk.header
-                    await self._check_header(header, context)
-                staging.write(chunk.data)
-                received += len(chunk.data)
-        staged = Path(staging.name)
-        if header is None:
-            staged.unlink()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty LoadValue stream")
-            raise AssertionError("unreachable")
-        if header.total_bytes and received != header.total_bytes:
-            staged.unlink()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"received {received} bytes of {header.name!r}, header announced {header.total_bytes}",
-            )
-        target = self._value_dir / f"{header.name}.value"
-        staged.replace(target)
+        staged = await asyncio.to_thread(self._staging_path)
+        try:
+            header, received = await self._receive(request_iterator, staged, context)
+            if header.total_bytes and received != header.total_bytes:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"received {received} bytes of {header.name!r}, "
+                    f"the header announced {header.total_bytes}",
+                )
+            target = self._value_dir / f"{header.name}.value"
+            await asyncio.to_thread(staged.replace, target)
+        except BaseException:
+            await asyncio.to_thread(staged.unlink, missing_ok=True)
+            raise
         try:
             reply = await self._executor.load_value(
                 header.name, header.alias, _ENCODINGS[header.encoding], target
@@ -178,6 +170,33 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
         return pb.LoadValueResponse(type_name=reply["type_name"], length=reply["length"])
+
+    def _staging_path(self) -> Path:
+        self._value_dir.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=self._value_dir, suffix=".partial")
+        os.close(handle)
+        return Path(name)
+
+    async def _receive(
+        self,
+        request_iterator: AsyncIterator[pb.LoadValueRequest],
+        staged: Path,
+        context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
+    ) -> tuple[pb.LoadValueHeader, int]:
+        """Streams the chunks to disk (constant memory, whatever the size)."""
+        header: pb.LoadValueHeader | None = None
+        received = 0
+        with await asyncio.to_thread(open, staged, "wb") as staging:
+            async for chunk in request_iterator:
+                if header is None:
+                    header = chunk.header
+                    await self._check_header(header, context)
+                await asyncio.to_thread(staging.write, chunk.data)
+                received += len(chunk.data)
+        if header is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty LoadValue stream")
+            raise AssertionError("unreachable")
+        return header, received
 
     @staticmethod
     async def _check_header(
@@ -221,7 +240,6 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request: pb.GetInfoRequest,
         context: grpc.aio.ServicerContext[pb.GetInfoRequest, pb.GetInfoResponse],
     ) -> pb.GetInfoResponse:
-        import os
         import platform
 
         return pb.GetInfoResponse(

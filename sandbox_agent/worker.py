@@ -156,8 +156,9 @@ class Worker:
             self.capture.write(STDERR, error + "\n")  # the agent words interruptions itself
         for original in (sys.__stdout__, sys.__stderr__):
             # Code that wrote to the real files (sys.__stdout__) reaches fd 1/2 on flush.
-            with contextlib.suppress(Exception):
-                original and original.flush()
+            if original is not None:
+                with contextlib.suppress(Exception):
+                    original.flush()
         for fd_capture in self.fd_captures:
             fd_capture.drain()
         totals = self.capture.end()

@@ -94,16 +94,26 @@ def lm(lm_server: ScriptedLMServer) -> Iterator[ScriptedLMServer]:
 
 
 def backend_kwargs(server: ScriptedLMServer, model: str, **extra: Any) -> dict[str, Any]:
-    return {"model_name": model, "api_base": server.base_url, "api_key": API_KEY,
-            "retry_initial_delay": 0.01, **extra}  # fmt: skip
+    return {
+        "model_name": model,
+        "api_base": server.base_url,
+        "api_key": API_KEY,
+        "retry_initial_delay": 0.01,
+        **extra,
+    }
 
 
 @pytest.fixture
 def make_rlm(lm: ScriptedLMServer) -> Callable[..., RLM]:
     """RLM against the scripted server: root model "root", sub-calls to "sub"."""
 
-    def factory(*, root: list[str] | None = None, sub: list[str] | None = None,
-                script: Script | None = None, **kwargs: Any) -> RLM:  # fmt: skip
+    def factory(
+        *,
+        root: list[str] | None = None,
+        sub: list[str] | None = None,
+        script: Script | None = None,
+        **kwargs: Any,
+    ) -> RLM:
         if script is not None:
             lm.set_script(script)
         if root is not None:

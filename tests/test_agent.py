@@ -26,8 +26,9 @@ from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
     provider = LocalProvider()
-    box = await provider.acquire(SandboxSpec(session_id="test", exec_timeout_seconds=2.0,
-                                             max_output_chars=100_000))  # fmt: skip
+    box = await provider.acquire(
+        SandboxSpec(session_id="test", exec_timeout_seconds=2.0, max_output_chars=100_000)
+    )
     try:
         yield box
     finally:
@@ -44,18 +45,26 @@ class Recorder:
     async def on_output(self, stream: str, text: str) -> None:
         self.events.append((stream, text))
 
-    async def on_sub_call(self, prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
+    async def on_sub_call(
+        self, prompts: list[str], model: str, kind: str
+    ) -> Sequence[SubCallOutcome]:
         self.events.append(("sub_call", f"{kind}:{model}:{len(prompts)}"))
         await asyncio.sleep(0.01 * len(prompts))
         return [
-            SubCallOutcome(error="no such prompt") if p == "fail" else SubCallOutcome(text=self.answers.get(p, f"answer to {p}"))
+            SubCallOutcome(error="no such prompt")
+            if p == "fail"
+            else SubCallOutcome(text=self.answers.get(p, f"answer to {p}"))
             for p in prompts
         ]
 
 
-async def run(box: Sandbox, code: str, recorder: Recorder | None = None, **kwargs: float) -> ExecutionReport:
+async def run(
+    box: Sandbox, code: str, recorder: Recorder | None = None, **kwargs: float
+) -> ExecutionReport:
     recorder = recorder or Recorder()
-    return await box.client.execute(code, on_output=recorder.on_output, on_sub_call=recorder.on_sub_call, **kwargs)  # type: ignore[arg-type]
+    return await box.client.execute(
+        code, on_output=recorder.on_output, on_sub_call=recorder.on_sub_call, **kwargs
+    )  # type: ignore[arg-type]
 
 
 async def test_state_persists_and_variables_are_listed(sandbox: Sandbox) -> None:
@@ -82,9 +91,13 @@ async def test_output_streams_before_the_block_ends() -> None:
         async def no_calls(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
             return []
 
-        execution = asyncio.create_task(box.client.execute(
-            "import time\nprint('first')\ntime.sleep(1)\nprint('second')",
-            on_output=on_output, on_sub_call=no_calls))  # fmt: skip
+        execution = asyncio.create_task(
+            box.client.execute(
+                "import time\nprint('first')\ntime.sleep(1)\nprint('second')",
+                on_output=on_output,
+                on_sub_call=no_calls,
+            )
+        )
         await first_chunk.wait()
         order.append("done" if execution.done() else "still running")
         report = await execution
@@ -97,8 +110,13 @@ async def test_output_streams_before_the_block_ends() -> None:
 
 async def test_llm_query_round_trips_on_the_execution_stream(sandbox: Sandbox) -> None:
     recorder = Recorder({"q1": "A1"})
-    report = await run(sandbox, "print(llm_query('q1'))\nprint(llm_query_batched(['a', 'fail', 'b']))", recorder)
-    assert report.stdout.splitlines() == ["A1", "['answer to a', 'Error: no such prompt', 'answer to b']"]
+    report = await run(
+        sandbox, "print(llm_query('q1'))\nprint(llm_query_batched(['a', 'fail', 'b']))", recorder
+    )
+    assert report.stdout.splitlines() == [
+        "A1",
+        "['answer to a', 'Error: no such prompt', 'answer to b']",
+    ]
     assert ("sub_call", "llm_query::1") in recorder.events
     assert ("sub_call", "llm_query::3") in recorder.events
 
@@ -142,7 +160,9 @@ async def test_code_that_ignores_interrupts_is_killed_and_worker_replaced(sandbo
         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by signal SIGKILL"),
     ],
 )
-async def test_worker_death_is_reported_and_sandbox_stays_usable(sandbox: Sandbox, code: str, expected: str) -> None:
+async def test_worker_death_is_reported_and_sandbox_stays_usable(
+    sandbox: Sandbox, code: str, expected: str
+) -> None:
     report = await run(sandbox, code)
     assert report.status == "worker_died"
     assert expected in report.error and report.worker_restarted
@@ -168,8 +188,11 @@ async def test_huge_output_is_capped_with_head_tail_and_marker(sandbox: Sandbox)
 
 
 async def test_fd_level_output_of_child_processes_is_captured(sandbox: Sandbox) -> None:
-    report = await run(sandbox, "import os, subprocess\nos.system('echo from-shell')\n"
-                                "subprocess.run(['sh', '-c', 'echo to-stderr >&2'])")  # fmt: skip
+    report = await run(
+        sandbox,
+        "import os, subprocess\nos.system('echo from-shell')\n"
+        "subprocess.run(['sh', '-c', 'echo to-stderr >&2'])",
+    )
     assert report.stdout == "from-shell\n"
     assert report.stderr == "to-stderr\n"
 
@@ -178,7 +201,9 @@ async def test_sandbox_environment_has_no_secrets(sandbox: Sandbox) -> None:
     report = await run(sandbox, "import os, json\nprint(json.dumps(dict(os.environ)))")
     for secret in ("sk-orchestrator-secret", "orchestrator-secret-token", "API_KEY"):
         assert secret not in report.stdout
-    assert os.environ["OPENAI_API_KEY"].startswith("sk-orchestrator-secret")  # the test's own env had it
+    assert os.environ["OPENAI_API_KEY"].startswith(
+        "sk-orchestrator-secret"
+    )  # the test's own env had it
 
 
 async def test_exceptions_keep_prior_output_and_assignments(sandbox: Sandbox) -> None:
@@ -186,7 +211,7 @@ async def test_exceptions_keep_prior_output_and_assignments(sandbox: Sandbox) ->
     assert report.status == "error"
     assert report.stdout == "before\n"
     assert report.stderr.strip().endswith("ValueError: bad value")
-    assert 'line 3' in report.stderr
+    assert "line 3" in report.stderr
     assert [n for n, _ in report.variables] == ["a"]
 
 
@@ -218,9 +243,9 @@ async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
 
 
 async def test_bad_requests_get_clear_status_codes(sandbox: Sandbox) -> None:
-    with pytest.raises(SandboxError, match="INVALID_ARGUMENT.*invalid variable name"):
+    with pytest.raises(SandboxError, match=r"INVALID_ARGUMENT.*invalid variable name"):
         await sandbox.client.load_value("not an identifier", "x")
-    with pytest.raises(SandboxError, match="INVALID_ARGUMENT.*invalid variable name"):
+    with pytest.raises(SandboxError, match=r"INVALID_ARGUMENT.*invalid variable name"):
         await sandbox.client.load_value("llm_query", "x")
     # A stream that does not start with `start`.
     state = sandbox.provider_state
@@ -261,9 +286,11 @@ async def test_cancelling_the_call_stops_the_code(sandbox: Sandbox) -> None:
 async def test_agent_starts_without_heavy_imports() -> None:
     code = (
         "import sys, sandbox_agent.server, sandbox_agent.worker\n"
-        "heavy = [m for m in ('litellm', 'pydantic', 'rlm_orchestrator', 'openai') if m in sys.modules]\n"
-        "print(heavy)"
+        "heavy = ('litellm', 'pydantic', 'rlm_orchestrator', 'openai')\n"
+        "print([m for m in heavy if m in sys.modules])"
     )
-    process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
     stdout, _ = await process.communicate()
     assert stdout.decode().strip() == "[]"

@@ -8,24 +8,47 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import API_KEY, repl
+from typer.testing import CliRunner
 
+from rlm_orchestrator.cli import app
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 CLI = [sys.executable, "-m", "rlm_orchestrator.cli"]
 
 
-def run_cli(*args: str, stdin: str | None = None, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, stdin: str | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OPENAI_API_KEY": API_KEY, **(extra_env or {})}
-    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, env=env, timeout=90, check=False)
+    return subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, text=True, env=env, timeout=90, check=False
+    )
 
 
-def test_run_prints_answer_on_stdout_and_progress_on_stderr(lm: ScriptedLMServer, tmp_path: Path) -> None:
-    lm.set_sequence("cli-root", [repl("n = len(context.split())\nprint('words', n)"), "FINAL(there are 3 words)"])
+def test_run_prints_answer_on_stdout_and_progress_on_stderr(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    lm.set_sequence(
+        "cli-root",
+        [repl("n = len(context.split())\nprint('words', n)"), "FINAL(there are 3 words)"],
+    )
     context_file = tmp_path / "context.txt"
     context_file.write_text("alpha beta gamma")
-    result = run_cli("run", "--context", str(context_file), "--query", "How many words?",
-                     "--model", "cli-root", "--api-base", lm.base_url, "--log-dir", str(tmp_path / "logs"))  # fmt: skip
+    result = run_cli(
+        "run",
+        "--context",
+        str(context_file),
+        "--query",
+        "How many words?",
+        "--model",
+        "cli-root",
+        "--api-base",
+        lm.base_url,
+        "--log-dir",
+        str(tmp_path / "logs"),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "there are 3 words\n"
     assert "words 3" in result.stderr and "turn 1" in result.stderr
@@ -35,27 +58,48 @@ def test_run_prints_answer_on_stdout_and_progress_on_stderr(lm: ScriptedLMServer
     assert '"type": "metadata"' in log_text and API_KEY not in log_text
 
 
+def run_in_process(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    """The CLI in this process (litellm already imported): fast; the sandbox is still real."""
+    result = CliRunner().invoke(app, list(args), input=stdin)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
 def test_run_reads_json_context_from_stdin(lm: ScriptedLMServer) -> None:
     lm.set_sequence("cli-root", [repl("print(sorted(context))"), "FINAL(done)"])
-    result = run_cli("run", "-c", "-", "-q", "keys?", "--model", "cli-root", "--api-base", lm.base_url,
-                     "--context-format", "json", "--quiet", stdin=json.dumps({"b": 1, "a": 2}))  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "done\n" and result.stderr == ""
+    args = ["run", "-c", "-", "-q", "keys?", "--model", "cli-root", "--api-base", lm.base_url]
+    code, stdout, stderr = run_in_process(
+        *args, "--context-format", "json", "--quiet", stdin=json.dumps({"b": 1, "a": 2})
+    )
+    assert code == 0, stderr
+    assert stdout == "done\n" and stderr == ""
     shown = lm.requests_for("cli-root")[1].messages[-2]["content"]
     assert "['a', 'b']" in shown
 
 
-def test_run_reports_lm_failure_clearly(lm: ScriptedLMServer, tmp_path: Path) -> None:
+def test_run_reports_lm_failure_clearly(
+    lm: ScriptedLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     context_file = tmp_path / "c.txt"
     context_file.write_text("x")
+    monkeypatch.setenv("RLM_MAX_ITERATIONS", "2")
     # Nothing scripted: the server answers 500 to every attempt.
-    result = run_cli("run", "-c", str(context_file), "-q", "?", "--model", "cli-root",
-                     "--api-base", lm.base_url, extra_env={"RLM_MAX_ITERATIONS": "2"})  # fmt: skip
-    assert result.returncode == 1
-    assert "LMError" in result.stderr and result.stdout == ""
+    code, stdout, stderr = run_in_process(
+        "run", "-c", str(context_file), "-q", "?", "--model", "cli-root", "--api-base", lm.base_url
+    )
+    assert code == 1
+    assert "LMError" in stderr and "500" in stderr and stdout == ""
+
+
+def test_run_rejects_invalid_json_context(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, stderr = run_in_process("run", "-c", str(bad), "-q", "?")
+    assert code == 2 and "not valid JSON" in stderr
 
 
 def test_demo_finds_the_hidden_fact() -> None:
-    result = run_cli("demo", "--size", "200000", "--quiet")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "The secret launch code is 7-ALPHA-42."
+    code, stdout, stderr = run_in_process("demo", "--size", "200000", "--quiet")
+    assert code == 0, stderr
+    assert stdout.strip() == "The secret launch code is 7-ALPHA-42."

@@ -6,6 +6,7 @@ autouse leak check in conftest.py proves each sandbox is released, whatever stop
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -28,10 +29,18 @@ from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, Scripted
 MakeRLM = Callable[..., RLM]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def litellm_imported() -> None:
+    """litellm's first import takes seconds inside the first LM call: keep it out of timeouts."""
+    importlib.import_module("litellm")
+
+
 # --- max_cost -----------------------------------------------------------------------------------
 
 
-def test_max_cost_stops_the_run_with_partial_answer_and_usage(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
+def test_max_cost_stops_the_run_with_partial_answer_and_usage(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
     priced = backend_kwargs(lm, ROOT_MODEL, input_cost_per_token=0.001, output_cost_per_token=0.001)
     first_response = repl("print(len(context))")
     rlm = make_rlm(root=[first_response, "FINAL(never)"], backend_kwargs=priced, max_cost=0.01)
@@ -52,9 +61,12 @@ def test_max_cost_counts_sub_call_spend(make_rlm: MakeRLM, lm: ScriptedLMServer)
     free_root = backend_kwargs(lm, ROOT_MODEL, input_cost_per_token=0.0, output_cost_per_token=0.0)
     priced_sub = backend_kwargs(lm, SUB_MODEL, input_cost_per_token=1.0, output_cost_per_token=1.0)
     rlm = make_rlm(
-        root=[repl("x = llm_query('hello')"), "FINAL(never)"], sub=["hi there"],
-        backend_kwargs=free_root, other_backend_kwargs=[priced_sub], max_cost=1.0,
-    )  # fmt: skip
+        root=[repl("x = llm_query('hello')"), "FINAL(never)"],
+        sub=["hi there"],
+        backend_kwargs=free_root,
+        other_backend_kwargs=[priced_sub],
+        max_cost=1.0,
+    )
     with pytest.raises(CostLimitExceededError) as caught:
         rlm.completion("ctx")
     usage = caught.value.usage_summary
@@ -66,11 +78,15 @@ def test_max_cost_counts_sub_call_spend(make_rlm: MakeRLM, lm: ScriptedLMServer)
 
 
 def test_max_cost_not_reached_completes(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    priced_sub = backend_kwargs(lm, SUB_MODEL, input_cost_per_token=0.001, output_cost_per_token=0.001)
+    priced_sub = backend_kwargs(
+        lm, SUB_MODEL, input_cost_per_token=0.001, output_cost_per_token=0.001
+    )
     rlm = make_rlm(
-        root=[repl("x = llm_query('hello')"), "FINAL_VAR(x)"], sub=["hi"],
-        other_backend_kwargs=[priced_sub], max_cost=1.0,
-    )  # fmt: skip
+        root=[repl("x = llm_query('hello')"), "FINAL_VAR(x)"],
+        sub=["hi"],
+        other_backend_kwargs=[priced_sub],
+        max_cost=1.0,
+    )
     result = rlm.completion("ctx")
     assert result.response == "hi"
     assert 0 < result.usage_summary.total_cost < 1.0
@@ -80,7 +96,9 @@ def test_max_cost_not_reached_completes(make_rlm: MakeRLM, lm: ScriptedLMServer)
 
 
 @pytest.mark.parametrize("option", ["timeout_seconds", "iteration_timeout_seconds"])
-def test_timeout_stops_a_sleeping_block(make_rlm: MakeRLM, lm: ScriptedLMServer, option: str) -> None:
+def test_timeout_stops_a_sleeping_block(
+    make_rlm: MakeRLM, lm: ScriptedLMServer, option: str
+) -> None:
     sleeper = repl("import time\ntime.sleep(30)")
     rlm = make_rlm(root=[sleeper, "FINAL(never)"], **{option: 1.0})
     started = time.monotonic()
@@ -104,25 +122,50 @@ def test_iteration_timeout_applies_per_turn(make_rlm: MakeRLM, lm: ScriptedLMSer
     assert rlm.completion("ctx").response == "rested"
 
 
+def test_persistent_session_survives_a_timed_out_completion(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    root = [
+        repl("kept = 'still here'"),
+        "FINAL(one)",
+        repl("import time\ntime.sleep(30)"),
+        repl("print(kept)"),
+        "FINAL_VAR(kept)",
+    ]
+    with make_rlm(root=root, persistent=True, iteration_timeout_seconds=1.0) as rlm:
+        assert rlm.completion("first").response == "one"
+        with pytest.raises(CompletionTimeoutError):
+            rlm.completion("second")
+        assert rlm.completion("third").response == "still here"
+
+
 # --- usage --------------------------------------------------------------------------------------
 
 
 def expected_tokens(requests: list[RecordedRequest]) -> tuple[int, int]:
     """Input/output tokens the scripted server reports: ceil(chars / 4), at least 1."""
-    inputs = sum(max(1, math.ceil(sum(len(str(m["content"])) for m in r.messages) / 4)) for r in requests)
+    inputs = sum(
+        max(1, math.ceil(sum(len(str(m["content"])) for m in r.messages) / 4)) for r in requests
+    )
     outputs = sum(max(1, math.ceil(len(r.reply or "") / 4)) for r in requests)
     return inputs, outputs
 
 
 def test_usage_summary_counts_root_and_sub_calls(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    root = [repl("a = llm_query('first')\nb = llm_query_batched(['second', 'third'])"), "FINAL(done)"]
+    root = [
+        repl("a = llm_query('first')\nb = llm_query_batched(['second', 'third'])"),
+        "FINAL(done)",
+    ]
     result = make_rlm(root=root, sub=["one", "two", "three"]).completion("ctx")
     usage = result.usage_summary.model_usage_summaries
     assert set(usage) == {ROOT_MODEL, SUB_MODEL}
     for model, calls in [(ROOT_MODEL, 2), (SUB_MODEL, 3)]:
         requests = lm.requests_for(model)
         assert usage[model].total_calls == len(requests) == calls
-        assert (usage[model].total_input_tokens, usage[model].total_output_tokens) == expected_tokens(requests)
+        assert (
+            usage[model].total_input_tokens,
+            usage[model].total_output_tokens,
+        ) == expected_tokens(requests)
     assert result.usage_summary.total_calls == 5
 
 
@@ -134,7 +177,9 @@ def test_jsonl_log_has_metadata_then_one_line_per_iteration(
 ) -> None:
     logger = RLMLogger(tmp_path)
     root = [repl("x = llm_query('q')\nprint(x)"), "FINAL_VAR(x)"]
-    result = make_rlm(root=root, sub=["logged answer"], logger=logger).completion("ctx", root_prompt="Q")
+    result = make_rlm(root=root, sub=["logged answer"], logger=logger).completion(
+        "ctx", root_prompt="Q"
+    )
     assert result.response == "logged answer"
     text = Path(logger.log_file_path).read_text(encoding="utf-8")
     assert API_KEY not in text
@@ -161,19 +206,41 @@ def test_jsonl_log_has_metadata_then_one_line_per_iteration(
 
 def test_root_lm_failing_for_good_raises_lm_error(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     lm.add_rule(Rule("server down", model=ROOT_MODEL, status=500))
-    rlm = make_rlm(backend_kwargs=backend_kwargs(lm, ROOT_MODEL, max_retries=2, retry_initial_delay=0.001))
+    rlm = make_rlm(backend_kwargs=backend_kwargs(lm, ROOT_MODEL, max_retries=0))
     with pytest.raises(LMError) as caught:
         rlm.completion("ctx")
     assert caught.value.model == ROOT_MODEL
     assert caught.value.status_code == 500
-    assert len(lm.requests_for(ROOT_MODEL)) == 3  # the first attempt and two retries
+    assert "server down" in str(caught.value)
+    assert all(r.status == 500 for r in lm.requests_for(ROOT_MODEL))
 
 
-def test_root_lm_rate_limit_is_retried_transparently(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    root = [Rule("slow down", status=429), Rule("busy", status=503), "FINAL(after retries)"]
-    lm.set_sequence(ROOT_MODEL, root)
-    assert make_rlm().completion("ctx").response == "after retries"
-    assert [r.status for r in lm.requests_for(ROOT_MODEL)] == [429, 503, 200]
+@pytest.mark.xfail(
+    reason="BUG: litellm's OpenAI client retries each attempt twice more on its own, so "
+    "max_retries=N makes 3*(N+1) requests with the SDK's 0.5-8 s backoff instead of "
+    "retry_initial_delay (router.LMRouter.complete)",
+    strict=True,
+)
+def test_root_lm_retries_are_exactly_max_retries_and_fast(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    lm.add_rule(Rule("server down", model=ROOT_MODEL, status=500))
+    rlm = make_rlm(
+        backend_kwargs=backend_kwargs(lm, ROOT_MODEL, max_retries=1, retry_initial_delay=0.001)
+    )
+    started = time.monotonic()
+    with pytest.raises(LMError):
+        rlm.completion("ctx")
+    assert len(lm.requests_for(ROOT_MODEL)) == 2  # the first attempt and one retry
+    assert time.monotonic() - started < 1.0
+
+
+def test_root_lm_rate_limit_is_retried_transparently(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    lm.set_sequence(ROOT_MODEL, [Rule("slow down", status=429), "FINAL(after a retry)"])
+    assert make_rlm().completion("ctx").response == "after a retry"
+    assert [r.status for r in lm.requests_for(ROOT_MODEL)] == [429, 200]
 
 
 def test_bad_request_is_not_retried(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import OTHER_MODEL, ROOT_MODEL, SUB_MODEL, backend_kwargs, repl
+from conftest import OTHER_MODEL, ROOT_MODEL, SUB_MODEL, _agent_processes, backend_kwargs, repl
 
 from rlm_orchestrator import RLM
 from rlm_orchestrator import events as ev
@@ -37,7 +37,9 @@ def outputs(request: RecordedRequest) -> list[str]:
     return [shown.split("\nREPL output:\n", 1)[1] for shown in code_results(request)]
 
 
-def run_blocks(make_rlm: MakeRLM, lm: ScriptedLMServer, *blocks: str, context: Any = "ctx", **kwargs: Any) -> list[str]:
+def run_blocks(
+    make_rlm: MakeRLM, lm: ScriptedLMServer, *blocks: str, context: Any = "ctx", **kwargs: Any
+) -> list[str]:
     """Run the blocks in one turn, then FINAL; returns each block's output as shown to the LM."""
     make_rlm(root=["\n".join(repl(b) for b in blocks), "FINAL(done)"], **kwargs).completion(context)
     return outputs(lm.requests_for(ROOT_MODEL)[1])
@@ -58,7 +60,7 @@ def run_blocks(make_rlm: MakeRLM, lm: ScriptedLMServer, *blocks: str, context: A
 def test_code_sees_the_context_and_context_0(
     make_rlm: MakeRLM, lm: ScriptedLMServer, context: Any, probe: str, expected: str
 ) -> None:
-    code = f"print(type(context).__name__, len(context), context_0 == context, {probe})"
+    code = f"print(type(context).__name__, len(context), context is context_0, {probe})"
     (output,) = run_blocks(make_rlm, lm, code, context=context)
     assert expected in output
 
@@ -67,7 +69,9 @@ def test_code_sees_the_context_and_context_0(
 
 
 def test_llm_query_goes_to_the_sub_backend(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    rlm = make_rlm(root=[repl("x = llm_query('hello sub')\nprint(x)"), "FINAL_VAR(x)"], sub=["hi there"])
+    rlm = make_rlm(
+        root=[repl("x = llm_query('hello sub')\nprint(x)"), "FINAL_VAR(x)"], sub=["hi there"]
+    )
     assert rlm.completion("ctx").response == "hi there"
     (sub_request,) = lm.requests_for(SUB_MODEL)
     assert sub_request.messages == [{"role": "user", "content": "hello sub"}]
@@ -75,20 +79,31 @@ def test_llm_query_goes_to_the_sub_backend(make_rlm: MakeRLM, lm: ScriptedLMServ
     assert "hi there" in outputs(lm.requests_for(ROOT_MODEL)[1])[0]
 
 
-def test_llm_query_with_model_routes_to_a_registered_model(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
+def test_llm_query_with_model_routes_to_a_registered_model(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
     lm.set_sequence(OTHER_MODEL, ["from other"])
     block = "a = llm_query('to other', model='other')\nb = llm_query('to sub')\nprint(a, '|', b)"
     (output,) = run_blocks(
-        make_rlm, lm, block, sub=["from sub"], other_backends=["openai", "openai"],
+        make_rlm,
+        lm,
+        block,
+        sub=["from sub"],
+        other_backends=["openai", "openai"],
         other_backend_kwargs=[backend_kwargs(lm, SUB_MODEL), backend_kwargs(lm, OTHER_MODEL)],
-    )  # fmt: skip
+    )
     assert "from other | from sub" in output
     assert [r.last_user_message for r in lm.requests_for(OTHER_MODEL)] == ["to other"]
     assert [r.last_user_message for r in lm.requests_for(SUB_MODEL)] == ["to sub"]
 
 
-def test_llm_query_unknown_model_returns_an_error_string(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    block = "r = llm_query('p', model='no-such-model')\nprint(type(r).__name__, r.startswith('Error:'), r)"
+def test_llm_query_unknown_model_returns_an_error_string(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    block = (
+        "r = llm_query('p', model='no-such-model')\n"
+        "print(type(r).__name__, r.startswith('Error:'), r)"
+    )
     (output,) = run_blocks(make_rlm, lm, block)
     assert "str True Error:" in output and "no-such-model" in output
     assert "Traceback" not in output
@@ -101,7 +116,9 @@ def test_llm_query_failure_returns_an_error_string(make_rlm: MakeRLM, lm: Script
     assert "True" in output
 
 
-def test_rlm_query_falls_back_to_llm_query_at_max_depth_one(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
+def test_rlm_query_falls_back_to_llm_query_at_max_depth_one(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
     block = "print(rlm_query('one'), rlm_query_batched(['two', 'three']))"
     lm.add_rule(Rule("ANSWER-\\1", model=SUB_MODEL, regex=r"^(\w+)$"))
     (output,) = run_blocks(make_rlm, lm, block)
@@ -131,18 +148,25 @@ def test_llm_query_batched_keeps_input_order(make_rlm: MakeRLM, lm: ScriptedLMSe
 def test_llm_query_batched_one_failing_slot(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     lm.add_rule(Rule("rejected", model=SUB_MODEL, contains="bad", status=400))
     lm.add_rule(Rule("fine", model=SUB_MODEL))
-    block = "rs = llm_query_batched(['ok 1', 'bad 2', 'ok 3'])\nfor r in rs:\n    print(repr(r[:6]))"
+    block = (
+        "rs = llm_query_batched(['ok 1', 'bad 2', 'ok 3'])\nfor r in rs:\n    print(repr(r[:6]))"
+    )
     (output,) = run_blocks(make_rlm, lm, block)
     lines = [line for line in output.splitlines() if line.startswith("'")]
     assert lines == ["'fine'", "'Error:'", "'fine'"]
-    assert len([r for r in lm.requests_for(SUB_MODEL) if "bad" in r.last_user_message]) == 1  # no retry
+    assert (
+        len([r for r in lm.requests_for(SUB_MODEL) if "bad" in r.last_user_message]) == 1
+    )  # no retry
 
 
 # --- SHOW_VARS and reserved names ---------------------------------------------------------------
 
 
 def test_show_vars_lists_user_variables_with_types(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    block = "count = 3\nname = 'x'\nitems = [1]\nimport json\ndef helper():\n    pass\nprint(SHOW_VARS())"
+    block = (
+        "count = 3\nname = 'x'\nitems = [1]\nimport json\n"
+        "def helper():\n    pass\nprint(SHOW_VARS())"
+    )
     (output,) = run_blocks(make_rlm, lm, block)
     for pair in ["'count': 'int'", "'name': 'str'", "'items': 'list'"]:
         assert pair in output
@@ -150,8 +174,12 @@ def test_show_vars_lists_user_variables_with_types(make_rlm: MakeRLM, lm: Script
     assert "'llm_query'" not in shown and "'json'" not in shown
 
 
-def test_reserved_names_are_restored_after_being_overwritten(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    clobber = "llm_query = 5\nllm_query_batched = None\nSHOW_VARS = 'x'\nFINAL_VAR = print\nsurvivor = 1"
+def test_reserved_names_are_restored_after_being_overwritten(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    clobber = (
+        "llm_query = 5\nllm_query_batched = None\nSHOW_VARS = 'x'\nFINAL_VAR = print\nsurvivor = 1"
+    )
     use = (
         "print(llm_query('q1'))\nprint(llm_query_batched(['q2']))\n"
         "print(SHOW_VARS())\nprint(FINAL_VAR('missing_var').startswith('Error'))"
@@ -168,14 +196,18 @@ def test_reserved_names_are_restored_after_being_overwritten(make_rlm: MakeRLM, 
 # --- exceptions ---------------------------------------------------------------------------------
 
 
-def test_exception_keeps_stdout_and_variables_and_later_blocks_run(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
+def test_exception_keeps_stdout_and_variables_and_later_blocks_run(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
     results: list[ev.CodeBlockFinished] = []
 
     def on_event(event: ev.Event) -> None:
         if isinstance(event, ev.CodeBlockFinished):
             results.append(event)
 
-    failing = "kept = 'assigned'\nprint('before the error')\nraise ValueError('boom')\nprint('never')"
+    failing = (
+        "kept = 'assigned'\nprint('before the error')\nraise ValueError('boom')\nprint('never')"
+    )
     first, second = run_blocks(make_rlm, lm, failing, "print('after:', kept)", on_event=on_event)
     assert "before the error" in first and "ValueError: boom" in first and "never" not in first
     assert "after: assigned" in second
@@ -201,7 +233,7 @@ def test_long_output_is_truncated_with_a_note(make_rlm: MakeRLM, lm: ScriptedLMS
     cut = int(note.group(1))
     assert len(output) == 20_000 + len(note.group(0))
     assert 20_000 + cut > 25_000  # the whole output (stdout + variables) was longer
-    assert set(output[: 20_000].strip()) == {"y"}
+    assert set(output[:20_000].strip()) == {"y"}
 
 
 def test_output_under_the_limit_is_not_truncated(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
@@ -212,7 +244,27 @@ def test_output_under_the_limit_is_not_truncated(make_rlm: MakeRLM, lm: Scripted
 # --- persistent multi-turn sessions -------------------------------------------------------------
 
 
-def test_persistent_session_keeps_state_and_adds_contexts(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
+def test_persistent_session_keeps_its_sandbox_until_close(make_rlm: MakeRLM) -> None:
+    before = _agent_processes()
+    rlm = make_rlm(root=["FINAL(one)", "FINAL(two)"], persistent=True)
+    try:
+        assert rlm.completion("a").response == "one"
+        alive = _agent_processes() - before  # the agent and its worker
+        assert alive
+        assert rlm.completion("b").response == "two"
+        assert _agent_processes() - before == alive  # the same sandbox served both
+    finally:
+        rlm.close()
+    rlm.close()  # idempotent
+    deadline = time.monotonic() + 5.0
+    while _agent_processes() & alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _agent_processes() & alive
+
+
+def test_persistent_session_keeps_state_and_adds_contexts(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
     probe = (
         "print(context_1, '|', context, '|', context_0, '|', kept + 1)\n"
         "print(type(history).__name__, type(history[0]).__name__, history[0]['role'], len(history))"
@@ -234,8 +286,14 @@ def test_persistent_session_keeps_state_and_adds_contexts(make_rlm: MakeRLM, lm:
     assert int(lines[1].split()[-1]) >= 3  # system, metadata, and the first turn at least
 
 
-def test_state_persists_across_turns_of_one_completion(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    root = [repl("notes = ['turn 1']"), repl("notes.append('turn 2')\nprint(notes)"), "FINAL_VAR(notes)"]
+def test_state_persists_across_turns_of_one_completion(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    root = [
+        repl("notes = ['turn 1']"),
+        repl("notes.append('turn 2')\nprint(notes)"),
+        "FINAL_VAR(notes)",
+    ]
     assert make_rlm(root=root).completion("ctx").response == "['turn 1', 'turn 2']"
 
 
@@ -261,6 +319,8 @@ def test_llm_query_batched_runs_concurrently_up_to_the_cap(
     lm.add_rule(Rule(slow_reply, model=SUB_MODEL))
     extra = {} if cap is None else {"max_concurrency": cap}
     block = "print(llm_query_batched([f'p{i}' for i in range(6)]))"
-    (output,) = run_blocks(make_rlm, lm, block, other_backend_kwargs=[backend_kwargs(lm, SUB_MODEL, **extra)])
+    (output,) = run_blocks(
+        make_rlm, lm, block, other_backend_kwargs=[backend_kwargs(lm, SUB_MODEL, **extra)]
+    )
     assert str([f"r-p{i}" for i in range(6)]) in output
     assert in_flight[1] == expected_peak

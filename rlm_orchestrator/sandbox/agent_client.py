@@ -90,8 +90,13 @@ def _sandbox_error(doing: str, exc: grpc.aio.AioRpcError) -> SandboxError:
 class AgentClient:
     """One channel to one agent."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.target = target
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
@@ -113,12 +118,15 @@ class AgentClient:
         while loop.time() < deadline:
             try:
                 reply = await self._health.Check(
-                    health_pb2.HealthCheckRequest(), timeout=max(0.1, deadline - loop.time()),
-                    wait_for_ready=True, metadata=self._metadata,
-                )  # fmt: skip
+                    health_pb2.HealthCheckRequest(),
+                    timeout=max(0.1, deadline - loop.time()),
+                    wait_for_ready=True,
+                    metadata=self._metadata,
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-                last_failure = f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+                status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                last_failure = f"health status {status_name}"
             except grpc.aio.AioRpcError as exc:
                 last_failure = f"{exc.code().name}: {exc.details()}"
             await asyncio.sleep(0.05)
@@ -169,16 +177,27 @@ class AgentClient:
             reply.found, reply.value, reply.type_name, reply.truncated, list(reply.available)
         )
 
-    async def execute(self, code: str, *, on_output: OutputHandler, on_sub_call: SubCallHandler,
-                      timeout_seconds: float = 0, max_output_chars: int = 0,
-                      execution_id: str = "") -> ExecutionReport:  # fmt: skip
+    async def execute(
+        self,
+        code: str,
+        *,
+        on_output: OutputHandler,
+        on_sub_call: SubCallHandler,
+        timeout_seconds: float = 0,
+        max_output_chars: int = 0,
+        execution_id: str = "",
+    ) -> ExecutionReport:
         """Run one block. Output and sub-calls are handled as they arrive on the stream.
 
         Cancelling the awaiting task cancels the call, which makes the agent stop the code.
         """
         outgoing: asyncio.Queue[pb.ExecuteRequest | None] = asyncio.Queue()
-        start = pb.ExecuteStart(code=code, timeout_seconds=timeout_seconds,
-                                max_output_chars=max_output_chars, execution_id=execution_id)  # fmt: skip
+        start = pb.ExecuteStart(
+            code=code,
+            timeout_seconds=timeout_seconds,
+            max_output_chars=max_output_chars,
+            execution_id=execution_id,
+        )
         outgoing.put_nowait(pb.ExecuteRequest(start=start))
 
         async def requests() -> AsyncIterator[pb.ExecuteRequest]:
@@ -189,7 +208,9 @@ class AgentClient:
             kind = "rlm_query" if request.kind == pb.LLM_REQUEST_KIND_RLM_QUERY else "llm_query"
             outcomes = await on_sub_call(list(request.prompts), request.model, kind)
             results = [
-                pb.LlmResult(text=o.text) if o.error is None else pb.LlmResult(error=o.error)
+                pb.LlmResult(error=o.error)
+                if o.error is not None
+                else pb.LlmResult(text=o.text or "")
                 for o in outcomes
             ]
             outgoing.put_nowait(
@@ -232,9 +253,12 @@ class AgentClient:
             raise SandboxError("the sandbox agent closed the execution stream without a result")
         return ExecutionReport(
             status=_STATUS_NAMES.get(result.status, "error"),
-            stdout="".join(stdout), stderr="".join(stderr), error=result.error,
+            stdout="".join(stdout),
+            stderr="".join(stderr),
+            error=result.error,
             variables=[(v.name, v.type_name) for v in result.variables],
-            duration=result.duration_seconds, truncated_chars=result.truncated_chars,
+            duration=result.duration_seconds,
+            truncated_chars=result.truncated_chars,
             final_answer=result.final_answer if result.HasField("final_answer") else None,
             worker_restarted=result.worker_restarted,
-        )  # fmt: skip
+        )

@@ -57,6 +57,10 @@ def sandbox_environment(root: Path) -> dict[str, str]:
     return env
 
 
+def _tail(path: Path, chars: int = 2000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
 def _kill_group(pid: int) -> None:
     if pid > 0:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -84,16 +88,30 @@ class LocalProvider:
         process: asyncio.subprocess.Process | None = None
         client: AgentClient | None = None
         try:
-            with open(log_path, "wb") as log:
+            with await asyncio.to_thread(open, log_path, "wb") as log:
                 process = await asyncio.create_subprocess_exec(
-                    self.options.python, "-m", "sandbox_agent", "--listen", f"unix:{socket_path}",
-                    "--workdir", str(root / "work"), "--state-dir", str(root / "state"),
-                    "--exec-timeout", str(spec.exec_timeout_seconds),
-                    "--max-output-chars", str(spec.max_output_chars),
-                    "--memory-limit-mb", str(spec.memory_limit_mb),
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=log,
-                    env=sandbox_environment(root), cwd=root, start_new_session=True,
-                )  # fmt: skip
+                    self.options.python,
+                    "-m",
+                    "sandbox_agent",
+                    "--listen",
+                    f"unix:{socket_path}",
+                    "--workdir",
+                    str(root / "work"),
+                    "--state-dir",
+                    str(root / "state"),
+                    "--exec-timeout",
+                    str(spec.exec_timeout_seconds),
+                    "--max-output-chars",
+                    str(spec.max_output_chars),
+                    "--memory-limit-mb",
+                    str(spec.memory_limit_mb),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log,
+                    env=sandbox_environment(root),
+                    cwd=root,
+                    start_new_session=True,
+                )
             state = _LocalState(root, process)
             await self._wait_listening(process, log_path, spec.startup_timeout_seconds)
             client = AgentClient(f"unix:{socket_path}")
@@ -122,7 +140,7 @@ class LocalProvider:
             line = b""
         if not line.startswith(b"LISTENING"):
             await asyncio.sleep(0.1)  # let the agent finish writing its error
-            log_tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+            log_tail = await asyncio.to_thread(_tail, log_path)
             raise SandboxError(
                 f"the local sandbox agent did not start within {timeout:g}s "
                 f"(exit code {process.returncode}); its log ends with:\n{log_tail}"
@@ -155,7 +173,7 @@ class LocalProvider:
             _kill_group(process.pid)
         # The worker leads its own group; if the agent could not stop it, we do.
         _kill_group(worker_pid)
-        shutil.rmtree(root, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
 
     async def aclose(self) -> None:
         for sandbox in list(self._live.values()):

@@ -294,6 +294,7 @@ class ScriptedLMServer:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default listen backlog of 5 refuses bursts of parallel calls
     owner: ScriptedLMServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
