@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ from rlm_orchestrator.types import (
     UsageSummary,
 )
 
-# Types not listed as "REPL variables" to the model: code, not data.
+# Not listed as "REPL variables" to the model: what we loaded (it knows), and code.
+_LOADED_NAME = re.compile(r"^(context|history)(_\d+)?$")
 _CODE_TYPES = {"function", "type", "builtin_function_or_method", "method", "ABCMeta"}
 DEFERRED_FINAL_NOTE = (
     "Note: your response both ran code and gave a final answer. The answer was not accepted "
@@ -187,7 +189,14 @@ class CompletionLoop:
 
     def _shown(self, result: REPLResult) -> str:
         output = format_execution_output(result.stdout, result.stderr, result.variables)
-        return truncate_output(output, self.settings.max_block_chars)
+        shown = truncate_output(output, self.settings.max_block_chars)
+        if result.truncated_chars:
+            # The cut in the sandbox may sit past what the model sees: say it happened.
+            shown += (
+                f"\n[the sandbox also dropped {result.truncated_chars} characters from the "
+                "middle of this block's output]"
+            )
+        return shown
 
     def _check_budget(self) -> None:
         reason = self.tracker.over_budget()
@@ -203,7 +212,7 @@ class CompletionLoop:
 
     async def _root_call(self, prompt: list[dict[str, Any]], iteration: int) -> str:
         self.emit(ev.TurnStarted(self.settings.depth, iteration))
-        answer = await self.router.complete(prompt, depth=self.settings.depth, tracker=self.tracker)
+        answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
         self.emit(ev.RootResponse(self.settings.depth, iteration, answer.text, answer.duration))
         self.emit(ev.UsageUpdated(self.settings.depth, self.tracker.summary()))
         self.partial_answer = answer.text
@@ -275,7 +284,9 @@ class CompletionLoop:
             stdout=report.stdout,
             stderr=report.stderr,
             variables=[
-                name for name, type_name in report.variables if type_name not in _CODE_TYPES
+                name
+                for name, type_name in report.variables
+                if type_name not in _CODE_TYPES and not _LOADED_NAME.match(name)
             ],
             execution_time=report.duration,
             status=report.status,
@@ -321,7 +332,7 @@ class CompletionLoop:
     async def _out_of_turns(self) -> str:
         """No final answer in max_iterations turns: one more call asks for one."""
         prompt = [*self.messages, {"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
-        answer = await self.router.complete(prompt, depth=self.settings.depth, tracker=self.tracker)
+        answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
         text = answer.text
         final = find_final_answer(text)
         if final is not None and final.kind == "final":

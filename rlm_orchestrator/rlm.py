@@ -163,6 +163,7 @@ class RLM:
     async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         router = LMRouter(self.root_config, self.other_configs)
         tracker = UsageTracker(self.max_cost)
+        await router.prepare()
         if self.depth >= self.max_depth:
             return await self._plain_lm(router, tracker, prompt)
         session = await self._acquire_session()
@@ -190,7 +191,8 @@ class RLM:
     ) -> RLMChatCompletion:
         """At depth >= max_depth an RLM is a plain LM call (same result type)."""
         started = time.perf_counter()
-        answer = await router.complete(prompt, depth=self.depth, tracker=tracker)
+        # The RLM's own backend answers, whatever its depth (as in the original).
+        answer = await router.complete(prompt, model=self.root_config.model_name, tracker=tracker)
         self._on_event(ev.FinalAnswer(self.depth, answer.text, "plain_lm", 0))
         return RLMChatCompletion(
             self.root_config.model_name,

@@ -189,6 +189,11 @@ class LMRouter:
             self.models.setdefault(other.model_name, other)
         self._semaphores: dict[str, asyncio.Semaphore] = {}
 
+    @staticmethod
+    async def prepare() -> None:
+        """Import litellm off the event loop (seconds, once), before any deadline runs."""
+        await asyncio.to_thread(_litellm)
+
     def resolve(self, model: str | None, depth: int) -> LMClientConfig:
         if model:
             if model not in self.models:
@@ -218,7 +223,9 @@ class LMRouter:
         messages = as_messages(prompt)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.max_retries + 1),
-            wait=wait_exponential_jitter(initial=config.retry_initial_delay, max=10.0),
+            wait=wait_exponential_jitter(
+                initial=config.retry_initial_delay, max=10.0, jitter=config.retry_initial_delay
+            ),
             retry=retry_if_exception(_is_retryable),
             reraise=True,
         )

@@ -263,7 +263,7 @@ async def test_bad_requests_get_clear_status_codes(sandbox: Sandbox) -> None:
 
 
 async def test_second_concurrent_execution_is_refused(sandbox: Sandbox) -> None:
-    first = asyncio.create_task(run(sandbox, "import time; time.sleep(2)"))
+    first = asyncio.create_task(run(sandbox, "import time; time.sleep(2)", timeout_seconds=30))
     await asyncio.sleep(0.2)
     with pytest.raises(SandboxError, match="FAILED_PRECONDITION"):
         await run(sandbox, "x = 1")

@@ -98,7 +98,7 @@ def test_regex_matches_the_last_user_message_and_expands_the_reply(
     server: ScriptedLMServer,
 ) -> None:
     server.add_rule(Rule(r"n=\g<n>, tail=\2", regex=r"(?P<n>\d+)(.*)$"))
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "ignored 99"},
         {"role": "assistant", "content": "77"},
         {"role": "user", "content": [{"type": "text", "text": "take 42\nand more"}]},

@@ -261,11 +261,6 @@ def test_code_result_message_format(make_rlm: MakeRLM, lm: ScriptedLMServer) -> 
     assert "llm_query" not in output and "SHOW_VARS" not in output
 
 
-@pytest.mark.xfail(
-    reason="BUG: a block that prints nothing never shows 'No output': the context variables "
-    "always fill the REPL variables line (parsing.format_execution_output)",
-    strict=True,
-)
 def test_block_printing_nothing_shows_no_output(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     make_rlm(root=[repl("pass"), "FINAL(x)"]).completion("ctx")
     (shown,) = code_results(lm.requests_for(ROOT_MODEL)[1])
@@ -328,11 +323,6 @@ def test_depth_at_max_depth_is_a_plain_lm_call(
     assert result.usage_summary.model_usage_summaries[ROOT_MODEL].total_calls == 1
 
 
-@pytest.mark.xfail(
-    reason="BUG: at depth >= 1 the plain call is routed by depth to other_backends[0] ('sub') "
-    "while the result reports root_model='root' (rlm.RLM._plain_lm / router.LMRouter.resolve)",
-    strict=True,
-)
 def test_plain_lm_call_uses_the_rlm_own_backend(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     lm.set_sequence(SUB_MODEL, ["from sub"])
     result = make_rlm(root=["from root"], depth=1, max_depth=1).completion("hi")
