@@ -56,6 +56,8 @@ def test_printing_200_mb_is_capped_and_memory_stays_bounded(
         if isinstance(event, ev.OutputChunk):
             received += len(event.text)
 
+    import litellm  # noqa: F401  # its ~200 MB must not count as growth
+
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rlm = make_rlm(
         root=[repl("for _ in range(200):\n    print('x' * 1_000_000)\nprint('END')"), "FINAL(ok)"],
@@ -100,3 +102,37 @@ def test_fork_bomb_is_stopped_by_the_timeout(
     )
     assert rlm.completion("ctx").response == "ok"
     assert "process group was killed" in root_messages(lm, 1)
+
+
+def test_memory_limit_turns_a_huge_allocation_into_an_error(
+    make_rlm: Callable[..., RLM], lm: ScriptedLMServer
+) -> None:
+    rlm = make_rlm(
+        root=[repl("kept = 1\nblob = bytearray(10 * 1024**3)"), repl("print(kept)"), "FINAL(ok)"],
+        environment_kwargs={"memory_limit_mb": 512},
+    )
+    assert rlm.completion("ctx").response == "ok"
+    assert "MemoryError" in root_messages(lm, 1)
+    assert "1" in root_messages(lm, 2)  # the worker survived the refused allocation
+
+
+def test_the_leak_check_sees_a_stray_agent() -> None:
+    # The autouse leak check is only worth something if it notices a sandbox left running.
+    import asyncio
+
+    from conftest import _agent_processes, _sandbox_dirs
+
+    from rlm_orchestrator.sandbox import SandboxSpec
+    from rlm_orchestrator.sandbox.local import LocalProvider
+
+    async def check() -> None:
+        provider = LocalProvider()
+        before_processes, before_dirs = _agent_processes(), _sandbox_dirs()
+        sandbox = await provider.acquire(SandboxSpec(session_id="stray"))
+        try:
+            assert len(_agent_processes() - before_processes) == 2  # the agent and its worker
+            assert len(_sandbox_dirs() - before_dirs) == 1
+        finally:
+            await provider.release(sandbox)
+
+    asyncio.run(check())
