@@ -10,11 +10,17 @@ import asyncio
 import itertools
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.exceptions import CompletionTimeoutError, CostLimitExceededError, LMError
+from rlm_orchestrator.exceptions import (
+    CompletionTimeoutError,
+    CostLimitExceededError,
+    LMError,
+    RLMError,
+)
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.parsing import (
     find_code_blocks,
@@ -47,6 +53,10 @@ DEFERRED_FINAL_NOTE = (
     "because you had not seen the code's output yet. Check the output above, then answer with "
     "FINAL(...) or FINAL_VAR(...) in a response without code."
 )
+
+
+# (prompt, seconds left or None) -> the child RLM's result.
+ChildSpawner = Callable[[str, float | None], Awaitable[RLMChatCompletion]]
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,10 @@ class CompletionLoop:
         root_model: str,
         emit: ev.EventHandler = ev.ignore_event,
         logger: RLMLogger | None = None,
+        spawn_child: ChildSpawner | None = None,
     ) -> None:
         self.settings = settings
+        self.spawn_child = spawn_child
         self.router = router
         self.tracker = tracker
         self.session = session
@@ -120,9 +132,18 @@ class CompletionLoop:
         self.iterations = 0
         self._call_ids = itertools.count(1)
         self._sub_call_slots = asyncio.Semaphore(settings.max_concurrent_sub_calls)
+        self._deadline: float | None = None
+
+    def remaining_seconds(self) -> float | None:
+        """Time left before this completion's timeout (None: no timeout)."""
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
 
     async def run(self, context: Any, root_prompt: str | None) -> RLMChatCompletion:
         started = time.perf_counter()
+        if self.settings.timeout_seconds is not None:
+            self._deadline = asyncio.get_running_loop().time() + self.settings.timeout_seconds
         try:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 answer = await self._run(context, root_prompt)
@@ -309,6 +330,8 @@ class CompletionLoop:
             call_id = next(self._call_ids)
             depth = self.settings.depth
             self.emit(ev.SubCallStarted(depth, call_id, kind, model, len(prompt)))
+            if kind == "rlm_query" and self.spawn_child is not None:
+                return await self._child_call(call_id, prompt, calls)
             try:
                 answer = await self.router.complete(
                     prompt, model=model or None, depth=depth + 1, tracker=self.tracker
@@ -328,6 +351,25 @@ class CompletionLoop:
             self.emit(ev.SubCallFinished(depth, call_id, True, len(answer.text), answer.duration))
             self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
             return SubCallOutcome(text=answer.text)
+
+    async def _child_call(
+        self, call_id: int, prompt: str, calls: list[RLMChatCompletion]
+    ) -> SubCallOutcome:
+        """rlm_query: a child RLM with its own sandbox and loop answers."""
+        assert self.spawn_child is not None
+        depth = self.settings.depth
+        try:
+            child = await self.spawn_child(prompt, self.remaining_seconds())
+        except RLMError as exc:
+            error = f"child RLM failed: {type(exc).__name__}: {exc}"
+            self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, error))
+            return SubCallOutcome(error=error)
+        calls.append(child)
+        self.emit(
+            ev.SubCallFinished(depth, call_id, True, len(child.response), child.execution_time)
+        )
+        self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
+        return SubCallOutcome(text=child.response)
 
     async def _out_of_turns(self) -> str:
         """No final answer in max_iterations turns: one more call asks for one."""

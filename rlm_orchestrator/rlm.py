@@ -8,16 +8,15 @@ where one sandbox lives until `close()` and every completion adds `context_N` to
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from typing import Any
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
-from rlm_orchestrator.loop import CompletionLoop, LoopSettings, SessionState
+from rlm_orchestrator.loop import LoopSettings, SessionState
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
 from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
+from rlm_orchestrator.runner import CompletionRunner, LazyProvider
 from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec, create_provider
 from rlm_orchestrator.types import RLMChatCompletion, RLMMetadata
 
@@ -162,75 +161,34 @@ class RLM:
 
     async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         router = LMRouter(self.root_config, self.other_configs)
-        tracker = UsageTracker(self.max_cost)
         await router.prepare()
-        if self.depth >= self.max_depth:
-            return await self._plain_lm(router, tracker, prompt)
-        session = await self._acquire_session()
-        try:
-            await session.add_context(prompt)
-            loop = CompletionLoop(
-                self._settings(),
-                router,
-                tracker,
-                session,
-                root_model=self.root_config.model_name,
-                emit=self._on_event,
-                logger=self.logger,
-            )
-            result = await loop.run(prompt, root_prompt)
-            if self.persistent:
-                await session.add_history(loop.messages)
-            return result
-        finally:
-            if not self.persistent:
-                await self._release_session()
-
-    async def _plain_lm(
-        self, router: LMRouter, tracker: UsageTracker, prompt: Any
-    ) -> RLMChatCompletion:
-        """At depth >= max_depth an RLM is a plain LM call (same result type)."""
-        started = time.perf_counter()
-        # The RLM's own backend answers, whatever its depth (as in the original).
-        answer = await router.complete(prompt, model=self.root_config.model_name, tracker=tracker)
-        self._on_event(ev.FinalAnswer(self.depth, answer.text, "plain_lm", 0))
-        return RLMChatCompletion(
-            self.root_config.model_name,
-            prompt,
-            answer.text,
-            tracker.summary(),
-            time.perf_counter() - started,
+        # Created on first use: a plain LM call (depth >= max_depth) never makes one.
+        provider = self._provider or LazyProvider(
+            lambda: create_provider(self.environment, self._provider_options)
         )
+        runner = CompletionRunner(
+            router, provider, self._settings(), SandboxSpec(session_id="", **self._spec_options),
+            emit=self._on_event, logger=self.logger,
+            setup_code=self.environment_kwargs.get("setup_code"),
+        )  # fmt: skip
+        tracker = UsageTracker(self.max_cost)
+        root_model = self.root_config.model_name
+        try:
+            if self.persistent and self.depth < self.max_depth:
+                session = await self._acquire_session(runner)
+                return await runner.run(prompt, root_prompt, tracker=tracker,
+                                        root_model=root_model, session=session)  # fmt: skip
+            return await runner.run(prompt, root_prompt, tracker=tracker, root_model=root_model)
+        finally:
+            if self._provider is None:
+                await provider.aclose()
 
-    async def _acquire_session(self) -> SessionState:
+    async def _acquire_session(self, runner: CompletionRunner) -> SessionState:
         if self._session is not None:
             return self._session
-        provider = create_provider(self.environment, self._provider_options)
-        spec = SandboxSpec(session_id=uuid.uuid4().hex, **self._spec_options)
-        try:
-            sandbox = await provider.acquire(spec)
-        except BaseException:
-            await provider.aclose()
-            raise
-        self._provider, self._session = provider, SessionState(sandbox)
-        setup_code = self.environment_kwargs.get("setup_code")
-        if setup_code:
-            await self._run_setup(str(setup_code))
+        self._provider = runner.provider
+        self._session = await runner.new_session()
         return self._session
-
-    async def _run_setup(self, code: str) -> None:
-        assert self._session is not None
-        from rlm_orchestrator.sandbox import SubCallOutcome
-
-        async def no_output(stream: str, text: str) -> None:
-            return None
-
-        async def no_sub_calls(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
-            return [SubCallOutcome(error="not available in setup_code")] * len(prompts)
-
-        await self._session.sandbox.client.execute(
-            code, on_output=no_output, on_sub_call=no_sub_calls
-        )
 
     async def _release_session(self) -> None:
         provider, session = self._provider, self._session

@@ -1,0 +1,147 @@
+"""Running completions on sandboxes: the part `RLM` and the orchestrator service share.
+
+A CompletionRunner owns nothing long-lived of its own: it borrows a router (LM calls) and a
+provider (sandboxes). For each completion it takes a sandbox (or uses a session's), runs the
+loop, and gives the sandbox back, whatever happens. Child RLMs (`rlm_query` when depth
+allows) are completions of the same runner one level deeper, with the time left to their
+parent and a usage tracker that reports to the parent's, so budgets count the whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from rlm_orchestrator import events as ev
+from rlm_orchestrator.logger import RLMLogger
+from rlm_orchestrator.loop import CompletionLoop, LoopSettings, SessionState
+from rlm_orchestrator.router import LMRouter, UsageTracker
+from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
+from rlm_orchestrator.types import RLMChatCompletion
+
+
+class LazyProvider:
+    """A provider made on first use: a plain LM call never pays for a sandbox backend."""
+
+    name = "lazy"
+
+    def __init__(self, factory: Callable[[], SandboxProvider]) -> None:
+        self._factory = factory
+        self._provider: SandboxProvider | None = None
+
+    async def acquire(self, spec: SandboxSpec) -> Sandbox:
+        if self._provider is None:
+            self._provider = self._factory()
+        return await self._provider.acquire(spec)
+
+    async def release(self, sandbox: Sandbox) -> None:
+        if self._provider is not None:
+            await self._provider.release(sandbox)
+
+    async def aclose(self) -> None:
+        if self._provider is not None:
+            await self._provider.aclose()
+
+
+async def _ignore_output(stream: str, text: str) -> None:
+    return None
+
+
+async def _no_sub_calls(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+    return [SubCallOutcome(error="sub-calls are not available in setup_code")] * len(prompts)
+
+
+class CompletionRunner:
+    def __init__(
+        self,
+        router: LMRouter,
+        provider: SandboxProvider,
+        settings: LoopSettings,
+        spec: SandboxSpec,
+        *,
+        emit: ev.EventHandler = ev.ignore_event,
+        logger: RLMLogger | None = None,
+        setup_code: str | None = None,
+    ) -> None:
+        self.setup_code = setup_code
+        self.router = router
+        self.provider = provider
+        self.settings = settings
+        self.spec = spec
+        self.emit = emit
+        self.logger = logger
+
+    def model_at(self, depth: int) -> str:
+        """The model an RLM at `depth` uses as its root: depth 0 the root, deeper the sub."""
+        return self.router.resolve(None, depth).model_name
+
+    async def new_session(self) -> SessionState:
+        spec = dataclasses.replace(self.spec, session_id=uuid.uuid4().hex)
+        sandbox = await self.provider.acquire(spec)
+        if self.setup_code:
+            try:
+                await sandbox.client.execute(
+                    self.setup_code, on_output=_ignore_output, on_sub_call=_no_sub_calls
+                )
+            except BaseException:
+                await self.provider.release(sandbox)
+                raise
+        return SessionState(sandbox)
+
+    async def run(
+        self,
+        context: Any,
+        root_prompt: str | None,
+        *,
+        tracker: UsageTracker,
+        root_model: str,
+        depth: int | None = None,
+        session: SessionState | None = None,
+        timeout_seconds: float | None = None,
+    ) -> RLMChatCompletion:
+        """One completion. With `session`, its sandbox is used (and kept, with history)."""
+        depth = self.settings.depth if depth is None else depth
+        if depth >= self.settings.max_depth:
+            return await self._plain_lm(context, root_model, tracker, depth)
+        top_level = depth == self.settings.depth
+        if timeout_seconds is None and top_level:
+            timeout_seconds = self.settings.timeout_seconds
+        settings = dataclasses.replace(self.settings, depth=depth, timeout_seconds=timeout_seconds)
+        own_session = session is None
+        active = session or await self.new_session()
+        try:
+            await active.add_context(context)
+            # Children do not write into their parent's trajectory log.
+            logger = self.logger if top_level else None
+            loop = CompletionLoop(settings, self.router, tracker, active, root_model=root_model,
+                                  emit=self.emit, logger=logger)  # fmt: skip
+
+            async def spawn_child(prompt: str, seconds_left: float | None) -> RLMChatCompletion:
+                return await self.run(
+                    prompt, None, tracker=UsageTracker(parent=tracker), depth=depth + 1,
+                    root_model=self.model_at(depth + 1), timeout_seconds=seconds_left,
+                )  # fmt: skip
+
+            if depth + 1 < self.settings.max_depth:
+                loop.spawn_child = spawn_child
+            result = await loop.run(context, root_prompt)
+            if not own_session:
+                await active.add_history(loop.messages)
+            return result
+        finally:
+            if own_session:
+                await self.provider.release(active.sandbox)
+
+    async def _plain_lm(
+        self, prompt: Any, root_model: str, tracker: UsageTracker, depth: int
+    ) -> RLMChatCompletion:
+        """At depth >= max_depth an RLM is a plain LM call (same result type)."""
+        started = time.perf_counter()
+        answer = await self.router.complete(prompt, model=root_model, tracker=tracker)
+        self.emit(ev.FinalAnswer(depth, answer.text, "plain_lm", 0))
+        return RLMChatCompletion(
+            root_model, prompt, answer.text, tracker.summary(), time.perf_counter() - started
+        )
