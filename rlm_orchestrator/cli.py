@@ -141,6 +141,36 @@ def demo(
     stderr.print(f"[dim]{usage.total_calls} LM calls in {result.execution_time:.1f}s[/]")
 
 
+@app.command()
+def serve(
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT [default 127.0.0.1:50051].")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML config file (or RLM_SERVER_CONFIG).")
+    ] = None,
+) -> None:
+    """Serve the Orchestrator and LMRouter gRPC services until SIGTERM / SIGINT."""
+    import asyncio
+    import logging
+
+    from rlm_orchestrator.exceptions import ConfigurationError
+    from rlm_orchestrator.service.server import serve as run_server
+    from rlm_orchestrator.service.settings import load_server_settings
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        settings = load_server_settings(config, listen=listen)
+    except (ConfigurationError, ValueError) as exc:
+        stderr.print(f"[bold red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    try:
+        asyncio.run(run_server(settings))
+    except ConfigurationError as exc:
+        stderr.print(f"[bold red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
 def main() -> None:
     app()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rlm_orchestrator.types import REPLResult, UsageSummary
+from rlm_orchestrator.types import REPLResult, RLMChatCompletion, UsageSummary
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,33 @@ EventHandler = Callable[[Event], None]
 
 def ignore_event(event: Event) -> None:
     """The default handler."""
+
+
+# -- the ends of a completion as a client of the orchestrator service sees them -------------
+
+
+@dataclass(frozen=True)
+class CompletionStarted:
+    completion_id: str
+    session_id: str
+
+
+@dataclass(frozen=True)
+class CompletionFinished:
+    result: RLMChatCompletion
+    iterations: int
+
+
+@dataclass(frozen=True)
+class CompletionFailed:
+    kind: str  # "timeout" | "cost_limit" | "lm_error" | "sandbox_error" | "cancelled" | "internal"
+    message: str
+    partial_answer: str | None
+    usage: UsageSummary
+    iterations: int
+    limit: float = 0.0  # the timeout (s) or max_cost (USD) that was exceeded
+    elapsed_seconds: float = 0.0
+    status_code: int | None = None  # the LM provider's HTTP status, for "lm_error"
+
+
+StreamEvent = Event | CompletionStarted | CompletionFinished | CompletionFailed

@@ -4,6 +4,12 @@ RLMError
 ├── ConfigurationError          bad arguments (unknown backend, environment...)
 ├── SandboxError                a sandbox could not be started or was lost
 ├── LMError                     the root LM call failed (after retries)
+├── CompletionCancelledError    a client or server shutdown cancelled the completion
+├── ClientError                 the orchestrator server refused or failed a call
+│   ├── AuthenticationError     UNAUTHENTICATED / PERMISSION_DENIED
+│   ├── InvalidRequestError     INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
+│   ├── ResourceExhaustedError  RESOURCE_EXHAUSTED (too large, too many)
+│   └── ServerUnavailableError  UNAVAILABLE, DEADLINE_EXCEEDED
 └── LimitExceededError          a limit stopped the run; carries the partial answer
     ├── CompletionTimeoutError  timeout_seconds or iteration_timeout_seconds
     └── CostLimitExceededError  max_cost
@@ -73,3 +79,35 @@ class CostLimitExceededError(LimitExceededError):
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.current_cost = current_cost
         self.cost_limit = cost_limit
+
+
+class ClientError(RLMError):
+    """The orchestrator server refused or failed a call; `code` is the gRPC status name."""
+
+    def __init__(self, message: str, *, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
+
+
+class AuthenticationError(ClientError):
+    """Missing or wrong credentials."""
+
+
+class InvalidRequestError(ClientError):
+    """The request was malformed, or named something that does not exist."""
+
+
+class ResourceExhaustedError(ClientError):
+    """Too large (a context, a message) or too many (completions at once)."""
+
+
+class ServerUnavailableError(ClientError):
+    """The server could not be reached, is shutting down, or the deadline passed."""
+
+
+class CompletionCancelledError(RLMError):
+    """The completion was cancelled (by a client or by server shutdown)."""
+
+    def __init__(self, message: str, *, partial_answer: str | None = None):
+        super().__init__(message)
+        self.partial_answer = partial_answer

@@ -167,17 +167,22 @@ class RLM:
             lambda: create_provider(self.environment, self._provider_options)
         )
         runner = CompletionRunner(
-            router, provider, self._settings(), SandboxSpec(session_id="", **self._spec_options),
-            emit=self._on_event, logger=self.logger,
+            router,
+            provider,
+            self._settings(),
+            SandboxSpec(session_id="", **self._spec_options),
+            emit=self._on_event,
+            logger=self.logger,
             setup_code=self.environment_kwargs.get("setup_code"),
-        )  # fmt: skip
+        )
         tracker = UsageTracker(self.max_cost)
         root_model = self.root_config.model_name
         try:
             if self.persistent and self.depth < self.max_depth:
                 session = await self._acquire_session(runner)
-                return await runner.run(prompt, root_prompt, tracker=tracker,
-                                        root_model=root_model, session=session)  # fmt: skip
+                return await runner.run(
+                    prompt, root_prompt, tracker=tracker, root_model=root_model, session=session
+                )
             return await runner.run(prompt, root_prompt, tracker=tracker, root_model=root_model)
         finally:
             if self._provider is None:

@@ -7,6 +7,7 @@ litellm is imported on first use only: it costs seconds and ~200 MB, which neith
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 from collections.abc import Sequence
@@ -188,6 +189,13 @@ class LMRouter:
         for other in others:
             self.models.setdefault(other.model_name, other)
         self._semaphores: dict[str, asyncio.Semaphore] = {}
+
+    def with_roles(self, root: str | None = None, sub: str | None = None) -> LMRouter:
+        """A view that sends depth 0 / depth >= 1 elsewhere; models and caps are shared."""
+        view = copy.copy(self)
+        view.root = self.resolve(root, 0) if root else self.root
+        view.sub = self.resolve(sub, 1) if sub else self.sub
+        return view
 
     @staticmethod
     async def prepare() -> None:

@@ -116,14 +116,25 @@ class CompletionRunner:
             await active.add_context(context)
             # Children do not write into their parent's trajectory log.
             logger = self.logger if top_level else None
-            loop = CompletionLoop(settings, self.router, tracker, active, root_model=root_model,
-                                  emit=self.emit, logger=logger)  # fmt: skip
+            loop = CompletionLoop(
+                settings,
+                self.router,
+                tracker,
+                active,
+                root_model=root_model,
+                emit=self.emit,
+                logger=logger,
+            )
 
             async def spawn_child(prompt: str, seconds_left: float | None) -> RLMChatCompletion:
                 return await self.run(
-                    prompt, None, tracker=UsageTracker(parent=tracker), depth=depth + 1,
-                    root_model=self.model_at(depth + 1), timeout_seconds=seconds_left,
-                )  # fmt: skip
+                    prompt,
+                    None,
+                    tracker=UsageTracker(parent=tracker),
+                    depth=depth + 1,
+                    root_model=self.model_at(depth + 1),
+                    timeout_seconds=seconds_left,
+                )
 
             if depth + 1 < self.settings.max_depth:
                 loop.spawn_child = spawn_child

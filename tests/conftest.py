@@ -6,11 +6,16 @@ socket may outlive it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ os.environ["TMPDIR"] = str(RUN_TMP)
 tempfile.tempdir = str(RUN_TMP)
 
 from rlm_orchestrator import RLM  # noqa: E402
+from rlm_orchestrator.client import Client  # noqa: E402
 from rlm_orchestrator.testing.scripted_lm import Script, ScriptedLMServer  # noqa: E402
 
 ROOT_MODEL, SUB_MODEL, OTHER_MODEL = "root", "sub", "other"
@@ -103,9 +109,29 @@ def backend_kwargs(server: ScriptedLMServer, model: str, **extra: Any) -> dict[s
     }
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # The semantics suite runs twice: in-process RLM, and through a real server via the SDK.
+    if "make_rlm" in metafunc.fixturenames and metafunc.module.__name__.startswith(
+        "test_semantics"
+    ):
+        metafunc.parametrize("via", ["local", "server"], indirect=True)
+
+
 @pytest.fixture
-def make_rlm(lm: ScriptedLMServer) -> Callable[..., RLM]:
-    """RLM against the scripted server: root model "root", sub-calls to "sub"."""
+def via(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "local"))
+
+
+@pytest.fixture
+def make_rlm(
+    lm: ScriptedLMServer, via: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Any]]:
+    """RLM against the scripted server: root model "root", sub-calls to "sub".
+
+    With via == "server", the same arguments drive a RemoteRLM: the SDK against a real
+    `rlm-orchestrator serve` whose models are the same scripted ones.
+    """
+    made: list[RemoteRLM] = []
 
     def factory(
         *,
@@ -113,23 +139,157 @@ def make_rlm(lm: ScriptedLMServer) -> Callable[..., RLM]:
         sub: list[str] | None = None,
         script: Script | None = None,
         **kwargs: Any,
-    ) -> RLM:
+    ) -> Any:
         if script is not None:
             lm.set_script(script)
         if root is not None:
             lm.set_sequence(ROOT_MODEL, list(root))
         if sub is not None:
             lm.set_sequence(SUB_MODEL, list(sub))
-        kwargs.setdefault("backend", "openai")
-        kwargs.setdefault("backend_kwargs", backend_kwargs(lm, ROOT_MODEL))
-        kwargs.setdefault("other_backends", ["openai"])
-        kwargs.setdefault("other_backend_kwargs", [backend_kwargs(lm, SUB_MODEL)])
-        kwargs.setdefault("environment", "local")
-        return RLM(**kwargs)
+        defaults = {
+            "backend": "openai",
+            "backend_kwargs": backend_kwargs(lm, ROOT_MODEL),
+            "other_backends": ["openai"],
+            "other_backend_kwargs": [backend_kwargs(lm, SUB_MODEL)],
+            "environment": "local",
+        }
+        if via == "server":
+            server = request.getfixturevalue("orchestrator_server")
+            remote = RemoteRLM(
+                server, {k: v for k, v in kwargs.items() if defaults.get(k, object()) != v}
+            )
+            made.append(remote)
+            return remote
+        return RLM(**{**defaults, **kwargs})
 
-    return factory
+    yield factory
+    for remote in made:
+        remote.close()
+
+
+class RemoteRLM:
+    """RLM's surface over the client SDK, for running the semantics suite through a server."""
+
+    _OPTIONS = {
+        "max_iterations",
+        "max_depth",
+        "timeout_seconds",
+        "iteration_timeout_seconds",
+        "max_cost",
+        "final_with_code",
+    }
+
+    def __init__(self, server: ServerProcess, kwargs: dict[str, Any]) -> None:
+        self.options: dict[str, Any] = {}
+        self.persistent = False
+        for key, value in kwargs.items():
+            if key in self._OPTIONS:
+                self.options[key] = value
+            elif key == "custom_system_prompt":
+                self.options["system_prompt"] = value
+            elif key == "environment_kwargs" and set(value) <= {"exec_timeout_seconds"}:
+                self.options.update(value)
+            elif key == "persistent":
+                self.persistent = bool(value)
+            elif key == "on_event":
+                self.options["on_event"] = value
+            else:
+                pytest.skip(f"{key}={value!r} has no equivalent through the server")
+        self.client = server.client()
+        self.session: Any = None
+
+    def completion(self, context: Any, root_prompt: str | None = None) -> Any:
+        if self.persistent:
+            if self.session is None:
+                self.session = self.client.create_session()
+            return self.session.completion(context, root_prompt, **self.options)
+        return self.client.completion(context, root_prompt, **self.options)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        self.client.close()
+
+    def __enter__(self) -> RemoteRLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def repl(code: str) -> str:
     """A root-LM response running one block."""
     return f"```repl\n{code}\n```"
+
+
+# -- the orchestrator server, as a real subprocess ---------------------------------------------
+
+SERVER_TOKEN = "server-test-token"
+
+
+@dataclass
+class ServerProcess:
+    address: str
+    process: subprocess.Popen[str]
+    config: Path
+
+    def client(self, **kwargs: Any) -> Client:
+        kwargs.setdefault("token", SERVER_TOKEN)
+        return Client(self.address, **kwargs)
+
+
+def server_config(lm: ScriptedLMServer, directory: Path, **extra: Any) -> Path:
+    """A TOML config serving root/sub/other (and a priced sub) from the scripted LM."""
+    lines = [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
+    lines += ['listen = "127.0.0.1:0"', f'auth_token = "{SERVER_TOKEN}"', 'sub_model = "sub"']
+    for name, price in (
+        (ROOT_MODEL, None),
+        (SUB_MODEL, None),
+        (OTHER_MODEL, None),
+        ("priced-sub", 0.01),
+    ):
+        lines += [
+            "[[models]]",
+            f'name = "{name}"',
+            f'model_name = "{SUB_MODEL if price else name}"',
+            f'api_base = "{lm.base_url}"',
+            'api_key_env = "OPENAI_API_KEY"',
+            "retry_initial_delay = 0.01",
+        ]
+        if price:
+            lines.append(f"input_cost_per_token = {price}")
+    path = directory / f"server-{uuid.uuid4().hex[:8]}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_server(config: Path, timeout: float = 90.0) -> ServerProcess:
+    command = [sys.executable, "-m", "rlm_orchestrator.cli", "serve", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()  # LISTENING host:port, once the router is ready
+    if not line.startswith("LISTENING"):
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return ServerProcess(line.split()[1], process, config)
+
+
+def stop_server(server: ServerProcess) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+    if server.process.stdout:
+        server.process.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def orchestrator_server(lm_server: ScriptedLMServer) -> Iterator[ServerProcess]:
+    """One `rlm-orchestrator serve` for the session (tests share it, one at a time)."""
+    server = start_server(server_config(lm_server, RUN_TMP, max_context_bytes=100_000_000))
+    yield server
+    stop_server(server)

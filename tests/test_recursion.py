@@ -89,8 +89,9 @@ def test_child_failure_comes_back_as_an_error_string(
 def test_child_inherits_the_time_left(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     # The child sleeps past the parent's deadline: the whole completion stops in time.
     lm.add_rule(Rule(repl("import time; time.sleep(30)"), model=SUB_MODEL))
-    rlm = make_rlm(root=[repl("ans = rlm_query('slow')"), "FINAL(x)"], max_depth=2,
-                   timeout_seconds=2)  # fmt: skip
+    rlm = make_rlm(
+        root=[repl("ans = rlm_query('slow')"), "FINAL(x)"], max_depth=2, timeout_seconds=2
+    )
     from rlm_orchestrator import CompletionTimeoutError
 
     with pytest.raises(CompletionTimeoutError):

@@ -1,0 +1,314 @@
+"""AsyncClient: the orchestrator service from asyncio code, shaped like `RLM`.
+
+Contexts of any size are sent in 1 MiB chunks. Every gRPC failure is turned into one of our
+exceptions at one place (`_rpc_error`), and a failed completion raises the same exception
+types as the in-process `RLM` (CompletionTimeoutError, CostLimitExceededError, LMError...).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from rlm_orchestrator import events as ev
+from rlm_orchestrator.exceptions import (
+    AuthenticationError,
+    ClientError,
+    CompletionCancelledError,
+    CompletionTimeoutError,
+    CostLimitExceededError,
+    InvalidRequestError,
+    LMError,
+    ResourceExhaustedError,
+    RLMError,
+    SandboxError,
+    ServerUnavailableError,
+)
+from rlm_orchestrator.service.convert import event_from_proto
+from rlm_orchestrator.service.convert_usage import usage_from_proto
+from rlm_orchestrator.service.security import bearer_metadata, channel_credentials
+from rlm_orchestrator.types import RLMChatCompletion
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+
+CHUNK_BYTES = 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    # Long completions can be silent for minutes; the server allows a ping every 10 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+_CODE_ERRORS: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: InvalidRequestError,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
+}
+_FAILURE_NAMES = {
+    pb.FAILURE_KIND_TIMEOUT: "timeout",
+    pb.FAILURE_KIND_COST_LIMIT: "cost_limit",
+    pb.FAILURE_KIND_LM_ERROR: "lm_error",
+    pb.FAILURE_KIND_SANDBOX_ERROR: "sandbox_error",
+    pb.FAILURE_KIND_CANCELLED: "cancelled",
+    pb.FAILURE_KIND_INTERNAL: "internal",
+}
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> ClientError:
+    """The one place where a gRPC status becomes one of our exceptions."""
+    error_type = _CODE_ERRORS.get(exc.code(), ClientError)
+    return error_type(f"{exc.code().name}: {exc.details()}", code=exc.code().name)
+
+
+def failure_to_exception(failed: ev.CompletionFailed) -> RLMError:
+    """The exception the in-process RLM would have raised for this failure."""
+    common: dict[str, Any] = {
+        "partial_answer": failed.partial_answer,
+        "usage_summary": failed.usage,
+        "iterations": failed.iterations,
+    }
+    if failed.kind == "timeout":
+        return CompletionTimeoutError(
+            failed.message,
+            timeout_seconds=failed.limit,
+            elapsed_seconds=failed.elapsed_seconds,
+            **common,
+        )
+    if failed.kind == "cost_limit":
+        cost = failed.usage.total_cost
+        return CostLimitExceededError(
+            failed.message, current_cost=cost, cost_limit=failed.limit, **common
+        )
+    if failed.kind == "lm_error":
+        return LMError(failed.message, status_code=failed.status_code)
+    if failed.kind == "sandbox_error":
+        return SandboxError(failed.message)
+    if failed.kind == "cancelled":
+        return CompletionCancelledError(failed.message, partial_answer=failed.partial_answer)
+    return RLMError(failed.message)
+
+
+def options_message(options: dict[str, Any]) -> pb.CompletionOptions:
+    """CompletionOptions from keyword arguments (unknown names are an error, not ignored)."""
+    known = set(pb.CompletionOptions.DESCRIPTOR.fields_by_name)
+    unknown = set(options) - known
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown completion options {sorted(unknown)}; known: {sorted(known)}",
+            code="INVALID_ARGUMENT",
+        )
+    return pb.CompletionOptions(**{k: v for k, v in options.items() if v is not None})
+
+
+def _encode(context: Any) -> tuple[int, bytes]:
+    if isinstance(context, str):
+        return pb.CONTEXT_ENCODING_TEXT, context.encode("utf-8")
+    if isinstance(context, dict | list):
+        return pb.CONTEXT_ENCODING_JSON, json.dumps(context, default=str).encode("utf-8")
+    raise InvalidRequestError(
+        f"context must be a str, dict or list, not {type(context).__name__}",
+        code="INVALID_ARGUMENT",
+    )
+
+
+@dataclass
+class CompletionSummary:
+    """A running completion, as ListCompletions / GetCompletion report it."""
+
+    completion_id: str
+    session_id: str
+    root_model: str
+    running_seconds: float
+    iterations: int
+    total_cost: float
+
+
+def _summary(info: pb.CompletionInfo) -> CompletionSummary:
+    return CompletionSummary(
+        info.completion_id,
+        info.session_id,
+        info.root_model,
+        info.running_seconds,
+        info.iterations,
+        info.usage.total_cost,
+    )
+
+
+class AsyncClient:
+    """A connection to an orchestrator server. Use `async with`, or call `close()`."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        tls: bool = False,
+    ) -> None:
+        if tls or ca_file or cert_file:
+            credentials = channel_credentials(ca_file, cert_file, key_file)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._metadata: Sequence[tuple[str, str]] = bearer_metadata(token) if token else ()
+        self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def stream(
+        self, context: Any, root_prompt: str | None = None, *, session_id: str = "", **options: Any
+    ) -> AsyncIterator[ev.StreamEvent]:
+        """The completion's events as they happen: CompletionStarted first, then progress
+        events, then CompletionFinished or CompletionFailed. Leaving early cancels it."""
+        encoding, data = _encode(context)
+        start = pb.CompletionStart(
+            root_prompt=root_prompt or "",
+            context_encoding=encoding,  # type: ignore[arg-type]
+            context_bytes=len(data),
+            session_id=session_id,
+            options=options_message(options),
+        )
+
+        async def requests() -> AsyncIterator[pb.RunRequest]:
+            yield pb.RunRequest(start=start)
+            for offset in range(0, len(data), CHUNK_BYTES):
+                yield pb.RunRequest(context_chunk=data[offset : offset + CHUNK_BYTES])
+
+        call = self._stub.Run(requests(), metadata=self._metadata)
+        try:
+            async for message in call:
+                yield self._stream_event(message)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc
+        finally:
+            call.cancel()  # a no-op once the stream has ended; cancels it if the caller left
+
+    @staticmethod
+    def _stream_event(message: pb.CompletionEvent) -> ev.StreamEvent:
+        kind = message.WhichOneof("kind")
+        if kind == "started":
+            return ev.CompletionStarted(message.started.completion_id, message.started.session_id)
+        if kind == "finished":
+            f = message.finished
+            result = RLMChatCompletion(
+                f.root_model, None, f.response, usage_from_proto(f.usage), f.execution_time_seconds
+            )
+            return ev.CompletionFinished(result, f.iterations)
+        if kind == "failed":
+            x = message.failed
+            partial = x.partial_answer if x.HasField("partial_answer") else None
+            return ev.CompletionFailed(
+                _FAILURE_NAMES.get(x.kind, "internal"),
+                x.message,
+                partial,
+                usage_from_proto(x.usage),
+                x.iterations,
+                x.limit,
+                x.elapsed_seconds,
+                x.status_code or None,
+            )
+        event = event_from_proto(message)
+        if event is None:
+            raise ClientError(f"unexpected event {kind!r} from the server")
+        return event
+
+    async def completion(
+        self,
+        context: Any,
+        root_prompt: str | None = None,
+        *,
+        session_id: str = "",
+        on_event: ev.EventHandler | None = None,
+        **options: Any,
+    ) -> RLMChatCompletion:
+        """Like `RLM.completion`: the result, or the exception the RLM would raise."""
+        async for event in self.stream(context, root_prompt, session_id=session_id, **options):
+            if isinstance(event, ev.CompletionFinished):
+                event.result.prompt = context
+                return event.result
+            if isinstance(event, ev.CompletionFailed):
+                raise failure_to_exception(event)
+            if on_event is not None and not isinstance(event, ev.CompletionStarted):
+                on_event(event)
+        raise ClientError("the completion stream ended without a result")
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from exc
+
+    async def cancel(self, completion_id: str) -> None:
+        await self._unary(
+            self._stub.CancelCompletion, pb.CancelCompletionRequest(completion_id=completion_id)
+        )
+
+    async def list_completions(self) -> list[CompletionSummary]:
+        reply = await self._unary(self._stub.ListCompletions, pb.ListCompletionsRequest())
+        return [_summary(info) for info in reply.completions]
+
+    async def get_completion(self, completion_id: str) -> CompletionSummary:
+        return _summary(
+            await self._unary(
+                self._stub.GetCompletion, pb.GetCompletionRequest(completion_id=completion_id)
+            )
+        )
+
+    async def create_session(self, **options: Any) -> AsyncSession:
+        """A multi-turn session: one sandbox whose variables persist across completions."""
+        request = pb.CreateSessionRequest(options=options_message(options))
+        reply = await self._unary(self._stub.CreateSession, request)
+        return AsyncSession(self, reply.session_id)
+
+    async def close_session(self, session_id: str) -> None:
+        await self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
+
+
+class AsyncSession:
+    """A server-side session; `async with` closes it."""
+
+    def __init__(self, client: AsyncClient, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+
+    async def completion(
+        self, context: Any, root_prompt: str | None = None, **options: Any
+    ) -> RLMChatCompletion:
+        return await self.client.completion(
+            context, root_prompt, session_id=self.session_id, **options
+        )
+
+    def stream(
+        self, context: Any, root_prompt: str | None = None, **options: Any
+    ) -> AsyncIterator[ev.StreamEvent]:
+        return self.client.stream(context, root_prompt, session_id=self.session_id, **options)
+
+    async def close(self) -> None:
+        await self.client.close_session(self.session_id)
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,1 @@
+"""The orchestrator as a gRPC server: Orchestrator and LMRouter services, health, reflection."""

@@ -1,0 +1,143 @@
+"""`rlm-orchestrator serve`: one grpc.aio server for the Orchestrator and LMRouter services.
+
+Also on it: grpc.health.v1 (SERVING once the router is ready; NOT_SERVING while draining) and
+server reflection. Shutdown (SIGTERM / SIGINT) stops accepting, lets running completions
+finish within the grace period, cancels the rest, and releases every sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rlm_orchestrator.exceptions import ConfigurationError
+from rlm_orchestrator.router import LMRouter
+from rlm_orchestrator.sandbox import SandboxProvider, create_provider
+from rlm_orchestrator.service.orchestrator_service import OrchestratorService
+from rlm_orchestrator.service.router_service import add_router_service
+from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
+from rlm_orchestrator.service.settings import ServerSettings
+from sandbox_agent._proto.rlm.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+log = logging.getLogger("rlm_orchestrator.service")
+
+ORCHESTRATOR = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+LM_ROUTER = lm_router_pb2.DESCRIPTOR.services_by_name["LMRouter"].full_name
+# 16 MiB messages: contexts travel in 1 MiB chunks, so only a misbehaving client gets near it.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SESSION_REAP_INTERVAL = 30.0
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Completions stream for minutes with long silences: ping idle clients to notice dead
+    # ones, and let clients ping us every 10 s without a GOAWAY (too_many_pings).
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def build_router(settings: ServerSettings) -> LMRouter:
+    if not settings.models:
+        raise ConfigurationError("the server needs at least one model ([[models]] in its config)")
+    configs = {m.name: m.client_config() for m in settings.models}
+    root = configs[settings.root_model or settings.models[0].name]
+    sub = configs[settings.sub_model] if settings.sub_model else root
+    others = [sub] + [c for name, c in configs.items() if c is not sub]
+    return LMRouter(root, others)
+
+
+class OrchestratorServer:
+    """The server and what it owns (router, sandbox provider, sessions), as one lifecycle."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._provider: SandboxProvider | None = None
+        self._service: OrchestratorService | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        router = build_router(self.settings)
+        await router.prepare()
+        self._provider = create_provider(
+            self.settings.environment, self.settings.environment_kwargs
+        )
+        self._service = OrchestratorService(self.settings, router, self._provider)
+        token = self.settings.auth_token
+        interceptors = [BearerTokenInterceptor(token.get_secret_value())] if token else []
+        server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self._service, server)
+        add_router_service(server, router)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (ORCHESTRATOR, LM_ROUTER, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        tls = self.settings.tls
+        if tls is not None:
+            credentials = server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
+            self.port = server.add_secure_port(self.settings.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(self.settings.listen)
+        await server.start()
+        self._server = server
+        for name in ("", ORCHESTRATOR, LM_ROUTER):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper = asyncio.create_task(self._reap_sessions())
+        return self.port
+
+    async def _reap_sessions(self) -> None:
+        assert self._service is not None
+        while True:
+            await asyncio.sleep(SESSION_REAP_INTERVAL)
+            try:
+                await self._service.reap_idle_sessions()
+            except Exception:  # a failed release must not stop later reaping
+                log.exception("reaping idle sessions failed")
+
+    async def stop(self) -> None:
+        """Graceful and idempotent: drain, cancel what is left, release every sandbox."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await self._health.enter_graceful_shutdown()
+        if self._service is not None:
+            await self._service.drain(self.settings.shutdown_grace_seconds)
+        if self._server is not None:
+            await self._server.stop(1.0)
+            self._server = None
+        if self._provider is not None:
+            await self._provider.aclose()
+            self._provider = None
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT."""
+    server = OrchestratorServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        port = await server.start()
+        host = settings.listen.rsplit(":", 1)[0]
+        print(f"LISTENING {host}:{port}", flush=True)
+        await stop.wait()
+        log.warning(
+            "shutting down: %d completion(s) running",
+            len(server._service.running) if server._service else 0,
+        )
+    finally:
+        await server.stop()

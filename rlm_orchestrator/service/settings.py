@@ -1,0 +1,147 @@
+"""Server configuration: a TOML file (`--config`, or RLM_SERVER_CONFIG), then RLM_SERVER_* env.
+
+Secrets: a model's key is read from the environment variable it names (`api_key_env`), so
+config files can be committed. The bearer token may come from the environment
+(RLM_SERVER_AUTH_TOKEN) or the file.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from rlm_orchestrator.exceptions import ConfigurationError
+from rlm_orchestrator.router import LMClientConfig
+
+CONFIG_ENV = "RLM_SERVER_CONFIG"
+# The file given on the command line, for settings_customise_sources (a classmethod).
+_config_file: ContextVar[str | None] = ContextVar("rlm_server_config_file", default=None)
+
+
+class ModelSettings(BaseModel):
+    """One model the server offers, under `name`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    backend: str = "openai"
+    # The provider's model id; defaults to `name`.
+    model_name: str | None = None
+    api_base: str | None = None
+    # Name of the environment variable holding the key (preferred over `api_key`).
+    api_key_env: str | None = None
+    api_key: SecretStr | None = None
+    max_concurrency: int = Field(16, ge=1)
+    max_retries: int = Field(3, ge=0)
+    retry_initial_delay: float = Field(0.5, ge=0)
+    input_cost_per_token: float | None = None
+    output_cost_per_token: float | None = None
+    # Anything else litellm takes (temperature, api_version, ...).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def client_config(self) -> LMClientConfig:
+        key = self.api_key.get_secret_value() if self.api_key else None
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if key is None:
+                raise ConfigurationError(
+                    f"model {self.name!r}: environment variable {self.api_key_env} is not set"
+                )
+        kwargs: dict[str, Any] = {
+            "model_name": self.model_name or self.name,
+            "max_concurrency": self.max_concurrency,
+            "max_retries": self.max_retries,
+            "retry_initial_delay": self.retry_initial_delay,
+            **self.extra,
+        }
+        for field in ("api_base", "input_cost_per_token", "output_cost_per_token"):
+            if getattr(self, field) is not None:
+                kwargs[field] = getattr(self, field)
+        if key is not None:
+            kwargs["api_key"] = key
+        config = LMClientConfig.from_backend(self.backend, kwargs)
+        # Registered under the server's name for it, whatever the provider calls it.
+        return LMClientConfig(**{**config.__dict__, "model_name": self.name})
+
+
+class TLSSettings(BaseModel):
+    """Server certificate; with `client_ca_file`, clients must present a certificate (mTLS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RLM_SERVER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    listen: str = "127.0.0.1:50051"
+    # Required in call metadata as `authorization: Bearer <token>` when set.
+    auth_token: SecretStr | None = None
+    tls: TLSSettings | None = None
+    models: list[ModelSettings] = Field(default_factory=list)
+    # Which models serve depth 0 and depth >= 1 when a request names none (default: first).
+    root_model: str | None = None
+    sub_model: str | None = None
+    environment: str = "local"
+    environment_kwargs: dict[str, Any] = Field(default_factory=dict)
+    max_iterations: int = Field(30, ge=1)
+    max_depth: int = Field(1, ge=0)
+    exec_timeout_seconds: float = Field(300.0, gt=0)
+    max_concurrent_completions: int = Field(64, ge=1)
+    # Largest context accepted, in bytes (RESOURCE_EXHAUSTED above it).
+    max_context_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    session_ttl_seconds: float = Field(1800.0, gt=0)
+    # On SIGTERM: how long running completions may go on before they are cancelled.
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+    log_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_models(self) -> ServerSettings:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {names}")
+        for role in (self.root_model, self.sub_model):
+            if role is not None and role not in names:
+                raise ValueError(f"{role!r} is not one of the models {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file.get() or os.environ.get(CONFIG_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_server_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Settings from the file (flag or RLM_SERVER_CONFIG), env vars, and explicit overrides."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigurationError(f"config file {config_file} does not exist")
+    token = _config_file.set(str(config_file) if config_file else None)
+    try:
+        return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _config_file.reset(token)
