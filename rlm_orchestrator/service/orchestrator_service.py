@@ -41,7 +41,7 @@ from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
 
 log = logging.getLogger("rlm_orchestrator.service")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-_FAILURES: list[tuple[type[BaseException], int]] = [
+_FAILURES: list[tuple[type[BaseException], pb.FailureKind.ValueType]] = [
     (CompletionTimeoutError, pb.FAILURE_KIND_TIMEOUT),
     (CostLimitExceededError, pb.FAILURE_KIND_COST_LIMIT),
     (LMError, pb.FAILURE_KIND_LM_ERROR),
@@ -206,7 +206,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
 
     @staticmethod
     def _failure(
-        kind: int, message: str, running: _Running, partial: str | None = None
+        kind: pb.FailureKind.ValueType,
+        message: str,
+        running: _Running,
+        partial: str | None = None,
     ) -> pb.CompletionEvent:
         failed = pb.CompletionFailed(
             elapsed_seconds=time.monotonic() - running.started,
