@@ -7,6 +7,7 @@ types as the in-process `RLM` (CompletionTimeoutError, CostLimitExceededError, L
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -190,18 +191,27 @@ class AsyncClient:
             options=options_message(options),
         )
 
+        accepted = asyncio.Event()
+        ended = False
+
         async def requests() -> AsyncIterator[pb.RunRequest]:
             yield pb.RunRequest(start=start)
+            await accepted.wait()  # the server checked the request: now upload the context
+            if ended:
+                return  # refused before acceptance: nothing to upload
             for offset in range(0, len(data), CHUNK_BYTES):
                 yield pb.RunRequest(context_chunk=data[offset : offset + CHUNK_BYTES])
 
         call = self._stub.Run(requests(), metadata=self._metadata)
         try:
             async for message in call:
+                accepted.set()
                 yield self._stream_event(message)
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from exc
         finally:
+            ended = True
+            accepted.set()  # lets the request generator finish
             call.cancel()  # a no-op once the stream has ended; cancels it if the caller left
 
     @staticmethod

@@ -103,7 +103,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{len(self.running)} completions are running, the server's limit",
             )
-        start, value = await self._receive(request_iterator, context)
+        start = await self._read_start(request_iterator, context)
         session = await self._session_for(start.session_id, context)
         options = _merged(session.options if session else None, start.options)
         runner, root_model = await self._runner(options, context)
@@ -130,6 +130,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 )
             )
         )
+        # `started` doubles as "accepted": the client sends the context only after it, so a
+        # refused request (auth, size, options) costs no upload.
+        value = await self._read_context(request_iterator, start, context)
         running.task = asyncio.create_task(
             self._complete(runner, running, session, value, start.root_prompt or None, events)
         )
@@ -222,10 +225,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             failed.partial_answer = partial
         return pb.CompletionEvent(failed=failed)
 
-    async def _receive(
+    async def _read_start(
         self, requests: AsyncIterator[pb.RunRequest], context: Context
-    ) -> tuple[pb.CompletionStart, Any]:
-        """The start message and the decoded context, checked against the server's limits."""
+    ) -> pb.CompletionStart:
+        """The start message, checked against the server's limits."""
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("kind") != "start":
             await context.abort(
@@ -239,6 +242,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"a context of {start.context_bytes} bytes exceeds the server's limit of {limit}",
             )
+        if start.context_encoding not in (pb.CONTEXT_ENCODING_TEXT, pb.CONTEXT_ENCODING_JSON):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "context_encoding must be TEXT or JSON"
+            )
+        return start
+
+    async def _read_context(
+        self, requests: AsyncIterator[pb.RunRequest], start: pb.CompletionStart, context: Context
+    ) -> Any:
+        """The context's chunks, decoded."""
         data = bytearray()
         async for message in requests:
             if message.WhichOneof("kind") != "context_chunk":
@@ -266,10 +279,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                     raise ValueError(
                         f"a JSON context must be an object, array or string, not {kind}"
                     )
-                return start, value
-            if start.context_encoding != pb.CONTEXT_ENCODING_TEXT:
-                raise ValueError("context_encoding must be TEXT or JSON")
-            return start, text
+                return value
+            return text
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad context: {exc}")
             raise AssertionError("unreachable") from exc

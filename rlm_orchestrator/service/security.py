@@ -7,9 +7,11 @@ logged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ DEFAULT_EXEMPT_SERVICES: frozenset[str] = frozenset(
 )
 MISSING_TOKEN = "missing bearer token (expected metadata 'authorization: Bearer <token>')"
 INVALID_TOKEN = "invalid bearer token"
+FIRST_MESSAGE_WAIT_SECONDS = 1.0
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -52,8 +55,20 @@ def _refusal(handler: Any, message: str) -> Any:
     async def refuse(_request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    async def refuse_stream(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        # Take the first message (raw bytes, never parsed) before refusing: aborting while
+        # it is still in flight races in gRPC core and the client may see INTERNAL instead.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FIRST_MESSAGE_WAIT_SECONDS):
+                await anext(aiter(requests), None)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
     request_streaming = handler.request_streaming if handler is not None else True
     response_streaming = handler.response_streaming if handler is not None else True
+    if request_streaming:
+        refuse = refuse_stream  # type: ignore[assignment]
     if request_streaming and response_streaming:
         make = grpc.stream_stream_rpc_method_handler
     elif request_streaming:

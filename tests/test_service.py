@@ -1,0 +1,297 @@
+"""The orchestrator server over real gRPC: concurrency, cancel, auth, TLS, limits, shutdown.
+
+The shared server is a real `rlm-orchestrator serve` subprocess (conftest); the semantics
+suite also runs through it (the [server] variants of tests/test_semantics*.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import (
+    SERVER_TOKEN,
+    SUB_MODEL,
+    ServerProcess,
+    _agent_processes,
+    repl,
+    server_config,
+    start_server,
+    stop_server,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from rlm_orchestrator import CostLimitExceededError, LMError
+from rlm_orchestrator import events as ev
+from rlm_orchestrator.client import AsyncClient, Client
+from rlm_orchestrator.exceptions import (
+    AuthenticationError,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    ServerUnavailableError,
+)
+from rlm_orchestrator.service.security import bearer_metadata
+from rlm_orchestrator.service.server import OrchestratorServer
+from rlm_orchestrator.service.settings import load_server_settings
+from rlm_orchestrator.testing.certs import make_test_pki
+from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+
+ANSWER_IN_CODE = repl("answer = context.upper()\nFINAL_VAR('answer')")
+
+
+def test_completion_and_usage_through_the_sdk(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    lm.set_sequence("root", [repl("x = llm_query('hi')\nprint(x)"), "FINAL_VAR(x)"])
+    lm.set_sequence(SUB_MODEL, ["hello from sub"])
+    with orchestrator_server.client() as client:
+        result = client.completion("context", "question?")
+    assert result.response == "hello from sub"
+    assert result.usage_summary.model_usage_summaries["root"].total_calls == 2
+    assert result.usage_summary.model_usage_summaries[SUB_MODEL].total_calls == 1
+    # The server's key went to the LM; no client sent one.
+    assert lm.requests_for("root")[0].api_key == "sk-orchestrator-secret-openai"
+
+
+async def test_32_concurrent_completions_get_their_own_answers(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    lm.add_rule(Rule(ANSWER_IN_CODE, model="root"))
+    async with AsyncClient(orchestrator_server.address, token=SERVER_TOKEN) as client:
+        results = await asyncio.gather(
+            *(client.completion(f"context number {i}") for i in range(32))
+        )
+    assert [r.response for r in results] == [f"CONTEXT NUMBER {i}" for i in range(32)]
+
+
+async def test_cancel_stops_one_completion_and_its_sandbox_only(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    def reply(request: RecordedRequest) -> str:
+        if "slow" in request.messages[1]["content"] or "slow" in str(request.messages):
+            return repl("import time\ntime.sleep(120)")
+        return ANSWER_IN_CODE
+
+    lm.add_rule(Rule(reply, model="root"))
+    async with AsyncClient(orchestrator_server.address, token=SERVER_TOKEN) as client:
+        before = _agent_processes()
+        events: list[ev.StreamEvent] = []
+        started = asyncio.Event()
+        block_running = asyncio.Event()
+
+        async def slow() -> None:
+            async for event in client.stream("slow", root_prompt="slow"):
+                events.append(event)
+                if isinstance(event, ev.CompletionStarted):
+                    started.set()
+                if isinstance(event, ev.CodeBlockStarted):
+                    block_running.set()
+
+        slow_task = asyncio.create_task(slow())
+        await asyncio.wait_for(block_running.wait(), 60)
+        slow_sandbox = _agent_processes() - before
+        assert slow_sandbox, "the slow completion's sandbox should be running"
+        others = [asyncio.create_task(client.completion(f"other {i}")) for i in range(2)]
+        completion_id = next(e for e in events if isinstance(e, ev.CompletionStarted)).completion_id
+        assert completion_id in [c.completion_id for c in await client.list_completions()]
+        await client.cancel(completion_id)
+        await asyncio.wait_for(slow_task, 30)
+        assert isinstance(events[-1], ev.CompletionFailed) and events[-1].kind == "cancelled"
+        deadline = time.monotonic() + 10
+        while slow_sandbox & _agent_processes() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert not slow_sandbox & _agent_processes()
+        assert [r.response for r in await asyncio.gather(*others)] == ["OTHER 0", "OTHER 1"]
+        with pytest.raises(InvalidRequestError, match="NOT_FOUND"):
+            await client.cancel(completion_id)
+
+
+def test_calls_without_the_token_are_unauthenticated(orchestrator_server: ServerProcess) -> None:
+    for token in (None, "wrong-token"):
+        with (
+            Client(orchestrator_server.address, token=token) as client,
+            pytest.raises(AuthenticationError, match="UNAUTHENTICATED"),
+        ):
+            client.completion("ctx")
+
+
+def test_health_and_reflection_answer_without_a_token(orchestrator_server: ServerProcess) -> None:
+    with grpc.insecure_channel(orchestrator_server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"rlm.v1.Orchestrator", "rlm.v1.LMRouter", "grpc.health.v1.Health"} <= services
+
+
+async def test_tls_server_refuses_plaintext_and_serves_tls_clients(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    pki = make_test_pki(tmp_path)
+    config = server_config(lm, tmp_path)
+    with config.open("a") as toml:
+        toml.write(f'[tls]\ncert_file = "{pki.server_cert}"\nkey_file = "{pki.server_key}"\n')
+    server = OrchestratorServer(load_server_settings(config))
+    port = await server.start()
+    try:
+        lm.add_rule(Rule(ANSWER_IN_CODE, model="root"))
+        async with AsyncClient(f"localhost:{port}", token=SERVER_TOKEN, ca_file=pki.ca_cert) as tls:
+            assert (await tls.completion("secure")).response == "SECURE"
+        async with AsyncClient(f"localhost:{port}", token=SERVER_TOKEN) as plaintext:
+            with pytest.raises(ServerUnavailableError):
+                await plaintext.completion("not secure")
+    finally:
+        await server.stop()
+
+
+async def test_50_mb_context_round_trips(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    lm.add_rule(Rule(repl("n = (len(context), context[-5:])\nFINAL_VAR('n')"), model="root"))
+    context = "x" * (50 * 1024 * 1024) + "TAIL!"
+    async with AsyncClient(orchestrator_server.address, token=SERVER_TOKEN) as client:
+        result = await client.completion(context)
+    assert result.response == f"({len(context)}, 'TAIL!')"
+
+
+async def raw_run(server: ServerProcess, *messages: pb.RunRequest) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+
+        async def requests() -> AsyncIterator[pb.RunRequest]:
+            for message in messages:
+                yield message
+
+        try:
+            async for _ in stub.Run(requests(), metadata=bearer_metadata(SERVER_TOKEN)):
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_malformed_and_oversized_requests_are_refused_and_the_server_keeps_serving(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    text = pb.CONTEXT_ENCODING_TEXT
+    chunk_first = pb.RunRequest(context_chunk=b"abc")
+    assert await raw_run(orchestrator_server, chunk_first) == grpc.StatusCode.INVALID_ARGUMENT
+    too_big = pb.RunRequest(
+        start=pb.CompletionStart(context_encoding=text, context_bytes=200_000_000)
+    )
+    assert await raw_run(orchestrator_server, too_big) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    huge_message = pb.RunRequest(context_chunk=b"y" * (20 * 1024 * 1024))
+    start = pb.RunRequest(
+        start=pb.CompletionStart(context_encoding=text, context_bytes=20 * 1024 * 1024)
+    )
+    assert (
+        await raw_run(orchestrator_server, start, huge_message)
+        == grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    short = pb.RunRequest(start=pb.CompletionStart(context_encoding=text, context_bytes=10))
+    assert (
+        await raw_run(orchestrator_server, short, chunk_first) == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    bad_json = pb.RunRequest(
+        start=pb.CompletionStart(context_encoding=pb.CONTEXT_ENCODING_JSON, context_bytes=3)
+    )
+    assert (
+        await raw_run(orchestrator_server, bad_json, chunk_first)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    async with AsyncClient(orchestrator_server.address, token=SERVER_TOKEN) as client:
+        with pytest.raises(InvalidRequestError, match="unknown model"):
+            await client.completion("ctx", model="no-such-model")
+        with pytest.raises(InvalidRequestError, match="unknown completion options"):
+            await client.completion("ctx", temperature=0.3)
+        lm.add_rule(Rule(ANSWER_IN_CODE, model="root"))
+        assert (await client.completion("still serving")).response == "STILL SERVING"
+
+
+def test_child_rlm_cost_counts_against_max_cost_through_the_server(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    def child(request: RecordedRequest) -> str:
+        first_turn = len(request.messages) == 3
+        return repl("r = context.upper()") if first_turn else "FINAL_VAR(r)"
+
+    lm.add_rule(Rule(child, model=SUB_MODEL))
+    lm.set_sequence("root", [repl("a = rlm_query('child question')"), "FINAL_VAR(a)"] * 2)
+    with orchestrator_server.client() as client:
+        result = client.completion("ctx", max_depth=2)
+        assert result.response == "CHILD QUESTION"
+        assert result.usage_summary.model_usage_summaries[SUB_MODEL].total_calls == 2
+        with pytest.raises(CostLimitExceededError) as caught:
+            client.completion("ctx", max_depth=2, sub_model="priced-sub", max_cost=0.5)
+    assert caught.value.usage_summary is not None
+    assert caught.value.usage_summary.model_usage_summaries["priced-sub"].total_cost > 0.5
+
+
+def test_lm_errors_retry_then_surface_clearly(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    lm.set_sequence(
+        "root", [Rule("slow down", status=429), repl("print(llm_query('q'))"), "FINAL(done)"]
+    )
+    lm.add_rule(Rule("provider down", model=SUB_MODEL, status=500))
+    with orchestrator_server.client() as client:
+        assert client.completion("ctx").response == "done"
+        shown = str(lm.requests_for("root")[-1].messages)
+        assert "Error: LM call to 'sub' failed (HTTP 500)" in shown
+        lm.reset()
+        lm.add_rule(Rule("root down", model="root", status=500))
+        with pytest.raises(LMError, match="HTTP 500") as caught:
+            client.completion("ctx")
+    assert caught.value.status_code == 500
+
+
+def test_sessions_keep_variables_between_completions(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    lm.set_sequence(
+        "root", [repl("kept = 41"), "FINAL(one)", repl("print(kept + 1, context_1)"), "FINAL(two)"]
+    )
+    with orchestrator_server.client() as client, client.create_session() as session:
+        assert session.completion("first").response == "one"
+        assert session.completion("second").response == "two"
+    assert "42 second" in str(lm.requests_for("root")[3].messages)
+
+
+def test_sigterm_during_a_completion_exits_within_the_grace_and_leaks_nothing(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    server = start_server(server_config(lm, tmp_path, shutdown_grace_seconds=1.0))
+    try:
+        lm.add_rule(Rule(repl("import time\ntime.sleep(120)"), model="root"))
+        events: list[ev.StreamEvent] = []
+        with server.client() as client:
+            try:
+                for event in client.stream("ctx"):
+                    events.append(event)
+                    if isinstance(event, ev.CodeBlockStarted):
+                        server.process.send_signal(signal.SIGTERM)
+            except ServerUnavailableError:
+                pass  # the connection may close before the last event is read
+        # The completion was cancelled after the grace period, its sandbox released.
+        last = events[-1]
+        assert isinstance(last, ev.CompletionFailed | ev.CodeBlockStarted | ev.CodeBlockFinished)
+        server.process.wait(30)  # the grace is 1 s; the leak check then finds no sandbox
+        assert server.process.returncode == 0
+    finally:
+        stop_server(server)
+
+
+def test_resource_limits_are_reported(orchestrator_server: ServerProcess) -> None:
+    with orchestrator_server.client() as client, pytest.raises(ResourceExhaustedError):
+        client.completion("z" * 101_000_000)
