@@ -46,6 +46,15 @@ def run(
         float | None, typer.Option(help="Stop when spend exceeds this (USD).")
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
+    server: Annotated[
+        str | None, typer.Option(help="Run on an orchestrator server (HOST:PORT) instead.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="RLM_SERVER_TOKEN", help="The server's bearer token.")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA file: connect to the server with TLS.")
+    ] = None,
     context_format: Annotated[
         str, typer.Option(help="text, json, or auto (json for *.json).")
     ] = "auto",
@@ -72,6 +81,19 @@ def run(
     from rlm_orchestrator import RLM, RLMError, RLMLogger
     from rlm_orchestrator.console import EventPrinter
 
+    if server is not None:
+        # Only what the user said: the server's own defaults (and models) apply otherwise.
+        options = {
+            "model": model,
+            "sub_model": sub_model,
+            "max_iterations": max_iterations,
+            "max_depth": max_depth,
+            "timeout_seconds": timeout,
+            "max_cost": max_cost,
+        }
+        _run_remote(server, token, tls_ca, loaded, query, options, quiet, as_json)
+        return
+
     lm_kwargs: dict[str, Any] = {"model_name": settings.model}
     if settings.api_base:
         lm_kwargs["api_base"] = settings.api_base
@@ -93,21 +115,51 @@ def run(
     try:
         result = rlm.completion(loaded, root_prompt=query)
     except RLMError as exc:
-        stderr.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        partial = getattr(exc, "partial_answer", None)
-        if partial:
-            stderr.print(f"[yellow]partial answer:[/] {partial}")
-        raise typer.Exit(1) from exc
-    if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.response)
+        raise _fail(exc) from exc
+    _print_result(result, quiet, as_json)
+
+
+def _print_result(result: Any, quiet: bool, as_json: bool) -> None:
+    print(json.dumps(result.to_dict(), indent=2) if as_json else result.response)
     if not quiet:
         usage = result.usage_summary
         stderr.print(
             f"[dim]{usage.total_calls} LM calls, ${usage.total_cost:.4f}, "
             f"{result.execution_time:.1f}s[/]"
         )
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+    partial = getattr(exc, "partial_answer", None)
+    if partial:
+        stderr.print(f"[yellow]partial answer:[/] {partial}")
+    return typer.Exit(1)
+
+
+def _run_remote(
+    server: str,
+    token: str | None,
+    tls_ca: Path | None,
+    context: Any,
+    query: str,
+    options: dict[str, Any],
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    from rlm_orchestrator import RLMError
+    from rlm_orchestrator.client import Client
+    from rlm_orchestrator.console import EventPrinter
+
+    chosen = {k: v for k, v in options.items() if v is not None}
+    with Client(server, token=token, ca_file=tls_ca) as client:
+        try:
+            result = client.completion(
+                context, query, on_event=None if quiet else EventPrinter(stderr), **chosen
+            )
+        except RLMError as exc:
+            raise _fail(exc) from exc
+    _print_result(result, quiet, as_json)
 
 
 @app.command()

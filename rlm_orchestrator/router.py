@@ -111,6 +111,8 @@ class LMAnswer:
     model: str
     usage: ModelUsageSummary
     duration: float
+    # 1 + the retries it took.
+    attempts: int = 1
 
 
 def _litellm() -> Any:
@@ -267,7 +269,11 @@ class LMRouter:
             tracker.record(config.model_name, usage)
         text = response.choices[0].message.content or ""
         return LMAnswer(
-            text=text, model=config.model_name, usage=usage, duration=time.perf_counter() - started
+            text=text,
+            model=config.model_name,
+            usage=usage,
+            duration=time.perf_counter() - started,
+            attempts=int(retrying.statistics.get("attempt_number", 1)),
         )
 
     @staticmethod

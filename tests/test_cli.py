@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, repl
+from conftest import API_KEY, SERVER_TOKEN, ServerProcess, repl
 from typer.testing import CliRunner
 
 from rlm_orchestrator.cli import app
@@ -103,3 +103,17 @@ def test_demo_finds_the_hidden_fact() -> None:
     code, stdout, stderr = run_in_process("demo", "--size", "200000", "--quiet")
     assert code == 0, stderr
     assert stdout.strip() == "The secret launch code is 7-ALPHA-42."
+
+
+def test_run_through_a_server(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    lm.set_sequence("root", [repl("print('remote', len(context))"), "FINAL(remote answer)"])
+    context_file = tmp_path / "context.txt"
+    context_file.write_text("four")
+    args = ["run", "-c", str(context_file), "-q", "?", "--server", orchestrator_server.address]
+    code, stdout, stderr = run_in_process(*args, "--token", SERVER_TOKEN)
+    assert code == 0, stderr
+    assert stdout == "remote answer\n" and "remote 4" in stderr
+    code, _, stderr = run_in_process(*args, "--token", "wrong")
+    assert code == 1 and "AuthenticationError" in stderr

@@ -125,7 +125,7 @@ async def test_unknown_model_is_not_found(stub: Any, lm: ScriptedLMServer) -> No
 async def test_rate_limit_then_success_is_retried(stub: Any, lm: ScriptedLMServer) -> None:
     lm.set_sequence("root", [Rule("slow down", status=429), "finally"])
     answer = await stub.Complete(pb.LMRequest(prompt="hi"))
-    assert answer.text == "finally"
+    assert answer.text == "finally" and answer.attempts == 2
     assert [r.status for r in lm.requests_for("root")] == [429, 200]
 
 

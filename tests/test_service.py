@@ -104,6 +104,7 @@ async def test_cancel_stops_one_completion_and_its_sandbox_only(
         others = [asyncio.create_task(client.completion(f"other {i}")) for i in range(2)]
         completion_id = next(e for e in events if isinstance(e, ev.CompletionStarted)).completion_id
         assert completion_id in [c.completion_id for c in await client.list_completions()]
+        assert (await client.get_completion(completion_id)).iterations == 1
         await client.cancel(completion_id)
         await asyncio.wait_for(slow_task, 30)
         assert isinstance(events[-1], ev.CompletionFailed) and events[-1].kind == "cancelled"

@@ -64,8 +64,7 @@ def _response(answer: LMAnswer) -> pb.LMResponse:
         model=answer.model,
         usage=model_usage_to_proto(answer.model, answer.usage),
         duration_seconds=answer.duration,
-        # LMAnswer does not report its attempts yet (router.py would have to count them).
-        attempts=1,
+        attempts=answer.attempts,
     )
 
 
