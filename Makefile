@@ -37,8 +37,8 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check rlm_orchestrator sandbox_agent tests
+	$(VENV)/bin/ruff format --check rlm_orchestrator sandbox_agent tests
 	$(VENV)/bin/mypy rlm_orchestrator sandbox_agent
 
 run: setup
