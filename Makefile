@@ -7,7 +7,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := sandbox_agent/_proto
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup proto proto-check test lint run clean
+.PHONY: setup proto proto-check test lint run clean sandbox-image
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ lint: setup
 
 run: setup
 	$(VENV)/bin/rlm-orchestrator demo
+
+# The sandbox agent's image (rlm-sandbox:latest; SANDBOX_IMAGE overrides): needs Docker, no
+# registry (the base is built with debootstrap when python:3.11-slim cannot be pulled), no venv.
+# Cached by content hash: seconds when nothing changed.
+sandbox-image:
+	deploy/build-sandbox-image.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

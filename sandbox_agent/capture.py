@@ -11,6 +11,7 @@ marker saying how much was cut. Memory stays bounded whatever the code prints.
 from __future__ import annotations
 
 import io
+import os
 import threading
 from dataclasses import dataclass
 
@@ -153,6 +154,7 @@ class CaptureStream(io.TextIOBase):
         self._capture = capture
         self._stream = stream
         self._fileno = fileno
+        self._pid = os.getpid()
         self.buffer = _BinaryAdapter(self)
 
     @property
@@ -166,7 +168,11 @@ class CaptureStream(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        self._capture.write(self._stream, text)
+        if os.getpid() != self._pid:
+            # A forked child: write to the descriptor, which the worker's fd capture reads.
+            os.write(self._fileno, text.encode("utf-8", "replace"))
+        else:
+            self._capture.write(self._stream, text)
         return len(text)
 
     def writable(self) -> bool:

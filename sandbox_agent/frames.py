@@ -66,11 +66,14 @@ class BlockingChannel:
         self._read_fd = read_fd
         self._write_fd = write_fd
         self._write_lock = threading.Lock()
+        self._pid = os.getpid()
         # Defers KeyboardInterrupt (how the agent stops user code) until a frame is whole:
         # a frame cut in the middle would desynchronise the pipe for good.
         self._critical = critical
 
     def send(self, kind: int, payload: bytes) -> None:
+        if os.getpid() != self._pid:
+            return  # a child forked by user code: its frames would interleave with ours
         data = memoryview(encode(kind, payload))
         with self._critical(), self._write_lock:
             while data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -61,6 +62,10 @@ class Agent:
         # The worker is up before the server reports SERVING: ready means ready to run code.
         await self.executor.start()
         await self.server.start()
+        if self.config.listen.startswith("unix:"):
+            # The orchestrator may run as another user (a container's agent runs as nobody);
+            # the socket's directory is what keeps others out.
+            os.chmod(self.config.listen.removeprefix("unix:"), 0o666)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

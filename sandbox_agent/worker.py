@@ -96,6 +96,7 @@ class Worker:
         self.namespace = Namespace(self.bridge)
         self.commands: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
         self.executions = 0
+        self.pid = os.getpid()
 
     def read_commands(self) -> None:
         """Reader thread: answers go straight to waiting callers, the rest to the main loop."""
@@ -149,6 +150,9 @@ class Worker:
             status, error = "interrupted", "KeyboardInterrupt: execution interrupted"
         except BaseException as exc:  # user code may raise anything, SystemExit included
             status, error = "error", _format_exception(exc, prefix)
+        if os.getpid() != self.pid:
+            # A child that user code forked got here: it must not act as the worker.
+            os._exit(0 if status == "ok" else 1)
         duration = time.perf_counter() - started
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.namespace.restore_helpers()

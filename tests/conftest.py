@@ -59,6 +59,51 @@ def _agent_processes() -> set[int]:
     return found
 
 
+SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "rlm-sandbox:latest")
+# CI sets this: there, a missing engine or image fails the docker tests instead of skipping.
+REQUIRE_DOCKER = os.environ.get("RLM_REQUIRE_DOCKER") == "1"
+
+
+def _docker_problem() -> str | None:
+    """Why the docker tests cannot run here, or None."""
+    try:
+        import docker
+
+        client = docker.from_env()
+        try:
+            client.images.get(SANDBOX_IMAGE)
+        finally:
+            client.close()
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        return f"Docker engine or image {SANDBOX_IMAGE} unavailable ({reason}); make sandbox-image"
+    return None
+
+
+DOCKER_PROBLEM = _docker_problem()
+
+
+def require_docker() -> None:
+    if DOCKER_PROBLEM is None:
+        return
+    if REQUIRE_DOCKER:
+        pytest.fail(f"RLM_REQUIRE_DOCKER=1 but {DOCKER_PROBLEM}")
+    pytest.skip(DOCKER_PROBLEM)
+
+
+def _our_containers(all_managed: bool = False) -> set[str]:
+    if DOCKER_PROBLEM is not None:
+        return set()
+    import docker
+
+    client = docker.from_env()
+    try:
+        label = "rlm.managed=true" if all_managed else f"rlm.owner={OWNER}"
+        return {c.id for c in client.containers.list(all=True, filters={"label": label})}
+    finally:
+        client.close()
+
+
 def _sandbox_dirs() -> set[str]:
     return {p.name for p in RUN_TMP.glob("rlm-*")}
 
@@ -67,22 +112,30 @@ def _sandbox_dirs() -> set[str]:
 def run_tmp() -> Iterator[Path]:
     yield RUN_TMP
     shutil.rmtree(RUN_TMP, ignore_errors=True)
+    # After the whole suite, no container of this project may exist at all.
+    leftover = _our_containers(all_managed=True)
+    assert not leftover, f"containers with the project's label left after the tests: {leftover}"
 
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fails the test if it leaves an agent/worker process or a sandbox directory behind."""
     processes_before, dirs_before = _agent_processes(), _sandbox_dirs()
+    containers_before = _our_containers()
     yield
     deadline = time.monotonic() + 5.0
     while True:
         leaked_processes = _agent_processes() - processes_before
         leaked_dirs = _sandbox_dirs() - dirs_before
-        if not (leaked_processes or leaked_dirs) or time.monotonic() > deadline:
+        leaked_containers = _our_containers() - containers_before
+        if not (leaked_processes or leaked_dirs or leaked_containers):
+            break
+        if time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert not leaked_processes, f"leaked sandbox processes: {sorted(leaked_processes)}"
     assert not leaked_dirs, f"leaked sandbox directories: {sorted(leaked_dirs)}"
+    assert not leaked_containers, f"leaked sandbox containers: {sorted(leaked_containers)}"
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +167,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "make_rlm" in metafunc.fixturenames and metafunc.module.__name__.startswith(
         "test_semantics"
     ):
-        metafunc.parametrize("via", ["local", "server"], indirect=True)
+        metafunc.parametrize("via", ["local", "server", "docker"], indirect=True)
 
 
 @pytest.fixture
@@ -153,6 +206,17 @@ def make_rlm(
             "other_backend_kwargs": [backend_kwargs(lm, SUB_MODEL)],
             "environment": "local",
         }
+        if via == "docker":
+            require_docker()
+            environment_kwargs = {**kwargs.pop("environment_kwargs", {}), "image": SANDBOX_IMAGE}
+            return RLM(
+                **{
+                    **defaults,
+                    **kwargs,
+                    "environment": "docker",
+                    "environment_kwargs": environment_kwargs,
+                }
+            )
         if via == "server":
             server = request.getfixturevalue("orchestrator_server")
             remote = RemoteRLM(

@@ -294,3 +294,16 @@ async def test_agent_starts_without_heavy_imports() -> None:
     )
     stdout, _ = await process.communicate()
     assert stdout.decode().strip() == "[]"
+
+
+async def test_a_forked_child_neither_corrupts_the_protocol_nor_acts_as_the_worker(
+    sandbox: Sandbox,
+) -> None:
+    code = (
+        "import os\npid = os.fork()\nif pid == 0:\n    print('from the child')\n"
+        "    raise ValueError('child error')\nos.waitpid(pid, 0)\nprint('from the parent')"
+    )
+    report = await run(sandbox, code)
+    assert report.status == "ok"
+    assert "from the parent" in report.stdout
+    assert (await run(sandbox, "print('next block')")).stdout == "next block\n"

@@ -26,4 +26,8 @@ def create_provider(environment: str, options: dict[str, Any] | None = None) -> 
         from rlm_orchestrator.sandbox.local import LocalProvider
 
         return LocalProvider.from_options(options)
-    raise ConfigurationError(f"unknown environment {environment!r}; available here: 'local'")
+    if environment == "docker":
+        from rlm_orchestrator.sandbox.docker import DockerProvider
+
+        return DockerProvider.from_options(options)
+    raise ConfigurationError(f"unknown environment {environment!r}; available: 'local', 'docker'")

@@ -1,0 +1,302 @@
+"""Docker sandboxes: one locked-down container per session, on this machine's engine.
+
+The container has no network at all (`network_mode=none`): the orchestrator reaches the agent
+through a unix socket in a bind-mounted directory, and `llm_query` rides that connection. It
+runs as nobody, on a read-only root with a tmpfs work dir, with every capability dropped,
+no-new-privileges, and pids / memory / CPU limits. Every container carries labels (owner,
+orchestrator, session, expiry) so that a reconcile pass can remove what a dead orchestrator
+left behind. The Docker SDK blocks: every call goes through a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox.agent_client import AgentClient
+from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+
+log = logging.getLogger("rlm_orchestrator.sandbox.docker")
+MANAGED = "rlm.managed"
+NOBODY = 65534
+OWNER_ENV = "RLM_SANDBOX_OWNER"
+
+
+class DockerOptions(BaseModel):
+    """environment_kwargs understood by the Docker provider."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = "rlm-sandbox:latest"
+    memory_mb: int = Field(default=512, ge=64)
+    cpus: float = Field(default=1.0, gt=0)
+    pids_limit: int = Field(default=128, ge=8)
+    work_tmpfs_mb: int = Field(default=256, ge=16)
+    max_concurrent_starts: int = Field(default=4, ge=1)
+    # Containers kept started and idle, so that acquiring one does not pay the start.
+    warm_pool_size: int = Field(default=0, ge=0)
+    warm_max_idle_seconds: float = Field(default=300.0, gt=0)
+    # A container older than this is removed by any orchestrator's reconcile pass.
+    container_ttl_seconds: float = Field(default=6 * 3600.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of a process: with the pid, it names one process for good."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+@dataclass
+class _Container:
+    container: Any
+    root: Path
+    started: float
+
+
+class DockerProvider:
+    """Starts the agent image per sandbox (or takes one from the warm pool)."""
+
+    name = "docker"
+
+    def __init__(self, options: DockerOptions | None = None, client: Any = None) -> None:
+        self.options = options or DockerOptions()
+        self._client = client
+        self.host = socket.gethostname()
+        self.orchestrator_id = f"{self.host}:{os.getpid()}:{_process_start(os.getpid())}"
+        self._starts = asyncio.Semaphore(self.options.max_concurrent_starts)
+        self._live: dict[str, _Container] = {}
+        self._pool: list[_Container] = []
+        self._maintenance: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> DockerProvider:
+        return cls(DockerOptions.model_validate(options))
+
+    async def _docker(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = await asyncio.to_thread(docker.from_env)
+                await asyncio.to_thread(self._client.ping)
+            except Exception as exc:
+                raise SandboxError(f"the Docker engine is not reachable: {exc}") from exc
+        return self._client
+
+    # -- acquire / release -----------------------------------------------------------------
+
+    async def acquire(self, spec: SandboxSpec) -> Sandbox:
+        await self._ensure_maintenance()
+        while self._pool:
+            pooled = self._pool.pop(0)
+            client = AgentClient(f"unix:{pooled.root / 'sock' / 'agent.sock'}")
+            try:
+                await client.wait_ready(2.0)
+            except SandboxError:
+                await client.close()
+                await self._remove(pooled)
+                continue
+            return self._adopt(pooled, client, spec)
+        container, client = await self._start(spec, session=spec.session_id)
+        return self._adopt(container, client, spec)
+
+    def _adopt(self, container: _Container, client: AgentClient, spec: SandboxSpec) -> Sandbox:
+        sandbox = Sandbox(f"docker-{container.container.short_id}", client, spec, container)
+        self._live[sandbox.sandbox_id] = container
+        return sandbox
+
+    async def release(self, sandbox: Sandbox) -> None:
+        container = self._live.pop(sandbox.sandbox_id, None)
+        with contextlib.suppress(Exception):
+            await sandbox.client.close()
+        if container is not None:
+            await self._remove(container)
+
+    async def aclose(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        pool, self._pool = self._pool, []
+        live, self._live = list(self._live.values()), {}
+        await asyncio.gather(*(self._remove(c) for c in pool + live))
+
+    # -- containers --------------------------------------------------------------------------
+
+    def _labels(self, session: str, root: Path) -> dict[str, str]:
+        return {
+            "rlm.host-dir": str(root),
+            MANAGED: "true",
+            "rlm.owner": os.environ.get(OWNER_ENV) or self.orchestrator_id,
+            "rlm.orchestrator": self.orchestrator_id,
+            "rlm.session": session,
+            "rlm.expires": str(int(time.time() + self.options.container_ttl_seconds)),
+        }
+
+    async def _start(self, spec: SandboxSpec, session: str) -> tuple[_Container, AgentClient]:
+        docker = await self._docker()
+        o = self.options
+        root = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="rlm-sbx-"))
+        sock_dir = root / "sock"
+        sock_dir.mkdir()
+        if os.geteuid() == 0:
+            os.chown(sock_dir, NOBODY, NOBODY)  # the agent (nobody) creates its socket here
+        else:
+            sock_dir.chmod(0o777)  # root stays 0o700: nobody else can reach the socket
+        command = [
+            "--listen",
+            "unix:/sock/agent.sock",
+            "--workdir",
+            "/work/code",
+            "--state-dir",
+            "/work/.state",
+            "--exec-timeout",
+            str(spec.exec_timeout_seconds),
+            "--max-output-chars",
+            str(spec.max_output_chars),
+            "--memory-limit-mb",
+            str(spec.memory_limit_mb or o.memory_mb),
+        ]
+        work_tmpfs = f"rw,size={o.work_tmpfs_mb}m,mode=1777,uid={NOBODY},gid={NOBODY}"
+        entry: _Container | None = None
+        client: AgentClient | None = None
+        try:
+            async with self._starts:
+                container = await asyncio.to_thread(
+                    docker.containers.run,
+                    o.image,
+                    command,
+                    detach=True,
+                    init=True,
+                    name=f"rlm-sbx-{uuid.uuid4().hex[:12]}",
+                    labels=self._labels(session, root),
+                    network_mode="none",
+                    read_only=True,
+                    user=f"{NOBODY}:{NOBODY}",
+                    tmpfs={"/work": work_tmpfs},
+                    cap_drop=["ALL"],
+                    security_opt=["no-new-privileges"],
+                    pids_limit=o.pids_limit,
+                    mem_limit=f"{o.memory_mb}m",
+                    memswap_limit=f"{o.memory_mb}m",
+                    nano_cpus=int(o.cpus * 1e9),
+                    environment={"HOME": "/work/code"},
+                    volumes={str(sock_dir): {"bind": "/sock", "mode": "rw"}},
+                )
+                entry = _Container(container, root, time.monotonic())
+                client = AgentClient(f"unix:{sock_dir / 'agent.sock'}")
+                await self._wait_ready(entry, client, spec.startup_timeout_seconds)
+            if os.geteuid() == 0:
+                # Bound: from now on the container cannot write to the socket directory.
+                os.chown(sock_dir, 0, 0)
+                sock_dir.chmod(0o755)
+            return entry, client
+        except BaseException:
+            if client is not None:
+                await client.close()
+            if entry is not None:
+                await self._remove(entry)
+            else:
+                await asyncio.to_thread(shutil.rmtree, root, True)
+            raise
+
+    async def _wait_ready(self, entry: _Container, client: AgentClient, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await client.wait_ready(min(1.0, max(0.1, deadline - time.monotonic())))
+                return
+            except SandboxError:
+                await asyncio.to_thread(entry.container.reload)
+                if entry.container.status in ("exited", "dead"):
+                    logs = await asyncio.to_thread(entry.container.logs, tail=30)
+                    raise SandboxError(
+                        f"the sandbox container exited at start: {logs.decode(errors='replace')}"
+                    ) from None
+        raise SandboxError(f"the sandbox container was not ready after {timeout:g}s")
+
+    async def _remove(self, entry: _Container) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(entry.container.remove, force=True)
+        await asyncio.to_thread(shutil.rmtree, entry.root, True)
+
+    # -- pool and reconcile ------------------------------------------------------------------
+
+    async def _ensure_maintenance(self) -> None:
+        if self._maintenance is None:
+            await self.reconcile()
+            self._maintenance = asyncio.create_task(self._maintain(), name="docker-maintenance")
+
+    async def _maintain(self) -> None:
+        last_reconcile = time.monotonic()
+        while True:
+            try:
+                await self._refill_pool()
+                if time.monotonic() - last_reconcile > self.options.reconcile_interval_seconds:
+                    await self.reconcile()
+                    last_reconcile = time.monotonic()
+            except Exception:  # the engine may be briefly unavailable: try again later
+                log.exception("docker sandbox maintenance failed")
+            await asyncio.sleep(1.0)
+
+    async def _refill_pool(self) -> None:
+        now = time.monotonic()
+        for stale in [
+            c for c in self._pool if now - c.started > self.options.warm_max_idle_seconds
+        ]:
+            self._pool.remove(stale)
+            await self._remove(stale)
+        while len(self._pool) < self.options.warm_pool_size:
+            entry, client = await self._start(SandboxSpec(session_id="pool"), session="pool")
+            await client.close()
+            self._pool.append(entry)
+
+    async def warm_up(self) -> None:
+        """Fill the warm pool now (and start its maintenance)."""
+        await self._ensure_maintenance()
+        await self._refill_pool()
+
+    async def reconcile(self) -> int:
+        """Remove managed containers that expired or whose orchestrator is gone."""
+        docker = await self._docker()
+        containers = await asyncio.to_thread(
+            docker.containers.list, all=True, filters={"label": f"{MANAGED}=true"}
+        )
+        removed = 0
+        for container in containers:
+            if self._orphaned(container.labels):
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(container.remove, force=True)
+                    removed += 1
+                host_dir = container.labels.get("rlm.host-dir", "")
+                ours = container.labels.get("rlm.orchestrator", "").startswith(f"{self.host}:")
+                if ours and Path(host_dir).name.startswith("rlm-sbx-"):
+                    # Its socket directory on this machine (never anything else of ours).
+                    await asyncio.to_thread(shutil.rmtree, host_dir, True)
+        return removed
+
+    def _orphaned(self, labels: dict[str, str]) -> bool:
+        if float(labels.get("rlm.expires", "0") or 0) < time.time():
+            return True
+        host, _, rest = labels.get("rlm.orchestrator", "").partition(":")
+        pid, _, start = rest.partition(":")
+        if host != self.host or not pid.isdigit():
+            return False  # another machine's: only its expiry can tell
+        return _process_start(int(pid)) != start
