@@ -33,7 +33,10 @@ proto: setup
 proto-check: proto
 	git diff --exit-code -- $(PROTO_OUT)
 
+# The Docker tests need the sandbox image: built (or found up to date) when an engine runs.
 test: setup
+	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; \
+	else echo "no Docker engine: the docker tests will skip (RLM_REQUIRE_DOCKER=1 fails them)"; fi
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -21,9 +21,10 @@
 # A multi-stage build keeps the wheel files themselves out of the final image.
 #
 # Runtime contract (the Docker provider): read-only root FS, a tmpfs at /work, a bind mount
-# at /sock, user 65534:65534. The image creates nothing writable: everything it adds is owned
-# by root and read-only for the agent. Bytecode is compiled at build time (unchecked-hash:
-# the files never change in the image), as nothing can be written at run time.
+# at /sock, user 65534:65534. The image creates nothing writable but /work (the tmpfs's mount
+# point, see below): everything else it adds is owned by root and read-only for the agent.
+# Bytecode is compiled at build time (unchecked-hash: the files never change in the image),
+# as nothing can be written at run time.
 #
 #   docker run --read-only --tmpfs /work:rw,mode=1777 -v DIR:/sock --user 65534:65534 IMAGE \
 #       --listen unix:/sock/agent.sock --workdir /work/code --state-dir /work/.state
@@ -47,20 +48,23 @@ RUN set -eu; \
 
 FROM ${BASE_IMAGE}
 COPY --from=install /opt/rlm/ /opt/rlm/
-# The agent's own code comes last: changing it leaves the layers above cached.
+# /work is the mount point of the run-time tmpfs. Docker gives a tmpfs the mode and owner of
+# the image's directory under it ("tmpcopyup"), whatever its mode= option says: the directory
+# must be 1777 here, or nobody could write in the tmpfs (WORKDIR alone makes it 0755 root).
+RUN mkdir -p -m 1777 /work && chmod 1777 /work
+WORKDIR /work
+ENV PYTHONPATH=/opt/rlm/lib \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+ENTRYPOINT ["python3", "-m", "sandbox_agent"]
+CMD ["--help"]
+# The agent's own code comes last: changing it leaves every layer above cached.
 COPY sandbox_agent/ /opt/rlm/lib/sandbox_agent/
 RUN set -eu; \
     chmod -R u=rwX,go=rX /opt/rlm/lib/sandbox_agent; \
     python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/rlm/lib/sandbox_agent; \
-    PYTHONPATH=/opt/rlm/lib python3 -c 'import sandbox_agent.server, sandbox_agent.worker'
-ENV PYTHONPATH=/opt/rlm/lib \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-# /work is created owned by root (the run-time tmpfs is mounted over it).
-WORKDIR /work
+    python3 -c 'import sandbox_agent.server, sandbox_agent.worker'
 USER 65534:65534
-ENTRYPOINT ["python3", "-m", "sandbox_agent"]
-CMD ["--help"]
 
 # Set by build-sandbox-image.sh: a hash of this file, sandbox_agent/ and the requirement list.
 ARG CONTENT_HASH=unknown

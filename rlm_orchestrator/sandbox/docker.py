@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,19 @@ class DockerOptions(BaseModel):
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)
 
 
+async def _uncancellable(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Create a container even if cancelled meanwhile, and then remove it: a cancelled
+    `to_thread` would leave the thread to create a container that nobody knows about."""
+    creating = asyncio.ensure_future(asyncio.to_thread(run, *args, **kwargs))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            created = await creating
+            await asyncio.to_thread(created.remove, force=True)
+        raise
+
+
 def _process_start(pid: int) -> str:
     """The kernel's start time of a process: with the pid, it names one process for good."""
     try:
@@ -83,6 +97,7 @@ class DockerProvider:
         self._live: dict[str, _Container] = {}
         self._pool: list[_Container] = []
         self._maintenance: asyncio.Task[None] | None = None
+        self._refilling = asyncio.Lock()
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> DockerProvider:
@@ -179,7 +194,7 @@ class DockerProvider:
         client: AgentClient | None = None
         try:
             async with self._starts:
-                container = await asyncio.to_thread(
+                container = await _uncancellable(
                     docker.containers.run,
                     o.image,
                     command,
@@ -257,6 +272,10 @@ class DockerProvider:
             await asyncio.sleep(1.0)
 
     async def _refill_pool(self) -> None:
+        async with self._refilling:  # maintenance and warm_up() must not both fill it
+            await self._refill_pool_locked()
+
+    async def _refill_pool_locked(self) -> None:
         now = time.monotonic()
         for stale in [
             c for c in self._pool if now - c.started > self.options.warm_max_idle_seconds
