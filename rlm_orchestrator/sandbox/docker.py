@@ -155,6 +155,12 @@ class DockerProvider:
 
     # -- containers --------------------------------------------------------------------------
 
+    def _environment(self) -> dict[str, str]:
+        # No secret ever: a home and temp dir in the tmpfs, and the owner label (as for
+        # local sandboxes) so that a stray agent process can be traced back to its owner.
+        owner = os.environ.get(OWNER_ENV) or self.orchestrator_id
+        return {"HOME": "/work/code", "TMPDIR": "/work", OWNER_ENV: owner}
+
     def _labels(self, session: str, root: Path) -> dict[str, str]:
         return {
             "rlm.host-dir": str(root),
@@ -212,7 +218,7 @@ class DockerProvider:
                     mem_limit=f"{o.memory_mb}m",
                     memswap_limit=f"{o.memory_mb}m",
                     nano_cpus=int(o.cpus * 1e9),
-                    environment={"HOME": "/work/code"},
+                    environment=self._environment(),
                     volumes={str(sock_dir): {"bind": "/sock", "mode": "rw"}},
                 )
                 entry = _Container(container, root, time.monotonic())
