@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import pytest
 from conftest import ROOT_MODEL, SANDBOX_IMAGE, _our_containers, repl, require_docker
 
-from rlm_orchestrator import RLM
+from rlm_orchestrator import RLM, SandboxError
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import ExecutionReport
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
@@ -173,3 +173,12 @@ def test_rlm_runs_in_docker_and_cleans_up(
     )
     assert rlm.completion("12345").response == "done"
     assert "65534 5" in str(lm.requests_for(ROOT_MODEL)[1].messages)
+
+
+async def test_a_failed_start_is_a_clear_error_and_leaves_nothing() -> None:
+    provider = DockerProvider(DockerOptions(image="rlm-sandbox:no-such-tag"))
+    try:
+        with pytest.raises(SandboxError, match="could not start a sandbox container"):
+            await provider.acquire(SandboxSpec(session_id="broken"))
+    finally:
+        await provider.aclose()

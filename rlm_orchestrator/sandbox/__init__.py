@@ -6,7 +6,12 @@ from typing import Any
 
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport, SubCallOutcome
-from rlm_orchestrator.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
+from rlm_orchestrator.sandbox.base import (
+    Sandbox,
+    SandboxProvider,
+    SandboxSpec,
+    SupportsReconcile,
+)
 
 __all__ = [
     "AgentClient",
@@ -15,6 +20,7 @@ __all__ = [
     "SandboxProvider",
     "SandboxSpec",
     "SubCallOutcome",
+    "SupportsReconcile",
     "create_provider",
 ]
 

@@ -35,6 +35,15 @@ class Sandbox:
 
 
 @runtime_checkable
+class SupportsReconcile(Protocol):
+    """A provider that can find and remove what dead orchestrators left behind."""
+
+    async def reconcile(self) -> int:
+        """Remove orphaned sandboxes; returns how many."""
+        ...
+
+
+@runtime_checkable
 class SandboxProvider(Protocol):
     """A sandbox backend. Implementations must make `release` idempotent and leak-free."""
 

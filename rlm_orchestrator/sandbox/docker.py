@@ -229,13 +229,15 @@ class DockerProvider:
                 os.chown(sock_dir, 0, 0)
                 sock_dir.chmod(0o755)
             return entry, client
-        except BaseException:
+        except BaseException as exc:
             if client is not None:
                 await client.close()
             if entry is not None:
                 await self._remove(entry)
             else:
                 await asyncio.to_thread(shutil.rmtree, root, True)
+            if isinstance(exc, Exception) and not isinstance(exc, SandboxError):
+                raise SandboxError(f"could not start a sandbox container: {exc}") from exc
             raise
 
     async def _wait_ready(self, entry: _Container, client: AgentClient, timeout: float) -> None:

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
-from rlm_orchestrator.sandbox import SandboxProvider, create_provider
+from rlm_orchestrator.sandbox import SandboxProvider, SupportsReconcile, create_provider
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
@@ -73,6 +73,11 @@ class OrchestratorServer:
         self._provider = create_provider(
             self.settings.environment, self.settings.environment_kwargs
         )
+        if isinstance(self._provider, SupportsReconcile):
+            # What a previous orchestrator on this machine left behind goes first.
+            removed = await self._provider.reconcile()
+            if removed:
+                log.warning("removed %d orphaned sandbox(es) at start", removed)
         self._service = OrchestratorService(self.settings, router, self._provider)
         token = self.settings.auth_token
         interceptors = [BearerTokenInterceptor(token.get_secret_value())] if token else []
