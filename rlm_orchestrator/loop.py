@@ -14,7 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Status, StatusCode
+
 from rlm_orchestrator import events as ev
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import (
     CompletionTimeoutError,
     CostLimitExceededError,
@@ -175,7 +178,11 @@ class CompletionLoop:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.iteration_timeout_seconds):
-                    record, outcome = await self._turn(prompt, iteration)
+                    with telemetry.tracer().start_as_current_span(
+                        "rlm.turn",
+                        attributes={"rlm.depth": self.settings.depth, "rlm.iteration": iteration},
+                    ):
+                        record, outcome = await self._turn(prompt, iteration)
             except TimeoutError as exc:
                 raise CompletionTimeoutError(
                     f"iteration {iteration + 1} exceeded its timeout of "
@@ -293,14 +300,27 @@ class CompletionLoop:
                 await asyncio.gather(*(self._sub_call(p, model, kind, calls) for p in prompts))
             )
 
-        report = await self.session.sandbox.client.execute(
-            code,
-            on_output=on_output,
-            on_sub_call=on_sub_call,
-            timeout_seconds=self.settings.exec_timeout_seconds,
-            max_output_chars=self.settings.max_output_chars,
-            execution_id=f"{iteration}.{index}",
-        )
+        attributes = {"rlm.depth": depth, "rlm.iteration": iteration, "rlm.block": index}
+        with telemetry.tracer().start_as_current_span("rlm.execute", attributes=attributes) as span:
+            if telemetry.record_content():
+                span.set_attribute("rlm.code", telemetry.content(code))
+            report = await self.session.sandbox.client.execute(
+                code,
+                on_output=on_output,
+                on_sub_call=on_sub_call,
+                timeout_seconds=self.settings.exec_timeout_seconds,
+                max_output_chars=self.settings.max_output_chars,
+                execution_id=f"{iteration}.{index}",
+                traceparent=telemetry.traceparent(span),
+            )
+            span.set_attribute("rlm.exec.status", report.status)
+            if report.status != "ok":
+                last_line = (report.error.strip().splitlines() or [report.status])[-1]
+                span.set_status(Status(StatusCode.ERROR, last_line))
+            if telemetry.record_content():
+                span.set_attribute("rlm.output", telemetry.content(report.stdout + report.stderr))
+        if report.agent_span is not None:
+            telemetry.export_agent_span(report.agent_span)
         result = REPLResult(
             stdout=report.stdout,
             stderr=report.stderr,

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import ConfigurationError, LMError
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
 
@@ -113,6 +115,8 @@ class LMAnswer:
     duration: float
     # 1 + the retries it took.
     attempts: int = 1
+    # The model the provider says answered.
+    response_model: str = ""
 
 
 def _litellm() -> Any:
@@ -239,6 +243,44 @@ class LMRouter:
             retry=retry_if_exception(_is_retryable),
             reraise=True,
         )
+        provider, _, _ = config.litellm_model.rpartition("/")
+        attributes: dict[str, str | int] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": provider.split("/")[0] if provider else config.backend,
+            "gen_ai.request.model": config.model_name,
+            "rlm.depth": depth,
+        }
+        with telemetry.tracer().start_as_current_span(
+            f"chat {config.model_name}", kind=SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            if telemetry.record_content():
+                span.set_attribute("gen_ai.prompt", telemetry.content(str(messages[-1]["content"])))
+            try:
+                answer = await self._call(config, messages, retrying, litellm, tracker)
+            except LMError as exc:
+                telemetry.mark_error(span, exc)
+                raise
+            span.set_attributes(
+                {
+                    "gen_ai.response.model": answer.response_model,
+                    "gen_ai.usage.input_tokens": answer.usage.total_input_tokens,
+                    "gen_ai.usage.output_tokens": answer.usage.total_output_tokens,
+                    "rlm.cost_usd": answer.usage.total_cost,
+                    "rlm.attempts": answer.attempts,
+                }
+            )
+            if telemetry.record_content():
+                span.set_attribute("gen_ai.completion", telemetry.content(answer.text))
+            return answer
+
+    async def _call(
+        self,
+        config: LMClientConfig,
+        messages: Messages,
+        retrying: AsyncRetrying,
+        litellm: Any,
+        tracker: UsageTracker | None,
+    ) -> LMAnswer:
         started = time.perf_counter()
         try:
             async with self._semaphore(config):
@@ -274,6 +316,7 @@ class LMRouter:
             usage=usage,
             duration=time.perf_counter() - started,
             attempts=int(retrying.statistics.get("attempt_number", 1)),
+            response_model=str(getattr(response, "model", "") or config.litellm_model),
         )
 
     @staticmethod

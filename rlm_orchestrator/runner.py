@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlm_orchestrator import events as ev
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import CompletionLoop, LoopSettings, SessionState
 from rlm_orchestrator.router import LMRouter, UsageTracker
@@ -80,7 +81,9 @@ class CompletionRunner:
 
     async def new_session(self) -> SessionState:
         spec = dataclasses.replace(self.spec, session_id=uuid.uuid4().hex)
-        sandbox = await self.provider.acquire(spec)
+        attributes = {"rlm.sandbox.provider": self.provider.name}
+        with telemetry.tracer().start_as_current_span("rlm.sandbox.create", attributes=attributes):
+            sandbox = await self.provider.acquire(spec)
         if self.setup_code:
             try:
                 await sandbox.client.execute(
@@ -104,6 +107,34 @@ class CompletionRunner:
     ) -> RLMChatCompletion:
         """One completion. With `session`, its sandbox is used (and kept, with history)."""
         depth = self.settings.depth if depth is None else depth
+        attributes: dict[str, str | int] = {"rlm.depth": depth, "rlm.root_model": root_model}
+        with telemetry.tracer().start_as_current_span(
+            "rlm.completion", attributes=attributes
+        ) as span:
+            try:
+                result = await self._run(
+                    context, root_prompt, tracker, root_model, depth, session, timeout_seconds
+                )
+            except BaseException as exc:
+                telemetry.mark_error(span, exc)
+                span.set_attribute("rlm.cost_usd", tracker.total_cost)
+                raise
+            finally:
+                if depth == self.settings.depth:
+                    await telemetry.flush()  # the completion's trace leaves now, not later
+            span.set_attribute("rlm.cost_usd", tracker.total_cost)
+            return result
+
+    async def _run(
+        self,
+        context: Any,
+        root_prompt: str | None,
+        tracker: UsageTracker,
+        root_model: str,
+        depth: int,
+        session: SessionState | None,
+        timeout_seconds: float | None,
+    ) -> RLMChatCompletion:
         if depth >= self.settings.max_depth:
             return await self._plain_lm(context, root_model, tracker, depth)
         top_level = depth == self.settings.depth
@@ -144,7 +175,8 @@ class CompletionRunner:
             return result
         finally:
             if own_session:
-                await self.provider.release(active.sandbox)
+                with telemetry.tracer().start_as_current_span("rlm.sandbox.release"):
+                    await self.provider.release(active.sandbox)
 
     async def _plain_lm(
         self, prompt: Any, root_model: str, tracker: UsageTracker, depth: int

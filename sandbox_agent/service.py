@@ -18,6 +18,7 @@ from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
 from sandbox_agent.frames import Kind
 from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
+from sandbox_agent.tracing import ExecutionSpan
 
 DEFAULT_VARIABLE_CHARS = 16 * 1024 * 1024
 BUSY_POLLS, BUSY_POLL_SECONDS = 50, 0.01
@@ -35,9 +36,12 @@ class _StreamSink:
     """Writes an execution's events to its gRPC stream; goes quiet once the stream is gone."""
 
     def __init__(
-        self, context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse]
+        self,
+        context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
+        traceparent: str = "",
     ) -> None:
         self._context = context
+        self._traceparent = traceparent
         self.closed = False
 
     async def _write(self, message: pb.ExecuteResponse) -> None:
@@ -56,7 +60,13 @@ class _StreamSink:
         kind_pb = (
             pb.LLM_REQUEST_KIND_LLM_QUERY if kind == LLM_QUERY else pb.LLM_REQUEST_KIND_RLM_QUERY
         )
-        request = pb.LlmRequest(request_id=request_id, prompts=prompts, model=model, kind=kind_pb)
+        request = pb.LlmRequest(
+            request_id=request_id,
+            prompts=prompts,
+            model=model,
+            kind=kind_pb,
+            traceparent=self._traceparent,
+        )
         await self._write(pb.ExecuteResponse(llm_request=request))
 
 
@@ -104,7 +114,8 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             )
             return
         start = first.start
-        sink = _StreamSink(context)
+        span = ExecutionSpan.start(start.traceparent)
+        sink = _StreamSink(context, span.traceparent if span else "")
         execution = asyncio.create_task(
             self._executor.execute(start.code, sink, start.timeout_seconds, start.max_output_chars)
         )
@@ -121,7 +132,20 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             raise
         finally:
             answers.cancel()
-        await sink._write(pb.ExecuteResponse(result=_result_message(outcome)))
+        result = _result_message(outcome)
+        if span is not None:
+            attributes = {
+                "rlm.exec.status": outcome.status,
+                "rlm.exec.stdout_chars": str(outcome.stdout_chars),
+                "rlm.exec.stderr_chars": str(outcome.stderr_chars),
+                "rlm.exec.worker_restarted": str(outcome.worker_restarted).lower(),
+                "rlm.exec.worker_pid": str(self._executor.worker_pid),
+            }
+            error = (
+                outcome.error.splitlines()[-1] if outcome.status != "ok" and outcome.error else ""
+            )
+            result.span.CopyFrom(span.finish(attributes, error))
+        await sink._write(pb.ExecuteResponse(result=result))
 
     async def _forward_answers(
         self,

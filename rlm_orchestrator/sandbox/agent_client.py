@@ -15,7 +15,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
 
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
@@ -72,6 +74,8 @@ class ExecutionReport:
     truncated_chars: int = 0
     final_answer: str | None = None
     worker_restarted: bool = False
+    # The agent's span of this execution (when traced), for the orchestrator to export.
+    agent_span: pb.AgentSpan | None = None
 
 
 @dataclass
@@ -186,6 +190,7 @@ class AgentClient:
         timeout_seconds: float = 0,
         max_output_chars: int = 0,
         execution_id: str = "",
+        traceparent: str = "",
     ) -> ExecutionReport:
         """Run one block. Output and sub-calls are handled as they arrive on the stream.
 
@@ -197,6 +202,7 @@ class AgentClient:
             timeout_seconds=timeout_seconds,
             max_output_chars=max_output_chars,
             execution_id=execution_id,
+            traceparent=traceparent,
         )
         outgoing.put_nowait(pb.ExecuteRequest(start=start))
 
@@ -206,7 +212,14 @@ class AgentClient:
 
         async def answer(request: pb.LlmRequest) -> None:
             kind = "rlm_query" if request.kind == pb.LLM_REQUEST_KIND_RLM_QUERY else "llm_query"
-            outcomes = await on_sub_call(list(request.prompts), request.model, kind)
+            # Sub-call spans are children of the agent's execution span (this task only).
+            parent = telemetry.context_from(request.traceparent)
+            token = otel_context.attach(parent) if parent is not None else None
+            try:
+                outcomes = await on_sub_call(list(request.prompts), request.model, kind)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
             results = [
                 pb.LlmResult(error=o.error)
                 if o.error is not None
@@ -261,4 +274,5 @@ class AgentClient:
             truncated_chars=result.truncated_chars,
             final_answer=result.final_answer if result.HasField("final_answer") else None,
             worker_restarted=result.worker_restarted,
+            agent_span=result.span if result.HasField("span") else None,
         )

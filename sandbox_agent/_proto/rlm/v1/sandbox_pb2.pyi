@@ -177,6 +177,7 @@ class ExecuteStart(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_OUTPUT_CHARS_FIELD_NUMBER: _builtins.int
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Python source of one code block, run in the persistent namespace."""
     timeout_seconds: _builtins.float
@@ -190,6 +191,11 @@ class ExecuteStart(_message.Message):
     """
     execution_id: _builtins.str
     """Caller's id for this execution, echoed in logs; free-form."""
+    traceparent: _builtins.str
+    """W3C trace context (`traceparent`) of the orchestrator's span for this execution. When
+    set, the agent records its own span as a child and returns it in ExecuteResult.span
+    (a sandbox has no network to export spans itself). Empty = not traced.
+    """
     def __init__(
         self,
         *,
@@ -197,10 +203,11 @@ class ExecuteStart(_message.Message):
         timeout_seconds: _builtins.float = ...,
         max_output_chars: _builtins.int = ...,
         execution_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "execution_id", b"execution_id", "max_output_chars", b"max_output_chars", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "execution_id", b"execution_id", "max_output_chars", b"max_output_chars", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,11 +345,14 @@ class LlmRequest(_message.Message):
     PROMPTS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Unique within the execution."""
     model: _builtins.str
     """The model the user code named, or empty for the default routing by depth."""
     kind: Global___LlmRequestKind.ValueType
+    traceparent: _builtins.str
+    """W3C trace context of the agent's execution span: the parent of the sub-call spans."""
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """One prompt for llm_query, many for llm_query_batched. Answers keep this order."""
@@ -354,10 +364,11 @@ class LlmRequest(_message.Message):
         prompts: _abc.Iterable[_builtins.str] | None = ...,
         model: _builtins.str = ...,
         kind: Global___LlmRequestKind.ValueType = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "prompts", b"prompts", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "prompts", b"prompts", "request_id", b"request_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,6 +389,7 @@ class ExecuteResult(_message.Message):
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     FINAL_ANSWER_FIELD_NUMBER: _builtins.int
     WORKER_RESTARTED_FIELD_NUMBER: _builtins.int
+    SPAN_FIELD_NUMBER: _builtins.int
     status: Global___ExecutionStatus.ValueType
     error: _builtins.str
     """For any status but OK: "ExceptionType: message", with a short traceback of the user's code
@@ -402,6 +414,10 @@ class ExecuteResult(_message.Message):
         definition order, with their type names.
         """
 
+    @_builtins.property
+    def span(self) -> Global___AgentSpan:
+        """The agent's span for this execution, when ExecuteStart.traceparent was set."""
+
     def __init__(
         self,
         *,
@@ -414,16 +430,109 @@ class ExecuteResult(_message.Message):
         duration_seconds: _builtins.float = ...,
         final_answer: _builtins.str | None = ...,
         worker_restarted: _builtins.bool = ...,
+        span: Global___AgentSpan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer", "final_answer", b"final_answer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer", "final_answer", b"final_answer", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer", "duration_seconds", b"duration_seconds", "error", b"error", "final_answer", b"final_answer", "status", b"status", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "truncated_chars", b"truncated_chars", "variables", b"variables", "worker_restarted", b"worker_restarted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer", "duration_seconds", b"duration_seconds", "error", b"error", "final_answer", b"final_answer", "span", b"span", "status", b"status", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "truncated_chars", b"truncated_chars", "variables", b"variables", "worker_restarted", b"worker_restarted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__final_answer: _TypeAlias = _typing.Literal["final_answer"]  # noqa: Y015
     _WhichOneofArgType__final_answer: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__final_answer) -> _WhichOneofReturnType__final_answer | None: ...
 
 Global___ExecuteResult: _TypeAlias = ExecuteResult  # noqa: Y015
+
+@_typing.final
+class AgentSpan(_message.Message):
+    """A finished span recorded by the agent, for the orchestrator to export. Ids are lowercase
+    hex as in W3C trace context; times are nanoseconds since the Unix epoch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ResourceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    PARENT_SPAN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    START_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    END_UNIX_NANO_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    trace_id: _builtins.str
+    span_id: _builtins.str
+    parent_span_id: _builtins.str
+    name: _builtins.str
+    start_unix_nano: _builtins.int
+    end_unix_nano: _builtins.int
+    error: _builtins.str
+    """Set when the execution did not end OK; the span's status description."""
+    @_builtins.property
+    def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def resource(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Describes the process that recorded it (service.name = rlm-sandbox-agent, pid, host)."""
+
+    def __init__(
+        self,
+        *,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
+        parent_span_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        start_unix_nano: _builtins.int = ...,
+        end_unix_nano: _builtins.int = ...,
+        attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resource: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "end_unix_nano", b"end_unix_nano", "error", b"error", "name", b"name", "parent_span_id", b"parent_span_id", "resource", b"resource", "span_id", b"span_id", "start_unix_nano", b"start_unix_nano", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentSpan: _TypeAlias = AgentSpan  # noqa: Y015
 
 @_typing.final
 class Variable(_message.Message):
