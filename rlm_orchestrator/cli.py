@@ -11,8 +11,10 @@ import typer
 from rich.console import Console
 
 from rlm_orchestrator.config import load_run_settings
+from rlm_orchestrator.telemetry.trace_cli import trace_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.add_typer(trace_app, name="trace", help="Read the local trace store (RLM_TRACE_STORE).")
 stderr = Console(stderr=True, highlight=False)
 
 

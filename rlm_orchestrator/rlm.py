@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 from rlm_orchestrator import events as ev
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
 from rlm_orchestrator.loop import LoopSettings, SessionState
@@ -160,6 +161,7 @@ class RLM:
     # -- asynchronous API -------------------------------------------------------------------
 
     async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
+        telemetry.configure()  # from OTEL_* / RLM_TRACE_STORE, once per process; off otherwise
         router = LMRouter(self.root_config, self.other_configs)
         await router.prepare()
         # Created on first use: a plain LM call (depth >= max_depth) never makes one.

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
 from rlm_orchestrator.sandbox import SandboxProvider, SupportsReconcile, create_provider
@@ -68,6 +69,7 @@ class OrchestratorServer:
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
+        telemetry.configure()
         router = build_router(self.settings)
         await router.prepare()
         self._provider = create_provider(

@@ -1,0 +1,123 @@
+"""`rlm-orchestrator trace`: look at the traces recorded in the local store (RLM_TRACE_STORE)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rlm_orchestrator.telemetry.show import (
+    format_cost,
+    format_duration,
+    render_tree,
+    trace_to_json,
+)
+from rlm_orchestrator.telemetry.store import TraceStore, TraceStoreError, store_path
+
+trace_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--store",
+        help="The SQLite trace store [default: env RLM_TRACE_STORE, "
+        "else ~/.local/share/rlm-orchestrator/traces.db].",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", markup=True)
+    raise typer.Exit(1)
+
+
+def _open(store: Path | None) -> TraceStore:
+    try:
+        return TraceStore(store_path(store))
+    except TraceStoreError as exc:
+        _fail(str(exc))
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@trace_app.command("list")
+def list_traces(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="How many traces.")] = 20,
+    as_json: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """The newest traces, newest first."""
+    try:
+        summaries = _open(store).traces(limit)
+    except TraceStoreError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json([s.to_dict() for s in summaries])
+        return
+    console = Console(highlight=False)
+    if not summaries:
+        console.print("no traces yet")
+        return
+    # Narrow terminals drop the services, then the name, rather than squeezing the numbers.
+    wide, medium = console.width >= 130, console.width >= 96
+    table = Table(box=None, header_style="bold underline", pad_edge=False)
+    headers = ["trace", "name", "start", "duration", "spans", "tokens", "cost", "errors"]
+    for header in headers[: 2 if medium else 1]:
+        table.add_column(header, no_wrap=True)
+    for header in headers[2:]:
+        table.add_column(header, no_wrap=True, justify="left" if header == "start" else "right")
+    if wide:
+        table.add_column("services", no_wrap=True)
+    for s in summaries:
+        cells = [
+            s.trace_id[:16],
+            s.name,
+            f"{s.start.astimezone():%m-%d %H:%M:%S}",
+            format_duration(s.duration_ns),
+            str(s.span_count),
+            f"{s.input_tokens}→{s.output_tokens}",
+            format_cost(s.cost_usd) if s.cost_usd is not None else "-",
+            f"[red]{s.error_count}[/red]" if s.error_count else "0",
+        ]
+        if not medium:
+            del cells[1]
+        table.add_row(*cells, *([", ".join(s.services)] if wide else []))
+    console.print(table)
+
+
+@trace_app.command()
+def show(
+    trace_id: Annotated[
+        str | None, typer.Argument(help="A trace id, or a unique prefix of one.")
+    ] = None,
+    last: Annotated[bool, typer.Option("--last", help="The newest trace.")] = False,
+    as_json: JsonOption = False,
+    store: StoreOption = None,
+) -> None:
+    """One trace as a tree of spans (or nested JSON with --json)."""
+    if (trace_id is None) == (not last):
+        _fail("give a TRACE_ID or --last (not both)" if last else "give a TRACE_ID or --last")
+    trace_store = _open(store)
+    try:
+        if trace_id is not None:
+            resolved = trace_store.resolve(trace_id)
+        else:
+            newest = trace_store.last_trace_id()
+            if newest is None:
+                _fail(f"no traces in {trace_store.path}")
+            resolved = newest
+        spans = trace_store.spans(resolved)
+    except TraceStoreError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(trace_to_json(spans))
+    else:
+        Console(highlight=False).print(render_tree(spans))
