@@ -379,7 +379,10 @@ class CompletionLoop:
         assert self.spawn_child is not None
         depth = self.settings.depth
         try:
-            child = await self.spawn_child(prompt, self.remaining_seconds())
+            with telemetry.tracer().start_as_current_span(
+                "rlm.rlm_query", attributes={"rlm.depth": depth, "rlm.prompt_chars": len(prompt)}
+            ):
+                child = await self.spawn_child(prompt, self.remaining_seconds())
         except RLMError as exc:
             error = f"child RLM failed: {type(exc).__name__}: {exc}"
             self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, error))

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Span, Status, StatusCode
 from rich.console import Console
 from typer.testing import CliRunner
@@ -136,9 +137,13 @@ def test_exporter_writes_rows(recorded: Recorded) -> None:
     assert {r[0] for r in rows} == {recorded.trace_id}
     assert all(len(r[1]) == 16 for r in rows)
     by_name = {r[3]: r for r in rows}
-    roots = [r for r in rows if r[2] is None]
-    assert [r[3] for r in roots] == ["rlm.completion"]
-    assert json.loads(by_name["rlm.completion"][6])["rlm.depth"] in (0, 1)
+    (root,) = [r for r in rows if r[2] is None]
+    assert root[3] == "rlm.completion"
+    assert json.loads(root[6]) == {
+        "rlm.depth": 0, "rlm.root_model": "gpt-test", "rlm.iterations": 2,
+        "rlm.cost_usd": 0.006, "rlm.final_source": "text",
+    }  # fmt: skip
+    assert json.loads(root[7])["service.name"] == "rlm-orchestrator"
     sandbox = by_name["sandbox.execute"]
     assert json.loads(sandbox[7])["service.name"] == "rlm-sandbox-agent"
     assert by_name["rlm.execute"][2] is not None
@@ -147,7 +152,7 @@ def test_exporter_writes_rows(recorded: Recorded) -> None:
     assert json.loads(failed[8])[0]["name"] == "exception"
 
 
-def test_summary_values(recorded: Recorded, tmp_path: Path) -> None:
+def test_summary_values(recorded: Recorded) -> None:
     store = TraceStore(recorded.db)
     (summary,) = store.traces()
     assert summary.trace_id == recorded.trace_id
@@ -159,13 +164,16 @@ def test_summary_values(recorded: Recorded, tmp_path: Path) -> None:
     assert summary.duration_ns == 2500 * MS
     assert summary.services == ("rlm-orchestrator", "rlm-sandbox-agent")
     json.dumps(summary.to_dict())
-    # A second, newer trace comes first; without a root cost, LM costs are summed.
+    # A second, newer trace comes first. The root's cost wins; without it, the LM calls'
+    # costs are summed (not the child RLM's own total, which would count one twice).
     second = _record_completion(recorded.db, offset_ns=10_000 * MS)
     with closing(sqlite3.connect(recorded.db)) as conn, conn:
-        conn.execute("UPDATE spans SET attributes = '{}' WHERE trace_id = ? AND "
-                     "parent_span_id IS NULL", (second,))  # fmt: skip
+        update = "UPDATE spans SET attributes = ? WHERE trace_id = ? AND parent_span_id IS NULL"
+        conn.execute(update, ('{"rlm.cost_usd": 0.5}', recorded.trace_id))
+        conn.execute(update, ("{}", second))
     newest, older = store.traces()
     assert (newest.trace_id, older.trace_id) == (second, recorded.trace_id)
+    assert older.cost_usd == 0.5
     assert newest.cost_usd == pytest.approx(0.006)
     assert store.last_trace_id() == second
     assert [s.trace_id for s in store.traces(limit=1)] == [second]
@@ -247,6 +255,20 @@ def test_render_orphans_and_cycles(recorded: Recorded) -> None:
     assert "no spans" in _render([])
 
 
+def test_render_parent_cycle() -> None:
+    def stored(span_id: str, parent: str | None, start: int) -> StoredSpan:
+        return StoredSpan("t" * 32, span_id, parent, f"s-{span_id}", "INTERNAL", start,
+                          start + MS, "UNSET", None)  # fmt: skip
+
+    # Malformed: a and b are each other's parent. They are shown at the top, not dropped.
+    spans = [stored("r", None, 0), stored("a", "b", 1), stored("b", "a", 2), stored("c", "r", 3)]
+    text = _render(spans)
+    assert all(f"s-{i}" in text for i in "rabc")
+    roots = trace_to_json(spans)["roots"]
+    assert [r["name"] for r in roots] == ["s-r", "s-a"]
+    assert roots[1]["children"][0]["name"] == "s-b"
+
+
 def _iter_nodes(nodes: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for node in nodes:
         yield node
@@ -315,6 +337,13 @@ def test_cli_errors(recorded: Recorded, tmp_path: Path, monkeypatch: pytest.Monk
         result = runner.invoke(trace_app, [*args, "--store", str(missing)])
         assert result.exit_code == 1 and "no trace store" in result.stderr
     assert not missing.exists()
+    empty = SqliteSpanExporter(tmp_path / "empty.db")
+    assert empty.export([]) is SpanExportResult.SUCCESS  # the schema, no spans
+    empty.shutdown()
+    result = runner.invoke(trace_app, ["list", "--store", str(tmp_path / "empty.db")])
+    assert result.exit_code == 0 and "no traces yet" in result.stdout
+    result = runner.invoke(trace_app, ["show", "--last", "--store", str(tmp_path / "empty.db")])
+    assert result.exit_code == 1 and "no traces in" in result.stderr
     # The store path comes from RLM_TRACE_STORE when --store is not given.
     monkeypatch.setenv("RLM_TRACE_STORE", str(recorded.db))
     assert store_path(None) == recorded.db
@@ -327,20 +356,15 @@ def test_cli_errors(recorded: Recorded, tmp_path: Path, monkeypatch: pytest.Monk
 def test_export_failure_is_logged_not_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    provider.get_tracer("test").start_span("x").end()
+    provider.shutdown()
+    spans = memory.get_finished_spans()
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     exporter = SqliteSpanExporter(blocker / "t.db")  # its parent is a file
-    provider = TracerProvider(shutdown_on_exit=False)
-    spans: list[ReadableSpan] = []
-
-    class Keep(SimpleSpanProcessor):
-        def on_end(self, span: ReadableSpan) -> None:
-            spans.append(span)
-
-    provider.add_span_processor(Keep(exporter))
-    provider.get_tracer("test").start_span("x").end()
-    provider.shutdown()
-    exporter = SqliteSpanExporter(blocker / "t.db")
     with caplog.at_level(logging.WARNING):
         assert exporter.export(spans) is SpanExportResult.FAILURE
         assert exporter.export(spans) is SpanExportResult.FAILURE

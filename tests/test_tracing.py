@@ -19,12 +19,15 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import repl, require_docker
+from conftest import SERVER_TOKEN, repl, require_docker, server_config, start_server, stop_server
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from typer.testing import CliRunner
 
 from rlm_orchestrator.cli import app
+from rlm_orchestrator.service.security import bearer_metadata
 from rlm_orchestrator.testing.scripted_lm import Rule, ScriptedLMServer
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
 
 
 @dataclass
@@ -194,3 +197,37 @@ print(sorted(t.name for t in threading.enumerate()))
     assert first == "fine False"
     assert "Span" not in threads and "Otel" not in threads, threads
     assert not [p for p in tmp_path.rglob("*") if p.suffix == ".db"]
+
+
+def test_a_server_completion_continues_the_callers_trace(
+    lm: ScriptedLMServer,
+    tmp_path: Path,
+    receiver: tuple[Receiver, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    collector, port = receiver
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    server = start_server(server_config(lm, tmp_path))  # inherits the OTEL_* variables
+    try:
+        lm.set_sequence("root", [repl("x = llm_query('q')"), "FINAL_VAR(x)"])
+        lm.set_sequence("sub", ["traced"])
+        caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+        traceparent = f"00-{caller_trace}-{caller_span}-01"
+        with grpc.insecure_channel(server.address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+            data = b"ctx"
+            start = pb.CompletionStart(context_encoding=pb.CONTEXT_ENCODING_TEXT, context_bytes=3)
+            requests = iter([pb.RunRequest(start=start), pb.RunRequest(context_chunk=data)])
+            metadata = (*bearer_metadata(SERVER_TOKEN), ("traceparent", traceparent))
+            events = list(stub.Run(requests, metadata=metadata))
+        assert events[-1].finished.response == "traced"
+    finally:
+        stop_server(server)  # SIGTERM: the server flushes its spans on the way out
+    assert {s.trace_id for s in collector.spans} == {caller_trace}
+    by_id = {s.span_id: s for s in collector.spans}
+    (completion,) = [s for s in collector.spans if s.name == "rlm.completion"]
+    rpc = by_id[completion.parent_span_id]
+    assert rpc.name == "/rlm.v1.Orchestrator/Run" and rpc.parent_span_id == caller_span
+    assert any(s.name == "sandbox.execute" for s in collector.spans)

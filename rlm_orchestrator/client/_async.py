@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from rlm_orchestrator import events as ev
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import (
     AuthenticationError,
     ClientError,
@@ -202,7 +203,12 @@ class AsyncClient:
             for offset in range(0, len(data), CHUNK_BYTES):
                 yield pb.RunRequest(context_chunk=data[offset : offset + CHUNK_BYTES])
 
-        call = self._stub.Run(requests(), metadata=self._metadata)
+        # The caller's trace (if any) continues on the server: W3C trace context in metadata.
+        traceparent = telemetry.traceparent()
+        metadata = (
+            (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
+        )
+        call = self._stub.Run(requests(), metadata=metadata)
         try:
             async for message in call:
                 accepted.set()

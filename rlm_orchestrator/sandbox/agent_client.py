@@ -235,7 +235,11 @@ class AgentClient:
         stdout: list[str] = []
         stderr: list[str] = []
         sub_calls: set[asyncio.Task[None]] = set()
-        call = self._stub.Execute(requests(), metadata=self._metadata)
+        # The trace context rides the call's metadata too, for gRPC-level tooling.
+        metadata = (
+            (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
+        )
+        call = self._stub.Execute(requests(), metadata=metadata)
         result: pb.ExecuteResult | None = None
         try:
             async for message in call:

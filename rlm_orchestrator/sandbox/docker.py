@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
@@ -302,6 +303,12 @@ class DockerProvider:
 
     async def reconcile(self) -> int:
         """Remove managed containers that expired or whose orchestrator is gone."""
+        with telemetry.tracer().start_as_current_span("rlm.sandbox.reconcile") as span:
+            removed = await self._reconcile()
+            span.set_attribute("rlm.sandbox.removed", removed)
+            return removed
+
+    async def _reconcile(self) -> int:
         docker = await self._docker()
         containers = await asyncio.to_thread(
             docker.containers.list, all=True, filters={"label": f"{MANAGED}=true"}

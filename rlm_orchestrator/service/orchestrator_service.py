@@ -93,9 +93,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
 
     # -- Run -----------------------------------------------------------------------------------
 
-    async def Run(  # type: ignore[override]  # streams with context.write
+    async def Run(
         self, request_iterator: AsyncIterator[pb.RunRequest], context: Context
-    ) -> None:
+    ) -> AsyncIterator[pb.CompletionEvent]:
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if len(self.running) >= self.settings.max_concurrent_completions:
@@ -123,11 +123,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 events.put_nowait(message)
 
         runner.emit = emit
-        await context.write(
-            pb.CompletionEvent(
-                started=pb.CompletionStarted(
-                    completion_id=running.completion_id, session_id=start.session_id
-                )
+        yield pb.CompletionEvent(
+            started=pb.CompletionStarted(
+                completion_id=running.completion_id, session_id=start.session_id
             )
         )
         # `started` doubles as "accepted": the client sends the context only after it, so a
@@ -139,14 +137,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         self.running[running.completion_id] = running
         try:
             while (message := await events.get()) is not None:
-                await context.write(message)
-        except asyncio.CancelledError:
-            # The client hung up: stop the completion and release its sandbox before ending.
-            running.task.cancel()
-            with contextlib.suppress(BaseException):
-                await running.task
-            raise
+                yield message
         finally:
+            # Whatever ended the stream (the client hung up, shutdown), the completion stops
+            # and its sandbox is released before the RPC ends.
+            if not running.task.done():
+                running.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await running.task
             self.running.pop(running.completion_id, None)
 
     async def _complete(

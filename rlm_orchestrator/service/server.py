@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,7 +83,15 @@ class OrchestratorServer:
                 log.warning("removed %d orphaned sandbox(es) at start", removed)
         self._service = OrchestratorService(self.settings, router, self._provider)
         token = self.settings.auth_token
-        interceptors = [BearerTokenInterceptor(token.get_secret_value())] if token else []
+        interceptors: list[Any] = (
+            [BearerTokenInterceptor(token.get_secret_value())] if token else []
+        )
+        if telemetry.enabled():
+            # RPC spans, and the caller's W3C trace context read from the call's metadata: a
+            # completion's trace continues the client's.
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+            interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
         server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self._service, server)
         add_router_service(server, router)

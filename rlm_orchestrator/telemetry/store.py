@@ -75,7 +75,7 @@ class SqliteSpanExporter(SpanExporter):
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # as store_path() does for the reader
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._shut_down = False
@@ -106,7 +106,7 @@ class SqliteSpanExporter(SpanExporter):
                         f"INSERT OR REPLACE INTO spans ({_COLUMNS}) VALUES ({', '.join('?' * 12)})",
                         rows,
                     )
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # sqlite3.Error, OSError, ...: never the caller's problem
                 message = f"{type(exc).__name__}: {exc}"
                 if message != self._last_error:  # once per distinct error, not every batch
                     log.warning("trace store %s: could not write spans: %s", self.path, message)

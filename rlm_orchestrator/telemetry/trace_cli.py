@@ -24,8 +24,8 @@ StoreOption = Annotated[
     Path | None,
     typer.Option(
         "--store",
-        help="The SQLite trace store [default: env RLM_TRACE_STORE, "
-        "else ~/.local/share/rlm-orchestrator/traces.db].",
+        help="The SQLite trace store (default: env RLM_TRACE_STORE, "
+        "else ~/.local/share/rlm-orchestrator/traces.db).",
         show_default=False,
     ),
 ]
@@ -33,7 +33,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout."
 
 
 def _fail(message: str) -> NoReturn:
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[red]error:[/red] {message}", markup=True
+    )
     raise typer.Exit(1)
 
 
