@@ -7,7 +7,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := sandbox_agent/_proto
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup proto proto-check test lint run clean sandbox-image
+.PHONY: setup proto proto-check test lint run clean sandbox-image bench
 
 setup: $(STAMP)
 
@@ -52,6 +52,12 @@ run: setup
 # Cached by content hash: seconds when nothing changed.
 sandbox-image:
 	deploy/build-sandbox-image.sh
+
+# Benchmarks (not tests): JSON in bench/results/, a table on stdout; non-zero on a missed target.
+# One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup).
+bench: setup
+	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; fi
+	$(PY) -m bench.run $(if $(BENCH),--only '$(BENCH)')
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

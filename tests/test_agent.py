@@ -11,13 +11,14 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import grpc
 import pytest
 
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
-from rlm_orchestrator.sandbox.agent_client import ExecutionReport
+from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport
 from rlm_orchestrator.sandbox.local import LocalProvider
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
@@ -307,3 +308,31 @@ async def test_a_forked_child_neither_corrupts_the_protocol_nor_acts_as_the_work
     assert report.status == "ok"
     assert "from the parent" in report.stdout
     assert (await run(sandbox, "print('next block')")).stdout == "next block\n"
+
+
+async def test_agent_listens_on_tcp_and_reports_its_port(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sandbox_agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert line.startswith("LISTENING port ")
+        client = AgentClient(f"127.0.0.1:{line.split()[-1]}")
+        try:
+            await client.wait_ready(10)
+            assert (await client.info()).workdir == str(tmp_path / "work")
+        finally:
+            await client.close()
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 10) == 0

@@ -12,14 +12,26 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 import pytest
-from conftest import ROOT_MODEL, SANDBOX_IMAGE, _our_containers, repl, require_docker
+from conftest import (
+    ROOT_MODEL,
+    SANDBOX_IMAGE,
+    SERVER_TOKEN,
+    _our_containers,
+    repl,
+    require_docker,
+    server_config,
+)
 
 from rlm_orchestrator import RLM, SandboxError
+from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import ExecutionReport
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+from rlm_orchestrator.service.server import OrchestratorServer
+from rlm_orchestrator.service.settings import load_server_settings
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 pytestmark = pytest.mark.docker
@@ -182,3 +194,22 @@ async def test_a_failed_start_is_a_clear_error_and_leaves_nothing() -> None:
             await provider.acquire(SandboxSpec(session_id="broken"))
     finally:
         await provider.aclose()
+
+
+async def test_the_server_runs_completions_in_docker_sandboxes(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    config = server_config(lm, tmp_path, environment="docker")
+    with config.open("a") as toml:
+        toml.write(f'[environment_kwargs]\nimage = "{SANDBOX_IMAGE}"\n')
+    server = OrchestratorServer(load_server_settings(config))
+    port = await server.start()
+    try:
+        lm.set_sequence(
+            ROOT_MODEL, [repl("import os\nprint(os.getuid())"), "FINAL(in a container)"]
+        )
+        async with AsyncClient(f"127.0.0.1:{port}", token=SERVER_TOKEN) as client:
+            assert (await client.completion("ctx")).response == "in a container"
+        assert "65534" in str(lm.requests_for(ROOT_MODEL)[1].messages)
+    finally:
+        await server.stop()

@@ -1,0 +1,1 @@
+"""One module per benchmark: NAME, DESCRIPTION and `async def run() -> list[Metric]`."""

@@ -1,0 +1,166 @@
+"""Round trip of `x = 1` on a warm sandbox: our local and Docker agents vs the seed's REPLs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import Metric, discard_output, instant_answers, not_measured, timing
+from rlm_orchestrator.sandbox import SandboxSpec
+from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
+
+NAME = "exec"
+DESCRIPTION = "execution round trip of `x = 1` on a warm sandbox"
+WARMUP = 20
+LOCAL_N = 1500
+DOCKER_N = 500
+SEED_LOCAL_N = 2000
+SEED_DOCKER_N = 20
+SEED_DOCKER_IMAGE = os.environ.get("RLM_BENCH_SEED_IMAGE", "rlm-sandbox-base:bookworm")
+
+
+async def _ours(provider: Any, n: int) -> list[float]:
+    box = await provider.acquire(SandboxSpec(session_id="bench-exec"))
+    try:
+        samples = []
+        for i in range(WARMUP + n):
+            start = time.perf_counter()
+            report = await box.client.execute(
+                "x = 1", on_output=discard_output, on_sub_call=instant_answers
+            )
+            elapsed = time.perf_counter() - start
+            assert report.status == "ok", report
+            if i >= WARMUP:
+                samples.append(elapsed)
+        return samples
+    finally:
+        await provider.aclose()
+
+
+def _seed_local(n: int) -> list[float]:
+    from bench import seed
+
+    repl = seed.load()["local_repl"].LocalREPL()
+    try:
+        samples = []
+        for i in range(WARMUP + n):
+            start = time.perf_counter()
+            repl.execute_code("x = 1")
+            if i >= WARMUP:
+                samples.append(time.perf_counter() - start)
+        return samples
+    finally:
+        repl.cleanup()
+
+
+def _seed_docker(n: int) -> list[float]:
+    """The seed's DockerREPL, unchanged but for its container start (see `SeedDockerREPL`)."""
+    import subprocess
+
+    from bench import seed
+
+    docker_repl = seed.load()["docker_repl"]
+
+    class SeedDockerREPL(docker_repl.DockerREPL):  # type: ignore[name-defined, misc]
+        """The seed's setup() on an image without network, `python`, dill or requests:
+        a bind-mounted stub dir adds `python` (-> python3) and an unused `requests` module;
+        dill is absent, so the seed's script falls back to pickle (its own fallback).
+        execute_code (one `docker exec python -c <script>` per block) is the seed's."""
+
+        def setup(self) -> None:
+            stub = Path(self.temp_dir) / ".stub"
+            (stub / "bin").mkdir(parents=True)
+            (stub / "bin" / "python").symlink_to("/usr/bin/python3")
+            (stub / "requests.py").write_text("def post(*a, **k):\n    raise OSError('none')\n")
+            result = subprocess.run(
+                [
+                    "docker",
+                    "run",
+                    "-d",
+                    "--rm",
+                    "--network",
+                    "none",
+                    "-v",
+                    f"{self.temp_dir}:/workspace",
+                    "-e",
+                    "PATH=/workspace/.stub/bin:/usr/local/bin:/usr/bin:/bin",
+                    "-e",
+                    "PYTHONPATH=/workspace/.stub",
+                    "--label",
+                    "rlm.bench=seed-docker-repl",
+                    self.image,
+                    "tail",
+                    "-f",
+                    "/dev/null",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"Failed to start container: {result.stderr}")
+            self.container_id = result.stdout.strip()
+
+    os.environ.setdefault("RLM_DOCKER_WORKSPACE_DIR", tempfile.mkdtemp(prefix="rlm-bench-"))
+    repl = SeedDockerREPL(image=SEED_DOCKER_IMAGE)
+    try:
+        first = repl.execute_code("x = 1")
+        if first.stderr.strip():
+            raise RuntimeError(f"the seed's DockerREPL failed: {first.stderr[-300:]}")
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            result = repl.execute_code("x = 1")
+            samples.append(time.perf_counter() - start)
+            assert "x" in result.locals, result.stderr
+        return samples
+    finally:
+        repl.cleanup()
+
+
+async def run() -> list[Metric]:
+    metrics: list[Metric] = []
+    local = await _ours(LocalProvider(), LOCAL_N)
+    metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", 1.0))
+    docker: list[float] | None = None
+    try:
+        docker = await _ours(DockerProvider(DockerOptions()), DOCKER_N)
+        metrics.append(timing(NAME, "ours, Docker agent", docker, "ms"))
+    except Exception as exc:  # no engine or no image
+        metrics.append(not_measured(NAME, "ours, Docker agent", "ms", str(exc)[:200]))
+    try:
+        seed_local = await asyncio.to_thread(_seed_local, SEED_LOCAL_N)
+        metrics.append(
+            timing(NAME, "seed LocalREPL (in-process exec)", seed_local, "ms", note="reference")
+        )
+    except Exception as exc:
+        metrics.append(not_measured(NAME, "seed LocalREPL (in-process exec)", "ms", str(exc)))
+    seed_docker: list[float] | None = None
+    try:
+        seed_docker = await asyncio.to_thread(_seed_docker, SEED_DOCKER_N)
+        metrics.append(
+            timing(
+                NAME,
+                "seed DockerREPL (docker exec per block)",
+                seed_docker,
+                "ms",
+                note=f"image {SEED_DOCKER_IMAGE}, pickle instead of dill (not in the image)",
+            )
+        )
+    except Exception as exc:
+        reason = str(exc)[:200]
+        metrics.append(not_measured(NAME, "seed DockerREPL (docker exec per block)", "ms", reason))
+    name = "speed-up, our Docker agent vs seed DockerREPL (p50)"
+    if docker and seed_docker:
+        ratio = statistics.median(seed_docker) / statistics.median(docker)
+        metrics.append(Metric(NAME, name, "x", ratio, target_op=">=", target=50.0).check())
+    else:
+        metrics.append(
+            not_measured(NAME, name, "x", "a side is missing", target_op=">=", target=50.0)
+        )
+    return metrics

@@ -1,0 +1,126 @@
+"""Shared helpers: metrics with targets, statistics, a silent sandbox handler, the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rlm_orchestrator.sandbox import SubCallOutcome
+
+OPS = {
+    "<": lambda v, t: v < t,
+    "<=": lambda v, t: v <= t,
+    ">": lambda v, t: v > t,
+    ">=": lambda v, t: v >= t,
+}
+
+
+@dataclass
+class Metric:
+    """One measured number (p50 of repetitions, or a ratio) and its optional target."""
+
+    bench: str
+    name: str
+    unit: str
+    value: float | None
+    p99: float | None = None
+    n: int = 0
+    target_op: str | None = None
+    target: float | None = None
+    passed: bool | None = None
+    miss: str = ""
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> Metric:
+        if self.target_op is None or self.target is None:
+            return self
+        if self.value is None:
+            self.passed = None  # not measured: neither a pass nor a miss
+            return self
+        self.passed = OPS[self.target_op](self.value, self.target)
+        if not self.passed:
+            if self.target_op in ("<", "<="):
+                self.miss = f"{self.value / self.target:.2f}x over the target"
+            else:
+                ratio = self.target / self.value if self.value else float("inf")
+                self.miss = f"{ratio:.2f}x short of the target"
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def timing(
+    bench: str,
+    name: str,
+    seconds: Sequence[float],
+    unit: str = "ms",
+    target_op: str | None = None,
+    target: float | None = None,
+    note: str = "",
+) -> Metric:
+    """A metric from repeated durations in seconds, reported in `unit` (ms or us)."""
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    return Metric(
+        bench,
+        name,
+        unit,
+        statistics.median(seconds) * scale,
+        percentile(seconds, 99) * scale,
+        len(seconds),
+        target_op,
+        target,
+        note=note,
+        extra={"mean": statistics.fmean(seconds) * scale, "max": max(seconds) * scale},
+    ).check()
+
+
+def not_measured(bench: str, name: str, unit: str, reason: str, **target: Any) -> Metric:
+    return Metric(bench, name, unit, None, note=f"not measured: {reason}", **target).check()
+
+
+async def discard_output(stream: str, text: str) -> None:
+    return None
+
+
+async def instant_answers(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+    """An LM that answers at once: what remains is the transport."""
+    return [SubCallOutcome(text="y") for _ in prompts]
+
+
+def _version(command: list[str]) -> str:
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or out.stderr.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+
+
+def machine() -> dict[str, Any]:
+    import grpc
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "grpcio": grpc.__version__,
+        "docker_server": _version(["docker", "version", "--format", "{{.Server.Version}}"]),
+        "docker_client": _version(["docker", "version", "--format", "{{.Client.Version}}"]),
+    }

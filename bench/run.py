@@ -1,0 +1,139 @@
+"""Run the benchmarks: `python -m bench.run [--only NAME ...]` (or `make bench [BENCH=NAME]`).
+
+Writes bench/results/<timestamp>.json and bench/results/latest.json, prints a markdown table,
+and exits 1 when a target is missed (saying by how much), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import Metric, machine
+
+CASES = {
+    "exec": "bench.cases.exec_roundtrip",
+    "llm_query": "bench.cases.llm_query",
+    "streaming": "bench.cases.streaming",
+    "acquire": "bench.cases.acquire",
+    "startup": "bench.cases.startup",
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def table(metrics: list[Metric]) -> str:
+    lines = [
+        "| bench | metric | p50 / value | p99 | unit | n | target | result |",
+        "|---|---|---:|---:|---|---:|---|---|",
+    ]
+    for m in metrics:
+        target = f"{m.target_op} {_fmt(m.target)}" if m.target_op else ""
+        if m.passed is None:
+            result = "not measured" if m.value is None and m.target_op else ""
+        else:
+            result = "pass" if m.passed else f"**MISS** ({m.miss})"
+        if m.value is None:
+            result = (result + " " + m.note).strip()
+        lines.append(
+            f"| {m.bench} | {m.name} | {_fmt(m.value)} | {_fmt(m.p99)} | {m.unit} | "
+            f"{m.n or ''} | {target} | {result} |"
+        )
+    return "\n".join(lines)
+
+
+async def run_case(name: str) -> tuple[list[Metric], float, str]:
+    module = importlib.import_module(CASES[name])
+    start = time.perf_counter()
+    error = ""
+    try:
+        metrics: list[Metric] = await module.run()
+    except Exception:
+        error = traceback.format_exc()
+        metrics = [Metric(name, "(benchmark crashed)", "", None, note=error.splitlines()[-1])]
+    return metrics, time.perf_counter() - start, error
+
+
+async def main(only: list[str]) -> int:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    names = only or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; known: {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    started = datetime.now(UTC)
+    report: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "benchmarks": {},
+        "metrics": [],
+    }
+    all_metrics: list[Metric] = []
+    for name in names:
+        print(f"== {name}: {importlib.import_module(CASES[name]).DESCRIPTION}", file=sys.stderr)
+        metrics, seconds, error = await run_case(name)
+        if error:
+            print(error, file=sys.stderr)
+        print(f"   {seconds:.1f}s", file=sys.stderr)
+        report["benchmarks"][name] = {"seconds": round(seconds, 2), "error": error or None}
+        all_metrics.extend(metrics)
+    report["metrics"] = [m.as_dict() for m in all_metrics]
+    report["seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    RESULTS.mkdir(exist_ok=True)
+    text = json.dumps(report, indent=2)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    suffix = "" if not only else "-" + "-".join(names)
+    (RESULTS / f"{stamp}{suffix}.json").write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+
+    print()
+    print(table(all_metrics))
+    print()
+    m = report["machine"]
+    print(
+        f"{m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
+        f"Docker {m['docker_server']}; {report['seconds']}s; "
+        f"results in bench/results/{stamp}{suffix}.json"
+    )
+    missed = [x for x in all_metrics if x.passed is False]
+    crashed = [n for n, b in report["benchmarks"].items() if b["error"]]
+    for x in missed:
+        print(
+            f"MISSED: {x.bench} / {x.name}: {_fmt(x.value)} {x.unit}, "
+            f"target {x.target_op} {_fmt(x.target)} {x.unit}: {x.miss}"
+        )
+    for n in crashed:
+        print(f"CRASHED: {n} (traceback above)")
+    return 1 if missed or crashed else 0
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", action="append", default=[], help=f"one of {', '.join(CASES)} (repeatable)"
+    )
+    args = parser.parse_args()
+    only = [n for item in args.only for n in item.replace(",", " ").split()]
+    raise SystemExit(asyncio.run(main(only)))
+
+
+if __name__ == "__main__":
+    cli()
