@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -223,6 +224,14 @@ def serve(
     except ConfigurationError as exc:
         stderr.print(f"[bold red]configuration error:[/] {exc}")
         raise typer.Exit(2) from exc
+    # Every sandbox is released and the server stopped: skip the interpreter's teardown of
+    # litellm's module graph (~1.2 s here), which would stretch the shutdown past its grace.
+    from rlm_orchestrator import telemetry
+
+    telemetry.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:

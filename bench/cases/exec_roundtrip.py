@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -106,8 +107,16 @@ def _seed_docker(n: int) -> list[float]:
                 raise RuntimeError(f"Failed to start container: {result.stderr}")
             self.container_id = result.stdout.strip()
 
-    os.environ.setdefault("RLM_DOCKER_WORKSPACE_DIR", tempfile.mkdtemp(prefix="rlm-bench-"))
-    repl = SeedDockerREPL(image=SEED_DOCKER_IMAGE)
+    workspace = tempfile.mkdtemp(prefix="rlm-bench-seed-")
+    previous = os.environ.get("RLM_DOCKER_WORKSPACE_DIR")
+    os.environ["RLM_DOCKER_WORKSPACE_DIR"] = workspace  # the seed's default is ./.rlm_workspace
+    try:
+        repl = SeedDockerREPL(image=SEED_DOCKER_IMAGE)
+    finally:
+        if previous is None:
+            os.environ.pop("RLM_DOCKER_WORKSPACE_DIR", None)
+        else:
+            os.environ["RLM_DOCKER_WORKSPACE_DIR"] = previous
     try:
         first = repl.execute_code("x = 1")
         if first.stderr.strip():
@@ -121,6 +130,7 @@ def _seed_docker(n: int) -> list[float]:
         return samples
     finally:
         repl.cleanup()
+        shutil.rmtree(workspace, ignore_errors=True)
 
 
 async def run() -> list[Metric]:

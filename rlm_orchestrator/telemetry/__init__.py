@@ -9,6 +9,7 @@ from rlm_orchestrator.telemetry.tracing import (
     flush,
     mark_error,
     record_content,
+    shutdown,
     traceparent,
     tracer,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "flush",
     "mark_error",
     "record_content",
+    "shutdown",
     "traceparent",
     "tracer",
 ]

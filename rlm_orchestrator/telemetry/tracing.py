@@ -96,6 +96,13 @@ async def flush() -> None:
         await asyncio.to_thread(provider.force_flush, 5000)
 
 
+def shutdown() -> None:
+    """Flush and stop the exporters (what the SDK would otherwise do at interpreter exit)."""
+    provider = _state["provider"]
+    if provider is not None:
+        provider.shutdown()
+
+
 def record_content() -> bool:
     """Code, prompts and outputs go into spans only when RLM_TRACE_CONTENT says so."""
     return os.environ.get(CONTENT_ENV, "").lower() in ("1", "true", "yes")
