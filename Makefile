@@ -40,8 +40,8 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check rlm_orchestrator sandbox_agent tests
-	$(VENV)/bin/ruff format --check rlm_orchestrator sandbox_agent tests
+	$(VENV)/bin/ruff check rlm_orchestrator sandbox_agent tests bench
+	$(VENV)/bin/ruff format --check rlm_orchestrator sandbox_agent tests bench
 	$(VENV)/bin/mypy rlm_orchestrator sandbox_agent
 
 run: setup
