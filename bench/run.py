@@ -26,6 +26,7 @@ CASES = {
     "streaming": "bench.cases.streaming",
     "acquire": "bench.cases.acquire",
     "startup": "bench.cases.startup",
+    "scale": "bench.cases.scale",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

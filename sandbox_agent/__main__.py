@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +31,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         "--max-output-chars", type=int, default=1_000_000, help="per stream, per block"
     )
     parser.add_argument("--memory-limit-mb", type=int, default=0, help="worker address-space limit")
+    parser.add_argument(
+        "--token-env",
+        default="RLM_AGENT_TOKEN",
+        help="environment variable holding the bearer token callers must send (if set)",
+    )
+    parser.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     args = parser.parse_args(argv)
     own_dir = None if args.workdir else Path(tempfile.mkdtemp(prefix="rlm-agent-"))
     workdir: Path = args.workdir or (own_dir / "work" if own_dir else Path("work"))
@@ -43,7 +51,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
             max_output_chars=args.max_output_chars,
             memory_limit_mb=args.memory_limit_mb,
         ),
+        # Taken out of the environment: the worker (user code) does not inherit it.
+        token=os.environ.pop(args.token_env, None) or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     return config, own_dir
 
 

@@ -7,12 +7,14 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
+from sandbox_agent.auth import BearerTokenInterceptor, server_credentials
 from sandbox_agent.executor import Executor, ExecutorConfig
 from sandbox_agent.service import SandboxService
 
@@ -38,6 +40,12 @@ class AgentConfig:
     listen: str  # "unix:/path/agent.sock" or "host:port"
     executor: ExecutorConfig
     shutdown_grace_seconds: float = 5.0
+    # Required as `authorization: Bearer <token>` on every call but health checks, when set:
+    # an agent reachable from a network (a Modal tunnel, a fleet) must not serve strangers.
+    token: str | None = None
+    # TLS certificate chain and key (PEM files), for TCP listeners.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 class Agent:
@@ -46,7 +54,8 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.executor = Executor(config.executor)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.port = 0
 
@@ -56,7 +65,11 @@ class Agent:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(self.config.listen)
+        if self.config.tls_cert and self.config.tls_key:
+            credentials = server_credentials(self.config.tls_cert, self.config.tls_key)
+            self.port = self.server.add_secure_port(self.config.listen, credentials)
+        else:
+            self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0 and not self.config.listen.startswith("unix:"):
             raise OSError(f"could not listen on {self.config.listen}")
         # The worker is up before the server reports SERVING: ready means ready to run code.

@@ -20,6 +20,8 @@ from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport
 from rlm_orchestrator.sandbox.local import LocalProvider
+from rlm_orchestrator.service.security import bearer_metadata, channel_credentials
+from rlm_orchestrator.testing.certs import make_test_pki
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 
@@ -333,6 +335,56 @@ async def test_agent_listens_on_tcp_and_reports_its_port(tmp_path: Path) -> None
             assert (await client.info()).workdir == str(tmp_path / "work")
         finally:
             await client.close()
+    finally:
+        process.terminate()
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_agent_over_tls_requires_its_token_and_hides_it_from_user_code(
+    tmp_path: Path,
+) -> None:
+    pki = make_test_pki(tmp_path)
+    env = {**os.environ, "RLM_AGENT_TOKEN": "agent-token-123"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sandbox_agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        port = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().split()[-1]
+        credentials = channel_credentials(pki.ca_cert)
+        anonymous = AgentClient(f"localhost:{port}", credentials=credentials)
+        trusted = AgentClient(
+            f"localhost:{port}",
+            credentials=credentials,
+            metadata=bearer_metadata("agent-token-123"),
+        )
+        try:
+            await anonymous.wait_ready(10)  # health needs no token (probes)
+            with pytest.raises(SandboxError, match="UNAUTHENTICATED"):
+                await anonymous.info()
+            report = await trusted.execute(
+                "import os\nprint(os.environ.get('RLM_AGENT_TOKEN'))",
+                on_output=Recorder().on_output,
+                on_sub_call=Recorder().on_sub_call,
+            )
+            assert report.stdout == "None\n"
+        finally:
+            await anonymous.close()
+            await trusted.close()
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 10) == 0

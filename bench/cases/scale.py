@@ -1,0 +1,245 @@
+"""Scale: 64 concurrent completions on one server (scripted LM, 50 ms per call), its peak RSS,
+and the RSS of an idle local sandbox (agent + worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.common import Metric, percentile, timing
+from rlm_orchestrator.client import AsyncClient
+from rlm_orchestrator.sandbox import SandboxSpec
+from rlm_orchestrator.sandbox.local import LocalProvider
+from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, Script, ScriptedLMServer
+
+NAME = "scale"
+DESCRIPTION = "64 concurrent completions (scripted LM, 50 ms/call): time, peak RSS, idle RSS"
+CONCURRENT = 64
+ROUNDS = 3
+LM_DELAY = 0.05
+LM_CALLS = 3  # root turn 1 (repl block) + llm_query + root turn 2 (FINAL_VAR)
+IDLE_SANDBOXES = 8
+IDLE_SECONDS = 0.5
+SAMPLE_INTERVAL = 0.02
+SUB_ANSWER = "sub says hi"
+MB = 1024 * 1024
+
+REPL_TURN = "```repl\nx = llm_query('q')\n```"
+
+
+def _root_reply(request: RecordedRequest) -> str:
+    # Per-request, not a shared sequence: 64 interleaved completions each get turn 1 then 2.
+    # Turn 1 is system prompt + context metadata + user prompt; later turns are longer.
+    return REPL_TURN if len(request.messages) == 3 else "FINAL_VAR(x)"
+
+
+def _config(base_url: str, directory: Path) -> Path:
+    lines = [
+        'listen = "127.0.0.1:0"',
+        f"max_concurrent_completions = {2 * CONCURRENT}",
+        'root_model = "root"',
+        'sub_model = "sub"',
+    ]
+    for name in ("root", "sub"):
+        lines += [
+            "[[models]]",
+            f'name = "{name}"',
+            f'api_base = "{base_url}"',
+            'api_key_env = "OPENAI_API_KEY"',
+            # The default (16) would queue the LM calls: the bench measures the orchestrator.
+            f"max_concurrency = {CONCURRENT}",
+            "retry_initial_delay = 0.01",
+        ]
+    path = directory / "scale.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _start_server(config: Path) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "OPENAI_API_KEY": "dummy", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    command = [sys.executable, "-m", "rlm_orchestrator.cli", "serve", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout is not None
+    line = process.stdout.readline()  # LISTENING host:port, once the router is ready
+    if not line.startswith("LISTENING"):
+        _stop_server(process)
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return process, line.split()[1]
+
+
+def _stop_server(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout:
+        process.stdout.close()
+
+
+class _RSSSampler:
+    """Samples a process's RSS (and its tree's) on a thread until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.peak_tree = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                own = self.process.memory_info().rss
+            except psutil.Error:
+                return
+            tree = own
+            for child in self.process.children(recursive=True):
+                try:
+                    tree += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak, self.peak_tree = max(self.peak, own), max(self.peak_tree, tree)
+            self.samples += 1
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def __enter__(self) -> _RSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def _round(client: AsyncClient) -> float:
+    start = time.perf_counter()
+    results = await asyncio.gather(*(client.completion(f"ctx {i}") for i in range(CONCURRENT)))
+    elapsed = time.perf_counter() - start
+    wrong = [r.response for r in results if r.response != SUB_ANSWER]
+    assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[0]!r}"
+    return elapsed
+
+
+async def _idle_sandboxes() -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per idle sandbox: RSS and USS (agent + worker, MB), and the cold start times (s)."""
+    provider = LocalProvider()
+    rss: list[float] = []
+    uss: list[float] = []
+    starts: list[float] = []
+    processes: list[int] = []
+    try:
+        boxes = []
+        for i in range(IDLE_SANDBOXES):
+            start = time.perf_counter()
+            boxes.append(await provider.acquire(SandboxSpec(session_id=f"bench-idle-{i}")))
+            starts.append(time.perf_counter() - start)
+        await asyncio.sleep(IDLE_SECONDS)
+        for box in boxes:
+            agent = psutil.Process(box.provider_state.process.pid)
+            tree = {agent.pid: agent, **{c.pid: c for c in agent.children(recursive=True)}}
+            worker_pid = box.provider_state.worker_pid
+            if worker_pid and worker_pid not in tree:
+                tree[worker_pid] = psutil.Process(worker_pid)
+            processes.append(len(tree))
+            rss.append(sum(p.memory_info().rss for p in tree.values()) / MB)
+            try:
+                uss.append(sum(p.memory_full_info().uss for p in tree.values()) / MB)
+            except (psutil.AccessDenied, AttributeError):
+                pass
+        return rss, uss, starts, [float(n) for n in processes]
+    finally:
+        await provider.aclose()
+
+
+def _mb_metric(name: str, values: list[float], **target: object) -> Metric:
+    return Metric(
+        NAME,
+        name,
+        "MB",
+        statistics.median(values),
+        percentile(values, 99),
+        len(values),
+        extra={"values": [round(v, 1) for v in values]},
+        **target,  # type: ignore[arg-type]
+    ).check()
+
+
+async def run() -> list[Metric]:
+    script = Script(
+        rules=[
+            Rule(_root_reply, model="root", delay_seconds=LM_DELAY),
+            Rule(SUB_ANSWER, model="sub", delay_seconds=LM_DELAY),
+        ]
+    )
+    walls: list[float] = []
+    with ScriptedLMServer(script) as lm, tempfile.TemporaryDirectory() as tmp:
+        process, target = await asyncio.to_thread(_start_server, _config(lm.base_url, Path(tmp)))
+        try:
+            rest_rss = psutil.Process(process.pid).memory_info().rss
+            async with AsyncClient(target) as client:
+                with _RSSSampler(process.pid) as sampler:
+                    for _ in range(ROUNDS):
+                        walls.append(await _round(client))
+            calls = len(lm.requests)
+        finally:
+            await asyncio.to_thread(_stop_server, process)
+    expected = ROUNDS * CONCURRENT * LM_CALLS
+    assert calls == expected, f"{calls} LM calls, expected {expected}"
+
+    rss, uss, starts, tree_sizes = await _idle_sandboxes()
+    cold_start = statistics.median(starts)
+    ideal = LM_CALLS * LM_DELAY + cold_start
+    total = timing(NAME, f"{CONCURRENT} concurrent completions, total wall time", walls, "ms")
+    total.extra["rounds"] = [round(w * 1e3, 1) for w in walls]
+    total.extra["lm_calls"] = calls
+    metrics = [
+        total,
+        Metric(
+            NAME,
+            f"ideal: {LM_CALLS} LM calls x {LM_DELAY * 1e3:.0f} ms + one local sandbox start",
+            "ms",
+            ideal * 1e3,
+            extra={"lm_ms": LM_CALLS * LM_DELAY * 1e3, "sandbox_start_ms": cold_start * 1e3},
+        ),
+        Metric(NAME, "total / ideal", "x", statistics.median(walls) / ideal),
+        Metric(
+            NAME,
+            "orchestrator server peak RSS during the runs",
+            "MB",
+            sampler.peak / MB,
+            extra={
+                "rss_at_rest_mb": rest_rss / MB,
+                "peak_with_sandboxes_mb": sampler.peak_tree / MB,
+                "samples": sampler.samples,
+            },
+        ),
+        Metric(
+            NAME,
+            "server + its sandboxes, peak RSS (info)",
+            "MB",
+            sampler.peak_tree / MB,
+        ),
+        _mb_metric(
+            f"RSS per idle local sandbox (agent + worker, {IDLE_SECONDS:g} s idle)",
+            rss,
+            target_op="<",
+            target=60.0,
+        ),
+    ]
+    metrics[-1].extra["processes_per_sandbox"] = tree_sizes
+    if uss:
+        metrics.append(_mb_metric("USS per idle local sandbox (info)", uss))
+    return metrics
