@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         default="RLM_AGENT_TOKEN",
         help="environment variable holding the bearer token callers must send (if set)",
     )
+    parser.add_argument(
+        "--reflection", action="store_true", help="serve gRPC reflection (about 12 MB more)"
+    )
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     args = parser.parse_args(argv)
@@ -55,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         token=os.environ.pop(args.token_env, None) or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        reflection=args.reflection,
     )
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")

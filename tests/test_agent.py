@@ -312,11 +312,12 @@ async def test_a_forked_child_neither_corrupts_the_protocol_nor_acts_as_the_work
     assert (await run(sandbox, "print('next block')")).stdout == "next block\n"
 
 
-async def test_agent_listens_on_tcp_and_reports_its_port(tmp_path: Path) -> None:
+async def test_agent_listens_on_tcp_and_serves_reflection_on_request(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sandbox_agent",
+        "--reflection",
         "--listen",
         "127.0.0.1:0",
         "--workdir",
@@ -333,6 +334,9 @@ async def test_agent_listens_on_tcp_and_reports_its_port(tmp_path: Path) -> None
         try:
             await client.wait_ready(10)
             assert (await client.info()).workdir == str(tmp_path / "work")
+            port = line.split()[-1]
+            services = await asyncio.to_thread(_reflected_services, f"127.0.0.1:{port}")
+            assert "rlm.v1.Sandbox" in services
         finally:
             await client.close()
     finally:
@@ -388,3 +392,12 @@ async def test_agent_over_tls_requires_its_token_and_hides_it_from_user_code(
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+def _reflected_services(target: str) -> list[str]:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(target) as channel:
+        return list(ProtoReflectionDescriptorDatabase(channel).get_services())

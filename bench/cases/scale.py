@@ -4,6 +4,7 @@ and the RSS of an idle local sandbox (agent + worker)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import Metric, percentile, timing
+from rlm_orchestrator import events as ev
 from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.local import LocalProvider
@@ -24,7 +26,7 @@ from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, Script, 
 NAME = "scale"
 DESCRIPTION = "64 concurrent completions (scripted LM, 50 ms/call): time, peak RSS, idle RSS"
 CONCURRENT = 64
-ROUNDS = 3
+ROUNDS = 2  # a round takes ~16 s on 2 cores (64 sandbox starts)
 LM_DELAY = 0.05
 LM_CALLS = 3  # root turn 1 (repl block) + llm_query + root turn 2 (FINAL_VAR)
 IDLE_SANDBOXES = 8
@@ -107,10 +109,8 @@ class _RSSSampler:
                 return
             tree = own
             for child in self.process.children(recursive=True):
-                try:
+                with contextlib.suppress(psutil.Error):  # a child that just ended
                     tree += child.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak, self.peak_tree = max(self.peak, own), max(self.peak_tree, tree)
             self.samples += 1
             self._stop.wait(SAMPLE_INTERVAL)
@@ -124,11 +124,24 @@ class _RSSSampler:
         self._thread.join()
 
 
-async def _round(client: AsyncClient) -> float:
+async def _one(client: AsyncClient, i: int, start: float, marks: dict[str, list[float]]) -> str:
+    first_block: list[float] = []
+
+    def on_event(event: ev.StreamEvent) -> None:
+        if isinstance(event, ev.CodeBlockStarted) and not first_block:
+            first_block.append(time.perf_counter() - start)
+
+    result = await client.completion(f"ctx {i}", on_event=on_event)
+    marks["latency"].append(time.perf_counter() - start)
+    marks["first_block"].extend(first_block)
+    return result.response
+
+
+async def _round(client: AsyncClient, marks: dict[str, list[float]]) -> float:
     start = time.perf_counter()
-    results = await asyncio.gather(*(client.completion(f"ctx {i}") for i in range(CONCURRENT)))
+    answers = await asyncio.gather(*(_one(client, i, start, marks) for i in range(CONCURRENT)))
     elapsed = time.perf_counter() - start
-    wrong = [r.response for r in results if r.response != SUB_ANSWER]
+    wrong = [a for a in answers if a != SUB_ANSWER]
     assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[0]!r}"
     return elapsed
 
@@ -155,10 +168,8 @@ async def _idle_sandboxes() -> tuple[list[float], list[float], list[float], list
                 tree[worker_pid] = psutil.Process(worker_pid)
             processes.append(len(tree))
             rss.append(sum(p.memory_info().rss for p in tree.values()) / MB)
-            try:
+            with contextlib.suppress(psutil.AccessDenied, AttributeError):  # no USS here
                 uss.append(sum(p.memory_full_info().uss for p in tree.values()) / MB)
-            except (psutil.AccessDenied, AttributeError):
-                pass
         return rss, uss, starts, [float(n) for n in processes]
     finally:
         await provider.aclose()
@@ -185,6 +196,7 @@ async def run() -> list[Metric]:
         ]
     )
     walls: list[float] = []
+    marks: dict[str, list[float]] = {"latency": [], "first_block": []}
     with ScriptedLMServer(script) as lm, tempfile.TemporaryDirectory() as tmp:
         process, target = await asyncio.to_thread(_start_server, _config(lm.base_url, Path(tmp)))
         try:
@@ -192,7 +204,7 @@ async def run() -> list[Metric]:
             async with AsyncClient(target) as client:
                 with _RSSSampler(process.pid) as sampler:
                     for _ in range(ROUNDS):
-                        walls.append(await _round(client))
+                        walls.append(await _round(client, marks))
             calls = len(lm.requests)
         finally:
             await asyncio.to_thread(_stop_server, process)
@@ -215,6 +227,8 @@ async def run() -> list[Metric]:
             extra={"lm_ms": LM_CALLS * LM_DELAY * 1e3, "sandbox_start_ms": cold_start * 1e3},
         ),
         Metric(NAME, "total / ideal", "x", statistics.median(walls) / ideal),
+        timing(NAME, "per completion: start -> first code block (info)", marks["first_block"]),
+        timing(NAME, "per completion: start -> answer (info)", marks["latency"]),
         Metric(
             NAME,
             "orchestrator server peak RSS during the runs",

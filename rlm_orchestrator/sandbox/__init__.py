@@ -36,4 +36,10 @@ def create_provider(environment: str, options: dict[str, Any] | None = None) -> 
         from rlm_orchestrator.sandbox.docker import DockerProvider
 
         return DockerProvider.from_options(options)
-    raise ConfigurationError(f"unknown environment {environment!r}; available: 'local', 'docker'")
+    if environment == "modal":
+        from rlm_orchestrator.sandbox.modal_provider import ModalProvider
+
+        return ModalProvider.from_options(options)
+    raise ConfigurationError(
+        f"unknown environment {environment!r}; available: 'local', 'docker', 'modal'"
+    )

@@ -30,6 +30,7 @@ from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 
 log = logging.getLogger("rlm_orchestrator.sandbox.docker")
 MANAGED = "rlm.managed"
@@ -69,14 +70,6 @@ async def _uncancellable(run: Callable[..., Any], *args: Any, **kwargs: Any) -> 
         raise
 
 
-def _process_start(pid: int) -> str:
-    """The kernel's start time of a process: with the pid, it names one process for good."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 @dataclass
 class _Container:
     container: Any
@@ -93,7 +86,7 @@ class DockerProvider:
         self.options = options or DockerOptions()
         self._client = client
         self.host = socket.gethostname()
-        self.orchestrator_id = f"{self.host}:{os.getpid()}:{_process_start(os.getpid())}"
+        self.orchestrator_id = orchestrator_id()
         self._starts = asyncio.Semaphore(self.options.max_concurrent_starts)
         self._live: dict[str, _Container] = {}
         self._pool: list[_Container] = []
@@ -329,8 +322,4 @@ class DockerProvider:
     def _orphaned(self, labels: dict[str, str]) -> bool:
         if float(labels.get("rlm.expires", "0") or 0) < time.time():
             return True
-        host, _, rest = labels.get("rlm.orchestrator", "").partition(":")
-        pid, _, start = rest.partition(":")
-        if host != self.host or not pid.isdigit():
-            return False  # another machine's: only its expiry can tell
-        return _process_start(int(pid)) != start
+        return owner_gone(labels.get("rlm.orchestrator", ""))

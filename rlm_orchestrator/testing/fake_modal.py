@@ -20,7 +20,7 @@ Every request is recorded (``fake.requests``: list of ``(method, request message
 fake does not implement fail with ``UNIMPLEMENTED`` and a message naming the method, and are
 also listed in ``fake.unimplemented``. A test may override or add any RPC with
 ``fake.set_handler(name, fn)`` where ``fn(request) -> response`` (a list of responses for
-server-streaming RPCs).
+server-streaming RPCs; a coroutine is awaited on the server's loop).
 
 The modal client reads its settings (``MODAL_SERVER_URL``, tokens) from the environment each time
 a client is created, so the environment may be set after ``import modal``; but the client made by
@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import inspect
 import itertools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpclib.const
 import grpclib.server
@@ -110,6 +112,8 @@ class FakeModal:
         self.apps: dict[tuple[str, str], str] = {}  # (environment, name) -> app id
         self.images: dict[str, api_pb2.Image] = {}
         self.image_builder_version = "2024.10"
+        # Longest time one SandboxWait call blocks before answering "still running".
+        self.max_wait_block = 1.0
         self._throttles: dict[str, list[_Throttle]] = {}
         self._handlers: dict[str, Callable[[Any], Any]] = {}
         self._ids = itertools.count(1)
@@ -134,7 +138,7 @@ class FakeModal:
                 loop.run_until_complete(self._server.start(self.host, 0))
                 sockets = self._server._server.sockets  # type: ignore[union-attr]
                 self.port = sockets[0].getsockname()[1]
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
                 started.set()
                 loop.close()
@@ -160,10 +164,8 @@ class FakeModal:
         async def shutdown() -> None:
             if server is not None:
                 server.close()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(server.wait_closed(), 5)
-                except asyncio.TimeoutError:
-                    pass
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
@@ -223,7 +225,7 @@ class FakeModal:
             self.unimplemented.clear()
 
     def set_handler(self, method: str, handler: Callable[[Any], Any] | None) -> None:
-        """Answer ``method`` with ``handler(request)`` (a list for streaming responses); None resets."""
+        """Answer ``method`` with ``handler(request)`` (a list if streaming); None resets."""
         if method not in _METHODS:
             raise ValueError(f"unknown Modal RPC {method!r}")
         with self._lock:
@@ -239,7 +241,7 @@ class FakeModal:
         status: Status = Status.RESOURCE_EXHAUSTED,
         message: str = "Rate limit exceeded (fake)",
     ) -> None:
-        """Make the next ``times`` calls of ``method`` fail with ``status`` (rate limiting by default)."""
+        """Make the next ``times`` calls of ``method`` fail with ``status`` (a rate limit)."""
         if method not in _METHODS:
             raise ValueError(f"unknown Modal RPC {method!r}")
         with self._lock:
@@ -279,7 +281,9 @@ class FakeModal:
                 handler = getattr(self, f"_rpc_{method}", None)
             if handler is None:
                 self.unimplemented.append(method)
-                raise GRPCError(Status.UNIMPLEMENTED, f"FakeModal does not implement the Modal RPC {method}")
+                raise GRPCError(
+                    Status.UNIMPLEMENTED, f"FakeModal does not implement the Modal RPC {method}"
+                )
             return handler(request)
 
     # ------------------------------------------------------------------ RPCs
@@ -289,7 +293,9 @@ class FakeModal:
     def _rpc_AuthTokenGet(self, req: api_pb2.AuthTokenGetRequest) -> api_pb2.AuthTokenGetResponse:
         return api_pb2.AuthTokenGetResponse(token=_fake_jwt())
 
-    def _rpc_AppGetOrCreate(self, req: api_pb2.AppGetOrCreateRequest) -> api_pb2.AppGetOrCreateResponse:
+    def _rpc_AppGetOrCreate(
+        self, req: api_pb2.AppGetOrCreateRequest
+    ) -> api_pb2.AppGetOrCreateResponse:
         key = (req.environment_name, req.app_name)
         if key not in self.apps:
             if req.object_creation_type != api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING:
@@ -305,11 +311,15 @@ class FakeModal:
             environment_id="en-fake-" + name,
             metadata=api_pb2.EnvironmentMetadata(
                 name=name,
-                settings=api_pb2.EnvironmentSettings(image_builder_version=self.image_builder_version),
+                settings=api_pb2.EnvironmentSettings(
+                    image_builder_version=self.image_builder_version
+                ),
             ),
         )
 
-    def _rpc_ImageGetOrCreate(self, req: api_pb2.ImageGetOrCreateRequest) -> api_pb2.ImageGetOrCreateResponse:
+    def _rpc_ImageGetOrCreate(
+        self, req: api_pb2.ImageGetOrCreateRequest
+    ) -> api_pb2.ImageGetOrCreateResponse:
         image_id = self._next_id("im")
         self.images[image_id] = req.image
         return api_pb2.ImageGetOrCreateResponse(
@@ -329,7 +339,9 @@ class FakeModal:
             )
         ]
 
-    def _rpc_SandboxCreateV2(self, req: api_pb2.SandboxCreateV2Request) -> api_pb2.SandboxCreateV2Response:
+    def _rpc_SandboxCreateV2(
+        self, req: api_pb2.SandboxCreateV2Request
+    ) -> api_pb2.SandboxCreateV2Response:
         sandbox_id = self._next_id("sb")
         task_id = self._next_id("ta")
         self.sandboxes[sandbox_id] = FakeSandbox(
@@ -359,14 +371,20 @@ class FakeModal:
             if port.unencrypted:
                 tunnels.append(
                     api_pb2.TunnelData(
-                        container_port=port.port, host=host, port=tport, unencrypted_host=host, unencrypted_port=tport
+                        container_port=port.port,
+                        host=host,
+                        port=tport,
+                        unencrypted_host=host,
+                        unencrypted_port=tport,
                     )
                 )
             else:
                 tunnels.append(api_pb2.TunnelData(container_port=port.port, host=host, port=tport))
         return tunnels
 
-    def _rpc_SandboxGetTunnelsV2(self, req: api_pb2.SandboxGetTunnelsRequest) -> api_pb2.SandboxGetTunnelsResponse:
+    def _rpc_SandboxGetTunnelsV2(
+        self, req: api_pb2.SandboxGetTunnelsRequest
+    ) -> api_pb2.SandboxGetTunnelsResponse:
         sb = self._sandbox(req.sandbox_id)
         return api_pb2.SandboxGetTunnelsResponse(
             result=api_pb2.GenericResult(status=_SUCCESS), tunnels=self._tunnels(sb)
@@ -374,13 +392,28 @@ class FakeModal:
 
     _rpc_SandboxGetTunnels = _rpc_SandboxGetTunnelsV2
 
-    def _rpc_SandboxWaitV2(self, req: api_pb2.SandboxWaitRequest) -> api_pb2.SandboxWaitResponse:
-        # Never blocks (the server runs one loop): a running sandbox answers an empty result, and the
-        # client polls again.
+    def _rpc_SandboxWaitV2(self, req: api_pb2.SandboxWaitRequest) -> Any:
+        # timeout=0 is poll(): answer at once. Otherwise wait (at most `max_wait_block` s) for the
+        # sandbox to finish, like the real server's long poll; an empty result makes the client
+        # ask again.
         sb = self._sandbox(req.sandbox_id)
-        if sb.result is None:
+        if sb.result is not None or req.timeout <= 0:
+            return (
+                api_pb2.SandboxWaitResponse(result=sb.result)
+                if sb.result
+                else api_pb2.SandboxWaitResponse()
+            )
+
+        async def long_poll() -> api_pb2.SandboxWaitResponse:
+            deadline = time.monotonic() + min(req.timeout, self.max_wait_block)
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                with self._lock:
+                    if sb.result is not None:
+                        return api_pb2.SandboxWaitResponse(result=sb.result)
             return api_pb2.SandboxWaitResponse()
-        return api_pb2.SandboxWaitResponse(result=sb.result)
+
+        return long_poll()
 
     _rpc_SandboxWait = _rpc_SandboxWaitV2
 
@@ -409,7 +442,9 @@ class FakeModal:
 
     _rpc_SandboxList = _rpc_SandboxListV2
 
-    def _rpc_SandboxTerminateV2(self, req: api_pb2.SandboxTerminateRequest) -> api_pb2.SandboxTerminateResponse:
+    def _rpc_SandboxTerminateV2(
+        self, req: api_pb2.SandboxTerminateRequest
+    ) -> api_pb2.SandboxTerminateResponse:
         sb = self._sandbox(req.sandbox_id)
         if sb.running:
             sb.state = "terminated"
@@ -425,7 +460,9 @@ class FakeModal:
 
     _rpc_SandboxTagsSet = _rpc_SandboxTagsSetV2
 
-    def _rpc_SandboxTagsGetV2(self, req: api_pb2.SandboxTagsGetRequest) -> api_pb2.SandboxTagsGetResponse:
+    def _rpc_SandboxTagsGetV2(
+        self, req: api_pb2.SandboxTagsGetRequest
+    ) -> api_pb2.SandboxTagsGetResponse:
         sb = self._sandbox(req.sandbox_id)
         return api_pb2.SandboxTagsGetResponse(
             tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()]
@@ -433,7 +470,9 @@ class FakeModal:
 
     _rpc_SandboxTagsGet = _rpc_SandboxTagsGetV2
 
-    def _rpc_SandboxGetTaskIdV2(self, req: api_pb2.SandboxGetTaskIdRequest) -> api_pb2.SandboxGetTaskIdResponse:
+    def _rpc_SandboxGetTaskIdV2(
+        self, req: api_pb2.SandboxGetTaskIdRequest
+    ) -> api_pb2.SandboxGetTaskIdResponse:
         sb = self._sandbox(req.sandbox_id)
         if sb.result is not None:
             return api_pb2.SandboxGetTaskIdResponse(task_id=sb.task_id, task_result=sb.result)
@@ -450,13 +489,13 @@ class FakeModal:
 
 # ---------------------------------------------------------------------- servicer plumbing
 def _methods() -> dict[str, grpclib.const.Handler]:
-    class _Probe(api_grpc.ModalClientBase):
-        pass
+    """Every RPC of the generated servicer, by method name, with its cardinality and types."""
 
-    for name in api_grpc.ModalClientBase.__abstractmethods__:
-        setattr(_Probe, name, lambda self, stream: None)
-    _Probe.__abstractmethods__ = frozenset()
-    mapping = _Probe().__mapping__()
+    class _AnyAttr:
+        def __getattr__(self, name: str) -> None:
+            return None
+
+    mapping = api_grpc.ModalClientBase.__mapping__(cast(Any, _AnyAttr()))
     return {path.rsplit("/", 1)[1]: handler for path, handler in mapping.items()}
 
 
@@ -465,12 +504,14 @@ _METHODS = _methods()
 
 def _make_servicer(fake: FakeModal) -> api_grpc.ModalClientBase:
     def make(name: str, cardinality: Cardinality) -> Callable[..., Any]:
-        async def rpc(self: Any, stream: grpclib.server.Stream) -> None:
+        async def rpc(self: Any, stream: grpclib.server.Stream[Any, Any]) -> None:
             if cardinality in (Cardinality.UNARY_UNARY, Cardinality.UNARY_STREAM):
-                request = await stream.recv_message()
+                request: Any = await stream.recv_message()
             else:  # client-streaming: record the messages as one list
                 request = [msg async for msg in stream]
             response = fake._dispatch(name, request)
+            if inspect.isawaitable(response):
+                response = await response
             if cardinality in (Cardinality.UNARY_UNARY, Cardinality.STREAM_UNARY):
                 await stream.send_message(response)
             else:
@@ -482,4 +523,5 @@ def _make_servicer(fake: FakeModal) -> api_grpc.ModalClientBase:
 
     namespace = {name: make(name, handler.cardinality) for name, handler in _METHODS.items()}
     servicer_cls = type("FakeModalServicer", (api_grpc.ModalClientBase,), namespace)
-    return servicer_cls()
+    servicer: api_grpc.ModalClientBase = servicer_cls()
+    return servicer

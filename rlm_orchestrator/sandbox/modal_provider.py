@@ -1,0 +1,243 @@
+"""Modal sandboxes: one Modal Sandbox per session running our agent, dialled through a tunnel.
+
+The sandbox has no egress (`outbound_cidr_allowlist=[]`); its agent listens on a port Modal
+exposes through an HTTP/2 TLS tunnel (`h2_ports`: gRPC needs h2 ALPN) or, with
+`tunnel_mode="tcp"`, a plain TCP one. The tunnel is public, so every sandbox gets a random
+bearer token (a Modal secret the agent reads and removes from its environment) that every call
+must carry. Creates are capped and paced, and retried when Modal throttles them. `modal` is
+imported on first use; calls to its control plane are bounded in time, so an unreachable
+Modal fails fast with the fix instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rlm_orchestrator import telemetry
+from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox.agent_client import AgentClient
+from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
+
+TOKEN_ENV = "RLM_AGENT_TOKEN"
+AGENT_WHEELS = (
+    "grpcio==1.85.3",
+    "grpcio-health-checking==1.85.1",
+    "grpcio-reflection==1.85.1",
+    "protobuf==7.36.2",
+)
+UNREACHABLE_HELP = (
+    "check MODAL_TOKEN_ID / MODAL_TOKEN_SECRET (`modal token new`), MODAL_SERVER_URL and the "
+    "network; `environment='local'` or `'docker'` need no Modal account"
+)
+
+
+class ModalOptions(BaseModel):
+    """environment_kwargs understood by the Modal provider."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    app_name: str = "rlm-sandboxes"
+    port: int = 50051
+    tunnel_mode: Literal["h2", "tcp"] = "h2"
+    timeout_seconds: int = Field(default=3600, ge=10)
+    # An open tunnel connection keeps a sandbox alive: an orphan is reaped after this.
+    idle_timeout_seconds: int = Field(default=300, ge=10)
+    cpu: float = Field(default=1.0, gt=0)
+    memory_mb: int = Field(default=1024, ge=128)
+    region: str | None = None
+    max_concurrent_creates: int = Field(default=4, ge=1)
+    creates_per_second: float = Field(default=4.0, gt=0)
+    create_attempts: int = Field(default=5, ge=1)
+    # Bound on each control-plane call (Modal's client would otherwise retry for a minute).
+    control_timeout_seconds: float = Field(default=20.0, gt=0)
+    # CA for the tunnel's TLS (default: the system roots); tests use their own CA.
+    tls_ca_file: Path | None = None
+
+
+class ModalProvider:
+    """Creates a Modal Sandbox per session and dials its agent through the tunnel."""
+
+    name = "modal"
+
+    def __init__(self, options: ModalOptions | None = None) -> None:
+        self.options = options or ModalOptions()
+        self.orchestrator_id = orchestrator_id()
+        self._app: Any = None
+        self._creates = asyncio.Semaphore(self.options.max_concurrent_creates)
+        self._next_create = 0.0
+        self._live: dict[str, Any] = {}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> ModalProvider:
+        return cls(ModalOptions.model_validate(options))
+
+    async def _control(self, what: str, call: Any) -> Any:
+        """One control-plane call, bounded in time, failing with what to fix."""
+        try:
+            async with asyncio.timeout(self.options.control_timeout_seconds):
+                return await call
+        except TimeoutError as exc:
+            raise SandboxError(
+                f"Modal did not answer ({what}) within {self.options.control_timeout_seconds:g}s: "
+                f"{UNREACHABLE_HELP}"
+            ) from exc
+
+    async def _get_app(self) -> Any:
+        if self._app is None:
+            import modal
+
+            lookup = modal.App.lookup.aio(self.options.app_name, create_if_missing=True)
+            try:
+                self._app = await self._control("App.lookup", lookup)
+            except SandboxError:
+                raise
+            except Exception as exc:
+                raise SandboxError(
+                    f"Modal refused the app lookup: {exc}; {UNREACHABLE_HELP}"
+                ) from exc
+            await self.sweep_orphans()
+        return self._app
+
+    def image(self) -> Any:
+        """A slim Debian with the agent's pinned wheels and our agent's source."""
+        import modal
+
+        return (
+            modal.Image.debian_slim(python_version="3.11")
+            .pip_install(*AGENT_WHEELS)
+            .add_local_python_source("sandbox_agent")
+        )
+
+    def create_kwargs(self, spec: SandboxSpec, token: str) -> dict[str, Any]:
+        """What we ask Modal for (tested: h2 tunnel, no egress, timeouts, tags, probe)."""
+        import modal
+
+        o = self.options
+        ports: dict[str, list[int]] = (
+            {"h2_ports": [o.port]} if o.tunnel_mode == "h2" else {"unencrypted_ports": [o.port]}
+        )
+        return {
+            "image": self.image(),
+            "secrets": [modal.Secret.from_dict({TOKEN_ENV: token})],
+            "timeout": o.timeout_seconds,
+            "idle_timeout": o.idle_timeout_seconds,
+            "cpu": o.cpu,
+            "memory": o.memory_mb,
+            "region": o.region,
+            "outbound_cidr_allowlist": [],
+            "readiness_probe": modal.Probe.with_tcp(o.port),
+            "tags": {"rlm.orchestrator": self.orchestrator_id, "rlm.session": spec.session_id},
+            **ports,
+        }
+
+    def command(self, spec: SandboxSpec) -> list[str]:
+        return [
+            "python",
+            "-m",
+            "sandbox_agent",
+            "--listen",
+            f"0.0.0.0:{self.options.port}",
+            "--workdir",
+            "/tmp/rlm/work",
+            "--state-dir",
+            "/tmp/rlm/state",
+            "--exec-timeout",
+            str(spec.exec_timeout_seconds),
+            "--max-output-chars",
+            str(spec.max_output_chars),
+        ]
+
+    async def _create(self, spec: SandboxSpec, token: str) -> Any:
+        import modal
+        from modal.exception import ResourceExhaustedError
+
+        app = await self._get_app()
+        delay = 0.5
+        for attempt in range(self.options.create_attempts):
+            async with self._creates:
+                # Pace creates: Modal rate-limits them (about 4/s by default).
+                wait = self._next_create - time.monotonic()
+                self._next_create = (
+                    max(self._next_create, time.monotonic()) + 1 / self.options.creates_per_second
+                )
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                try:
+                    create = modal.Sandbox.create.aio(
+                        *self.command(spec), app=app, **self.create_kwargs(spec, token)
+                    )
+                    return await self._control("Sandbox.create", create)
+                except ResourceExhaustedError:
+                    if attempt + 1 == self.options.create_attempts:
+                        raise SandboxError(
+                            f"Modal throttled {attempt + 1} sandbox creates in a row"
+                        ) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    async def acquire(self, spec: SandboxSpec) -> Sandbox:
+        token = secrets.token_urlsafe(32)
+        with telemetry.tracer().start_as_current_span("modal.sandbox.create"):
+            sandbox = await self._create(spec, token)
+        client: AgentClient | None = None
+        try:
+            tunnels = await self._control("Sandbox.tunnels", sandbox.tunnels.aio())
+            tunnel = tunnels[self.options.port]
+            client = self._client(tunnel, token)
+            await client.wait_ready(spec.startup_timeout_seconds)
+        except BaseException:
+            if client is not None:
+                await client.close()
+            with contextlib.suppress(Exception):
+                await self._control("Sandbox.terminate", sandbox.terminate.aio())
+            raise
+        handle = Sandbox(f"modal-{sandbox.object_id}", client, spec, sandbox)
+        self._live[handle.sandbox_id] = sandbox
+        return handle
+
+    def _client(self, tunnel: Any, token: str) -> AgentClient:
+        from sandbox_agent.auth import bearer_metadata, channel_credentials
+
+        if self.options.tunnel_mode == "h2":
+            host, port = tunnel.host, tunnel.port
+            credentials = channel_credentials(self.options.tls_ca_file)
+            return AgentClient(
+                f"{host}:{port}", credentials=credentials, metadata=bearer_metadata(token)
+            )
+        host, port = tunnel.tcp_socket
+        return AgentClient(f"{host}:{port}", metadata=bearer_metadata(token))
+
+    async def release(self, sandbox: Sandbox) -> None:
+        modal_sandbox = self._live.pop(sandbox.sandbox_id, None)
+        with contextlib.suppress(Exception):
+            await sandbox.client.close()
+        if modal_sandbox is not None:
+            with contextlib.suppress(Exception):
+                await self._control("Sandbox.terminate", modal_sandbox.terminate.aio())
+
+    async def aclose(self) -> None:
+        for sandbox_id in list(self._live):
+            modal_sandbox = self._live.pop(sandbox_id)
+            with contextlib.suppress(Exception):
+                await self._control("Sandbox.terminate", modal_sandbox.terminate.aio())
+
+    async def sweep_orphans(self) -> int:
+        """Terminate our-tagged sandboxes whose orchestrator (on this host) is gone."""
+        import modal
+
+        swept = 0
+        async for sandbox in modal.Sandbox.list.aio(app_id=self._app.app_id):
+            tags = await self._control("Sandbox.get_tags", sandbox.get_tags.aio())
+            if owner_gone(tags.get("rlm.orchestrator", "")):
+                await self._control("Sandbox.terminate", sandbox.terminate.aio())
+                swept += 1
+        return swept
