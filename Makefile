@@ -56,6 +56,7 @@ sandbox-image:
 # Benchmarks (not tests): JSON in bench/results/, a table on stdout; non-zero on a missed target.
 # One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup).
 bench: setup
+	uv pip install --quiet --python $(PY) -e '.[dev,bench]'
 	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; fi
 	$(PY) -m bench.run $(if $(BENCH),--only '$(BENCH)')
 

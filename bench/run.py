@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Metric, machine
+from bench.plot import plot
 
 CASES = {
     "exec": "bench.cases.exec_roundtrip",
@@ -104,11 +105,14 @@ async def main(only: list[str]) -> int:
     suffix = "" if not only else "-" + "-".join(names)
     (RESULTS / f"{stamp}{suffix}.json").write_text(text)
     (RESULTS / "latest.json").write_text(text)
+    m = report["machine"]
+    chart = plot(all_metrics, RESULTS / f"{stamp}{suffix}.png", f"{stamp}: {m['cores']} cores")
+    if chart is not None:
+        (RESULTS / "latest.png").write_bytes(chart.read_bytes())
 
     print()
     print(table(all_metrics))
     print()
-    m = report["machine"]
     print(
         f"{m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
         f"Docker {m['docker_server']}; {report['seconds']}s; "
