@@ -38,6 +38,8 @@ RUN_TMP = Path(tempfile.mkdtemp(prefix="rlm-tests-"))
 os.environ["TMPDIR"] = str(RUN_TMP)
 tempfile.tempdir = str(RUN_TMP)
 
+from modal_support import fake_modal, modal_agents  # noqa: E402, F401  (fixtures)
+
 from rlm_orchestrator import RLM  # noqa: E402
 from rlm_orchestrator.client import Client  # noqa: E402
 from rlm_orchestrator.testing.scripted_lm import Script, ScriptedLMServer  # noqa: E402
@@ -168,7 +170,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "make_rlm" in metafunc.fixturenames and metafunc.module.__name__.startswith(
         "test_semantics"
     ):
-        metafunc.parametrize("via", ["local", "server", "docker"], indirect=True)
+        vias = ["local", "server", "docker"]
+        if metafunc.module.__name__ == "test_semantics":
+            vias.append("modal")  # against the fake Modal control plane (test_modal.py)
+        metafunc.parametrize("via", vias, indirect=True)
 
 
 @pytest.fixture
@@ -207,6 +212,20 @@ def make_rlm(
             "other_backend_kwargs": [backend_kwargs(lm, SUB_MODEL)],
             "environment": "local",
         }
+        if via == "modal":
+            behind = request.getfixturevalue("modal_agents")
+            environment_kwargs = {
+                **kwargs.pop("environment_kwargs", {}),
+                "tls_ca_file": behind.pki.ca_cert,
+            }
+            return RLM(
+                **{
+                    **defaults,
+                    **kwargs,
+                    "environment": "modal",
+                    "environment_kwargs": environment_kwargs,
+                }
+            )
         if via == "docker":
             require_docker()
             environment_kwargs = {**kwargs.pop("environment_kwargs", {}), "image": SANDBOX_IMAGE}

@@ -11,10 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -22,114 +19,18 @@ import pytest
 modal = pytest.importorskip("modal")
 
 from modal_proto import api_pb2  # noqa: E402
+from modal_support import AgentsBehindTheTunnel, _free_port  # noqa: E402
 
 from rlm_orchestrator.exceptions import SandboxError  # noqa: E402
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome  # noqa: E402
 from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider  # noqa: E402
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki  # noqa: E402
 from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class AgentsBehindTheTunnel:
-    """Starts a real agent for each sandbox secret the provider creates."""
-
-    def __init__(self, fake: FakeModal, pki: TestPKI, workdir: Path) -> None:
-        self.fake = fake
-        self.pki = pki
-        self.workdir = workdir
-        self.tokens: list[str] = []
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def on_create(self, request: api_pb2.SandboxCreateV2Request) -> Any:
-        """The sandbox "starts": a real agent with the token the provider sent as a secret."""
-        tokens = [
-            source.env.contents["RLM_AGENT_TOKEN"]
-            for source in request.secret_sources
-            if "RLM_AGENT_TOKEN" in source.env.contents
-        ]
-        token = tokens[0]
-        self.tokens.append(token)
-        port = _free_port()
-        env = {**os.environ, "RLM_AGENT_TOKEN": token}
-        command = [
-            sys.executable,
-            "-m",
-            "sandbox_agent",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workdir",
-            str(self.workdir / f"w{port}"),
-            "--state-dir",
-            str(self.workdir / f"s{port}"),
-            "--tls-cert",
-            str(self.pki.server_cert),
-            "--tls-key",
-            str(self.pki.server_key),
-        ]
-        self.processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
-        self.fake.tunnel_target = ("localhost", port)
-        return self.fake._rpc_SandboxCreateV2(request)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-            process.wait(10)
-
-
-@pytest.fixture
-async def fake_modal(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeModal]:
-    async with FakeModal() as fake:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
-        reset_modal_client()
-        try:
-            yield fake
-        finally:
-            from modal.client import _Client
-
-            if _Client._client_from_env is not None:
-                client = await modal.Client.from_env.aio()
-                await client.close.aio()
-            reset_modal_client()
-
-
-@pytest.fixture
-def agents(fake_modal: FakeModal, tmp_path: Path) -> Iterator[AgentsBehindTheTunnel]:
-    behind = AgentsBehindTheTunnel(fake_modal, make_test_pki(tmp_path / "pki"), tmp_path)
-    fake_modal.set_handler("SandboxCreateV2", behind.on_create)
-    # The image's local source (our agent) is uploaded as a mount: accept every file.
-    uploaded: list[str] = []
-    fake_modal.set_handler(
-        "MountBatchedCheckExistence",
-        lambda r: api_pb2.MountBatchedCheckExistenceResponse(
-            missing_sha256_hex_hashes=list(r.sha256_hex_hashes)
-        ),
-    )
-    fake_modal.set_handler(
-        "MountPutFile",
-        lambda r: uploaded.append(r.sha256_hex) or api_pb2.MountPutFileResponse(exists=True),
-    )
-    fake_modal.set_handler(
-        "MountGetOrCreate",
-        lambda r: api_pb2.MountGetOrCreateResponse(
-            mount_id="mo-agent",
-            handle_metadata=api_pb2.MountHandleMetadata(content_checksum_sha256_hex="0" * 64),
-        ),
-    )
-    yield behind
-    behind.stop()
-
-
-def provider_for(agents: AgentsBehindTheTunnel, **options: Any) -> ModalProvider:
-    return ModalProvider(ModalOptions(tls_ca_file=agents.pki.ca_cert, **options))
+def provider_for(modal_agents: AgentsBehindTheTunnel, **options: Any) -> ModalProvider:
+    return ModalProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert, **options))
 
 
 async def no_output(stream: str, text: str) -> None:
@@ -141,10 +42,10 @@ async def answer(prompts: list[str], model: str, kind: str) -> Sequence[SubCallO
 
 
 async def test_a_modal_sandbox_runs_code_through_the_tunnel(
-    fake_modal: FakeModal, agents: AgentsBehindTheTunnel
+    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
 ) -> None:
     fake_modal.clear_requests()
-    provider = provider_for(agents)
+    provider = provider_for(modal_agents)
     try:
         sandbox = await provider.acquire(SandboxSpec(session_id="s-1", exec_timeout_seconds=30))
         report = await sandbox.client.execute(
@@ -165,22 +66,24 @@ async def test_a_modal_sandbox_runs_code_through_the_tunnel(
     assert definition.timeout_secs == 3600 and definition.idle_timeout_secs == 300
     assert definition.readiness_probe.tcp_port == 50051
     # The token went as an ephemeral secret, not as a plain environment variable.
-    assert agents.tokens and agents.tokens[0] not in str(definition)
+    assert modal_agents.tokens and modal_agents.tokens[0] not in str(definition)
     assert definition.entrypoint_args[:3] == ["python", "-m", "sandbox_agent"]
     tags = {tag.tag_name: tag.tag_value for tag in create.tags}
     assert tags["rlm.session"] == "s-1" and tags["rlm.orchestrator"].count(":") == 2
     assert fake_modal.requests_for("SandboxTerminateV2"), "release terminates the sandbox"
 
 
-async def test_calls_without_the_sandbox_token_are_refused(agents: AgentsBehindTheTunnel) -> None:
+async def test_calls_without_the_sandbox_token_are_refused(
+    modal_agents: AgentsBehindTheTunnel,
+) -> None:
     from rlm_orchestrator.sandbox.agent_client import AgentClient
     from sandbox_agent.auth import channel_credentials
 
-    provider = provider_for(agents)
+    provider = provider_for(modal_agents)
     try:
         sandbox = await provider.acquire(SandboxSpec(session_id="s-2"))
         stranger = AgentClient(
-            sandbox.client.target, credentials=channel_credentials(agents.pki.ca_cert)
+            sandbox.client.target, credentials=channel_credentials(modal_agents.pki.ca_cert)
         )
         try:
             with pytest.raises(SandboxError, match="UNAUTHENTICATED"):
@@ -193,10 +96,10 @@ async def test_calls_without_the_sandbox_token_are_refused(agents: AgentsBehindT
 
 
 async def test_throttled_creates_are_retried(
-    fake_modal: FakeModal, agents: AgentsBehindTheTunnel
+    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
 ) -> None:
     fake_modal.throttle("SandboxCreateV2", times=2)
-    provider = provider_for(agents, creates_per_second=50.0)
+    provider = provider_for(modal_agents, creates_per_second=50.0)
     try:
         sandbox = await provider.acquire(SandboxSpec(session_id="s-3"))
         await provider.release(sandbox)
@@ -244,3 +147,62 @@ def test_sandbox_create_signature_contract() -> None:
     assert set(provider.create_kwargs(SandboxSpec(session_id="x"), "t")) - {"app"} <= set(
         parameters
     )
+
+
+async def test_the_image_pins_the_agent_wheels_and_adds_its_source(
+    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
+) -> None:
+    provider = provider_for(modal_agents)
+    try:
+        sandbox = await provider.acquire(SandboxSpec(session_id="s-5"))
+        await provider.release(sandbox)
+    finally:
+        await provider.aclose()
+    steps = "\n".join(
+        command for image in fake_modal.images.values() for command in image.dockerfile_commands
+    )
+    for wheel in ("grpcio==", "grpcio-health-checking==", "protobuf=="):
+        assert wheel in steps
+    assert "litellm" not in steps
+    (create,) = fake_modal.requests_for("SandboxCreateV2")[-1:]
+    assert "mo-agent" in create.definition.mount_ids  # sandbox_agent's source, as a mount
+
+
+async def test_orphans_of_a_dead_orchestrator_are_swept(
+    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
+) -> None:
+    app = await modal.App.lookup.aio("rlm-sandboxes", create_if_missing=True)
+    dead_owner = f"{socket.gethostname()}:999999999:1"  # no such process on this host
+    orphan = await modal.Sandbox.create.aio(
+        "sleep", "1", app=app, tags={"rlm.orchestrator": dead_owner, "rlm.session": "old"}
+    )
+    provider = provider_for(modal_agents)
+    try:
+        sandbox = await provider.acquire(SandboxSpec(session_id="s-6"))  # sweeps first
+        await provider.release(sandbox)
+    finally:
+        await provider.aclose()
+    terminated = {r.sandbox_id for r in fake_modal.requests_for("SandboxTerminateV2")}
+    assert orphan.object_id in terminated
+
+
+@pytest.mark.modal_live
+async def test_live_modal_round_trip() -> None:
+    # Opt-in, for users with a Modal account: RLM_MODAL_LIVE=1 and real MODAL_TOKEN_* set.
+    if os.environ.get("RLM_MODAL_LIVE") != "1" or not os.environ.get("MODAL_TOKEN_ID"):
+        pytest.skip("live Modal test: set RLM_MODAL_LIVE=1 and MODAL_TOKEN_ID/SECRET to run it")
+    provider = ModalProvider()
+    try:
+        sandbox = await provider.acquire(
+            SandboxSpec(session_id="live", startup_timeout_seconds=300)
+        )
+        report = await sandbox.client.execute(
+            "import socket\ntry:\n    socket.create_connection(('1.1.1.1', 443), timeout=3)\n"
+            "    print('EGRESS')\nexcept OSError:\n    print('no egress')\nprint(llm_query('x'))",
+            on_output=no_output,
+            on_sub_call=answer,
+        )
+        assert report.stdout == "no egress\nX\n"
+        await provider.release(sandbox)
+    finally:
+        await provider.aclose()
