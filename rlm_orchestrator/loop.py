@@ -23,6 +23,7 @@ from rlm_orchestrator.exceptions import (
     CostLimitExceededError,
     LMError,
     RLMError,
+    SandboxError,
 )
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.parsing import (
@@ -39,7 +40,7 @@ from rlm_orchestrator.prompts import (
     build_user_prompt,
 )
 from rlm_orchestrator.router import LMRouter, UsageTracker
-from rlm_orchestrator.sandbox import Sandbox, SubCallOutcome
+from rlm_orchestrator.sandbox import ExecutionReport, Sandbox, SubCallOutcome
 from rlm_orchestrator.types import (
     CodeBlock,
     REPLResult,
@@ -86,20 +87,30 @@ class SessionState:
     sandbox: Sandbox
     context_count: int = 0
     history_count: int = 0
+    # Gives the lost sandbox back (best effort) and a new one: set by the runner.
+    replace: Callable[[Sandbox], Awaitable[Sandbox]] | None = None
+    loaded: list[tuple[str, Any, str]] = field(default_factory=list)
+
+    async def _load(self, name: str, value: Any, alias: str) -> None:
+        await self.sandbox.client.load_value(name, value, alias)
+        self.loaded.append((name, value, alias))
 
     async def add_context(self, context: Any) -> None:
         index = self.context_count
-        await self.sandbox.client.load_value(
-            f"context_{index}", context, "context" if index == 0 else ""
-        )
+        await self._load(f"context_{index}", context, "context" if index == 0 else "")
         self.context_count += 1
 
     async def add_history(self, messages: list[dict[str, Any]]) -> None:
         index = self.history_count
-        await self.sandbox.client.load_value(
-            f"history_{index}", messages, "history" if index == 0 else ""
-        )
+        await self._load(f"history_{index}", messages, "history" if index == 0 else "")
         self.history_count += 1
+
+    async def recover(self) -> None:
+        """Move to a new sandbox (the old one was lost) and load everything again."""
+        assert self.replace is not None
+        self.sandbox = await self.replace(self.sandbox)
+        for name, value, alias in self.loaded:
+            await self.sandbox.client.load_value(name, value, alias)
 
 
 @dataclass
@@ -304,15 +315,20 @@ class CompletionLoop:
         with telemetry.tracer().start_as_current_span("rlm.execute", attributes=attributes) as span:
             if telemetry.record_content():
                 span.set_attribute("rlm.code", telemetry.content(code))
-            report = await self.session.sandbox.client.execute(
-                code,
-                on_output=on_output,
-                on_sub_call=on_sub_call,
-                timeout_seconds=self.settings.exec_timeout_seconds,
-                max_output_chars=self.settings.max_output_chars,
-                execution_id=f"{iteration}.{index}",
-                traceparent=telemetry.traceparent(span),
-            )
+            try:
+                report = await self.session.sandbox.client.execute(
+                    code,
+                    on_output=on_output,
+                    on_sub_call=on_sub_call,
+                    timeout_seconds=self.settings.exec_timeout_seconds,
+                    max_output_chars=self.settings.max_output_chars,
+                    execution_id=f"{iteration}.{index}",
+                    traceparent=telemetry.traceparent(span),
+                )
+            except SandboxError as exc:
+                if self.session.replace is None:
+                    raise
+                report = await self._moved_to_a_new_sandbox(exc)
             span.set_attribute("rlm.exec.status", report.status)
             if report.status != "ok":
                 last_line = (report.error.strip().splitlines() or [report.status])[-1]
@@ -339,6 +355,21 @@ class CompletionLoop:
         )
         self.emit(ev.CodeBlockFinished(depth, iteration, index, result))
         return result
+
+    async def _moved_to_a_new_sandbox(self, lost: SandboxError) -> ExecutionReport:
+        """The sandbox died or was cut off under the block: continue in a new one."""
+        await self.session.recover()
+        message = (
+            f"SandboxError: {lost}. The session moved to a new sandbox: every variable is lost; "
+            "the contexts were loaded again."
+        )
+        return ExecutionReport(
+            status="sandbox_lost",
+            stdout="",
+            stderr=message + "\n",
+            error=message,
+            worker_restarted=True,
+        )
 
     async def _sub_call(
         self, prompt: str, model: str, kind: str, calls: list[RLMChatCompletion]

@@ -9,6 +9,7 @@ parent and a usage tracker that reports to the parent's, so budgets count the wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -92,7 +93,12 @@ class CompletionRunner:
             except BaseException:
                 await self.provider.release(sandbox)
                 raise
-        return SessionState(sandbox)
+        return SessionState(sandbox, replace=self._replace)
+
+    async def _replace(self, lost: Sandbox) -> Sandbox:
+        with contextlib.suppress(Exception):
+            await self.provider.release(lost)
+        return (await self.new_session()).sandbox
 
     async def run(
         self,

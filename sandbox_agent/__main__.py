@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     parser.add_argument(
         "--reflection", action="store_true", help="serve gRPC reflection (about 12 MB more)"
     )
+    parser.add_argument(
+        "--fleet", action="store_true", help="fleet mode: leased by one session at a time"
+    )
+    parser.add_argument("--lease-ttl", type=float, default=60.0, help="fleet lease TTL (s)")
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     args = parser.parse_args(argv)
@@ -59,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         reflection=args.reflection,
+        fleet=args.fleet,
+        lease_ttl_seconds=args.lease_ttl,
     )
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -362,6 +363,18 @@ class Executor:
         return ExecutionOutcome(
             status=status, error=error, duration=duration, worker_restarted=True
         )
+
+    async def reset(self) -> None:
+        """A fresh worker, an empty work dir, nothing loaded: what the next session gets."""
+        async with self._lock:
+            if self._worker is not None:
+                worker, self._worker = self._worker, None
+                await worker.close()
+            self._loaded.clear()
+            for directory in (self.config.workdir, self.config.state_dir):
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+                directory.mkdir(parents=True, exist_ok=True)
+            await self._spawn()
 
     async def load_value(self, name: str, alias: str, encoding: str, path: Path) -> dict[str, Any]:
         value = _LoadedValue(name, alias, encoding, path)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
 from sandbox_agent.auth import BearerTokenInterceptor, server_credentials
 from sandbox_agent.executor import Executor, ExecutorConfig
+from sandbox_agent.lease import LeaseKeeper
 from sandbox_agent.service import SandboxService
 
 log = logging.getLogger("sandbox_agent")
@@ -48,6 +49,9 @@ class AgentConfig:
     # Server reflection costs ~12 MB of RSS per agent (measured): opt-in, for debugging with
     # grpcurl. The orchestrator, the agent's only client, does not need it.
     reflection: bool = False
+    # Fleet mode: leased by one session at a time, reset between sessions.
+    fleet: bool = False
+    lease_ttl_seconds: float = 60.0
 
 
 class Agent:
@@ -60,9 +64,11 @@ class Agent:
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.leases = LeaseKeeper(self.executor, config.lease_ttl_seconds) if config.fleet else None
 
     async def start(self) -> None:
-        sandbox_pb2_grpc.add_SandboxServicer_to_server(SandboxService(self.executor), self.server)
+        service = SandboxService(self.executor, self.leases)
+        sandbox_pb2_grpc.add_SandboxServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -79,6 +85,8 @@ class Agent:
             raise OSError(f"could not listen on {self.config.listen}")
         # The worker is up before the server reports SERVING: ready means ready to run code.
         await self.executor.start()
+        if self.leases is not None:
+            self.leases.start()
         await self.server.start()
         if self.config.listen.startswith("unix:"):
             # The orchestrator may run as another user (a container's agent runs as nobody);
@@ -89,6 +97,8 @@ class Agent:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.leases is not None:
+            await self.leases.stop()
         await self.server.stop(self.config.shutdown_grace_seconds)
         await self.executor.close()
 

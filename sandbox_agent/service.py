@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -17,6 +18,7 @@ from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
 from sandbox_agent.frames import Kind
+from sandbox_agent.lease import LeaseError, LeaseKeeper
 from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
 from sandbox_agent.tracing import ExecutionSpan
 
@@ -87,8 +89,10 @@ def _result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
 
 
 class SandboxService(sandbox_pb2_grpc.SandboxServicer):
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, leases: LeaseKeeper | None = None) -> None:
         self._executor = executor
+        # Fleet mode: calls must carry the active lease.
+        self._leases = leases
         self._value_dir = executor.config.state_dir / "values"
 
     async def Execute(  # type: ignore[override]  # writes via context.write, returns nothing
@@ -96,6 +100,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request_iterator: AsyncIterator[pb.ExecuteRequest],
         context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
     ) -> None:
+        await self._require_lease(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "start":
             await context.abort(
@@ -172,6 +177,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request_iterator: AsyncIterator[pb.LoadValueRequest],
         context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
     ) -> pb.LoadValueResponse:
+        await self._require_lease(context)
         staged = await asyncio.to_thread(self._staging_path)
         try:
             header, received = await self._receive(request_iterator, staged, context)
@@ -248,6 +254,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request: pb.GetVariableRequest,
         context: grpc.aio.ServicerContext[pb.GetVariableRequest, pb.GetVariableResponse],
     ) -> pb.GetVariableResponse:
+        await self._require_lease(context)
         reply = await self._executor.get_variable(
             request.name, request.max_chars or DEFAULT_VARIABLE_CHARS
         )
@@ -258,6 +265,48 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             truncated=reply.get("truncated", False),
             available=reply["available"],
         )
+
+    async def _require_lease(self, context: Any) -> None:
+        if self._leases is not None:
+            problem = self._leases.check(context.invocation_metadata())
+            if problem is not None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+
+    async def Lease(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseResponse:
+        leases = await self._fleet(context)
+        try:
+            lease = await leases.lease(request.session_id, request.holder, request.ttl_seconds)
+        except LeaseError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise AssertionError("unreachable") from exc
+        return pb.LeaseResponse(lease_id=lease.lease_id, ttl_seconds=lease.ttl)
+
+    async def RenewLease(self, request: pb.RenewLeaseRequest, context: Any) -> pb.LeaseResponse:
+        leases = await self._fleet(context)
+        try:
+            lease = leases.renew(request.lease_id)
+        except LeaseError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise AssertionError("unreachable") from exc
+        return pb.LeaseResponse(lease_id=lease.lease_id, ttl_seconds=lease.ttl)
+
+    async def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: Any
+    ) -> pb.ReleaseLeaseResponse:
+        leases = await self._fleet(context)
+        try:
+            await leases.release(request.lease_id)
+        except LeaseError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return pb.ReleaseLeaseResponse()
+
+    async def _fleet(self, context: Any) -> LeaseKeeper:
+        if self._leases is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "not a fleet agent (started without --fleet)"
+            )
+            raise AssertionError("unreachable")
+        return self._leases
 
     async def GetInfo(
         self,
@@ -274,4 +323,9 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             workers_started=self._executor.workers_started,
             loaded_values=self._executor.loaded_names,
             workdir=str(self._executor.config.workdir),
+            fleet=self._leases is not None,
+            leased=bool(self._leases and self._leases.active),
+            lease_session_id=self._leases.active.session_id
+            if self._leases and self._leases.active
+            else "",
         )

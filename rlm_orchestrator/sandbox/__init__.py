@@ -36,10 +36,14 @@ def create_provider(environment: str, options: dict[str, Any] | None = None) -> 
         from rlm_orchestrator.sandbox.docker import DockerProvider
 
         return DockerProvider.from_options(options)
+    if environment == "fleet":
+        from rlm_orchestrator.sandbox.fleet import FleetProvider
+
+        return FleetProvider.from_options(options)
     if environment == "modal":
         from rlm_orchestrator.sandbox.modal_provider import ModalProvider
 
         return ModalProvider.from_options(options)
     raise ConfigurationError(
-        f"unknown environment {environment!r}; available: 'local', 'docker', 'modal'"
+        f"unknown environment {environment!r}; available: 'local', 'docker', 'modal', 'fleet'"
     )

@@ -23,6 +23,7 @@ from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 
 LOAD_CHUNK_BYTES = 1024 * 1024
+LEASE_METADATA = "rlm-lease"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -100,14 +101,20 @@ class AgentClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        tls_server_name: str | None = None,
     ) -> None:
         self.target = target
+        # Dialling an address (a fleet pod's IP) whose certificate names a host: check that name.
+        options: list[tuple[str, str | int]] = [*CHANNEL_OPTIONS]
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            grpc.aio.secure_channel(target, credentials, options=options)
             if credentials
-            else grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            else grpc.aio.insecure_channel(target, options=options)
         )
         self._metadata = tuple(metadata)
+        self.lease_id = ""
         self._stub = sandbox_pb2_grpc.SandboxStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -137,6 +144,35 @@ class AgentClient:
         raise SandboxError(
             f"sandbox agent at {self.target} not ready after {timeout:g}s ({last_failure})"
         )
+
+    # -- fleet leases ----------------------------------------------------------------------
+
+    async def lease(self, session_id: str, holder: str, ttl_seconds: float) -> str:
+        """Take a fleet agent for one session; later calls of this client carry the lease."""
+        request = pb.LeaseRequest(session_id=session_id, holder=holder, ttl_seconds=ttl_seconds)
+        try:
+            reply = await self._stub.Lease(request, metadata=self._metadata, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise _sandbox_error("leasing", exc) from exc
+        self.lease_id = reply.lease_id
+        self._metadata = (*self._metadata, (LEASE_METADATA, reply.lease_id))
+        return str(reply.lease_id)
+
+    async def renew_lease(self) -> None:
+        try:
+            await self._stub.RenewLease(
+                pb.RenewLeaseRequest(lease_id=self.lease_id), metadata=self._metadata, timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _sandbox_error("renewing its lease", exc) from exc
+
+    async def release_lease(self) -> None:
+        try:
+            await self._stub.ReleaseLease(
+                pb.ReleaseLeaseRequest(lease_id=self.lease_id), metadata=self._metadata, timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _sandbox_error("releasing its lease", exc) from exc
 
     async def info(self) -> pb.GetInfoResponse:
         try:

@@ -55,6 +55,21 @@ class SandboxStub:
                 request_serializer=rlm_dot_v1_dot_sandbox__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=rlm_dot_v1_dot_sandbox__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.Lease = channel.unary_unary(
+                '/rlm.v1.Sandbox/Lease',
+                request_serializer=rlm_dot_v1_dot_sandbox__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=rlm_dot_v1_dot_sandbox__pb2.LeaseResponse.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/rlm.v1.Sandbox/RenewLease',
+                request_serializer=rlm_dot_v1_dot_sandbox__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=rlm_dot_v1_dot_sandbox__pb2.LeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/rlm.v1.Sandbox/ReleaseLease',
+                request_serializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class SandboxServicer:
@@ -97,6 +112,31 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lease(self, request, context):
+        """Fleet mode only (a long-running agent serving one session at a time). Takes the agent for
+        one session: FAILED_PRECONDITION while another lease is active. While leased, every call
+        but GetInfo and health must carry metadata `rlm-lease: <lease_id>`. A lease not renewed
+        within its TTL expires (its orchestrator vanished) and is released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extends the lease by its TTL; NOT_FOUND when it is no longer the active one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
+        loaded values forgotten, and a fresh worker started for the next lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +159,21 @@ def add_SandboxServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=rlm_dot_v1_dot_sandbox__pb2.GetInfoRequest.FromString,
                     response_serializer=rlm_dot_v1_dot_sandbox__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'Lease': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=rlm_dot_v1_dot_sandbox__pb2.LeaseRequest.FromString,
+                    response_serializer=rlm_dot_v1_dot_sandbox__pb2.LeaseResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=rlm_dot_v1_dot_sandbox__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=rlm_dot_v1_dot_sandbox__pb2.LeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +285,87 @@ class Sandbox:
             '/rlm.v1.Sandbox/GetInfo',
             rlm_dot_v1_dot_sandbox__pb2.GetInfoRequest.SerializeToString,
             rlm_dot_v1_dot_sandbox__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlm.v1.Sandbox/Lease',
+            rlm_dot_v1_dot_sandbox__pb2.LeaseRequest.SerializeToString,
+            rlm_dot_v1_dot_sandbox__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlm.v1.Sandbox/RenewLease',
+            rlm_dot_v1_dot_sandbox__pb2.RenewLeaseRequest.SerializeToString,
+            rlm_dot_v1_dot_sandbox__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlm.v1.Sandbox/ReleaseLease',
+            rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseRequest.SerializeToString,
+            rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,18 @@ class SandboxStub:
     """Reads `str()` of one namespace variable (used for FINAL_VAR answers)."""
     GetInfo: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetInfoRequest, _sandbox_pb2.GetInfoResponse]
     """Describes the agent and its worker (versions, process ids, what is loaded)."""
+    Lease: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.LeaseRequest, _sandbox_pb2.LeaseResponse]
+    """Fleet mode only (a long-running agent serving one session at a time). Takes the agent for
+    one session: FAILED_PRECONDITION while another lease is active. While leased, every call
+    but GetInfo and health must carry metadata `rlm-lease: <lease_id>`. A lease not renewed
+    within its TTL expires (its orchestrator vanished) and is released.
+    """
+    RenewLease: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.RenewLeaseRequest, _sandbox_pb2.LeaseResponse]
+    """Extends the lease by its TTL; NOT_FOUND when it is no longer the active one."""
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ReleaseLeaseRequest, _sandbox_pb2.ReleaseLeaseResponse]
+    """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
+    loaded values forgotten, and a fresh worker started for the next lease.
+    """
 
 @_typing.type_check_only
 class SandboxAsyncStub(SandboxStub):
@@ -81,6 +93,18 @@ class SandboxAsyncStub(SandboxStub):
     """Reads `str()` of one namespace variable (used for FINAL_VAR answers)."""
     GetInfo: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetInfoRequest, _sandbox_pb2.GetInfoResponse]  # type: ignore[assignment]
     """Describes the agent and its worker (versions, process ids, what is loaded)."""
+    Lease: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.LeaseRequest, _sandbox_pb2.LeaseResponse]  # type: ignore[assignment]
+    """Fleet mode only (a long-running agent serving one session at a time). Takes the agent for
+    one session: FAILED_PRECONDITION while another lease is active. While leased, every call
+    but GetInfo and health must carry metadata `rlm-lease: <lease_id>`. A lease not renewed
+    within its TTL expires (its orchestrator vanished) and is released.
+    """
+    RenewLease: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.RenewLeaseRequest, _sandbox_pb2.LeaseResponse]  # type: ignore[assignment]
+    """Extends the lease by its TTL; NOT_FOUND when it is no longer the active one."""
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ReleaseLeaseRequest, _sandbox_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
+    loaded values forgotten, and a fresh worker started for the next lease.
+    """
 
 class SandboxServicer(metaclass=_abc_1.ABCMeta):
     """One sandbox: a persistent Python namespace in a worker process owned by the agent."""
@@ -126,5 +150,35 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.GetInfoResponse, _abc.Awaitable[_sandbox_pb2.GetInfoResponse]]:
         """Describes the agent and its worker (versions, process ids, what is loaded)."""
+
+    @_abc_1.abstractmethod
+    def Lease(
+        self,
+        request: _sandbox_pb2.LeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.LeaseResponse, _abc.Awaitable[_sandbox_pb2.LeaseResponse]]:
+        """Fleet mode only (a long-running agent serving one session at a time). Takes the agent for
+        one session: FAILED_PRECONDITION while another lease is active. While leased, every call
+        but GetInfo and health must carry metadata `rlm-lease: <lease_id>`. A lease not renewed
+        within its TTL expires (its orchestrator vanished) and is released.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLease(
+        self,
+        request: _sandbox_pb2.RenewLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.LeaseResponse, _abc.Awaitable[_sandbox_pb2.LeaseResponse]]:
+        """Extends the lease by its TTL; NOT_FOUND when it is no longer the active one."""
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _sandbox_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.ReleaseLeaseResponse, _abc.Awaitable[_sandbox_pb2.ReleaseLeaseResponse]]:
+        """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
+        loaded values forgotten, and a fresh worker started for the next lease.
+        """
 
 def add_SandboxServicer_to_server(servicer: SandboxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
