@@ -115,8 +115,17 @@ class AgentClient:
         )
         self._metadata = tuple(metadata)
         self.lease_id = ""
+        self._calls: set[Any] = set()
+        self._abort_reason: str | None = None
         self._stub = sandbox_pb2_grpc.SandboxStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def abort(self, reason: str) -> None:
+        """Fail the calls in flight with SandboxError(reason): the agent was found lost (a
+        half-open connection would otherwise hang until keepalive gives up)."""
+        self._abort_reason = reason
+        for call in list(self._calls):
+            call.cancel()
 
     async def close(self) -> None:
         await self._channel.close()
@@ -158,10 +167,12 @@ class AgentClient:
         self._metadata = (*self._metadata, (LEASE_METADATA, reply.lease_id))
         return str(reply.lease_id)
 
-    async def renew_lease(self) -> None:
+    async def renew_lease(self, timeout: float = 10.0) -> None:
         try:
             await self._stub.RenewLease(
-                pb.RenewLeaseRequest(lease_id=self.lease_id), metadata=self._metadata, timeout=10
+                pb.RenewLeaseRequest(lease_id=self.lease_id),
+                metadata=self._metadata,
+                timeout=timeout,
             )
         except grpc.aio.AioRpcError as exc:
             raise _sandbox_error("renewing its lease", exc) from exc
@@ -276,6 +287,7 @@ class AgentClient:
             (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
         )
         call = self._stub.Execute(requests(), metadata=metadata)
+        self._calls.add(call)
         result: pb.ExecuteResult | None = None
         try:
             async for message in call:
@@ -293,7 +305,12 @@ class AgentClient:
                     break
         except grpc.aio.AioRpcError as exc:
             raise _sandbox_error("executing code", exc) from exc
+        except asyncio.CancelledError:
+            if self._abort_reason is None:
+                raise
+            raise SandboxError(f"the sandbox agent was lost: {self._abort_reason}") from None
         finally:
+            self._calls.discard(call)
             outgoing.put_nowait(None)
             for task in sub_calls:
                 task.cancel()

@@ -122,12 +122,14 @@ class FleetProvider:
         while True:
             await asyncio.sleep(self.options.lease_ttl_seconds / 3)
             try:
-                await sandbox.client.renew_lease()
+                await sandbox.client.renew_lease(timeout=self.options.lease_ttl_seconds / 3)
             except SandboxError as exc:
                 log.warning("lease of %s lost: %s", sandbox.provider_state, exc)
                 self._unhealthy[sandbox.provider_state] = (
                     time.monotonic() + self.options.unhealthy_seconds
                 )
+                # An execution in flight on a cut-off agent would hang: fail it now.
+                sandbox.client.abort(f"its lease could not be renewed ({exc})")
                 return
 
     def is_unhealthy(self, address: str) -> bool:
