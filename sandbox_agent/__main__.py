@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from sandbox_agent.executor import ExecutorConfig
 from sandbox_agent.server import AgentConfig, run_until_signalled
+
+TOKEN_ENV = "RLM_AGENT_TOKEN"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]:
@@ -33,9 +37,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     parser.add_argument("--memory-limit-mb", type=int, default=0, help="worker address-space limit")
     parser.add_argument(
         "--token-env",
-        default="RLM_AGENT_TOKEN",
+        default=TOKEN_ENV,
         help="environment variable holding the bearer token callers must send (if set)",
     )
+    parser.add_argument("--token-fd", type=int, help=argparse.SUPPRESS)  # set by _hide_token
     parser.add_argument(
         "--reflection", action="store_true", help="serve gRPC reflection (about 12 MB more)"
     )
@@ -58,8 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
             max_output_chars=args.max_output_chars,
             memory_limit_mb=args.memory_limit_mb,
         ),
-        # Taken out of the environment: the worker (user code) does not inherit it.
-        token=os.environ.pop(args.token_env, None) or None,
+        token=_read_token(args.token_fd) if args.token_fd is not None else None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         reflection=args.reflection,
@@ -71,9 +75,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     return config, own_dir
 
 
+def _read_token(fd: int) -> str | None:
+    with os.fdopen(fd, "rb") as source:
+        return source.read().decode() or None
+
+
+def _hide_token(argv: list[str], token_env: str) -> None:
+    """Start again without the token in the environment: os.environ.pop would leave it in
+    /proc/<pid>/environ, which user code could read. It comes back through a pipe."""
+    token = os.environ.pop(token_env, None)
+    if not token:
+        return
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode())  # a token is far below a pipe's buffer
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    os.execv(
+        sys.executable, [sys.executable, "-m", "sandbox_agent", *argv, "--token-fd", str(read_end)]
+    )
+
+
+def _hide_environment() -> None:
+    """The token left os.environ, but /proc/<agent>/environ still has it: make the agent's
+    /proc entries unreadable to user code (same uid) by making the process non-dumpable."""
+    import ctypes
+
+    pr_set_dumpable = 4
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_dumpable, 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s agent %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--token-fd" not in argv:
+        token_env = argv[argv.index("--token-env") + 1] if "--token-env" in argv else TOKEN_ENV
+        _hide_token(argv, token_env)
     config, own_dir = parse_args(argv)
+    if config.token:
+        _hide_environment()
     try:
         asyncio.run(run_until_signalled(config))
     finally:

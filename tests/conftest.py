@@ -101,7 +101,9 @@ def _our_containers(all_managed: bool = False) -> set[str]:
     client = docker.from_env()
     try:
         label = "rlm.managed=true" if all_managed else f"rlm.owner={OWNER}"
-        return {c.id for c in client.containers.list(all=True, filters={"label": label})}
+        found = client.containers.list(all=True, filters={"label": label})
+        # The session's fleet agents live for the whole run (and are checked at its end).
+        return {c.id for c in found if all_managed or c.labels.get("rlm.role") != "fleet-agent"}
     finally:
         client.close()
 
@@ -173,6 +175,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         vias = ["local", "server", "docker"]
         if metafunc.module.__name__ == "test_semantics":
             vias.append("modal")  # against the fake Modal control plane (test_modal.py)
+            vias.append("fleet")  # 4 agent containers on a private network (fleet_support.py)
         metafunc.parametrize("via", vias, indirect=True)
 
 
@@ -212,6 +215,19 @@ def make_rlm(
             "other_backend_kwargs": [backend_kwargs(lm, SUB_MODEL)],
             "environment": "local",
         }
+        if via == "fleet":
+            require_docker()
+            fleet = request.getfixturevalue("docker_fleet")
+            request.getfixturevalue("monkeypatch").setenv("RLM_FLEET_TOKEN", fleet_token)
+            environment_kwargs = {**kwargs.pop("environment_kwargs", {}), **fleet.options()}
+            return RLM(
+                **{
+                    **defaults,
+                    **kwargs,
+                    "environment": "fleet",
+                    "environment_kwargs": environment_kwargs,
+                }
+            )
         if via == "modal":
             behind = request.getfixturevalue("modal_agents")
             environment_kwargs = {
@@ -377,3 +393,8 @@ def orchestrator_server(lm_server: ScriptedLMServer) -> Iterator[ServerProcess]:
     server = start_server(server_config(lm_server, RUN_TMP, max_context_bytes=100_000_000))
     yield server
     stop_server(server)
+
+
+# Fixtures shared with other modules; imported last, as they import from this one.
+from fleet_support import TOKEN as fleet_token  # noqa: E402
+from fleet_support import docker_fleet  # noqa: E402, F401

@@ -381,11 +381,14 @@ async def test_agent_over_tls_requires_its_token_and_hides_it_from_user_code(
             with pytest.raises(SandboxError, match="UNAUTHENTICATED"):
                 await anonymous.info()
             report = await trusted.execute(
-                "import os\nprint(os.environ.get('RLM_AGENT_TOKEN'))",
+                "import os\nprint(os.environ.get('RLM_AGENT_TOKEN'))\n"
+                "try:\n    environ = open(f'/proc/{os.getppid()}/environ').read()\n"
+                "    print('unreadable' if 'agent-token-123' not in environ else 'LEAKED')\n"
+                "except OSError:\n    print('unreadable')",
                 on_output=Recorder().on_output,
                 on_sub_call=Recorder().on_sub_call,
             )
-            assert report.stdout == "None\n"
+            assert report.stdout == "None\nunreadable\n"
         finally:
             await anonymous.close()
             await trusted.close()
