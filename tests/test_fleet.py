@@ -215,3 +215,18 @@ def test_an_agent_lost_mid_session_moves_the_session_to_another(
     assert "SandboxError" in shown and "moved to a new sandbox" in shown
     assert "False the context" in str(lm.requests_for(ROOT_MODEL)[2].messages)
     assert sum(p.poll() is not None for p in fleet.processes) == 1  # the one that was killed
+
+
+async def test_an_unreachable_agent_is_set_aside_until_it_comes_back(fleet: Fleet) -> None:
+    provider = FleetProvider(FleetOptions.model_validate(fleet.options(unhealthy_seconds=30.0)))
+    dead = fleet.addresses[0]
+    fleet.processes[0].kill()
+    fleet.processes[0].wait()
+    try:
+        sandboxes = [await provider.acquire(SandboxSpec(session_id=f"s{n}")) for n in range(2)]
+        assert dead not in {s.provider_state for s in sandboxes}
+        assert provider.is_unhealthy(dead)
+        for sandbox in sandboxes:
+            await provider.release(sandbox)
+    finally:
+        await provider.aclose()
