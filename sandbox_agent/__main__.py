@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     )
     parser.add_argument("--token-fd", type=int, help=argparse.SUPPRESS)  # set by _hide_token
     parser.add_argument(
+        "--parent-pid",
+        type=int,
+        help="stop (as on SIGTERM) when this process (the orchestrator that started us) dies",
+    )
+    parser.add_argument(
         "--reflection", action="store_true", help="serve gRPC reflection (about 12 MB more)"
     )
     parser.add_argument(
@@ -95,6 +100,22 @@ def _hide_token(argv: list[str], token_env: str) -> None:
     )
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def _stop_with_parent(parent_pid: int) -> None:
+    """SIGTERM when the orchestrator dies, even by SIGKILL: no local sandbox outlives it."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _hide_environment() -> None:
     """The token left os.environ, but /proc/<agent>/environ still has it: make the agent's
     /proc entries unreadable to user code (same uid) by making the process non-dumpable."""
@@ -112,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         token_env = argv[argv.index("--token-env") + 1] if "--token-env" in argv else TOKEN_ENV
         _hide_token(argv, token_env)
     config, own_dir = parse_args(argv)
+    parent = _flag_value(argv, "--parent-pid")
+    if parent:
+        _stop_with_parent(int(parent))
     if config.token:
         _hide_environment()
     try:

@@ -404,3 +404,31 @@ def _reflected_services(target: str) -> list[str]:
 
     with grpc.insecure_channel(target) as channel:
         return list(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def test_a_killed_orchestrator_leaves_no_local_sandbox_behind() -> None:
+    script = (
+        "import asyncio\n"
+        "from rlm_orchestrator.sandbox import SandboxSpec\n"
+        "from rlm_orchestrator.sandbox.local import LocalProvider\n"
+        "async def main():\n"
+        "    box = await LocalProvider().acquire(SandboxSpec(session_id='doomed'))\n"
+        "    print((await box.client.info()).agent_pid, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    import subprocess
+
+    import psutil
+
+    orchestrator = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    assert orchestrator.stdout is not None
+    agent = psutil.Process(int(orchestrator.stdout.readline()))
+    orchestrator.kill()  # SIGKILL: no clean-up code of the orchestrator runs
+    orchestrator.wait()
+    orchestrator.stdout.close()
+    agent.wait(10)  # the agent stops by itself (and takes its worker with it)
+    # Its sandbox dir is removed by the next local provider's reconcile pass.
+    assert asyncio.run(LocalProvider().reconcile()) == 1

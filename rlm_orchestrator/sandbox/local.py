@@ -25,12 +25,14 @@ from pydantic import BaseModel, ConfigDict
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 
 TEMP_PREFIX = "rlm-sbx-"
 # The only variables a sandbox inherits: nothing that could carry a secret.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "SYSTEMROOT")
 STOP_GRACE_SECONDS = 3.0
 OWNER_ENV = "RLM_SANDBOX_OWNER"
+OWNER_FILE = "owner"
 
 
 class LocalOptions(BaseModel):
@@ -75,13 +77,35 @@ class LocalProvider:
     def __init__(self, options: LocalOptions | None = None) -> None:
         self.options = options or LocalOptions()
         self._live: dict[str, Sandbox] = {}
+        self._reconciled = False
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> LocalProvider:
         return cls(LocalOptions.model_validate(options))
 
+    async def reconcile(self) -> int:
+        """Remove the sandbox dirs of orchestrators that died (their agents stopped with them:
+        `--parent-pid`); returns how many."""
+        return await asyncio.to_thread(self._remove_orphan_dirs)
+
+    def _remove_orphan_dirs(self) -> int:
+        base = Path(self.options.temp_dir or tempfile.gettempdir())
+        removed = 0
+        for root in base.glob(f"{TEMP_PREFIX}*"):
+            owner_file = root / OWNER_FILE
+            if owner_file.is_file() and owner_gone(owner_file.read_text().strip()):
+                shutil.rmtree(root, ignore_errors=True)
+                removed += 1
+        return removed
+
     async def acquire(self, spec: SandboxSpec) -> Sandbox:
-        root = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.options.temp_dir))
+        if not self._reconciled:
+            self._reconciled = True
+            await self.reconcile()
+        root = Path(
+            await asyncio.to_thread(tempfile.mkdtemp, prefix=TEMP_PREFIX, dir=self.options.temp_dir)
+        )
+        await asyncio.to_thread((root / OWNER_FILE).write_text, orchestrator_id())
         (root / "tmp").mkdir()
         socket_path = root / "agent.sock"
         log_path = root / "agent.log"
@@ -105,6 +129,8 @@ class LocalProvider:
                     str(spec.max_output_chars),
                     "--memory-limit-mb",
                     str(spec.memory_limit_mb),
+                    "--parent-pid",
+                    str(os.getpid()),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=log,
