@@ -40,7 +40,8 @@ from rlm_orchestrator.prompts import (
     build_user_prompt,
 )
 from rlm_orchestrator.router import LMRouter, UsageTracker
-from rlm_orchestrator.sandbox import ExecutionReport, Sandbox, SubCallOutcome
+from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
+from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.types import (
     CodeBlock,
     REPLResult,
@@ -78,39 +79,6 @@ class LoopSettings:
     max_concurrent_sub_calls: int = 16
     # Accept a FINAL given in the same response as code (the original's behaviour).
     final_with_code: bool = False
-
-
-@dataclass
-class SessionState:
-    """A sandbox and what has been loaded into it; lives across completions when persistent."""
-
-    sandbox: Sandbox
-    context_count: int = 0
-    history_count: int = 0
-    # Gives the lost sandbox back (best effort) and a new one: set by the runner.
-    replace: Callable[[Sandbox], Awaitable[Sandbox]] | None = None
-    loaded: list[tuple[str, Any, str]] = field(default_factory=list)
-
-    async def _load(self, name: str, value: Any, alias: str) -> None:
-        await self.sandbox.client.load_value(name, value, alias)
-        self.loaded.append((name, value, alias))
-
-    async def add_context(self, context: Any) -> None:
-        index = self.context_count
-        await self._load(f"context_{index}", context, "context" if index == 0 else "")
-        self.context_count += 1
-
-    async def add_history(self, messages: list[dict[str, Any]]) -> None:
-        index = self.history_count
-        await self._load(f"history_{index}", messages, "history" if index == 0 else "")
-        self.history_count += 1
-
-    async def recover(self) -> None:
-        """Move to a new sandbox (the old one was lost) and load everything again."""
-        assert self.replace is not None
-        self.sandbox = await self.replace(self.sandbox)
-        for name, value, alias in self.loaded:
-            await self.sandbox.client.load_value(name, value, alias)
 
 
 @dataclass

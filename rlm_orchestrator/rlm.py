@@ -14,11 +14,12 @@ from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
-from rlm_orchestrator.loop import LoopSettings, SessionState
+from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
 from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner, LazyProvider
 from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec, create_provider
+from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.types import RLMChatCompletion, RLMMetadata
 
 # environment_kwargs keys that shape the sandbox; the rest go to the provider.

@@ -19,9 +19,10 @@ from typing import Any
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.logger import RLMLogger
-from rlm_orchestrator.loop import CompletionLoop, LoopSettings, SessionState
+from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
+from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.types import RLMChatCompletion
 
 

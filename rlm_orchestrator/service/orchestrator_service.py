@@ -28,7 +28,7 @@ from rlm_orchestrator.exceptions import (
     SandboxError,
 )
 from rlm_orchestrator.logger import RLMLogger
-from rlm_orchestrator.loop import LoopSettings, SessionState
+from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
@@ -36,6 +36,7 @@ from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec
 from rlm_orchestrator.service.convert import event_to_proto
 from rlm_orchestrator.service.convert_usage import usage_to_proto
 from rlm_orchestrator.service.settings import ServerSettings
+from rlm_orchestrator.session import SessionState
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
 
