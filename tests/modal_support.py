@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -84,8 +85,9 @@ async def fake_modal(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeModal
             from modal.client import _Client
 
             if _Client._client_from_env is not None:
-                client = await modal.Client.from_env.aio()
-                await client.close.aio()
+                # Bounded: a wrong setup must fail, not wait for modal's minute of retries.
+                client = await asyncio.wait_for(modal.Client.from_env.aio(), 10)
+                await asyncio.wait_for(client.close.aio(), 10)
             reset_modal_client()
 
 

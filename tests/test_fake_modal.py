@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,7 +11,7 @@ modal = pytest.importorskip("modal")
 
 from modal_proto import api_pb2  # noqa: E402
 
-from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client  # noqa: E402
+from rlm_orchestrator.testing.fake_modal import FakeModal  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -20,22 +19,10 @@ STEP = 10  # seconds: any single client call slower than this means a wrong setu
 
 
 @pytest.fixture
-async def fake_modal(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeModal]:
-    async with FakeModal() as fake:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
-        # modal reads MODAL_* at client creation, but caches the from_env client process-wide.
-        reset_modal_client()
-        fake.tunnel_target = ("127.0.0.1", 4242)
-        try:
-            yield fake
-        finally:
-            from modal.client import _Client
-
-            if _Client._client_from_env is not None:
-                client = await asyncio.wait_for(modal.Client.from_env.aio(), STEP)
-                await asyncio.wait_for(client.close.aio(), STEP)
-            reset_modal_client()
+def fake_modal(fake_modal: FakeModal) -> FakeModal:
+    """The shared fake (tests/modal_support.py), with a tunnel answer of its own."""
+    fake_modal.tunnel_target = ("127.0.0.1", 4242)
+    return fake_modal
 
 
 async def step(coro):
