@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     parser.add_argument("--lease-ttl", type=float, default=60.0, help="fleet lease TTL (s)")
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
+    parser.add_argument(
+        "--health-listen",
+        help="HOST:PORT of a plaintext listener serving grpc.health.v1 only (kubelet probes)",
+    )
     args = parser.parse_args(argv)
     own_dir = None if args.workdir else Path(tempfile.mkdtemp(prefix="rlm-agent-"))
     workdir: Path = args.workdir or (own_dir / "work" if own_dir else Path("work"))
@@ -74,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         reflection=args.reflection,
         fleet=args.fleet,
         lease_ttl_seconds=args.lease_ttl,
+        health_listen=args.health_listen,
     )
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")

@@ -52,6 +52,9 @@ class AgentConfig:
     # Fleet mode: leased by one session at a time, reset between sessions.
     fleet: bool = False
     lease_ttl_seconds: float = 60.0
+    # A second, plaintext listener serving grpc.health.v1 only: what the kubelet's built-in
+    # `grpc:` probe can dial (it speaks no TLS), while the Sandbox service stays TLS-only.
+    health_listen: str | None = None
 
 
 class Agent:
@@ -63,6 +66,7 @@ class Agent:
         interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
+        self.health_server: grpc.aio.Server | None = None
         self.port = 0
         self.leases = LeaseKeeper(self.executor, config.lease_ttl_seconds) if config.fleet else None
 
@@ -83,11 +87,19 @@ class Agent:
             self.port = self.server.add_insecure_port(self.config.listen)
         if self.port == 0 and not self.config.listen.startswith("unix:"):
             raise OSError(f"could not listen on {self.config.listen}")
+        if self.config.health_listen:
+            # No interceptor: health carries no secrets, and the kubelet sends no token.
+            self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            if self.health_server.add_insecure_port(self.config.health_listen) == 0:
+                raise OSError(f"could not listen on {self.config.health_listen}")
         # The worker is up before the server reports SERVING: ready means ready to run code.
         await self.executor.start()
         if self.leases is not None:
             self.leases.start()
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.config.listen.startswith("unix:"):
             # The orchestrator may run as another user (a container's agent runs as nobody);
             # the socket's directory is what keeps others out.
@@ -99,6 +111,8 @@ class Agent:
         await self.health.enter_graceful_shutdown()
         if self.leases is not None:
             await self.leases.stop()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.server.stop(self.config.shutdown_grace_seconds)
         await self.executor.close()
 

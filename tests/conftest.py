@@ -176,6 +176,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         if metafunc.module.__name__ == "test_semantics":
             vias.append("modal")  # against the fake Modal control plane (test_modal.py)
             vias.append("fleet")  # 4 agent containers on a private network (fleet_support.py)
+            vias.append("kubernetes")  # a pod per session in a fake cluster (kube_support.py)
         metafunc.parametrize("via", vias, indirect=True)
 
 
@@ -225,6 +226,17 @@ def make_rlm(
                     **defaults,
                     **kwargs,
                     "environment": "fleet",
+                    "environment_kwargs": environment_kwargs,
+                }
+            )
+        if via == "kubernetes":
+            cluster = request.getfixturevalue("fake_cluster")
+            environment_kwargs = {**kwargs.pop("environment_kwargs", {}), **cluster.options()}
+            return RLM(
+                **{
+                    **defaults,
+                    **kwargs,
+                    "environment": "kubernetes",
                     "environment_kwargs": environment_kwargs,
                 }
             )
@@ -398,3 +410,4 @@ def orchestrator_server(lm_server: ScriptedLMServer) -> Iterator[ServerProcess]:
 # Fixtures shared with other modules; imported last, as they import from this one.
 from fleet_support import TOKEN as fleet_token  # noqa: E402
 from fleet_support import docker_fleet  # noqa: E402, F401
+from kube_support import fake_cluster, kube_pki  # noqa: E402, F401

@@ -409,3 +409,75 @@ def test_overlay_changes_nothing_else() -> None:
     for key, doc in base.items():
         if key != ("Deployment", "rlm-agent"):
             assert overlay[key] == doc, key
+
+
+# -- the pod-per-session overlay -------------------------------------------------------------
+
+PER_SESSION = KUBERNETES / "overlays" / "pod-per-session"
+
+
+def test_pod_per_session_overlay_validates_strictly() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.latest_version()
+    for doc in render(PER_SESSION):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_pod_per_session_overlay_replaces_the_fleet() -> None:
+    docs = render(PER_SESSION)
+    keys = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for kind in ("Deployment", "Service", "PodDisruptionBudget"):
+        assert (kind, "rlm-agent") not in keys
+    # Only the orchestrator gets an API token; the sandboxes' account still mounts none.
+    assert (
+        find(docs, "ServiceAccount", "rlm-agent", SANDBOXES)["automountServiceAccountToken"]
+        is False
+    )
+    assert (
+        find(docs, "ServiceAccount", "rlm-orchestrator", ORCHESTRATOR_NS)[
+            "automountServiceAccountToken"
+        ]
+        is True
+    )
+    # The RBAC: one Role in the sandbox namespace, bound to the orchestrator only.
+    (role,) = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
+    assert role["kind"] == "Role" and role["metadata"]["namespace"] == SANDBOXES
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert resources == {"pods", "leases"}  # no pods/exec, pods/log, secrets
+    (binding,) = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert (
+        binding["kind"] == "RoleBinding" and binding["roleRef"]["name"] == role["metadata"]["name"]
+    )
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rlm-orchestrator", "namespace": ORCHESTRATOR_NS}
+    ]
+
+
+def test_pod_per_session_network_policies_cover_the_sandbox_pods() -> None:
+    docs = render(PER_SESSION)
+    sandbox = {"app.kubernetes.io/name": "rlm-sandbox"}
+    ingress = find(docs, "NetworkPolicy", "rlm-agent-from-orchestrator", SANDBOXES)["spec"]
+    assert ingress["podSelector"] == {"matchLabels": sandbox}
+    assert not ingress.get("egress")
+    egress = find(docs, "NetworkPolicy", "rlm-orchestrator", ORCHESTRATOR_NS)["spec"]["egress"]
+    (to_sandboxes,) = [r for r in egress if r["ports"] == [{"protocol": "TCP", "port": PORT}]]
+    assert to_sandboxes["to"][0]["podSelector"] == {"matchLabels": sandbox}
+    (to_api,) = [r for r in egress if {"protocol": "TCP", "port": 6443} in r["ports"]]
+    assert [peer["ipBlock"]["cidr"].endswith("/32") for peer in to_api["to"]] == [True]
+
+
+def test_pod_per_session_config_loads() -> None:
+    from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions
+    from rlm_orchestrator.service.settings import load_server_settings
+
+    settings = load_server_settings(PER_SESSION / "rlm.toml")
+    assert settings.environment == "kubernetes"
+    options = KubernetesOptions.model_validate(settings.environment_kwargs)
+    assert options.namespace == SANDBOXES and options.kubeconfig is None  # in-cluster
+    assert options.pool_size > 0 and options.tls_ca_file and options.tls_secret
+    # The token variable it reads is one the orchestrator's Deployment sets from a Secret.
+    deployment = find(render(PER_SESSION), "Deployment", "rlm-orchestrator", ORCHESTRATOR_NS)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert options.token_env in {e["name"] for e in container["env"] if "valueFrom" in e}
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(options.tls_ca_file.parent) in mounts

@@ -354,3 +354,54 @@ async def test_mtls_requires_a_client_certificate_from_the_ca(
 def test_channel_credentials_need_both_cert_and_key(pki: TestPKI) -> None:
     with pytest.raises(ValueError):
         channel_credentials(pki.ca_cert, cert_file=pki.client_cert)
+
+
+async def test_the_agents_health_only_listener_serves_health_and_nothing_else(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """What the kubelet's plaintext `grpc:` probe dials, beside the TLS-only Sandbox port."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "sandbox_agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--health-listen",
+        f"127.0.0.1:{health_port}",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+    ]
+    env = {**os.environ, "RLM_AGENT_TOKEN": TOKEN}
+    agent = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
+    try:
+        assert agent.stdout is not None
+        port = agent.stdout.readline().split()[-1]
+        health_address = f"127.0.0.1:{health_port}"
+        async with channel(health_address) as plain:
+            assert await check_health(plain) == health_pb2.HealthCheckResponse.SERVING
+            error = await refused(get_info(plain, bearer_metadata(TOKEN)))
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED  # no Sandbox service there
+        async with channel(f"127.0.0.1:{port}") as plain:  # the real port stays TLS-only
+            assert (await refused(get_info(plain))).code() == grpc.StatusCode.UNAVAILABLE
+        agent.terminate()
+        assert agent.wait(10) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if agent.stdout:
+            agent.stdout.close()

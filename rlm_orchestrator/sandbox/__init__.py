@@ -11,6 +11,7 @@ from rlm_orchestrator.sandbox.base import (
     SandboxProvider,
     SandboxSpec,
     SupportsReconcile,
+    SupportsWarmUp,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "SandboxSpec",
     "SubCallOutcome",
     "SupportsReconcile",
+    "SupportsWarmUp",
     "create_provider",
 ]
 
@@ -44,6 +46,11 @@ def create_provider(environment: str, options: dict[str, Any] | None = None) -> 
         from rlm_orchestrator.sandbox.modal_provider import ModalProvider
 
         return ModalProvider.from_options(options)
+    if environment == "kubernetes":
+        from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
+
+        return KubernetesProvider.from_options(options)
     raise ConfigurationError(
-        f"unknown environment {environment!r}; available: 'local', 'docker', 'modal', 'fleet'"
+        f"unknown environment {environment!r}; available: 'local', 'docker', 'modal', 'fleet', "
+        "'kubernetes'"
     )

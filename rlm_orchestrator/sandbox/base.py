@@ -44,6 +44,13 @@ class SupportsReconcile(Protocol):
 
 
 @runtime_checkable
+class SupportsWarmUp(Protocol):
+    """A provider with a warm pool, which a long-lived server fills when it starts."""
+
+    async def warm_up(self) -> None: ...
+
+
+@runtime_checkable
 class SandboxProvider(Protocol):
     """A sandbox backend. Implementations must make `release` idempotent and leak-free."""
 

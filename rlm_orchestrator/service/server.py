@@ -20,7 +20,12 @@ from grpc_reflection.v1alpha import reflection
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
-from rlm_orchestrator.sandbox import SandboxProvider, SupportsReconcile, create_provider
+from rlm_orchestrator.sandbox import (
+    SandboxProvider,
+    SupportsReconcile,
+    SupportsWarmUp,
+    create_provider,
+)
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
@@ -81,6 +86,8 @@ class OrchestratorServer:
             removed = await self._provider.reconcile()
             if removed:
                 log.warning("removed %d orphaned sandbox(es) at start", removed)
+        if isinstance(self._provider, SupportsWarmUp):
+            await self._provider.warm_up()  # a no-op without a pool
         self._service = OrchestratorService(self.settings, router, self._provider)
         token = self.settings.auth_token
         interceptors: list[Any] = (

@@ -1,0 +1,244 @@
+"""The sandbox pod: its manifest, its labels, and what its status says.
+
+The pod is locked down like the fleet's agents (deploy/kubernetes/base/agents.yaml): no
+service-account token, no service links, non-root, read-only root filesystem, no
+capabilities, RuntimeDefault seccomp, an in-memory size-capped /work, resources, a hard
+`activeDeadlineSeconds`, and the NetworkPolicies of the sandbox namespace (nothing out). Its
+readiness probe is the kubelet's own gRPC probe, on the agent's plaintext health-only port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JsonObject = dict[str, Any]
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+NAME = "app.kubernetes.io/name"
+STATE = "rlm.sandbox/state"  # idle (in the warm pool), leased, or retiring
+TEMPLATE = "rlm.sandbox/template"  # hash of the pod's spec: pools only share equal pods
+ROLE = "rlm.sandbox/role"
+SESSION = "rlm.sandbox/session"
+LEASED_BY = "rlm.sandbox/leased-by"
+OUR_LABELS = {MANAGED_BY: "rlm-orchestrator", NAME: "rlm-sandbox"}
+
+# Container waiting reasons after which the pod will not start by itself.
+FATAL_WAITING = {
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+}
+
+
+class PodOptions(BaseModel):
+    """What the sandbox pods look like (part of the provider's environment_kwargs)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = "rlm-sandbox:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    # E.g. "gvisor" (deploy/kubernetes/overlays/gvisor); None: the cluster's default runtime.
+    runtime_class: str | None = None
+    service_account: str = "rlm-agent"
+    port: int = Field(default=50051, gt=0, lt=65536)
+    health_port: int = Field(default=50052, gt=0, lt=65536)
+    cpu_request: str = "250m"
+    cpu_limit: str = "1"
+    memory_request: str = "256Mi"
+    memory_limit: str = "1Gi"
+    work_size_limit: str = "256Mi"
+    # No pod outlives this, whatever happens to its orchestrator.
+    active_deadline_seconds: int = Field(default=6 * 3600, ge=60)
+    # Secrets the kubelet mounts (the orchestrator never reads or creates Secrets).
+    tls_secret: str | None = "rlm-agent-tls"
+    token_secret: str | None = "rlm-agent-token"
+    token_secret_key: str = "token"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+def restricted_security_context() -> JsonObject:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65534,
+        "runAsGroup": 65534,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def agent_args(options: PodOptions, memory_limit_mb: int = 0) -> list[str]:
+    args = [
+        "--listen",
+        f"0.0.0.0:{options.port}",
+        "--health-listen",
+        f"0.0.0.0:{options.health_port}",
+        "--workdir",
+        "/work/code",
+        "--state-dir",
+        "/work/.state",
+    ]
+    if options.tls_secret:
+        args += ["--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key"]
+    if memory_limit_mb:
+        args += ["--memory-limit-mb", str(memory_limit_mb)]
+    return args
+
+
+def pod_spec(options: PodOptions, memory_limit_mb: int = 0) -> JsonObject:
+    container: JsonObject = {
+        "name": "agent",
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+        "args": agent_args(options, memory_limit_mb),
+        "ports": [
+            {"name": "grpc", "containerPort": options.port, "protocol": "TCP"},
+            {"name": "health", "containerPort": options.health_port, "protocol": "TCP"},
+        ],
+        # Probed often at first: a session is waiting for exactly this.
+        "readinessProbe": {
+            "grpc": {"port": options.health_port},
+            "periodSeconds": 1,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": options.cpu_request, "memory": options.memory_request},
+            "limits": {"cpu": options.cpu_limit, "memory": options.memory_limit},
+        },
+        "securityContext": restricted_security_context(),
+        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+    }
+    volumes: list[JsonObject] = [
+        {"name": "work", "emptyDir": {"medium": "Memory", "sizeLimit": options.work_size_limit}}
+    ]
+    if options.token_secret:
+        # The agent reads it, then removes it from its environment before user code runs.
+        container["env"] = [
+            {
+                "name": "RLM_AGENT_TOKEN",
+                "valueFrom": {
+                    "secretKeyRef": {"name": options.token_secret, "key": options.token_secret_key}
+                },
+            }
+        ]
+    if options.tls_secret:
+        container["volumeMounts"].append({"name": "tls", "mountPath": "/tls", "readOnly": True})
+        volumes.append(
+            {
+                "name": "tls",
+                "secret": {
+                    "secretName": options.tls_secret,
+                    "defaultMode": 0o440,
+                    "items": [
+                        {"key": "tls.crt", "path": "tls.crt"},
+                        {"key": "tls.key", "path": "tls.key"},
+                    ],
+                },
+            }
+        )
+    spec: JsonObject = {
+        "restartPolicy": "Never",
+        "serviceAccountName": options.service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "activeDeadlineSeconds": options.active_deadline_seconds,
+        "terminationGracePeriodSeconds": 5,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 65534,
+            "runAsGroup": 65534,
+            "fsGroup": 65534,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if options.runtime_class:
+        spec["runtimeClassName"] = options.runtime_class
+    if options.node_selector:
+        spec["nodeSelector"] = dict(options.node_selector)
+    if options.tolerations:
+        spec["tolerations"] = list(options.tolerations)
+    return spec
+
+
+def template_hash(spec: JsonObject) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sandbox_pod(
+    spec: JsonObject, *, state: str, owner: JsonObject, annotations: dict[str, str]
+) -> JsonObject:
+    """A pod manifest owned by an orchestrator's Lease (its deletion takes the pod along)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "rlm-sandbox-",
+            "labels": {**OUR_LABELS, STATE: state, TEMPLATE: template_hash(spec)},
+            "annotations": annotations,
+            "ownerReferences": [owner],
+        },
+        "spec": spec,
+    }
+
+
+@dataclass(frozen=True)
+class PodReadiness:
+    """What a pod's status says about whether a session can use it."""
+
+    ready: bool
+    ip: str | None
+    failure: str | None  # why it will never be ready, when it will not
+    summary: str  # for messages: phase, conditions, container state
+
+
+def readiness(pod: JsonObject) -> PodReadiness:
+    status = pod.get("status") or {}
+    phase = status.get("phase", "Pending")
+    ip = status.get("podIP")
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = conditions.get("Ready", {}).get("status") == "True"
+    details = [f"phase {phase}"]
+    failure = None
+    scheduled = conditions.get("PodScheduled", {})
+    if scheduled.get("status") == "False":
+        details.append(f"unscheduled: {scheduled.get('reason')}: {scheduled.get('message', '')}")
+    for container in status.get("containerStatuses") or []:
+        state = container.get("state") or {}
+        waiting, terminated = state.get("waiting"), state.get("terminated")
+        if waiting:
+            reason = waiting.get("reason", "")
+            details.append(f"waiting: {reason}: {waiting.get('message', '')}".rstrip(": "))
+            if reason in FATAL_WAITING:
+                failure = f"{reason}: {waiting.get('message', '')}".rstrip(": ")
+        if terminated:
+            failure = (
+                f"agent exited ({terminated.get('reason', '')}, code "
+                f"{terminated.get('exitCode')}): {terminated.get('message', '')}"
+            ).rstrip(": ")
+    if phase in ("Failed", "Succeeded") and (status.get("reason") or failure is None):
+        # The pod's own reason (DeadlineExceeded, Evicted) says more than its container's.
+        reason = status.get("reason") or phase
+        failure = f"pod {phase.lower()}: {reason}: {status.get('message', '')}".rstrip(": ")
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        failure = "pod is being deleted"
+    return PodReadiness(
+        ready=ready and bool(ip) and failure is None,
+        ip=ip,
+        failure=failure,
+        summary="; ".join(details),
+    )
