@@ -8,6 +8,7 @@ reports its status as a kubelet would. The semantics suite also runs this way (c
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -16,8 +17,17 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import (
+    ROOT_MODEL,
+    SERVER_TOKEN,
+    repl,
+    server_config,
+    start_server,
+    stop_server,
+)
 from kube_support import NAMESPACE, STUCK_IMAGE, TOKEN, FakeCluster
 
+from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient
@@ -29,6 +39,7 @@ from rlm_orchestrator.sandbox.kubernetes.pods import (
     readiness,
     sandbox_pod,
 )
+from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -392,3 +403,47 @@ async def test_a_pod_past_its_active_deadline_fails_with_the_reason(
     finally:
         await kube.aclose()
     assert fake_cluster.pods() == []
+
+
+async def test_a_server_keeps_a_warm_pool_and_the_next_server_sweeps_a_killed_ones_pods(
+    fake_cluster: FakeCluster, lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    """`serve` with environment="kubernetes": the pool is filled at start, a session runs on
+    a warm pod; after a kill -9 its pods stay, until the next server's start-up sweep."""
+
+    def config(**extra: Any) -> Path:
+        path = server_config(lm, tmp_path, environment="kubernetes")
+        options = fake_cluster.options(lease_duration_seconds=5, sweep_grace_seconds=0, **extra)
+        with path.open("a") as toml:
+            toml.write("[environment_kwargs]\n")
+            toml.writelines(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+        return path
+
+    def idle_ready() -> list[str]:
+        return [
+            p["metadata"]["name"]
+            for p in fake_cluster.pods()
+            if p["metadata"]["labels"][STATE] == "idle" and readiness(p).ready
+        ]
+
+    first = start_server(config(pool_size=1, pool_check_seconds=0.2))
+    try:
+        await eventually(lambda: len(idle_ready()) == 1, timeout=20)  # before any session
+        (warm,) = idle_ready()
+        lm.set_sequence(ROOT_MODEL, [repl("print(6 * 7)"), "FINAL(done)"])
+        async with AsyncClient(first.address, token=SERVER_TOKEN) as client:
+            assert (await client.completion("ctx")).response == "done"
+        assert warm not in {p["metadata"]["name"] for p in fake_cluster.pods()}  # used, deleted
+        await eventually(lambda: len(idle_ready()) == 1)  # refilled
+        first.process.kill()  # vanishes: nothing cleaned up
+        first.process.wait()
+    finally:
+        stop_server(first)
+    assert len(fake_cluster.pods()) == 1 and len(fake_cluster.leases()) == 1
+    await asyncio.sleep(5.5)  # its Lease expires (5 s, no grace here)
+    second = start_server(config())
+    try:
+        assert fake_cluster.pods() == []  # swept during its start
+        assert fake_cluster.leases() == []  # (its own comes with its first session or pool)
+    finally:
+        stop_server(second)

@@ -1,16 +1,24 @@
-"""Sandbox acquisition: local cold start, Docker cold start, Docker warm pool."""
+"""Sandbox acquisition: local cold start, Docker cold start and warm pool, Kubernetes (a fake
+cluster whose kubelet runs real agents: the provider's API round trips, the watch, the probe,
+TLS) cold pod and warm pool."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import Metric, not_measured, timing
 from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
 from rlm_orchestrator.sandbox.local import LocalProvider
+from rlm_orchestrator.testing.fake_cluster import TOKEN_ENV, FakeCluster
 
 NAME = "acquire"
-DESCRIPTION = "sandbox acquisition: local cold, Docker cold, Docker warm pool"
+DESCRIPTION = "sandbox acquisition: local, Docker and Kubernetes (fake cluster), cold and warm"
 LOCAL_N = 15
 DOCKER_N = 7
 WARM_N = 7
@@ -63,11 +71,47 @@ async def _docker_warm() -> list[float]:
         await provider.aclose()
 
 
+async def _pool_refilled(provider: KubernetesProvider, size: int) -> None:
+    for _ in range(2000):  # bounded: at most about 40 s
+        if await provider.pool_ready() >= size:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("the warm pool was not refilled")
+
+
+async def _kubernetes(pool_size: int) -> list[float]:
+    """Cold: a pod created, watched to Ready, dialled. Warm: an idle pod leased by patch."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-kube-") as root,
+        FakeCluster(Path(root)) as cluster,
+    ):
+        os.environ[TOKEN_ENV] = cluster.token
+        options = cluster.options(pool_size=pool_size, pool_check_seconds=0.1)
+        provider = KubernetesProvider(KubernetesOptions.model_validate(options))
+        samples = []
+        try:
+            await provider.warm_up()
+            for i in range(WARM_N + 1):
+                await _pool_refilled(provider, pool_size)  # not timed
+                start = time.perf_counter()
+                box = await provider.acquire(SandboxSpec(session_id=f"bench-kube-{i}"))
+                elapsed = time.perf_counter() - start
+                await provider.release(box)
+                if i:
+                    samples.append(elapsed)
+            return samples
+        finally:
+            await provider.aclose()
+            del os.environ[TOKEN_ENV]
+
+
 async def run() -> list[Metric]:
     metrics = [timing(NAME, "local cold start", await _local(), "ms", "<", 500.0)]
     for label, measure, target in (
         ("Docker cold start", _docker_cold, 1500.0),
         ("Docker warm pool (size 1)", _docker_warm, 5.0),
+        ("Kubernetes cold pod (fake cluster)", lambda: _kubernetes(0), 1500.0),
+        ("Kubernetes warm pool (fake cluster, size 1)", lambda: _kubernetes(1), 50.0),
     ):
         try:
             metrics.append(timing(NAME, label, await measure(), "ms", "<", target))

@@ -299,6 +299,11 @@ class KubernetesProvider:
                 await asyncio.wait_for(self._pool_wakeup.wait(), self.options.pool_check_seconds)
             self._pool_wakeup.clear()
 
+    async def pool_ready(self) -> int:
+        """How many idle pods of this pod template are ready to be leased now."""
+        idle = await self.api.list("Pod", self._idle_labels())
+        return sum(1 for pod in idle if readiness(pod).ready)
+
     async def fill_pool(self) -> int:
         """Retire stale idle pods and create what the pool lacks; returns how many created."""
         owner = self._owner
