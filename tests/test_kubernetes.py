@@ -447,3 +447,14 @@ async def test_a_server_keeps_a_warm_pool_and_the_next_server_sweeps_a_killed_on
         assert fake_cluster.leases() == []  # (its own comes with its first session or pool)
     finally:
         stop_server(second)
+
+
+async def test_a_missing_permission_says_which_role_to_apply(fake_cluster: FakeCluster) -> None:
+    kube = provider(fake_cluster)
+    try:
+        fake_cluster.api_server.fail_next("create", "pods", 403, "Forbidden")
+        with pytest.raises(SandboxError, match=r"403 Forbidden: create Pod: .*rbac\.yaml"):
+            await kube.acquire(SPEC)
+        assert fake_cluster.pods() == []
+    finally:
+        await kube.aclose()

@@ -159,6 +159,21 @@ def _as_dict(obj: Any) -> JsonObject:
     return result
 
 
+# What to fix, for the failures a deployment (rather than a race) causes.
+_HINTS = {
+    0: "the Kubernetes API server cannot be reached: check `kubeconfig` / `context`, or that "
+    "the orchestrator runs in the cluster with its service account",
+    401: "the API server refused the credentials (kubeconfig, or the service-account token)",
+    403: "the orchestrator's service account lacks this permission in the sandbox namespace: "
+    "apply the Role of deploy/kubernetes/overlays/pod-per-session/rbac.yaml",
+}
+
+
+def _error(code: int, reason: str, doing: str) -> KubeApiError:
+    hint = _HINTS.get(code)
+    return KubeApiError(code, reason, f"{doing}; {hint}" if hint else doing)
+
+
 @contextlib.contextmanager
 def _translated(verb: str, kind: str) -> Iterator[None]:
     """lightkube's and httpx's errors as KubeApiError, saying what was being done."""
@@ -169,14 +184,12 @@ def _translated(verb: str, kind: str) -> Iterator[None]:
         yield
     except ApiError as exc:
         status = exc.status
-        raise KubeApiError(
-            int(status.code or 0), str(status.reason or ""), f"{verb} {kind}: {status.message}"
-        ) from exc
+        code, reason = int(status.code or 0), str(status.reason or "")
+        raise _error(code, reason, f"{verb} {kind}: {status.message}") from exc
     except httpx2.HTTPStatusError as exc:
         # A watch's error answer is streamed: lightkube raises it without decoding its Status.
         response = exc.response
-        raise KubeApiError(
-            response.status_code, response.reason_phrase, f"{verb} {kind}: {response.url}"
-        ) from exc
+        doing = f"{verb} {kind}: {response.url}"
+        raise _error(response.status_code, response.reason_phrase, doing) from exc
     except httpx2.HTTPError as exc:
-        raise KubeApiError(0, type(exc).__name__, f"{verb} {kind}: {exc}") from exc
+        raise _error(0, type(exc).__name__, f"{verb} {kind}: {exc}") from exc
