@@ -10,13 +10,22 @@ import pytest
 from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from rlm_orchestrator.testing.fake_cluster import (
     AGENT_NAME,
+    CRASHING_IMAGE,
     NAMESPACE,
     STUCK_IMAGE,
     TOKEN_ENV,
     FakeCluster,
 )
 
-__all__ = ["NAMESPACE", "STUCK_IMAGE", "TOKEN", "FakeCluster", "fake_cluster", "kube_pki"]
+__all__ = [
+    "CRASHING_IMAGE",
+    "NAMESPACE",
+    "STUCK_IMAGE",
+    "TOKEN",
+    "FakeCluster",
+    "fake_cluster",
+    "kube_pki",
+]
 
 TOKEN = "kube-agent-token-for-tests"
 

@@ -25,7 +25,7 @@ from conftest import (
     start_server,
     stop_server,
 )
-from kube_support import NAMESPACE, STUCK_IMAGE, TOKEN, FakeCluster
+from kube_support import CRASHING_IMAGE, NAMESPACE, STUCK_IMAGE, TOKEN, FakeCluster
 
 from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.exceptions import SandboxError
@@ -185,6 +185,20 @@ async def test_a_missing_secret_is_a_container_config_error(fake_cluster: FakeCl
     try:
         with pytest.raises(SandboxError, match='CreateContainerConfigError: secret "no-such'):
             await kube.acquire(SPEC)
+        assert fake_cluster.pods() == []
+    finally:
+        await kube.aclose()
+
+
+async def test_an_agent_that_exits_at_start_fails_the_acquire_at_once(
+    fake_cluster: FakeCluster,
+) -> None:
+    kube = provider(fake_cluster, image=CRASHING_IMAGE)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SandboxError, match=r"cannot start: agent exited \(Error, code 3\)"):
+            await kube.acquire(SPEC)
+        assert time.monotonic() - started < SPEC.startup_timeout_seconds / 2
         assert fake_cluster.pods() == []
     finally:
         await kube.aclose()

@@ -17,12 +17,13 @@ from typing import Any
 from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from rlm_orchestrator.testing.fake_kube import FakeKubeApiServer
 from rlm_orchestrator.testing.fake_kube_http import FakeKubeHttpServer
-from rlm_orchestrator.testing.fake_kubelet import AGENT, NEVER_READY, FakeKubelet
+from rlm_orchestrator.testing.fake_kubelet import AGENT, CRASHES, NEVER_READY, FakeKubelet
 
 NAMESPACE = "rlm-sandboxes"
 AGENT_NAME = "rlm-agent.rlm-sandboxes.svc"  # the name the agents' certificate carries
 IMAGE = "rlm-sandbox:latest"
 STUCK_IMAGE = "rlm-sandbox:stuck"  # "pulled", but its container never gets created
+CRASHING_IMAGE = "rlm-sandbox:crashing"  # its container exits at once (code 3)
 TOKEN_ENV = "RLM_SANDBOX_TOKEN"
 
 
@@ -41,7 +42,9 @@ class FakeCluster:
         self.token = token
         self.api_server = FakeKubeApiServer()
         self.kubelet = FakeKubelet(
-            self.api_server, root / "kubelet", images={IMAGE: AGENT, STUCK_IMAGE: NEVER_READY}
+            self.api_server,
+            root / "kubelet",
+            images={IMAGE: AGENT, STUCK_IMAGE: NEVER_READY, CRASHING_IMAGE: CRASHES},
         )
         self.http = FakeKubeHttpServer(self.api_server)
         # Every pod listens on these, each on its own address (as pods do).

@@ -28,7 +28,7 @@ from typing import Any
 from rlm_orchestrator.testing.fake_kube import ApiError, FakeKubeApiServer
 
 JsonObject = dict[str, Any]
-AGENT, NEVER_READY = "agent", "never-ready"
+AGENT, NEVER_READY, CRASHES = "agent", "never-ready", "crashes"
 
 
 def _now() -> str:
@@ -50,7 +50,8 @@ class FakeKubelet:
     ) -> None:
         self.server = server
         self.root = root
-        # image -> what runs: AGENT (python -m sandbox_agent + the args) or NEVER_READY.
+        # image -> what runs: AGENT (python -m sandbox_agent + the args), NEVER_READY, or
+        # CRASHES (a container that exits with code 3 as soon as it starts).
         self.images = images if images is not None else {"rlm-sandbox:latest": AGENT}
         self.probe_period_seconds = probe_period_seconds
         self._addresses = (f"127.77.{n // 250}.{n % 250 + 1}" for n in itertools.count())
@@ -161,11 +162,15 @@ class _RunningPod:
             reason, message = exc.args
             self._waiting(reason, message)
             return
-        self._start(container, env, mounts)
+        self._start(container, env, mounts, crash=behaviour == CRASHES)
 
-    def _start(self, container: JsonObject, env: dict[str, str], mounts: dict[str, Path]) -> None:
+    def _start(
+        self, container: JsonObject, env: dict[str, str], mounts: dict[str, Path], crash: bool
+    ) -> None:
         args = [self._map(arg, mounts) for arg in container.get("args", [])]
         command = [sys.executable, "-m", "sandbox_agent", *args]
+        if crash:
+            command = [sys.executable, "-c", "raise SystemExit(3)"]
         # Only what the pod spec gives, plus the test run's owner label (its leak checks).
         base = {key: os.environ[key] for key in ("PATH", "RLM_SANDBOX_OWNER") if key in os.environ}
         log = (self.dir / "agent.log").open("wb")
