@@ -73,7 +73,9 @@ class KubernetesOptions(PodOptions):
 class KubernetesProvider:
     name = "kubernetes"
 
-    def __init__(self, options: KubernetesOptions | None = None, api: KubeApi | None = None):
+    def __init__(
+        self, options: KubernetesOptions | None = None, api: KubeApi | None = None
+    ) -> None:
         self.options = options or KubernetesOptions()
         self.holder = orchestrator_id()
         self._api = api
