@@ -419,11 +419,11 @@ async def test_a_pod_past_its_active_deadline_fails_with_the_reason(
     assert fake_cluster.pods() == []
 
 
-async def test_a_server_keeps_a_warm_pool_and_the_next_server_sweeps_a_killed_ones_pods(
+async def test_a_server_keeps_a_warm_pool_and_a_killed_servers_pods_are_swept_next_start(
     fake_cluster: FakeCluster, lm: ScriptedLMServer, tmp_path: Path
 ) -> None:
     """`serve` with environment="kubernetes": the pool is filled at start, a session runs on
-    a warm pod; after a kill -9 its pods stay, until the next server's start-up sweep."""
+    a warm pod; after a kill -9 its pods stay, until the next orchestrator's start-up sweep."""
 
     def config(**extra: Any) -> Path:
         path = server_config(lm, tmp_path, environment="kubernetes")
@@ -453,14 +453,20 @@ async def test_a_server_keeps_a_warm_pool_and_the_next_server_sweeps_a_killed_on
         first.process.wait()
     finally:
         stop_server(first)
-    assert len(fake_cluster.pods()) == 1 and len(fake_cluster.leases()) == 1
-    await asyncio.sleep(5.5)  # its Lease expires (5 s, no grace here)
-    second = start_server(config())
+    assert len(fake_cluster.pods()) == 1
+    (lease,) = fake_cluster.leases()
+    # Time passes: its Lease is not renewed any more and expires.
+    stale = micro_time(datetime.now(UTC) - timedelta(minutes=10))
+    fake_cluster.api_server.patch(
+        "Lease", NAMESPACE, lease["metadata"]["name"], {"spec": {"renewTime": stale}}
+    )
+    # The next orchestrator's start (what `serve` runs first: SupportsReconcile).
+    successor = provider(fake_cluster)
     try:
-        assert fake_cluster.pods() == []  # swept during its start
-        assert fake_cluster.leases() == []  # (its own comes with its first session or pool)
+        assert await successor.reconcile() == 1
+        assert fake_cluster.pods() == [] and fake_cluster.leases() == []
     finally:
-        stop_server(second)
+        await successor.aclose()
 
 
 async def test_a_missing_permission_says_which_role_to_apply(fake_cluster: FakeCluster) -> None:
