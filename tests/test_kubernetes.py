@@ -109,13 +109,10 @@ async def test_sessions_take_warm_pool_pods_and_the_pool_refills(
 
         await eventually(lambda: len(ready_idle()) == 2)
         warm = set(ready_idle())
-        started = time.monotonic()
         sandbox = await kube.acquire(SPEC)
-        took = time.monotonic() - started
         assert sandbox.provider_state in warm, "a warm pod was not used"
         assert await run(sandbox.client, "print('warm')") == "warm\n"
         await eventually(lambda: len(ready_idle()) == 2)  # replenished
-        assert took < 5, took  # a warm pod is leased, not started (loose: shared machines)
         await kube.release(sandbox)
     finally:
         await kube.aclose()
@@ -132,6 +129,9 @@ async def test_twenty_concurrent_leasers_never_share_a_pod(fake_cluster: FakeClu
         for n, kube in enumerate(leasers):
             kube.holder = f"orchestrator-{n}"
         await filler._start()
+        # The pool is filled by hand below, between rounds: no upkeep task racing it.
+        assert filler._pool_task is not None
+        filler._pool_task.cancel()
         owners = [await kube._start() for kube in leasers]
         for rounds in range(3):
             await filler.fill_pool()
@@ -171,10 +171,9 @@ async def test_an_image_that_cannot_be_pulled_fails_fast_and_clearly(
 ) -> None:
     kube = provider(fake_cluster, image="registry.invalid/rlm-sandbox:nope")
     try:
-        started = time.monotonic()
+        # "cannot start": failed on the pod's state, not at the deadline ("not ready in time").
         with pytest.raises(SandboxError, match="cannot start: ImagePullBackOff"):
             await kube.acquire(SPEC)
-        assert time.monotonic() - started < SPEC.startup_timeout_seconds / 2
         assert fake_cluster.pods() == []  # the failed pod was deleted
     finally:
         await kube.aclose()
@@ -195,10 +194,8 @@ async def test_an_agent_that_exits_at_start_fails_the_acquire_at_once(
 ) -> None:
     kube = provider(fake_cluster, image=CRASHING_IMAGE)
     try:
-        started = time.monotonic()
         with pytest.raises(SandboxError, match=r"cannot start: agent exited \(Error, code 3\)"):
             await kube.acquire(SPEC)
-        assert time.monotonic() - started < SPEC.startup_timeout_seconds / 2
         assert fake_cluster.pods() == []
     finally:
         await kube.aclose()
