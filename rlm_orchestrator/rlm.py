@@ -190,6 +190,7 @@ class RLM:
         finally:
             if self._provider is None:
                 await provider.aclose()
+            await router.finish_callbacks()
 
     async def _acquire_session(self, runner: CompletionRunner) -> SessionState:
         if self._session is not None:

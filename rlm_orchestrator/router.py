@@ -7,8 +7,10 @@ litellm is imported on first use only: it costs seconds and ~200 MB, which neith
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -207,6 +209,25 @@ class LMRouter:
     async def prepare() -> None:
         """Import litellm off the event loop (seconds, once), before any deadline runs."""
         await asyncio.to_thread(_litellm)
+
+    @staticmethod
+    async def finish_callbacks(timeout: float = 2.0) -> None:
+        """Let litellm's background logging worker finish on this event loop, then stop it.
+
+        Its worker is global and bound to the loop of the first call; when that loop closes
+        (every `RLM.completion` runs its own `asyncio.run`), recent litellm versions carry
+        already-awaited callbacks onto the next loop and fail there. Stopping it while its
+        loop still runs avoids that.
+        """
+        module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
+        worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
+        if worker is None:
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await worker.flush()
+        with contextlib.suppress(Exception):
+            await worker.stop(discard_pending=True, timeout=timeout)
 
     def resolve(self, model: str | None, depth: int) -> LMClientConfig:
         if model:
