@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         help="stop (as on SIGTERM) when this process (the orchestrator that started us) dies",
     )
     parser.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=0.0,
+        help="stop once no orchestrator has held an Attach stream for this many seconds (0: never)",
+    )
+    parser.add_argument(
         "--reflection", action="store_true", help="serve gRPC reflection (about 12 MB more)"
     )
     parser.add_argument(
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         fleet=args.fleet,
         lease_ttl_seconds=args.lease_ttl,
         health_listen=args.health_listen,
+        orphan_timeout_seconds=args.orphan_timeout,
     )
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")

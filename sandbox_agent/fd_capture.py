@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import fcntl
 import os
+import select
 import struct
 import termios
 import threading
@@ -40,12 +41,17 @@ class FdCapture:
     def _pump(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         carry = ""
+        readable = select.poll()
+        readable.register(self._read_end, select.POLLIN)
         while True:
+            # Busy from before the read: once read, bytes are out of the pipe but not yet in
+            # the capture, and drain() must not take the empty pipe for "all delivered".
+            readable.poll()
+            with self._lock:
+                self._busy = True
             data = os.read(self._read_end, 65536)
             if not data:
                 return
-            with self._lock:
-                self._busy = True
             text = carry + decoder.decode(data)
             carry = ""
             token = self._token

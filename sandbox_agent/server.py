@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
 from sandbox_agent.auth import BearerTokenInterceptor, server_credentials
 from sandbox_agent.executor import Executor, ExecutorConfig
 from sandbox_agent.lease import LeaseKeeper
+from sandbox_agent.orphan import OrphanWatch
 from sandbox_agent.service import SandboxService
 
 log = logging.getLogger("sandbox_agent")
@@ -55,13 +57,17 @@ class AgentConfig:
     # A second, plaintext listener serving grpc.health.v1 only: what the kubelet's built-in
     # `grpc:` probe can dial (it speaks no TLS), while the Sandbox service stays TLS-only.
     health_listen: str | None = None
+    # Stop by itself once no orchestrator has held an Attach stream for this long (0 = never):
+    # an orphaned container or remote sandbox does not run unsupervised.
+    orphan_timeout_seconds: float = 0.0
 
 
 class Agent:
     """An executor behind a grpc.aio server, started and stopped as one."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, on_orphaned: Callable[[], None] = lambda: None) -> None:
         self.config = config
+        self.orphans = OrphanWatch(config.orphan_timeout_seconds, on_orphaned)
         self.executor = Executor(config.executor)
         interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
@@ -71,7 +77,7 @@ class Agent:
         self.leases = LeaseKeeper(self.executor, config.lease_ttl_seconds) if config.fleet else None
 
     async def start(self) -> None:
-        service = SandboxService(self.executor, self.leases)
+        service = SandboxService(self.executor, self.leases, self.orphans)
         sandbox_pb2_grpc.add_SandboxServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -97,6 +103,7 @@ class Agent:
         await self.executor.start()
         if self.leases is not None:
             self.leases.start()
+        self.orphans.start()
         await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -108,6 +115,7 @@ class Agent:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self) -> None:
+        await self.orphans.stop()
         await self.health.enter_graceful_shutdown()
         if self.leases is not None:
             await self.leases.stop()
@@ -118,8 +126,8 @@ class Agent:
 
 
 async def run_until_signalled(config: AgentConfig) -> None:
-    agent = Agent(config)
     stop = asyncio.Event()
+    agent = Agent(config, on_orphaned=stop.set)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -20,6 +20,7 @@ from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
 from sandbox_agent.frames import Kind
 from sandbox_agent.lease import LeaseError, LeaseKeeper
 from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
+from sandbox_agent.orphan import OrphanWatch
 from sandbox_agent.tracing import ExecutionSpan
 
 DEFAULT_VARIABLE_CHARS = 16 * 1024 * 1024
@@ -89,8 +90,15 @@ def _result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
 
 
 class SandboxService(sandbox_pb2_grpc.SandboxServicer):
-    def __init__(self, executor: Executor, leases: LeaseKeeper | None = None) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        leases: LeaseKeeper | None = None,
+        orphans: OrphanWatch | None = None,
+    ) -> None:
         self._executor = executor
+        # Attach streams held by the orchestrator; without a timeout they are only counted.
+        self._orphans = orphans or OrphanWatch(0, lambda: None)
         # Fleet mode: calls must carry the active lease.
         self._leases = leases
         self._value_dir = executor.config.state_dir / "values"
@@ -329,3 +337,18 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             if self._leases and self._leases.active
             else "",
         )
+
+    async def Attach(
+        self,
+        request: pb.AttachRequest,
+        context: grpc.aio.ServicerContext[pb.AttachRequest, pb.AttachEvent],
+    ) -> AsyncIterator[pb.AttachEvent]:
+        attachments = self._orphans.attach()
+        try:
+            yield pb.AttachEvent(
+                orphan_timeout_seconds=self._orphans.timeout, attachments=attachments
+            )
+            # Open until the orchestrator closes it or goes away (the call is cancelled).
+            await asyncio.Event().wait()
+        finally:
+            self._orphans.detach()

@@ -119,6 +119,7 @@ class AgentClient:
         self._abort_reason: str | None = None
         self._stub = sandbox_pb2_grpc.SandboxStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._attachment: asyncio.Task[None] | None = None
 
     def abort(self, reason: str) -> None:
         """Fail the calls in flight with SandboxError(reason): the agent was found lost (a
@@ -128,7 +129,33 @@ class AgentClient:
             call.cancel()
 
     async def close(self) -> None:
+        if self._attachment is not None:
+            self._attachment.cancel()
+            await asyncio.gather(self._attachment, return_exceptions=True)
+            self._attachment = None
         await self._channel.close()
+
+    async def attach(self, holder: str) -> None:
+        """Hold an Attach stream open until `close()`: an agent started with an orphan timeout
+        stops by itself once this process is gone. Returns once the agent has registered it."""
+        registered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._attachment = asyncio.create_task(self._hold(holder, registered), name="attach")
+        await registered
+
+    async def _hold(self, holder: str, registered: asyncio.Future[None]) -> None:
+        try:
+            call = self._stub.Attach(pb.AttachRequest(holder=holder), metadata=self._metadata)
+            async for _ in call:
+                if not registered.done():
+                    registered.set_result(None)
+            raise SandboxError("the sandbox agent ended its Attach stream")
+        except grpc.aio.AioRpcError as exc:
+            error = _sandbox_error("attaching", exc)
+            if not registered.done():
+                registered.set_exception(error)
+        except SandboxError as exc:
+            if not registered.done():
+                registered.set_exception(exc)
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll grpc.health.v1 until SERVING; on timeout, report the last failure."""

@@ -5,7 +5,9 @@ through a unix socket in a bind-mounted directory, and `llm_query` rides that co
 runs as nobody, on a read-only root with a tmpfs work dir, with every capability dropped,
 no-new-privileges, and pids / memory / CPU limits. Every container carries labels (owner,
 orchestrator, session, expiry) so that a reconcile pass can remove what a dead orchestrator
-left behind. The Docker SDK blocks: every call goes through a thread.
+left behind, and its agent stops by itself `orphan_timeout_seconds` after this orchestrator's
+Attach stream ends (the process died): an orphan does not run unsupervised until then. The
+Docker SDK blocks: every call goes through a thread.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class DockerOptions(BaseModel):
     # A container older than this is removed by any orchestrator's reconcile pass.
     container_ttl_seconds: float = Field(default=6 * 3600.0, gt=0)
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+    # The agent stops by itself (and its container with it) once this orchestrator has been
+    # gone for this long; 0 = only reconcile passes remove orphans.
+    orphan_timeout_seconds: float = Field(default=60.0, ge=0)
 
 
 async def _uncancellable(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -75,6 +80,17 @@ class _Container:
     container: Any
     root: Path
     started: float
+    # Held (attached) while the container waits in the warm pool.
+    client: AgentClient | None = None
+
+
+def _lock_socket_dir(sock_dir: Path) -> None:
+    """Once the agent has bound its socket, the container may no longer write to the directory
+    (files on the host disk outside its tmpfs cap, or removing its own socket), whatever user
+    this orchestrator runs as. Connecting needs only the socket's own permission."""
+    if sock_dir.stat().st_uid != os.geteuid():
+        os.chown(sock_dir, os.geteuid(), os.getegid())  # root gave it to the container's user
+    sock_dir.chmod(0o755)
 
 
 class DockerProvider:
@@ -114,7 +130,8 @@ class DockerProvider:
         await self._ensure_maintenance()
         while self._pool:
             pooled = self._pool.pop(0)
-            client = AgentClient(f"unix:{pooled.root / 'sock' / 'agent.sock'}")
+            client, pooled.client = pooled.client, None
+            assert client is not None
             try:
                 await client.wait_ready(2.0)
             except SandboxError:
@@ -174,7 +191,9 @@ class DockerProvider:
         if os.geteuid() == 0:
             os.chown(sock_dir, NOBODY, NOBODY)  # the agent (nobody) creates its socket here
         else:
-            sock_dir.chmod(0o777)  # root stays 0o700: nobody else can reach the socket
+            # Until the agent has bound (_lock_socket_dir); root stays 0o700: no other user
+            # of this host can reach the socket.
+            sock_dir.chmod(0o777)
         command = [
             "--listen",
             "unix:/sock/agent.sock",
@@ -188,6 +207,8 @@ class DockerProvider:
             str(spec.max_output_chars),
             "--memory-limit-mb",
             str(spec.memory_limit_mb or o.memory_mb),
+            "--orphan-timeout",
+            str(o.orphan_timeout_seconds),
         ]
         work_tmpfs = f"rw,size={o.work_tmpfs_mb}m,mode=1777,uid={NOBODY},gid={NOBODY}"
         entry: _Container | None = None
@@ -218,10 +239,9 @@ class DockerProvider:
                 entry = _Container(container, root, time.monotonic())
                 client = AgentClient(f"unix:{sock_dir / 'agent.sock'}")
                 await self._wait_ready(entry, client, spec.startup_timeout_seconds)
-            if os.geteuid() == 0:
-                # Bound: from now on the container cannot write to the socket directory.
-                os.chown(sock_dir, 0, 0)
-                sock_dir.chmod(0o755)
+            # No user code has run yet: lock the directory before any does.
+            await asyncio.to_thread(_lock_socket_dir, sock_dir)
+            await client.attach(self.orchestrator_id)
             return entry, client
         except BaseException as exc:
             if client is not None:
@@ -250,6 +270,10 @@ class DockerProvider:
         raise SandboxError(f"the sandbox container was not ready after {timeout:g}s")
 
     async def _remove(self, entry: _Container) -> None:
+        if entry.client is not None:
+            with contextlib.suppress(Exception):
+                await entry.client.close()
+            entry.client = None
         with contextlib.suppress(Exception):
             await asyncio.to_thread(entry.container.remove, force=True)
         await asyncio.to_thread(shutil.rmtree, entry.root, True)
@@ -286,7 +310,7 @@ class DockerProvider:
             await self._remove(stale)
         while len(self._pool) < self.options.warm_pool_size:
             entry, client = await self._start(SandboxSpec(session_id="pool"), session="pool")
-            await client.close()
+            entry.client = client  # stays attached while the container waits in the pool
             self._pool.append(entry)
 
     async def warm_up(self) -> None:

@@ -50,6 +50,9 @@ class ModalOptions(BaseModel):
     timeout_seconds: int = Field(default=3600, ge=10)
     # An open tunnel connection keeps a sandbox alive: an orphan is reaped after this.
     idle_timeout_seconds: int = Field(default=300, ge=10)
+    # Sooner than that, our agent stops by itself once this orchestrator's Attach stream has
+    # been gone this long (0 = rely on idle_timeout_seconds alone).
+    orphan_timeout_seconds: float = Field(default=60.0, ge=0)
     cpu: float = Field(default=1.0, gt=0)
     memory_mb: int = Field(default=1024, ge=128)
     region: str | None = None
@@ -153,6 +156,8 @@ class ModalProvider:
             str(spec.exec_timeout_seconds),
             "--max-output-chars",
             str(spec.max_output_chars),
+            "--orphan-timeout",
+            str(self.options.orphan_timeout_seconds),
         ]
 
     async def _create(self, spec: SandboxSpec, token: str) -> Any:
@@ -194,6 +199,7 @@ class ModalProvider:
             tunnel = tunnels[self.options.port]
             client = self._client(tunnel, token)
             await client.wait_ready(spec.startup_timeout_seconds)
+            await client.attach(self.orchestrator_id)
         except BaseException:
             if client is not None:
                 await client.close()

@@ -894,3 +894,54 @@ class ReleaseLeaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseLeaseResponse: _TypeAlias = ReleaseLeaseResponse  # noqa: Y015
+
+@_typing.final
+class AttachRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------
+    Attach
+    ---------------------------------------------------------------------------------------------
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_FIELD_NUMBER: _builtins.int
+    holder: _builtins.str
+    """Who holds the sandbox (the orchestrator's id), for the agent's log."""
+    def __init__(
+        self,
+        *,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class AttachEvent(_message.Message):
+    """Sent once, when the attachment is registered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORPHAN_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    orphan_timeout_seconds: _builtins.float
+    """The agent's orphan timeout in seconds (0 = it never stops by itself)."""
+    attachments: _builtins.int
+    """How many attachments are open, this one included."""
+    def __init__(
+        self,
+        *,
+        orphan_timeout_seconds: _builtins.float = ...,
+        attachments: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "orphan_timeout_seconds", b"orphan_timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachEvent: _TypeAlias = AttachEvent  # noqa: Y015

@@ -70,6 +70,11 @@ class SandboxStub:
                 request_serializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/rlm.v1.Sandbox/Attach',
+                request_serializer=rlm_dot_v1_dot_sandbox__pb2.AttachRequest.SerializeToString,
+                response_deserializer=rlm_dot_v1_dot_sandbox__pb2.AttachEvent.FromString,
+                _registered_method=True)
 
 
 class SandboxServicer:
@@ -137,6 +142,17 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Held open by the orchestrator for as long as it owns this sandbox; the agent sends one
+        AttachEvent at once and nothing more. An agent started with `--orphan-timeout T` stops by
+        itself once no Attach stream has been open for T seconds: when its orchestrator dies (even
+        by SIGKILL), the kernel closes the connection, the stream ends, and the sandbox follows
+        within T. The stream needs nothing from the orchestrator's event loop to stay open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +190,11 @@ def add_SandboxServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=rlm_dot_v1_dot_sandbox__pb2.AttachRequest.FromString,
+                    response_serializer=rlm_dot_v1_dot_sandbox__pb2.AttachEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +387,33 @@ class Sandbox:
             '/rlm.v1.Sandbox/ReleaseLease',
             rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseRequest.SerializeToString,
             rlm_dot_v1_dot_sandbox__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rlm.v1.Sandbox/Attach',
+            rlm_dot_v1_dot_sandbox__pb2.AttachRequest.SerializeToString,
+            rlm_dot_v1_dot_sandbox__pb2.AttachEvent.FromString,
             options,
             channel_credentials,
             insecure,

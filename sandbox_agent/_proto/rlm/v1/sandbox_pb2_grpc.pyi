@@ -69,6 +69,13 @@ class SandboxStub:
     """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
     loaded values forgotten, and a fresh worker started for the next lease.
     """
+    Attach: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.AttachRequest, _sandbox_pb2.AttachEvent]
+    """Held open by the orchestrator for as long as it owns this sandbox; the agent sends one
+    AttachEvent at once and nothing more. An agent started with `--orphan-timeout T` stops by
+    itself once no Attach stream has been open for T seconds: when its orchestrator dies (even
+    by SIGKILL), the kernel closes the connection, the stream ends, and the sandbox follows
+    within T. The stream needs nothing from the orchestrator's event loop to stay open.
+    """
 
 @_typing.type_check_only
 class SandboxAsyncStub(SandboxStub):
@@ -104,6 +111,13 @@ class SandboxAsyncStub(SandboxStub):
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ReleaseLeaseRequest, _sandbox_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
     """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
     loaded values forgotten, and a fresh worker started for the next lease.
+    """
+    Attach: _aio.UnaryStreamMultiCallable[_sandbox_pb2.AttachRequest, _sandbox_pb2.AttachEvent]  # type: ignore[assignment]
+    """Held open by the orchestrator for as long as it owns this sandbox; the agent sends one
+    AttachEvent at once and nothing more. An agent started with `--orphan-timeout T` stops by
+    itself once no Attach stream has been open for T seconds: when its orchestrator dies (even
+    by SIGKILL), the kernel closes the connection, the stream ends, and the sandbox follows
+    within T. The stream needs nothing from the orchestrator's event loop to stay open.
     """
 
 class SandboxServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +193,19 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sandbox_pb2.ReleaseLeaseResponse, _abc.Awaitable[_sandbox_pb2.ReleaseLeaseResponse]]:
         """Ends the session: the worker and its namespace are thrown away, the work dir emptied,
         loaded values forgotten, and a fresh worker started for the next lease.
+        """
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request: _sandbox_pb2.AttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.AttachEvent], _abc.AsyncIterator[_sandbox_pb2.AttachEvent]]:
+        """Held open by the orchestrator for as long as it owns this sandbox; the agent sends one
+        AttachEvent at once and nothing more. An agent started with `--orphan-timeout T` stops by
+        itself once no Attach stream has been open for T seconds: when its orchestrator dies (even
+        by SIGKILL), the kernel closes the connection, the stream ends, and the sandbox follows
+        within T. The stream needs nothing from the orchestrator's event loop to stay open.
         """
 
 def add_SandboxServicer_to_server(servicer: SandboxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
