@@ -2,7 +2,9 @@
 
 Also on it: grpc.health.v1 (SERVING once the router is ready; NOT_SERVING while draining) and
 server reflection. Shutdown (SIGTERM / SIGINT) stops accepting, lets running completions
-finish within the grace period, cancels the rest, and releases every sandbox.
+finish within the grace period, ends the rest with a SERVER_SHUTDOWN failure that reaches their
+clients before the server stops, cuts what is still open with UNAVAILABLE, and releases every
+sandbox.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from rlm_orchestrator.sandbox import (
     SupportsWarmUp,
     create_provider,
 )
+from rlm_orchestrator.sandbox.limits import SandboxPool
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
 from rlm_orchestrator.service.settings import ServerSettings
 from sandbox_agent._proto.rlm.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from sandbox_agent.decoding import InvalidMessageInterceptor
 
 log = logging.getLogger("rlm_orchestrator.service")
 
@@ -88,8 +92,11 @@ class OrchestratorServer:
                 log.warning("removed %d orphaned sandbox(es) at start", removed)
         if isinstance(self._provider, SupportsWarmUp):
             await self._provider.warm_up()  # a no-op without a pool
-        self._service = OrchestratorService(self.settings, router, self._provider)
+        pool = SandboxPool(self._provider, self.settings.max_sandboxes)
+        self._service = OrchestratorService(self.settings, router, pool)
         token = self.settings.auth_token
+        # The token check first, on metadata alone; undecodable messages (INVALID_ARGUMENT)
+        # innermost, on the servicers' own handlers.
         interceptors: list[Any] = (
             [BearerTokenInterceptor(token.get_secret_value())] if token else []
         )
@@ -99,6 +106,7 @@ class OrchestratorServer:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
             interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
+        interceptors.append(InvalidMessageInterceptor())
         server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self._service, server)
         add_router_service(server, router)
