@@ -5,6 +5,7 @@ Both directions live here so the server and the client SDK cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 from rlm_orchestrator import events as ev
@@ -53,11 +54,9 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
                 )
             )
         case ev.OutputChunk(depth=d, iteration=i, block=b, stream=stream, text=text):
-            text, cut = short(text)
+            # Never cut (it is the output itself): `output_pieces` splits long chunks first.
             return pb.CompletionEvent(
-                output=pb.CompletionOutput(
-                    depth=d, iteration=i, block=b, stream=stream, text=text, cut_chars=cut
-                )
+                output=pb.CompletionOutput(depth=d, iteration=i, block=b, stream=stream, text=text)
             )
         case ev.SubCallStarted(depth=d, call_id=c, kind=kind, model=model, prompt_chars=chars):
             return pb.CompletionEvent(
@@ -104,6 +103,17 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
             return pb.CompletionEvent(usage=pb.UsageUpdate(depth=d, usage=usage_to_proto(usage)))
         case _:
             return None  # FinalAnswer: the stream ends with `finished` instead
+
+
+def output_pieces(event: ev.Event, chars: int) -> list[ev.Event]:
+    """An output chunk longer than `chars` as several (nothing is cut); other events as is."""
+    if not isinstance(event, ev.OutputChunk) or len(event.text) <= chars:
+        return [event]
+    text = event.text
+    return [
+        dataclasses.replace(event, text=text[offset : offset + chars])
+        for offset in range(0, len(text), chars)
+    ]
 
 
 MAX_EVENT_VARIABLES = 1000

@@ -38,7 +38,11 @@ from rlm_orchestrator.service.admission import (
     Ticket,
     request_limits,
 )
-from rlm_orchestrator.service.convert import SHUTDOWN_METADATA_KEY, event_to_proto
+from rlm_orchestrator.service.convert import (
+    SHUTDOWN_METADATA_KEY,
+    event_to_proto,
+    output_pieces,
+)
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
 from rlm_orchestrator.service.run_input import Context, read_context, read_start
@@ -142,9 +146,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         def emit(event: ev.Event) -> None:
             if isinstance(event, ev.TurnStarted) and event.depth == 0:
                 running.iterations = event.iteration + 1
-            message = event_to_proto(event, excerpt_chars)
-            if message is not None:
-                events.put(message)
+            for piece in output_pieces(event, excerpt_chars):
+                message = event_to_proto(piece, excerpt_chars)
+                if message is not None:
+                    events.put(message)
 
         runner.emit = emit
         yield pb.CompletionEvent(

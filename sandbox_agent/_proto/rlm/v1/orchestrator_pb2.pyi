@@ -341,7 +341,8 @@ Global___CompletionEvent: _TypeAlias = CompletionEvent  # noqa: Y015
 class CompletionStarted(_message.Message):
     """Progress events carry bounded text: a text field longer than the server's
     `event_excerpt_chars` keeps its head and tail around a "[... N characters cut from this
-    event ...]" marker, and the event's `cut_chars` says how many characters were cut. Events wait
+    event ...]" marker, and the event's `cut_chars` says how many characters were cut (output
+    chunks are split instead, never cut). Events wait
     for a slow client in a buffer of `max_buffered_event_bytes` per completion; when it is full,
     output and sub-call events are dropped (an `output` event with `dropped_chars` /
     `dropped_events` then says how many), never `started`, turns, root responses, code blocks,
@@ -467,7 +468,6 @@ class CompletionOutput(_message.Message):
     BLOCK_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
-    CUT_CHARS_FIELD_NUMBER: _builtins.int
     DROPPED_CHARS_FIELD_NUMBER: _builtins.int
     DROPPED_EVENTS_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
@@ -476,10 +476,9 @@ class CompletionOutput(_message.Message):
     stream: _builtins.str
     """"stdout" or "stderr"."""
     text: _builtins.str
-    cut_chars: _builtins.int
-    """Characters cut from `text` (only a chunk larger than `event_excerpt_chars`)."""
     dropped_chars: _builtins.int
-    """Non-zero on the server's marker after it dropped events for a client that read too slowly:
+    """Output is never cut: a chunk longer than `event_excerpt_chars` comes as several events.
+    Non-zero on the server's marker after it dropped events for a client that read too slowly:
     how many characters of output, and how many other events (sub-call starts and ends), were
     dropped since the previous marker. `text` then says so in words.
     """
@@ -492,13 +491,12 @@ class CompletionOutput(_message.Message):
         block: _builtins.int = ...,
         stream: _builtins.str = ...,
         text: _builtins.str = ...,
-        cut_chars: _builtins.int = ...,
         dropped_chars: _builtins.int = ...,
         dropped_events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "cut_chars", b"cut_chars", "depth", b"depth", "dropped_chars", b"dropped_chars", "dropped_events", b"dropped_events", "iteration", b"iteration", "stream", b"stream", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "depth", b"depth", "dropped_chars", b"dropped_chars", "dropped_events", b"dropped_events", "iteration", b"iteration", "stream", b"stream", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
