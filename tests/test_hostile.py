@@ -470,6 +470,10 @@ async def test_sigterm_reaches_clients_as_a_server_shutdown(
             # From the `failed` event (SERVER_SHUTDOWN), not a bare status: it names the grace.
             assert caught.value.grace_seconds == 1.0
             assert "1 s shutdown grace period" in str(caught.value)
+            # New work is refused as a shutdown too (the server still listens: the uploading
+            # stream below keeps it in its flush period).
+            with pytest.raises(ServerShutdownError, match="UNAVAILABLE: the server is shutting"):
+                await client.completion("too late")
             with pytest.raises(grpc.aio.AioRpcError) as cut:
                 await uploading.read()
             assert cut.value.code() == grpc.StatusCode.UNAVAILABLE

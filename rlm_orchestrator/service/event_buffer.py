@@ -6,8 +6,8 @@ here, bounded by bytes. When the buffer is full, output chunks and sub-call even
 and counted; the next event that gets in is preceded by a marker (an `output` event with
 `dropped_chars` / `dropped_events`) saying how much was lost. Everything else is kept: the
 structure of the run (turns, root responses, code blocks, notices: bounded in size by the
-excerpts, in number by the LM calls), the usage (a newer update replaces one still waiting:
-each carries the whole usage so far), `finished` and `failed`. Answer parts are the only
+excerpts, in number by the LM calls), the usage (each update carries the whole usage so far,
+so a newer one replaces one still waiting), `finished` and `failed`. Answer parts are the only
 events whose producer can wait for room (`put_waiting`).
 """
 
@@ -47,12 +47,15 @@ class EventBuffer:
         """Queue `message`, or drop it when it is droppable and the buffer is full."""
         kind = message.WhichOneof("kind")
         cost = _cost(message)
-        full = self._bytes + cost > self.max_bytes
+        # Once dropping, go on until the reader has taken half: one marker per gap, not one
+        # per event that happens to fit.
+        room = self.max_bytes // 2 if self._dropping() else self.max_bytes
+        full = self._bytes + cost > room
         if full and kind in DROPPABLE:
             self._drop(message, kind)
             return
-        if full and kind == "usage" and self._replace_waiting_usage(message, cost):
-            return
+        if kind == "usage":
+            self._forget_waiting_usage()
         self._append(message, cost)
 
     async def put_waiting(self, message: pb.CompletionEvent) -> None:
@@ -79,6 +82,9 @@ class EventBuffer:
         self._changed.set()  # room for a waiting producer
         return message
 
+    def _dropping(self) -> bool:
+        return bool(self._dropped_chars or self._dropped_events)
+
     def _append(self, message: pb.CompletionEvent, cost: int) -> None:
         self._flush_marker()
         self._items.append(message)
@@ -94,18 +100,18 @@ class EventBuffer:
             self._dropped_events += 1
             self.dropped_events_total += 1
 
-    def _replace_waiting_usage(self, message: pb.CompletionEvent, cost: int) -> bool:
+    def _forget_waiting_usage(self) -> None:
+        """A newer usage update makes one the reader has not taken yet redundant."""
         for index in range(len(self._items) - 1, -1, -1):
             waiting = self._items[index]
             if waiting is not None and waiting.WhichOneof("kind") == "usage":
-                self._items[index] = message
-                self._bytes += cost - _cost(waiting)
-                return True
-        return False
+                del self._items[index]
+                self._bytes -= _cost(waiting)
+                return
 
     def _flush_marker(self) -> None:
         """Tell the client what was dropped, just before the next event it gets."""
-        if not (self._dropped_chars or self._dropped_events):
+        if not self._dropping():
             return
         where = self._last_dropped or pb.CompletionOutput(stream="stdout")
         text = (

@@ -138,6 +138,8 @@ class OrchestratorServer:
 
     async def stop(self) -> None:
         """Graceful and idempotent: drain, cancel what is left, release every sandbox."""
+        if self._service is not None:
+            self._service.accepting = False  # before health says NOT_SERVING: no new work
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

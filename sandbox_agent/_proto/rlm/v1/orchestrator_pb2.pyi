@@ -665,7 +665,9 @@ class UsageUpdate(_message.Message):
     depth: _builtins.int
     @_builtins.property
     def usage(self) -> _usage_pb2.UsageSummary:
-        """Usage so far of the whole completion (children included)."""
+        """Usage so far of the whole completion (children included). A newer update replaces one the
+        client has not read yet: a client always gets the latest.
+        """
 
     def __init__(
         self,
