@@ -260,11 +260,25 @@ async def test_ten_concurrent_runs_are_admitted_up_to_the_limit_before_any_uploa
 async def test_sessions_are_capped_and_count_as_sandboxes(
     tenant_server: ServerProcess, lm: ScriptedLMServer
 ) -> None:
+    """max_sessions=2, max_sandboxes=5: two sessions and three held completions take every
+    sandbox, so a fourth completion is refused although max_concurrent_completions=4."""
+    gate = Gate()
+    lm.add_rule(gate.hold(ANSWER_IN_CODE))
     async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
         first, second = await client.create_session(), await client.create_session()
         try:
             with pytest.raises(ResourceExhaustedError, match="max_sessions=2"):
                 await client.create_session()
+            held = [asyncio.create_task(client.completion(f"held {i}")) for i in range(3)]
+            await until(lambda: gate.arrived == 3)
+            with pytest.raises(ResourceExhaustedError, match="max_sandboxes=5"):
+                await client.completion("a sixth sandbox")
+            gate.open()
+            assert sorted(r.response for r in await asyncio.gather(*held)) == [
+                "HELD 0",
+                "HELD 1",
+                "HELD 2",
+            ]
         finally:
             await first.close()
         third = await client.create_session()  # the slot came back
@@ -365,10 +379,13 @@ def test_anonymous_16_mib_messages_cost_the_server_nothing_and_are_unauthenticat
 async def test_the_sdk_always_sees_unauthenticated_even_when_racing(
     orchestrator_server: ServerProcess, lm: ScriptedLMServer
 ) -> None:
+    """Without waiting for the server's headers, ~1 in 3 rounds had a call reporting INTERNAL."""
+    results: list[object] = []
     async with AsyncClient(orchestrator_server.address, token="wrong") as client:
-        results = await asyncio.gather(
-            *(client.completion("x" * 100_000) for _ in range(50)), return_exceptions=True
-        )
+        for _ in range(4):
+            results += await asyncio.gather(
+                *(client.completion("x" * 100_000) for _ in range(50)), return_exceptions=True
+            )
     assert all(isinstance(r, AuthenticationError) for r in results), {
         type(r).__name__ for r in results
     }
