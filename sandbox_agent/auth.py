@@ -51,7 +51,9 @@ def _refusal(message: str) -> grpc.RpcMethodHandler:
     Measured (grpc 1.85, 40 anonymous calls each sending a 16 MiB message, the server in its
     own process): reading the first message before refusing took the server's RSS up by
     ~500 MB (streams) and ~1 GB (unary); refusing at once, by 2-26 MB, and every call got
-    UNAUTHENTICATED on the wire. One client-side caveat: grpc.aio's client may report
+    UNAUTHENTICATED on the wire. (What is left is gRPC's own read-ahead on streams not read yet,
+    which HTTP/2 BDP probing lets grow to megabytes per stream: the orchestrator server turns
+    it off, see its `http2_bdp_probe` setting.) One client-side caveat: grpc.aio's client may report
     INTERNAL "Internal error from Core" instead, when a message of its own was still being
     sent as the status arrived (its failed write overwrites the status; 15-50% of bidi calls
     that write at once). The sync client always reports the status, and so does our SDK,

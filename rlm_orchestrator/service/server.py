@@ -56,6 +56,11 @@ SERVER_OPTIONS = [
 ]
 
 
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS, and HTTP/2 flow control as the settings say (`http2_bdp_probe`)."""
+    return [*SERVER_OPTIONS, ("grpc.http2.bdp_probe", int(settings.http2_bdp_probe))]
+
+
 def build_router(settings: ServerSettings) -> LMRouter:
     if not settings.models:
         raise ConfigurationError("the server needs at least one model ([[models]] in its config)")
@@ -107,7 +112,7 @@ class OrchestratorServer:
 
             interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
         interceptors.append(InvalidMessageInterceptor())
-        server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(self.settings))
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self._service, server)
         add_router_service(server, router)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

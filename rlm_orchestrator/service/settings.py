@@ -139,6 +139,13 @@ class ServerSettings(BaseSettings):
     # are dropped (with a marker), never the answer, `finished`/`failed` or usage.
     max_buffered_event_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     session_ttl_seconds: float = Field(1800.0, gt=0)
+    # HTTP/2 bandwidth-delay probing grows every stream's receive window, read or not: with it,
+    # a stream the server has not read yet (an anonymous one about to be refused, when the
+    # server is busy) can make it buffer megabytes (measured: 170-650 MB for 40 anonymous 16 MiB
+    # messages refused after 1 s; 4 MB without). Off, a stream receives 64 KiB ahead of what the
+    # server reads: fast on a LAN (a 50 MiB upload took the same time here), slower uploads on
+    # long-latency links. Turn it on for those when every client is trusted.
+    http2_bdp_probe: bool = False
     # On SIGTERM: how long running completions may go on before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
