@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.exceptions import LMError
+from rlm_orchestrator.exceptions import LMError, SandboxError
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
@@ -325,8 +325,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             provider = self.pool.view(ticket.sandbox_slot)
             runner = self._make_runner(router, limits, request.options, provider)
             state = await runner.new_session()
-        except BaseException:
+        except BaseException as exc:
             ticket.give_back()
+            if isinstance(exc, SandboxError):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"no sandbox: {exc}")
             raise
         session = _Session(uuid.uuid4().hex, state, request.options, ticket)
         if not self.accepting:  # the shutdown began while the sandbox was starting
