@@ -124,12 +124,15 @@ class CompletionFinished:
 
 @dataclass(frozen=True)
 class CompletionFailed:
-    kind: str  # "timeout" | "cost_limit" | "lm_error" | "sandbox_error" | "cancelled" | "internal"
+    # "timeout" | "cost_limit" | "lm_error" | "sandbox_error" | "cancelled" | "internal" |
+    # "server_shutdown" | "answer_too_large"
+    kind: str
     message: str
     partial_answer: str | None
     usage: UsageSummary
     iterations: int
-    limit: float = 0.0  # the timeout (s) or max_cost (USD) that was exceeded
+    # The timeout (s), max_cost (USD), shutdown grace (s) or max_answer_chars that was reached.
+    limit: float = 0.0
     elapsed_seconds: float = 0.0
     status_code: int | None = None  # the LM provider's HTTP status, for "lm_error"
 

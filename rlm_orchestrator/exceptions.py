@@ -4,12 +4,13 @@ RLMError
 ├── ConfigurationError          bad arguments (unknown backend, environment...)
 ├── SandboxError                a sandbox could not be started or was lost
 ├── LMError                     the root LM call failed (after retries)
-├── CompletionCancelledError    a client or server shutdown cancelled the completion
+├── CompletionCancelledError    a client cancelled the completion
 ├── ClientError                 the orchestrator server refused or failed a call
 │   ├── AuthenticationError     UNAUTHENTICATED / PERMISSION_DENIED
 │   ├── InvalidRequestError     INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION
 │   ├── ResourceExhaustedError  RESOURCE_EXHAUSTED (too large, too many)
-│   └── ServerUnavailableError  UNAVAILABLE, DEADLINE_EXCEEDED
+│   └── ServerUnavailableError  UNAVAILABLE, DEADLINE_EXCEEDED (retryable)
+│       └── ServerShutdownError the server shut down before the completion ended (retryable)
 └── LimitExceededError          a limit stopped the run; carries the partial answer
     ├── CompletionTimeoutError  timeout_seconds or iteration_timeout_seconds
     └── CostLimitExceededError  max_cost
@@ -105,8 +106,29 @@ class ServerUnavailableError(ClientError):
     """The server could not be reached, is shutting down, or the deadline passed."""
 
 
+class ServerShutdownError(ServerUnavailableError):
+    """The server shut down (SIGTERM) before the completion ended: nothing was wrong with the
+    request; retry it on another server, or on this one once it is back. `grace_seconds` is the
+    server's shutdown grace (0 when the stream was cut without a `failed` event)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        grace_seconds: float = 0.0,
+        partial_answer: str | None = None,
+        usage_summary: UsageSummary | None = None,
+        iterations: int = 0,
+    ):
+        super().__init__(message, code="UNAVAILABLE")
+        self.grace_seconds = grace_seconds
+        self.partial_answer = partial_answer
+        self.usage_summary = usage_summary
+        self.iterations = iterations
+
+
 class CompletionCancelledError(RLMError):
-    """The completion was cancelled (by a client or by server shutdown)."""
+    """The completion was cancelled by a client (a server shutdown is ServerShutdownError)."""
 
     def __init__(self, message: str, *, partial_answer: str | None = None):
         super().__init__(message)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
 from sandbox_agent.auth import BearerTokenInterceptor, server_credentials
+from sandbox_agent.decoding import InvalidMessageInterceptor
 from sandbox_agent.executor import Executor, ExecutorConfig
 from sandbox_agent.lease import LeaseKeeper
 from sandbox_agent.orphan import OrphanWatch
@@ -70,6 +71,7 @@ class Agent:
         self.orphans = OrphanWatch(config.orphan_timeout_seconds, on_orphaned)
         self.executor = Executor(config.executor)
         interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        interceptors.append(InvalidMessageInterceptor())  # after the token check: INVALID_ARGUMENT
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         self.health_server: grpc.aio.Server | None = None

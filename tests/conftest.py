@@ -402,7 +402,11 @@ def stop_server(server: ServerProcess) -> None:
 @pytest.fixture(scope="session")
 def orchestrator_server(lm_server: ScriptedLMServer) -> Iterator[ServerProcess]:
     """One `rlm-orchestrator serve` for the session (tests share it, one at a time)."""
-    server = start_server(server_config(lm_server, RUN_TMP, max_context_bytes=100_000_000))
+    # Depth 1 unless a request asks for 2 (the ceiling): rlm_query tests need children.
+    config = server_config(
+        lm_server, RUN_TMP, max_context_bytes=100_000_000, max_depth=2, default_max_depth=1
+    )
+    server = start_server(config)
     yield server
     stop_server(server)
 

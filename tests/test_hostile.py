@@ -1,13 +1,12 @@
-"""Issue 13: the attacks that found the holes, each written as the attack.
-
-Every test is the attack: it asserts that nothing was lost (the victim's answer intact, the
-orchestrator alive and answering) and that nothing leaked (processes, containers, sockets and
-directories: the autouse leak check of conftest, plus what each test names).
-"""
+"""Hostile sandboxes, hostile clients (issue 13): each test is the attack, then the proof that
+nothing was lost (the victim's answer intact, the orchestrator alive and answering) and
+nothing leaked (no process, container, socket or directory left: the autouse leak check)."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import collections
 import grp
 import json
 import os
@@ -18,21 +17,395 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import docker
+import grpc
+import psutil
 import pytest
-from conftest import SANDBOX_IMAGE, _our_containers, backend_kwargs, repl, require_docker
+from conftest import (
+    SANDBOX_IMAGE,
+    SERVER_TOKEN,
+    SUB_MODEL,
+    ServerProcess,
+    _our_containers,
+    backend_kwargs,
+    repl,
+    require_docker,
+    server_config,
+    start_server,
+    stop_server,
+)
 
 from rlm_orchestrator import RLM
-from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
+from rlm_orchestrator import events as ev
+from rlm_orchestrator.client import AsyncClient
+from rlm_orchestrator.exceptions import (
+    AuthenticationError,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    ServerShutdownError,
+)
+from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome, create_provider
 from rlm_orchestrator.sandbox.agent_client import ExecutionReport
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
+from rlm_orchestrator.service.security import bearer_metadata
+from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
+ANSWER_IN_CODE = repl("answer = context.upper()\nFINAL_VAR('answer')")
+MIB = 1024 * 1024
+
+
+class RSSSampler:
+    """The largest RSS growth of a process over a baseline, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.baseline = self._process.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __enter__(self) -> RSSSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.baseline) / 1e6
+
+
+async def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # set by other threads (the scripted LM), not by an Event
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+async def still_answers(server: ServerProcess, lm: ScriptedLMServer) -> None:
+    lm.add_rule(Rule(ANSWER_IN_CODE, model="root"))
+    async with AsyncClient(server.address, token=SERVER_TOKEN) as client:
+        assert (await client.completion("still serving")).response == "STILL SERVING"
+
+
+@pytest.fixture(scope="module")
+def tenant_server(
+    lm_server: ScriptedLMServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A server with small limits, shared by the tests of findings 4 and 8."""
+    config = server_config(
+        lm_server,
+        tmp_path_factory.mktemp("tenants"),
+        max_concurrent_completions=4,
+        max_sessions=2,
+        max_sandboxes=5,
+        max_depth=2,
+        default_max_depth=1,
+        iteration_timeout_seconds=120.0,
+        max_cost=5.0,
+        max_answer_chars=20_000_000,
+    )
+    server = start_server(config)
+    yield server
+    stop_server(server)
+
+
+async def _ignore_output(stream: str, text: str) -> None:
+    return None
+
+
+async def _no_sub_calls(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+    return [SubCallOutcome(error="none here")] * len(prompts)
+
+
+class Gate:
+    """Holds scripted LM replies until opened (the LM server answers from threads)."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+
+    def hold(self, reply: str) -> Rule:
+        def wait(request: RecordedRequest) -> str:
+            with self._lock:
+                self.arrived += 1
+            self._open.wait(60)
+            return reply
+
+        return Rule(wait, model="root")
+
+    def open(self) -> None:
+        self._open.set()
+
+
+# -- finding 1: output flood through `serve`: a client that does not read its stream -------------
+
+
+async def test_a_client_that_never_reads_costs_the_server_a_bounded_buffer(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    """10 turns of 10 blocks, each printing 1 M characters to stdout and to stderr (within the
+    sandbox's caps): ~200 MB of events for a client that never reads. The server keeps its
+    per-completion buffer (4 MiB) and drops output with markers; another client's completion
+    runs meanwhile."""
+    flood_block = repl(
+        "import sys\nsys.stdout.write('x' * 1_000_000)\nsys.stderr.write('y' * 1_000_000)"
+    )
+    flood_turn = "\n".join([flood_block] * 10)
+
+    def reply(request: RecordedRequest) -> str:
+        if "FLOOD" not in str(request.messages):
+            return ANSWER_IN_CODE
+        turns = sum(1 for m in request.messages if m["role"] == "assistant")
+        return flood_turn if turns < 10 else "FINAL(flooded)"
+
+    lm.add_rule(Rule(reply, model="root"))
+    server = start_server(server_config(lm, tmp_path))
+    try:
+        await still_answers(server, lm)  # warm: litellm imported, a sandbox started once
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+            context = b"FLOOD"
+            start = pb.CompletionStart(
+                root_prompt="FLOOD",
+                context_encoding=pb.CONTEXT_ENCODING_TEXT,
+                context_bytes=len(context),
+            )
+            call = stub.Run(metadata=bearer_metadata(SERVER_TOKEN))
+            await call.write(pb.RunRequest(start=start))
+            assert (await call.read()).WhichOneof("kind") == "started"
+            with RSSSampler(server.process.pid) as rss:
+                await call.write(pb.RunRequest(context_chunk=context))
+                await call.done_writing()
+                # The flood runs; meanwhile another client's completion runs to its answer.
+                await until(
+                    lambda: any("FLOOD" in str(r.messages) for r in lm.requests_for("root"))
+                )
+                async with AsyncClient(server.address, token=SERVER_TOKEN) as victim:
+                    assert (await victim.completion("victim")).response == "VICTIM"
+                # Until the flooding completion has answered (its client still reads nothing).
+                await until(
+                    lambda: any(r.reply == "FINAL(flooded)" for r in lm.requests_for("root"))
+                )
+                await asyncio.sleep(0.5)
+            events = []
+            while (message := await call.read()) is not grpc.aio.EOF:
+                events.append(message)
+        assert rss.growth_mb < 100, f"server RSS grew by {rss.growth_mb:.0f} MB"
+        markers = [e.output for e in events if e.WhichOneof("kind") == "output"]
+        dropped = sum(m.dropped_chars for m in markers)
+        assert dropped > 100_000_000, f"only {dropped} characters were dropped"
+        assert any("the server dropped" in m.text for m in markers if m.dropped_chars)
+        blocks = [e.code_block_finished for e in events if e.HasField("code_block_finished")]
+        flood_turns = sum(r.reply == flood_turn for r in lm.requests_for("root"))
+        assert flood_turns >= 5 and len(blocks) == 10 * flood_turns
+        assert all(b.cut_chars > 0 for b in blocks)
+        assert all(len(b.stdout) < 70_000 for b in blocks)  # a bounded excerpt, head and tail
+        assert events[-1].finished.response == "flooded"
+        await still_answers(server, lm)
+    finally:
+        stop_server(server)
+
+
+# -- finding 4: server limits hold against one token holder --------------------------------------
+
+
+async def test_ten_concurrent_runs_are_admitted_up_to_the_limit_before_any_upload(
+    tenant_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    gate = Gate()
+    lm.add_rule(gate.hold(ANSWER_IN_CODE))
+    context = "held open " * 100_000  # 1 MB: the refused ones must not have sent it
+    async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
+        outcomes: list[str] = []
+        accepted = asyncio.Event()
+
+        async def one(i: int) -> str:
+            try:
+                async for event in client.stream(f"{context}{i}"):
+                    if isinstance(event, ev.CompletionStarted):
+                        outcomes.append("started")
+                        if outcomes.count("started") == 4:
+                            accepted.set()
+                    if isinstance(event, ev.CompletionFinished):
+                        return event.result.response
+            except ResourceExhaustedError as exc:
+                outcomes.append(str(exc))
+                return "refused"
+            return "no answer"
+
+        tasks = [asyncio.create_task(one(i)) for i in range(10)]
+        await asyncio.wait_for(accepted.wait(), 60)
+        await until(lambda: len(outcomes) == 10)  # every call answered: 4 accepted, 6 refused
+        running = await client.list_completions()
+        # A further Run while the four hold their slots (their LM calls wait at the gate).
+        with pytest.raises(ResourceExhaustedError, match="max_concurrent_completions=4"):
+            await client.completion("one too many")
+        gate.open()
+        answers = await asyncio.gather(*tasks)
+    assert outcomes.count("started") == 4
+    refusals = [o for o in outcomes if o != "started"]
+    assert len(refusals) == 6
+    assert all("max_concurrent_completions=4" in r for r in refusals), refusals
+    assert len(running) <= 4
+    assert answers.count("refused") == 6
+    assert sum(a.startswith("HELD OPEN") for a in answers) == 4
+    # The refused ones were refused before their upload: only 4 contexts reached the LM.
+    assert gate.arrived == 4
+    await still_answers(tenant_server, lm)
+
+
+async def test_sessions_are_capped_and_count_as_sandboxes(
+    tenant_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    """max_sessions=2, max_sandboxes=5: two sessions and three held completions take every
+    sandbox, so a fourth completion is refused although max_concurrent_completions=4."""
+    gate = Gate()
+    lm.add_rule(gate.hold(ANSWER_IN_CODE))
+    async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
+        first, second = await client.create_session(), await client.create_session()
+        try:
+            with pytest.raises(ResourceExhaustedError, match="max_sessions=2"):
+                await client.create_session()
+            held = [asyncio.create_task(client.completion(f"held {i}")) for i in range(3)]
+            await until(lambda: gate.arrived == 3)
+            with pytest.raises(ResourceExhaustedError, match="max_sandboxes=5"):
+                await client.completion("a sixth sandbox")
+            gate.open()
+            assert sorted(r.response for r in await asyncio.gather(*held)) == [
+                "HELD 0",
+                "HELD 1",
+                "HELD 2",
+            ]
+        finally:
+            await first.close()
+        third = await client.create_session()  # the slot came back
+        await second.close()
+        await third.close()
+    await still_answers(tenant_server, lm)
+
+
+async def test_options_above_the_server_ceilings_are_refused(
+    tenant_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    over = {
+        "max_depth": 3,
+        "max_iterations": 31,
+        "exec_timeout_seconds": 301.0,
+        "timeout_seconds": 3601.0,
+        "iteration_timeout_seconds": 121.0,
+        "max_cost": 5.5,
+    }
+    async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
+        for name, value in over.items():
+            with pytest.raises(InvalidRequestError, match=f"above the server's ceiling {name}="):
+                await client.completion("ctx", **{name: value})
+            with pytest.raises(InvalidRequestError, match=f"ceiling {name}="):
+                await client.create_session(**{name: value})
+        for bad in (float("nan"), float("inf"), -1.0, 0.0):
+            with pytest.raises(InvalidRequestError, match="must be a positive number"):
+                await client.completion("ctx", timeout_seconds=bad)
+        # Lower than the ceilings is the client's right.
+        lm.add_rule(Rule(ANSWER_IN_CODE, model="root"))
+        result = await client.completion("lower", max_iterations=2, exec_timeout_seconds=5.0)
+        assert result.response == "LOWER"
+    await still_answers(tenant_server, lm)
+
+
+async def test_rlm_query_children_count_against_max_sandboxes_and_fail_as_sub_calls(
+    tenant_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    """max_sandboxes=5: the parent holds one, four children get one each, the fifth child is
+    refused; the model sees that as a sub-call error and the completion goes on."""
+    arrived = threading.Semaphore(0)
+    all_four = threading.Barrier(4, timeout=60)  # the four children live at once
+
+    def child(request: RecordedRequest) -> str:
+        arrived.release()
+        all_four.wait()
+        return "FINAL(child ok)"
+
+    lm.add_rule(Rule(child, model=SUB_MODEL))
+    lm.set_sequence(
+        "root",
+        [repl("answers = rlm_query_batched([f'q{i}' for i in range(5)])"), "FINAL_VAR(answers)"],
+    )
+    async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
+        result = await client.completion("ctx", max_depth=2)
+    answers = ast.literal_eval(result.response)
+    assert answers.count("child ok") == 4
+    [refused] = [a for a in answers if a != "child ok"]
+    assert refused.startswith("Error:") and "max_sandboxes=5" in refused
+    await still_answers(tenant_server, lm)
+
+
+# -- finding 5: unauthenticated callers get nothing for free -------------------------------------
+
+
+def test_anonymous_16_mib_messages_cost_the_server_nothing_and_are_unauthenticated(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    """40 anonymous calls (streams and unary), each sending a 16 MiB message, at once. The
+    sync gRPC client reports the status the server sent (grpc.aio's may mask it when its own
+    write races the refusal: see sandbox_agent/auth.py)."""
+    payload = b"\x0a" + b"\xff" * (16 * MIB - 64)
+    codes: collections.Counter[str] = collections.Counter()
+    with grpc.insecure_channel(orchestrator_server.address) as channel:
+        run = channel.stream_stream("/rlm.v1.Orchestrator/Run")
+        cancel = channel.unary_unary("/rlm.v1.Orchestrator/CancelCompletion")
+        complete = channel.unary_unary("/rlm.v1.LMRouter/Complete")
+
+        def attack(i: int) -> None:
+            try:
+                if i % 3 == 0:
+                    list(run(iter([payload]), timeout=60))
+                elif i % 3 == 1:
+                    cancel(payload, timeout=60)
+                else:
+                    complete(payload, metadata=bearer_metadata("wrong"), timeout=60)
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+
+        with RSSSampler(orchestrator_server.process.pid) as rss, ThreadPoolExecutor(40) as pool:
+            list(pool.map(attack, range(40)))
+    assert codes == {"UNAUTHENTICATED": 40}
+    assert rss.growth_mb < 32, f"server RSS grew by {rss.growth_mb:.0f} MB"
+    asyncio.run(still_answers(orchestrator_server, lm))
+
+
+async def test_the_sdk_always_sees_unauthenticated_even_when_racing(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    """Without waiting for the server's headers, ~1 in 3 rounds had a call reporting INTERNAL."""
+    results: list[object] = []
+    async with AsyncClient(orchestrator_server.address, token="wrong") as client:
+        for _ in range(4):
+            results += await asyncio.gather(
+                *(client.completion("x" * 100_000) for _ in range(50)), return_exceptions=True
+            )
+    assert all(isinstance(r, AuthenticationError) for r in results), {
+        type(r).__name__ for r in results
+    }
+    await still_answers(orchestrator_server, lm)
 
 
 async def run_code(box: Sandbox, code: str) -> ExecutionReport:
@@ -269,3 +642,124 @@ def test_an_idle_persistent_session_keeps_its_docker_sandbox(lm: ScriptedLMServe
     shown = "\n".join(str(m["content"]) for m in lm.requests_for("root")[-1].messages)
     assert "42" in shown
     assert "restarted" not in shown and "new sandbox" not in shown
+
+
+# -- finding 8: big answers come back whole through the server -----------------------------------
+
+
+async def test_a_20_million_character_answer_streams_back_whole(
+    tenant_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    answer = "".join(f"{i:08d}" for i in range(2_500_000))  # 20,000,000 characters
+    lm.set_sequence("root", [f"FINAL({answer})", f"FINAL({answer}!)"])
+    async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
+        result = await client.completion("ctx")
+        assert result.response == answer
+        # One character over the server's max_answer_chars: a clear error, never a cut.
+        with pytest.raises(ResourceExhaustedError, match="max_answer_chars=20000000"):
+            await client.completion("ctx")
+    await still_answers(tenant_server, lm)
+
+
+# -- finding 9: malformed messages; shutdown --------------------------------------------------
+
+
+async def test_garbage_bytes_get_invalid_argument_from_the_server(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    garbage = b"\xff\xfe\x00garbage"
+    token = bearer_metadata(SERVER_TOKEN)
+    async with grpc.aio.insecure_channel(orchestrator_server.address) as channel:
+        for method in ("/rlm.v1.Orchestrator/CancelCompletion", "/rlm.v1.LMRouter/Complete"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(method)(garbage, metadata=token, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "does not decode" in (caught.value.details() or "")
+        run = channel.stream_stream("/rlm.v1.Orchestrator/Run")(metadata=token, timeout=10)
+        await run.write(garbage)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await run.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # Without the token, nothing is decoded at all.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary("/rlm.v1.LMRouter/Complete")(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await still_answers(orchestrator_server, lm)
+
+
+@pytest.mark.parametrize("environment", ["local", "docker"])
+async def test_garbage_bytes_get_invalid_argument_from_a_sandbox_agent(environment: str) -> None:
+    if environment == "docker":
+        require_docker()
+    options = {"image": SANDBOX_IMAGE} if environment == "docker" else {}
+    provider = create_provider(environment, options)
+    try:
+        box = await provider.acquire(SandboxSpec(session_id="garbage", exec_timeout_seconds=5.0))
+        channel, metadata = box.client._channel, box.client._metadata
+        for method in ("/rlm.v1.Sandbox/GetVariable", "/rlm.v1.Sandbox/GetInfo"):
+            call = channel.unary_unary(method)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(b"\xff\xfe\x00garbage", metadata=metadata, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        execute = channel.stream_stream("/rlm.v1.Sandbox/Execute")(metadata=metadata, timeout=10)
+        await execute.write(b"\xff\xfe\x00garbage")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await execute.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The agent still runs code.
+        report = await box.client.execute(
+            "print(6 * 7)", on_output=_ignore_output, on_sub_call=_no_sub_calls
+        )
+        assert report.stdout.strip() == "42"
+    finally:
+        await provider.aclose()
+
+
+async def test_sigterm_reaches_clients_as_a_server_shutdown(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    server = start_server(server_config(lm, tmp_path, shutdown_grace_seconds=1.0))
+    try:
+        lm.add_rule(Rule(repl("import time\ntime.sleep(120)"), model="root"))
+        async with AsyncClient(server.address, token=SERVER_TOKEN) as client:
+            running = asyncio.Event()
+
+            def on_event(event: ev.Event) -> None:
+                if isinstance(event, ev.CodeBlockStarted):
+                    running.set()
+
+            sleeper = asyncio.create_task(client.completion("ctx", "q", on_event=on_event))
+            # A second client accepted but still uploading when the shutdown comes.
+            channel = grpc.aio.insecure_channel(server.address)
+            uploading = await _accepted_but_uploading(channel)
+            await asyncio.wait_for(running.wait(), 60)
+            server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ServerShutdownError) as caught:
+                await sleeper
+            # From the `failed` event (SERVER_SHUTDOWN), not a bare status: it names the grace.
+            assert caught.value.grace_seconds == 1.0
+            assert "1 s shutdown grace period" in str(caught.value)
+            # New work is refused as a shutdown too (the server still listens: the uploading
+            # stream below keeps it in its flush period).
+            with pytest.raises(ServerShutdownError, match="UNAVAILABLE: the server is shutting"):
+                await client.completion("too late")
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await uploading.read()
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (cut.value.details() or "")
+            assert ("rlm-server-shutdown", "1") in tuple(cut.value.trailing_metadata() or ())
+            await channel.close()
+        assert server.process.wait(30) == 0  # then the leak check finds no sandbox
+    finally:
+        stop_server(server)
+
+
+async def _accepted_but_uploading(channel: grpc.aio.Channel) -> Any:
+    call = orchestrator_pb2_grpc.OrchestratorStub(channel).Run(
+        metadata=bearer_metadata(SERVER_TOKEN)
+    )
+    start = pb.CompletionStart(context_encoding=pb.CONTEXT_ENCODING_TEXT, context_bytes=10)
+    await call.write(pb.RunRequest(start=start))
+    assert (await call.read()).WhichOneof("kind") == "started"
+    await call.write(pb.RunRequest(context_chunk=b"12345"))  # 5 of the 10 bytes announced
+    return call

@@ -21,6 +21,7 @@ from rlm_orchestrator.service.security import (
 )
 from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
+from sandbox_agent.decoding import InvalidMessageInterceptor
 
 TOKEN = "test-token-not-a-secret"
 TIMEOUT = 10.0
@@ -92,7 +93,7 @@ async def serve(
     """Starts a server with health, reflection, Sandbox and Echo; yields its address."""
     interceptor = interceptor or BearerTokenInterceptor(TOKEN)
     TinySandbox.calls.clear()
-    server = grpc.aio.server(interceptors=[interceptor])
+    server = grpc.aio.server(interceptors=[interceptor, InvalidMessageInterceptor()])
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     sandbox_pb2_grpc.add_SandboxServicer_to_server(TinySandbox(), server)
     server.add_generic_rpc_handlers([ECHO_HANDLER])
@@ -271,6 +272,30 @@ async def test_refusals_do_not_log_the_token(caplog: pytest.LogCaptureFixture) -
         assert await get_info(chan, bearer_metadata(TOKEN)) == "tiny"
     assert "refused /rlm.v1.Sandbox/GetInfo" in caplog.text
     assert TOKEN[:-1] not in caplog.text
+
+
+async def test_undecodable_messages_get_invalid_argument_on_every_path() -> None:
+    """The unary argument, a request iterator (LoadValue), and `context.read()` (Execute)."""
+    garbage = b"\xff\xfe\x00not a message"
+    async with serve() as address, channel(address) as chan:
+        token = bearer_metadata(TOKEN)
+        calls = {
+            "GetInfo": lambda: chan.unary_unary(f"/{SANDBOX}/GetInfo")(
+                garbage, metadata=token, timeout=TIMEOUT
+            ),
+            "LoadValue": lambda: chan.stream_unary(f"/{SANDBOX}/LoadValue")(
+                iter([garbage]), metadata=token, timeout=TIMEOUT
+            ),
+            "Execute": lambda: chan.stream_stream(f"/{SANDBOX}/Execute")(
+                iter([garbage]), metadata=token, timeout=TIMEOUT
+            ).read(),
+        }
+        for name, call in calls.items():
+            error = await refused(call())
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert "does not decode" in (error.details() or ""), name
+        assert TinySandbox.calls == ["LoadValue", "Execute"]  # the servicer never saw a message
+        assert await get_info(chan, bearer_metadata(TOKEN)) == "tiny"
 
 
 # --- TLS and mTLS ---------------------------------------------------------------------------

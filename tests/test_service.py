@@ -38,13 +38,17 @@ from rlm_orchestrator.exceptions import (
     ResourceExhaustedError,
     ServerUnavailableError,
 )
+from rlm_orchestrator.sandbox import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.limits import SandboxLimitError, SandboxPool
+from rlm_orchestrator.service.admission import RequestRefused, request_limits
+from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.security import bearer_metadata
 from rlm_orchestrator.service.server import OrchestratorServer
-from rlm_orchestrator.service.settings import load_server_settings
+from rlm_orchestrator.service.settings import ServerSettings, load_server_settings
 from rlm_orchestrator.testing.certs import make_test_pki
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc, usage_pb2
 
 ANSWER_IN_CODE = repl("answer = context.upper()\nFINAL_VAR('answer')")
 
@@ -296,3 +300,96 @@ def test_sigterm_during_a_completion_exits_within_the_grace_and_leaks_nothing(
 def test_resource_limits_are_reported(orchestrator_server: ServerProcess) -> None:
     with orchestrator_server.client() as client, pytest.raises(ResourceExhaustedError):
         client.completion("z" * 101_000_000)
+
+
+# -- the pieces that keep tenants apart (unit level; the attacks are in test_hostile.py) ---------
+
+
+async def test_event_buffer_drops_output_with_a_marker_and_keeps_what_matters() -> None:
+    buffer = EventBuffer(max_bytes=64 * 1024)
+    chunk = pb.CompletionEvent(
+        output=pb.CompletionOutput(block=3, stream="stdout", text="x" * 9000)
+    )
+    for _ in range(20):  # 180 KB of output into a 64 KiB buffer
+        buffer.put(chunk)
+        buffer.put(pb.CompletionEvent(sub_call_started=pb.SubCallStarted(call_id=1)))
+    for cost in (1.0, 2.0):  # usage is cumulative: the newer replaces one still waiting
+        usage = usage_pb2.UsageSummary(total_cost=cost)
+        buffer.put(pb.CompletionEvent(usage=pb.UsageUpdate(usage=usage)))
+    buffer.put(pb.CompletionEvent(finished=pb.CompletionFinished(response="done")))
+    buffer.close()
+    assert buffer.buffered_bytes <= 64 * 1024 + 1024
+    events = []
+    while (event := await buffer.get()) is not None:
+        events.append(event)
+    kept = [e.output for e in events if e.HasField("output") and not e.output.dropped_chars]
+    [marker] = [e.output for e in events if e.HasField("output") and e.output.dropped_chars]
+    assert len(kept) * 9000 + marker.dropped_chars == 20 * 9000
+    assert marker.block == 3 and "the server dropped" in marker.text
+    assert marker.dropped_events == 20 - sum(e.HasField("sub_call_started") for e in events)
+    usages = [e.usage.usage.total_cost for e in events if e.HasField("usage")]
+    assert usages == [2.0]
+    assert events[-1].finished.response == "done"
+
+
+async def test_event_buffer_answer_parts_wait_for_room() -> None:
+    buffer = EventBuffer(max_bytes=64 * 1024)
+    part = pb.CompletionEvent(answer_part=pb.AnswerPart(text="a" * 40_000))
+    await buffer.put_waiting(part)
+    second = asyncio.create_task(buffer.put_waiting(part))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # no room until the reader takes the first
+    assert await buffer.get() == part
+    await asyncio.wait_for(second, 5)
+    assert await buffer.get() == part
+
+
+class _CountingProvider:
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.live = 0
+
+    async def acquire(self, spec: SandboxSpec) -> Sandbox:
+        self.live += 1
+        return Sandbox(spec.session_id, None, spec)  # type: ignore[arg-type]
+
+    async def release(self, sandbox: Sandbox) -> None:
+        self.live -= 1
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_sandbox_pool_counts_reserved_slots_and_children() -> None:
+    provider = _CountingProvider()
+    pool = SandboxPool(provider, limit=3)
+    spec = SandboxSpec(session_id="s")
+    slot = pool.reserve()
+    assert slot is not None and pool.in_use == 1
+    view = pool.view(slot)
+    own = await view.acquire(spec)  # on the reserved slot
+    children = [await view.acquire(spec), await view.acquire(spec)]
+    assert pool.in_use == 3 and pool.reserve() is None
+    with pytest.raises(SandboxLimitError, match="max_sandboxes=3"):
+        await view.acquire(spec)
+    await view.release(children.pop())
+    assert pool.in_use == 2
+    pool.close(slot)  # the holder ended before its sandbox was released: still counted
+    assert pool.in_use == 2
+    await pool.release(own)
+    await pool.release(children.pop())
+    assert pool.in_use == 0 and provider.live == 0
+
+
+def test_request_limits_take_defaults_and_refuse_above_ceilings() -> None:
+    settings = ServerSettings(max_depth=2, default_max_depth=1, max_cost=5.0)
+    limits = request_limits(pb.CompletionOptions(), settings)
+    assert (limits.max_depth, limits.max_cost, limits.timeout_seconds) == (1, 5.0, 3600.0)
+    assert request_limits(pb.CompletionOptions(max_depth=2), settings).max_depth == 2
+    with pytest.raises(
+        RequestRefused, match="max_depth=3 is above the server's ceiling max_depth=2"
+    ):
+        request_limits(pb.CompletionOptions(max_depth=3), settings)
+    with pytest.raises(ValueError, match="default_max_depth=3 is above its ceiling"):
+        ServerSettings(max_depth=2, default_max_depth=3)

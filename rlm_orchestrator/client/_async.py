@@ -29,9 +29,10 @@ from rlm_orchestrator.exceptions import (
     ResourceExhaustedError,
     RLMError,
     SandboxError,
+    ServerShutdownError,
     ServerUnavailableError,
 )
-from rlm_orchestrator.service.convert import event_from_proto
+from rlm_orchestrator.service.convert import SHUTDOWN_METADATA_KEY, event_from_proto
 from rlm_orchestrator.service.convert_usage import usage_from_proto
 from rlm_orchestrator.service.security import bearer_metadata, channel_credentials
 from rlm_orchestrator.types import RLMChatCompletion
@@ -65,13 +66,21 @@ _FAILURE_NAMES = {
     pb.FAILURE_KIND_SANDBOX_ERROR: "sandbox_error",
     pb.FAILURE_KIND_CANCELLED: "cancelled",
     pb.FAILURE_KIND_INTERNAL: "internal",
+    pb.FAILURE_KIND_SERVER_SHUTDOWN: "server_shutdown",
+    pb.FAILURE_KIND_ANSWER_TOO_LARGE: "answer_too_large",
 }
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> ClientError:
     """The one place where a gRPC status becomes one of our exceptions."""
+    message = f"{exc.code().name}: {exc.details()}"
+    trailing = exc.trailing_metadata() or ()
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and any(
+        key == SHUTDOWN_METADATA_KEY for key, _ in trailing
+    ):
+        return ServerShutdownError(message)
     error_type = _CODE_ERRORS.get(exc.code(), ClientError)
-    return error_type(f"{exc.code().name}: {exc.details()}", code=exc.code().name)
+    return error_type(message, code=exc.code().name)
 
 
 def failure_to_exception(failed: ev.CompletionFailed) -> RLMError:
@@ -99,6 +108,10 @@ def failure_to_exception(failed: ev.CompletionFailed) -> RLMError:
         return SandboxError(failed.message)
     if failed.kind == "cancelled":
         return CompletionCancelledError(failed.message, partial_answer=failed.partial_answer)
+    if failed.kind == "server_shutdown":
+        return ServerShutdownError(failed.message, grace_seconds=failed.limit, **common)
+    if failed.kind == "answer_too_large":
+        return ResourceExhaustedError(failed.message, code="RESOURCE_EXHAUSTED")
     return RLMError(failed.message)
 
 
@@ -112,6 +125,18 @@ def options_message(options: dict[str, Any]) -> pb.CompletionOptions:
             code="INVALID_ARGUMENT",
         )
     return pb.CompletionOptions(**{k: v for k, v in options.items() if v is not None})
+
+
+def _joined(parts: list[str], expected_chars: int | None) -> str:
+    """An answer sent in parts, whole again (ClientError when some went missing)."""
+    text = "".join(parts)
+    parts.clear()
+    if expected_chars is not None and len(text) != expected_chars:
+        raise ClientError(
+            f"the answer arrived incomplete: {len(text)} of {expected_chars} characters",
+            code="DATA_LOSS",
+        )
+    return text
 
 
 def _encode(context: Any) -> tuple[int, bytes]:
@@ -196,6 +221,11 @@ class AsyncClient:
         ended = False
 
         async def requests() -> AsyncIterator[pb.RunRequest]:
+            # The server's headers first: writing before them can make grpc.aio report a
+            # refusal (a wrong token, shutdown) as INTERNAL, when its write races the status.
+            await call.initial_metadata()
+            if call.done():
+                return
             yield pb.RunRequest(start=start)
             await accepted.wait()  # the server checked the request: now upload the context
             if ended:
@@ -209,10 +239,14 @@ class AsyncClient:
             (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
         )
         call = self._stub.Run(requests(), metadata=metadata)
+        parts: list[str] = []  # of an answer too long for one message
         try:
             async for message in call:
                 accepted.set()
-                yield self._stream_event(message)
+                if message.WhichOneof("kind") == "answer_part":
+                    parts.append(message.answer_part.text)
+                    continue
+                yield self._stream_event(message, parts)
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from exc
         finally:
@@ -221,19 +255,22 @@ class AsyncClient:
             call.cancel()  # a no-op once the stream has ended; cancels it if the caller left
 
     @staticmethod
-    def _stream_event(message: pb.CompletionEvent) -> ev.StreamEvent:
+    def _stream_event(message: pb.CompletionEvent, parts: list[str]) -> ev.StreamEvent:
         kind = message.WhichOneof("kind")
         if kind == "started":
             return ev.CompletionStarted(message.started.completion_id, message.started.session_id)
         if kind == "finished":
             f = message.finished
+            response = _joined(parts, f.response_chars) if f.response_in_parts else f.response
             result = RLMChatCompletion(
-                f.root_model, None, f.response, usage_from_proto(f.usage), f.execution_time_seconds
+                f.root_model, None, response, usage_from_proto(f.usage), f.execution_time_seconds
             )
             return ev.CompletionFinished(result, f.iterations)
         if kind == "failed":
             x = message.failed
             partial = x.partial_answer if x.HasField("partial_answer") else None
+            if x.partial_answer_in_parts:
+                partial = _joined(parts, None)
             return ev.CompletionFailed(
                 _FAILURE_NAMES.get(x.kind, "internal"),
                 x.message,

@@ -5,35 +5,63 @@ Both directions live here so the server and the client SDK cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterator
+
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.service.convert_usage import usage_from_proto, usage_to_proto
 from rlm_orchestrator.types import REPLResult
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
 
+# Trailing metadata of an UNAVAILABLE status caused by a server shutdown (a refused or cut call),
+# so that the SDK can raise ServerShutdownError without parsing the message.
+SHUTDOWN_METADATA_KEY = "rlm-server-shutdown"
 
-def event_to_proto(event: ev.Event) -> pb.CompletionEvent | None:
-    """The wire form of a loop event (None for events that stay in the process)."""
+
+def excerpt(text: str, limit: int) -> tuple[str, int]:
+    """`text` when it fits in `limit` characters, else its head and tail around a marker;
+    and how many characters were cut."""
+    if len(text) <= limit:
+        return text, 0
+    cut = len(text) - limit
+    head = limit // 2
+    marker = f"\n[... {cut} characters cut from this event ...]\n"
+    return text[:head] + marker + text[len(text) - (limit - head) :], cut
+
+
+def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | None:
+    """The wire form of a loop event (None for events that stay in the process); its text
+    fields are cut to `excerpt_chars` (head and tail) and say how much was cut."""
+
+    def short(text: str) -> tuple[str, int]:
+        return excerpt(text, excerpt_chars)
+
     match event:
         case ev.TurnStarted(depth=d, iteration=i):
             return pb.CompletionEvent(turn_started=pb.TurnStarted(depth=d, iteration=i))
         case ev.RootResponse(depth=d, iteration=i, text=text, duration=duration):
+            text, cut = short(text)
             return pb.CompletionEvent(
                 root_response=pb.RootResponse(
-                    depth=d, iteration=i, text=text, duration_seconds=duration
+                    depth=d, iteration=i, text=text, duration_seconds=duration, cut_chars=cut
                 )
             )
         case ev.CodeBlockStarted(depth=d, iteration=i, block=b, code=code):
+            code, cut = short(code)
             return pb.CompletionEvent(
-                code_block_started=pb.CodeBlockStarted(depth=d, iteration=i, block=b, code=code)
+                code_block_started=pb.CodeBlockStarted(
+                    depth=d, iteration=i, block=b, code=code, cut_chars=cut
+                )
             )
         case ev.OutputChunk(depth=d, iteration=i, block=b, stream=stream, text=text):
+            # Never cut (it is the output itself): `output_pieces` splits long chunks first.
             return pb.CompletionEvent(
                 output=pb.CompletionOutput(depth=d, iteration=i, block=b, stream=stream, text=text)
             )
         case ev.SubCallStarted(depth=d, call_id=c, kind=kind, model=model, prompt_chars=chars):
             return pb.CompletionEvent(
                 sub_call_started=pb.SubCallStarted(
-                    depth=d, call_id=c, kind=kind, model=model, prompt_chars=chars
+                    depth=d, call_id=c, kind=kind, model=short(model)[0], prompt_chars=chars
                 )
             )
         case ev.SubCallFinished(depth=d, call_id=c, ok=ok, response_chars=chars):
@@ -44,31 +72,72 @@ def event_to_proto(event: ev.Event) -> pb.CompletionEvent | None:
                     ok=ok,
                     response_chars=chars,
                     duration_seconds=event.duration,
-                    error=event.error,
+                    error=short(event.error)[0],
                 )
             )
         case ev.CodeBlockFinished(depth=d, iteration=i, block=b, result=r):
+            (stdout, cut_out), (stderr, cut_err), (error, cut_error) = (
+                short(r.stdout),
+                short(r.stderr),
+                short(r.error),
+            )
             return pb.CompletionEvent(
                 code_block_finished=pb.CodeBlockFinished(
                     depth=d,
                     iteration=i,
                     block=b,
                     status=r.status,
-                    error=r.error,
+                    error=error,
                     duration_seconds=r.execution_time,
-                    variables=r.variables,
+                    variables=_variables(r.variables, short),
                     truncated_chars=r.truncated_chars,
                     worker_restarted=r.worker_restarted,
-                    stdout=r.stdout,
-                    stderr=r.stderr,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cut_chars=cut_out + cut_err + cut_error,
                 )
             )
         case ev.Notice(depth=d, text=text):
-            return pb.CompletionEvent(notice=pb.Notice(depth=d, text=text))
+            return pb.CompletionEvent(notice=pb.Notice(depth=d, text=short(text)[0]))
         case ev.UsageUpdated(depth=d, usage=usage):
             return pb.CompletionEvent(usage=pb.UsageUpdate(depth=d, usage=usage_to_proto(usage)))
         case _:
             return None  # FinalAnswer: the stream ends with `finished` instead
+
+
+def output_pieces(event: ev.Event, chars: int) -> list[ev.Event]:
+    """An output chunk longer than `chars` as several (nothing is cut); other events as is."""
+    if not isinstance(event, ev.OutputChunk) or len(event.text) <= chars:
+        return [event]
+    text = event.text
+    return [
+        dataclasses.replace(event, text=text[offset : offset + chars])
+        for offset in range(0, len(text), chars)
+    ]
+
+
+MAX_EVENT_VARIABLES = 1000
+ANSWER_PART_CHARS = 1024 * 1024
+
+
+def _variables(names: list[str], short: Callable[[str], tuple[str, int]]) -> list[str]:
+    shown = [short(name)[0] for name in names[:MAX_EVENT_VARIABLES]]
+    if len(names) > MAX_EVENT_VARIABLES:
+        shown.append(f"[... {len(names) - MAX_EVENT_VARIABLES} more variables]")
+    return shown
+
+
+def in_parts(answer: str) -> bool:
+    """Whether `answer` travels as answer_part events (longer than one part)."""
+    return len(answer) > ANSWER_PART_CHARS
+
+
+def answer_parts(answer: str) -> Iterator[pb.CompletionEvent]:
+    """An answer too long for one message, as answer_part events of ANSWER_PART_CHARS each
+    (UTF-8 keeps a part under 4 MiB, well within the 16 MiB message limit)."""
+    for offset in range(0, len(answer), ANSWER_PART_CHARS):
+        text = answer[offset : offset + ANSWER_PART_CHARS]
+        yield pb.CompletionEvent(answer_part=pb.AnswerPart(text=text))
 
 
 def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:

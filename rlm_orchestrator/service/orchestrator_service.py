@@ -1,74 +1,61 @@
 """The Orchestrator servicer: completions and sessions for many clients at once.
 
-Each completion runs as a task of its own, on the shared router and sandbox provider; its
-events go to the client's stream through a queue. Whatever ends it (its answer, a limit, the
-client hanging up, CancelCompletion, shutdown), its sandbox is released before the RPC ends.
+Clients are tenants: a request's limits stay under the server's ceilings, and every call takes
+its slots (completions, sessions, sandboxes) when it is accepted, before any upload
+(`admission.py`). Each completion runs as a task of its own, on the shared router and sandbox
+pool; its events wait for the client's stream in a buffer bounded by bytes (`event_buffer.py`).
+Whatever ends it (its answer, a limit, the client hanging up, CancelCompletion, shutdown), its
+sandbox is released and its slots given back before the RPC ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.exceptions import (
-    CompletionTimeoutError,
-    CostLimitExceededError,
-    LimitExceededError,
-    LMError,
-    SandboxError,
-)
+from rlm_orchestrator.exceptions import LMError, SandboxError
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
 from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec
-from rlm_orchestrator.service.convert import event_to_proto
-from rlm_orchestrator.service.convert_usage import usage_to_proto
+from rlm_orchestrator.sandbox.limits import SandboxPool
+from rlm_orchestrator.service.admission import (
+    Admission,
+    CapacityRefused,
+    RequestLimits,
+    RequestRefused,
+    Ticket,
+    request_limits,
+)
+from rlm_orchestrator.service.convert import (
+    SHUTDOWN_METADATA_KEY,
+    event_to_proto,
+    output_pieces,
+)
+from rlm_orchestrator.service.event_buffer import EventBuffer
+from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
+from rlm_orchestrator.service.run_input import Context, read_context, read_start
 from rlm_orchestrator.service.settings import ServerSettings
 from rlm_orchestrator.session import SessionState
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
 
 log = logging.getLogger("rlm_orchestrator.service")
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-_FAILURES: list[tuple[type[BaseException], pb.FailureKind.ValueType]] = [
-    (CompletionTimeoutError, pb.FAILURE_KIND_TIMEOUT),
-    (CostLimitExceededError, pb.FAILURE_KIND_COST_LIMIT),
-    (LMError, pb.FAILURE_KIND_LM_ERROR),
-    (SandboxError, pb.FAILURE_KIND_SANDBOX_ERROR),
-]
-
-
-@dataclass
-class _Running:
-    completion_id: str
-    session_id: str
-    root_model: str
-    tracker: UsageTracker
-    started: float = field(default_factory=time.monotonic)
-    iterations: int = 0
-    task: asyncio.Task[Any] | None = None
-
-    def info(self) -> pb.CompletionInfo:
-        return pb.CompletionInfo(
-            completion_id=self.completion_id,
-            session_id=self.session_id,
-            root_model=self.root_model,
-            running_seconds=time.monotonic() - self.started,
-            iterations=self.iterations,
-            usage=usage_to_proto(self.tracker.summary()),
-        )
+SHUTTING_DOWN = "the server is shutting down"
+# After a shutdown's grace: how long streams get to deliver their last events before the cut.
+SHUTDOWN_FLUSH_SECONDS = 2.0
+SHUTDOWN_METADATA = ((SHUTDOWN_METADATA_KEY, "1"),)
 
 
 @dataclass
@@ -76,20 +63,24 @@ class _Session:
     session_id: str
     state: SessionState
     options: pb.CompletionOptions
+    ticket: Ticket  # its session slot and the sandbox slot its sandbox lives on
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
 
 
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(
-        self, settings: ServerSettings, router: LMRouter, provider: SandboxProvider
-    ) -> None:
+    def __init__(self, settings: ServerSettings, router: LMRouter, pool: SandboxPool) -> None:
         self.settings = settings
         self.router = router
-        self.provider = provider
-        self.running: dict[str, _Running] = {}
+        self.pool = pool
+        self.admission = Admission(settings, pool)
+        self.running: dict[str, RunningCompletion] = {}
         self.sessions: dict[str, _Session] = {}
         self.accepting = True
+        # Set by a shutdown: the grace its completions had, and whether streams are being cut.
+        self._shutdown_grace: float | None = None
+        self._cutting = False
+        self._streams: set[asyncio.Task[Any]] = set()  # the Run calls' tasks
         self._logger = RLMLogger(settings.log_dir, "completion") if settings.log_dir else None
 
     # -- Run -----------------------------------------------------------------------------------
@@ -97,31 +88,68 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def Run(
         self, request_iterator: AsyncIterator[pb.RunRequest], context: Context
     ) -> AsyncIterator[pb.CompletionEvent]:
+        # Headers first: a client that waits for them before writing (our SDK) always gets a
+        # refusal's status; a grpc.aio client whose write races the status may report INTERNAL.
+        await context.send_initial_metadata(())
         if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if len(self.running) >= self.settings.max_concurrent_completions:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(self.running)} completions are running, the server's limit",
-            )
-        start = await self._read_start(request_iterator, context)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
+        start = await read_start(request_iterator, context, self.settings.max_context_bytes)
         session = await self._session_for(start.session_id, context)
         options = _merged(session.options if session else None, start.options)
-        runner, root_model = await self._runner(options, context)
-        running = _Running(
-            uuid.uuid4().hex,
-            start.session_id,
-            root_model,
-            UsageTracker(options.max_cost if options.HasField("max_cost") else None),
+        limits = await self._limits(options, context)
+        router, root_model = await self._router(options, context)
+        needs_sandbox = session is None and limits.max_depth > 0
+        ticket = await self._admit(
+            lambda: self.admission.completion(needs_sandbox=needs_sandbox), context
         )
-        events: asyncio.Queue[pb.CompletionEvent | None] = asyncio.Queue()
+        # From here the slots are ours: whatever ends the call gives them back.
+        stream = asyncio.current_task()
+        assert stream is not None
+        self._streams.add(stream)
+        try:
+            slot = session.ticket.sandbox_slot if session else ticket.sandbox_slot
+            runner = self._make_runner(router, limits, options, self.pool.view(slot))
+            running = RunningCompletion(
+                uuid.uuid4().hex,
+                start.session_id,
+                root_model,
+                UsageTracker(limits.max_cost),
+                EventBuffer(self.settings.max_buffered_event_bytes),
+            )
+            async for message in self._stream(
+                runner, running, session, start, request_iterator, context
+            ):
+                yield message
+        except asyncio.CancelledError:
+            if self._cutting:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, self._cut_message(), SHUTDOWN_METADATA
+                )
+            raise
+        finally:
+            ticket.give_back()
+            self._streams.discard(stream)
+
+    async def _stream(
+        self,
+        runner: CompletionRunner,
+        running: RunningCompletion,
+        session: _Session | None,
+        start: pb.CompletionStart,
+        request_iterator: AsyncIterator[pb.RunRequest],
+        context: Context,
+    ) -> AsyncIterator[pb.CompletionEvent]:
+        """An admitted completion: `started`, the upload, then its events as it runs."""
+        events = running.events
+        excerpt_chars = self.settings.event_excerpt_chars
 
         def emit(event: ev.Event) -> None:
             if isinstance(event, ev.TurnStarted) and event.depth == 0:
                 running.iterations = event.iteration + 1
-            message = event_to_proto(event)
-            if message is not None:
-                events.put_nowait(message)
+            for piece in output_pieces(event, excerpt_chars):
+                message = event_to_proto(piece, excerpt_chars)
+                if message is not None:
+                    events.put(message)
 
         runner.emit = emit
         yield pb.CompletionEvent(
@@ -130,10 +158,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             )
         )
         # `started` doubles as "accepted": the client sends the context only after it, so a
-        # refused request (auth, size, options) costs no upload.
-        value = await self._read_context(request_iterator, start, context)
+        # refused request (auth, size, options, capacity) costs no upload.
+        value = await read_context(request_iterator, start, context)
         running.task = asyncio.create_task(
-            self._complete(runner, running, session, value, start.root_prompt or None, events)
+            self._complete(runner, running, session, value, start.root_prompt or None)
         )
         self.running[running.completion_id] = running
         try:
@@ -151,13 +179,15 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def _complete(
         self,
         runner: CompletionRunner,
-        running: _Running,
+        running: RunningCompletion,
         session: _Session | None,
         value: Any,
         root_prompt: str | None,
-        events: asyncio.Queue[pb.CompletionEvent | None],
     ) -> None:
         """Runs the completion; its last event is `finished` or `failed`, then the end mark."""
+        outcome = Outcome(
+            running, self.settings.max_answer_chars, self.settings.event_excerpt_chars
+        )
         try:
             if session is not None:
                 async with session.lock:
@@ -174,115 +204,23 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 result = await runner.run(
                     value, root_prompt, tracker=running.tracker, root_model=running.root_model
                 )
-            events.put_nowait(
-                pb.CompletionEvent(
-                    finished=pb.CompletionFinished(
-                        response=result.response,
-                        root_model=result.root_model,
-                        usage=usage_to_proto(result.usage_summary),
-                        execution_time_seconds=result.execution_time,
-                        iterations=running.iterations,
-                    )
-                )
-            )
+            await outcome.finish(result)
         except asyncio.CancelledError:
-            events.put_nowait(
-                self._failure(pb.FAILURE_KIND_CANCELLED, "the completion was cancelled", running)
-            )
+            grace = self._shutdown_grace
+            if grace is None:
+                outcome.fail(pb.FAILURE_KIND_CANCELLED, "the completion was cancelled")
+            else:
+                message = (
+                    f"{SHUTTING_DOWN}: the completion was cancelled at the end of the {grace:g} s "
+                    "shutdown grace period; retry it (on another server, or on this one once it "
+                    "is back)"
+                )
+                outcome.fail(pb.FAILURE_KIND_SERVER_SHUTDOWN, message, limit=grace)
             raise
         except Exception as exc:
-            kind = next((k for t, k in _FAILURES if isinstance(exc, t)), pb.FAILURE_KIND_INTERNAL)
-            if kind == pb.FAILURE_KIND_INTERNAL:
-                log.exception("completion %s failed", running.completion_id)
-            partial = exc.partial_answer if isinstance(exc, LimitExceededError) else None
-            failure = self._failure(kind, f"{type(exc).__name__}: {exc}", running, partial)
-            if isinstance(exc, CompletionTimeoutError):
-                failure.failed.limit = exc.timeout_seconds
-            elif isinstance(exc, CostLimitExceededError):
-                failure.failed.limit = exc.cost_limit
-            elif isinstance(exc, LMError) and exc.status_code:
-                failure.failed.status_code = exc.status_code
-            events.put_nowait(failure)
+            outcome.fail_with(exc)
         finally:
-            events.put_nowait(None)
-
-    @staticmethod
-    def _failure(
-        kind: pb.FailureKind.ValueType,
-        message: str,
-        running: _Running,
-        partial: str | None = None,
-    ) -> pb.CompletionEvent:
-        failed = pb.CompletionFailed(
-            elapsed_seconds=time.monotonic() - running.started,
-            kind=kind,
-            message=message,  # type: ignore[arg-type]
-            usage=usage_to_proto(running.tracker.summary()),
-            iterations=running.iterations,
-        )
-        if partial is not None:
-            failed.partial_answer = partial
-        return pb.CompletionEvent(failed=failed)
-
-    async def _read_start(
-        self, requests: AsyncIterator[pb.RunRequest], context: Context
-    ) -> pb.CompletionStart:
-        """The start message, checked against the server's limits."""
-        first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("kind") != "start":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`"
-            )
-        assert first is not None
-        start = first.start
-        limit = self.settings.max_context_bytes
-        if start.context_bytes > limit:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"a context of {start.context_bytes} bytes exceeds the server's limit of {limit}",
-            )
-        if start.context_encoding not in (pb.CONTEXT_ENCODING_TEXT, pb.CONTEXT_ENCODING_JSON):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "context_encoding must be TEXT or JSON"
-            )
-        return start
-
-    async def _read_context(
-        self, requests: AsyncIterator[pb.RunRequest], start: pb.CompletionStart, context: Context
-    ) -> Any:
-        """The context's chunks, decoded."""
-        data = bytearray()
-        async for message in requests:
-            if message.WhichOneof("kind") != "context_chunk":
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "only context_chunk may follow `start`"
-                )
-            data += message.context_chunk
-            if len(data) > start.context_bytes:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"more context than the {start.context_bytes} bytes announced",
-                )
-        if len(data) != start.context_bytes:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"received {len(data)} context bytes, {start.context_bytes} announced",
-            )
-        try:
-            text = data.decode("utf-8")
-            del data
-            if start.context_encoding == pb.CONTEXT_ENCODING_JSON:
-                value: Any = json.loads(text)
-                if not isinstance(value, str | dict | list):
-                    kind = type(value).__name__
-                    raise ValueError(
-                        f"a JSON context must be an object, array or string, not {kind}"
-                    )
-                return value
-            return text
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad context: {exc}")
-            raise AssertionError("unreachable") from exc
+            running.events.close()
 
     async def _session_for(self, session_id: str, context: Context) -> _Session | None:
         if not session_id:
@@ -292,10 +230,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
         return session
 
-    async def _runner(
+    async def _limits(self, options: pb.CompletionOptions, context: Context) -> RequestLimits:
+        """The request's limits under the server's ceilings (INVALID_ARGUMENT above one)."""
+        try:
+            return request_limits(options, self.settings)
+        except RequestRefused as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("unreachable") from exc
+
+    async def _router(
         self, options: pb.CompletionOptions, context: Context
-    ) -> tuple[CompletionRunner, str]:
-        """A runner for these options, and its root model (INVALID_ARGUMENT on unknown names)."""
+    ) -> tuple[LMRouter, str]:
+        """The router for these models, and its root model (INVALID_ARGUMENT on unknown names)."""
         try:
             router = self.router.with_roles(
                 options.model if options.HasField("model") else None,
@@ -304,25 +250,38 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         except LMError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise AssertionError("unreachable") from exc
-        return self._make_runner(router, options), router.root.model_name
+        return router, router.root.model_name
 
-    def _make_runner(self, router: LMRouter, options: pb.CompletionOptions) -> CompletionRunner:
-        s = self.settings
+    @staticmethod
+    async def _admit(take: Callable[[], Ticket], context: Context) -> Ticket:
+        try:
+            return take()
+        except CapacityRefused as exc:
+            log.warning("refused: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise AssertionError("unreachable") from exc
 
+    def _make_runner(
+        self,
+        router: LMRouter,
+        limits: RequestLimits,
+        options: pb.CompletionOptions,
+        provider: SandboxProvider,
+    ) -> CompletionRunner:
         def option(name: str, default: Any) -> Any:
             return getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
 
         loop_settings = LoopSettings(
-            max_depth=option("max_depth", s.max_depth),
-            max_iterations=option("max_iterations", s.max_iterations),
-            timeout_seconds=option("timeout_seconds", None),
-            iteration_timeout_seconds=option("iteration_timeout_seconds", None),
-            exec_timeout_seconds=option("exec_timeout_seconds", s.exec_timeout_seconds),
+            max_depth=limits.max_depth,
+            max_iterations=limits.max_iterations,
+            timeout_seconds=limits.timeout_seconds,
+            iteration_timeout_seconds=limits.iteration_timeout_seconds,
+            exec_timeout_seconds=limits.exec_timeout_seconds,
             final_with_code=option("final_with_code", False),
             system_prompt=option("system_prompt", DEFAULT_SYSTEM_PROMPT),
         )
         spec = SandboxSpec(session_id="", exec_timeout_seconds=loop_settings.exec_timeout_seconds)
-        return CompletionRunner(router, self.provider, loop_settings, spec, logger=self._logger)
+        return CompletionRunner(router, provider, loop_settings, spec, logger=self._logger)
 
     # -- management ----------------------------------------------------------------------------
 
@@ -358,10 +317,23 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         self, request: pb.CreateSessionRequest, context: Context
     ) -> pb.SessionInfo:
         if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        runner, _ = await self._runner(request.options, context)
-        state = await runner.new_session()
-        session = _Session(uuid.uuid4().hex, state, request.options)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
+        limits = await self._limits(request.options, context)
+        router, _ = await self._router(request.options, context)
+        ticket = await self._admit(self.admission.session, context)
+        try:
+            provider = self.pool.view(ticket.sandbox_slot)
+            runner = self._make_runner(router, limits, request.options, provider)
+            state = await runner.new_session()
+        except BaseException as exc:
+            ticket.give_back()
+            if isinstance(exc, SandboxError):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"no sandbox: {exc}")
+            raise
+        session = _Session(uuid.uuid4().hex, state, request.options, ticket)
+        if not self.accepting:  # the shutdown began while the sandbox was starting
+            await self._close(session)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
         self.sessions[session.session_id] = session
         return pb.SessionInfo(session_id=session.session_id)
 
@@ -373,8 +345,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
         assert session is not None
         async with session.lock:  # let a running completion of the session finish first
-            await self.provider.release(session.state.sandbox)
+            await self._close(session)
         return pb.CloseSessionResponse()
+
+    async def _close(self, session: _Session) -> None:
+        try:
+            await self.pool.release(session.state.sandbox)
+        finally:
+            session.ticket.give_back()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -384,20 +362,39 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         for session in list(self.sessions.values()):
             if session.last_used < deadline and not session.lock.locked():
                 self.sessions.pop(session.session_id, None)
-                await self.provider.release(session.state.sandbox)
+                await self._close(session)
 
     async def drain(self, grace_seconds: float) -> None:
-        """Refuse new work, give running completions the grace period, cancel the rest."""
+        """Shutdown: refuse new work, give running completions the grace period, end the rest
+        with a SERVER_SHUTDOWN failure, let their streams deliver it, then cut what is left
+        (uploads, clients not reading) with UNAVAILABLE, and close every session."""
         self.accepting = False
         tasks = [r.task for r in self.running.values() if r.task is not None]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=grace_seconds)
+        # Completions that started during the grace (their upload was accepted) end too.
+        pending = [r.task for r in self.running.values() if r.task and not r.task.done()]
+        self._shutdown_grace = grace_seconds
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=SHUTDOWN_FLUSH_SECONDS)
+        self._cutting = True
+        streams = set(self._streams)
+        for stream in streams:
+            stream.cancel()
+        if streams:
+            await asyncio.wait(streams, timeout=SHUTDOWN_FLUSH_SECONDS)
         for session in list(self.sessions.values()):
             self.sessions.pop(session.session_id, None)
-            await self.provider.release(session.state.sandbox)
+            await self._close(session)
+
+    def _cut_message(self) -> str:
+        return (
+            f"{SHUTTING_DOWN}: this call was cut after the {self._shutdown_grace or 0:g} s "
+            "shutdown grace period; retry it on another server, or on this one once it is back"
+        )
 
 
 def _merged(

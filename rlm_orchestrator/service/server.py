@@ -2,7 +2,9 @@
 
 Also on it: grpc.health.v1 (SERVING once the router is ready; NOT_SERVING while draining) and
 server reflection. Shutdown (SIGTERM / SIGINT) stops accepting, lets running completions
-finish within the grace period, cancels the rest, and releases every sandbox.
+finish within the grace period, ends the rest with a SERVER_SHUTDOWN failure that reaches their
+clients before the server stops, cuts what is still open with UNAVAILABLE, and releases every
+sandbox.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from rlm_orchestrator.sandbox import (
     SupportsWarmUp,
     create_provider,
 )
+from rlm_orchestrator.sandbox.limits import SandboxPool
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
 from rlm_orchestrator.service.settings import ServerSettings
 from sandbox_agent._proto.rlm.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from sandbox_agent.decoding import InvalidMessageInterceptor
 
 log = logging.getLogger("rlm_orchestrator.service")
 
@@ -50,6 +54,11 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS, and HTTP/2 flow control as the settings say (`http2_bdp_probe`)."""
+    return [*SERVER_OPTIONS, ("grpc.http2.bdp_probe", int(settings.http2_bdp_probe))]
 
 
 def build_router(settings: ServerSettings) -> LMRouter:
@@ -88,8 +97,11 @@ class OrchestratorServer:
                 log.warning("removed %d orphaned sandbox(es) at start", removed)
         if isinstance(self._provider, SupportsWarmUp):
             await self._provider.warm_up()  # a no-op without a pool
-        self._service = OrchestratorService(self.settings, router, self._provider)
+        pool = SandboxPool(self._provider, self.settings.max_sandboxes)
+        self._service = OrchestratorService(self.settings, router, pool)
         token = self.settings.auth_token
+        # The token check first, on metadata alone; undecodable messages (INVALID_ARGUMENT)
+        # innermost, on the servicers' own handlers.
         interceptors: list[Any] = (
             [BearerTokenInterceptor(token.get_secret_value())] if token else []
         )
@@ -99,7 +111,8 @@ class OrchestratorServer:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
             interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
-        server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+        interceptors.append(InvalidMessageInterceptor())
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(self.settings))
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self._service, server)
         add_router_service(server, router)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -130,6 +143,8 @@ class OrchestratorServer:
 
     async def stop(self) -> None:
         """Graceful and idempotent: drain, cancel what is left, release every sandbox."""
+        if self._service is not None:
+            self._service.accepting = False  # before health says NOT_SERVING: no new work
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -24,6 +24,15 @@ from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMClientConfig
 
 CONFIG_ENV = "RLM_SERVER_CONFIG"
+# The CompletionOptions that are limits: each has a ceiling and a default_ setting.
+LIMIT_OPTIONS = (
+    "max_iterations",
+    "max_depth",
+    "exec_timeout_seconds",
+    "timeout_seconds",
+    "iteration_timeout_seconds",
+    "max_cost",
+)
 # The file given on the command line, for settings_customise_sources (a classmethod).
 _config_file: ContextVar[str | None] = ContextVar("rlm_server_config_file", default=None)
 
@@ -99,13 +108,44 @@ class ServerSettings(BaseSettings):
     sub_model: str | None = None
     environment: str = "local"
     environment_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Ceilings of the limits a request may set (CompletionOptions of the same names): a request
+    # may ask for less, never more (INVALID_ARGUMENT names the ceiling). None: no ceiling.
     max_iterations: int = Field(30, ge=1)
     max_depth: int = Field(1, ge=0)
     exec_timeout_seconds: float = Field(300.0, gt=0)
+    timeout_seconds: float = Field(3600.0, gt=0)
+    iteration_timeout_seconds: float | None = Field(None, gt=0)
+    max_cost: float | None = Field(None, gt=0)
+    # What a request that sets none of these gets (None: the ceiling).
+    default_max_iterations: int | None = Field(None, ge=1)
+    default_max_depth: int | None = Field(None, ge=0)
+    default_exec_timeout_seconds: float | None = Field(None, gt=0)
+    default_timeout_seconds: float | None = Field(None, gt=0)
+    default_iteration_timeout_seconds: float | None = Field(None, gt=0)
+    default_max_cost: float | None = Field(None, gt=0)
+    # Admission, counted when a call is accepted (RESOURCE_EXHAUSTED names the limit): running
+    # (or uploading) completions; open sessions; live sandboxes (sessions', completions' and
+    # rlm_query children's: a child refused one fails as a sub-call error).
     max_concurrent_completions: int = Field(64, ge=1)
+    max_sessions: int = Field(64, ge=0)
+    max_sandboxes: int = Field(128, ge=1)
     # Largest context accepted, in bytes (RESOURCE_EXHAUSTED above it).
     max_context_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    # Longest final answer sent (in 1 Mi-character parts); longer fails with ANSWER_TOO_LARGE.
+    max_answer_chars: int = Field(100_000_000, ge=1)
+    # Text fields of progress events keep their head and tail up to this many characters.
+    event_excerpt_chars: int = Field(65_536, ge=256)
+    # Events waiting for a slow client, per completion; beyond it output and sub-call events
+    # are dropped (with a marker), never the answer, `finished`/`failed` or usage.
+    max_buffered_event_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
     session_ttl_seconds: float = Field(1800.0, gt=0)
+    # HTTP/2 bandwidth-delay probing grows every stream's receive window, read or not: with it,
+    # a stream the server has not read yet (an anonymous one about to be refused, when the
+    # server is busy) can make it buffer megabytes (measured: 170-650 MB for 40 anonymous 16 MiB
+    # messages refused after 1 s; 4 MB without). Off, a stream receives 64 KiB ahead of what the
+    # server reads: fast on a LAN (a 50 MiB upload took the same time here), slower uploads on
+    # long-latency links. Turn it on for those when every client is trusted.
+    http2_bdp_probe: bool = False
     # On SIGTERM: how long running completions may go on before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
@@ -119,6 +159,19 @@ class ServerSettings(BaseSettings):
             if role is not None and role not in names:
                 raise ValueError(f"{role!r} is not one of the models {names}")
         return self
+
+    @model_validator(mode="after")
+    def _check_defaults(self) -> ServerSettings:
+        for name in LIMIT_OPTIONS:
+            ceiling, default = getattr(self, name), getattr(self, f"default_{name}")
+            if ceiling is not None and default is not None and default > ceiling:
+                raise ValueError(f"default_{name}={default} is above its ceiling {name}={ceiling}")
+        return self
+
+    def limit_default(self, name: str) -> Any:
+        """What a request that does not set the limit `name` gets."""
+        default = getattr(self, f"default_{name}")
+        return getattr(self, name) if default is None else default
 
     @classmethod
     def settings_customise_sources(

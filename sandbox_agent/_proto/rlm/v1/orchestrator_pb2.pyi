@@ -64,9 +64,16 @@ class _FailureKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureKi
     FAILURE_KIND_SANDBOX_ERROR: _FailureKind.ValueType  # 4
     """A sandbox could not be started or was lost."""
     FAILURE_KIND_CANCELLED: _FailureKind.ValueType  # 5
-    """Cancelled by a client or by server shutdown."""
+    """Cancelled by a client (CancelCompletion, or the call cancelled)."""
     FAILURE_KIND_INTERNAL: _FailureKind.ValueType  # 6
     """A bug on our side; the message says what."""
+    FAILURE_KIND_SERVER_SHUTDOWN: _FailureKind.ValueType  # 7
+    """The server is shutting down (SIGTERM) and the completion did not finish within the
+    shutdown grace period (`limit`, in seconds). Nothing was wrong with the request: retry it,
+    on another server or once this one is back. Sent before the server stops.
+    """
+    FAILURE_KIND_ANSWER_TOO_LARGE: _FailureKind.ValueType  # 8
+    """The final answer is longer than the server's `max_answer_chars` (`limit`)."""
 
 class FailureKind(_FailureKind, metaclass=_FailureKindEnumTypeWrapper):
     """Why a completion failed."""
@@ -81,9 +88,16 @@ FAILURE_KIND_LM_ERROR: FailureKind.ValueType  # 3
 FAILURE_KIND_SANDBOX_ERROR: FailureKind.ValueType  # 4
 """A sandbox could not be started or was lost."""
 FAILURE_KIND_CANCELLED: FailureKind.ValueType  # 5
-"""Cancelled by a client or by server shutdown."""
+"""Cancelled by a client (CancelCompletion, or the call cancelled)."""
 FAILURE_KIND_INTERNAL: FailureKind.ValueType  # 6
 """A bug on our side; the message says what."""
+FAILURE_KIND_SERVER_SHUTDOWN: FailureKind.ValueType  # 7
+"""The server is shutting down (SIGTERM) and the completion did not finish within the
+shutdown grace period (`limit`, in seconds). Nothing was wrong with the request: retry it,
+on another server or once this one is back. Sent before the server stops.
+"""
+FAILURE_KIND_ANSWER_TOO_LARGE: FailureKind.ValueType  # 8
+"""The final answer is longer than the server's `max_answer_chars` (`limit`)."""
 Global___FailureKind: _TypeAlias = FailureKind  # noqa: Y015
 
 @_typing.final
@@ -156,7 +170,11 @@ Global___CompletionStart: _TypeAlias = CompletionStart  # noqa: Y015
 
 @_typing.final
 class CompletionOptions(_message.Message):
-    """Options of a completion; unset fields take the server's defaults."""
+    """Options of a completion; unset fields take the server's defaults. The limits among them
+    (max_iterations, max_depth, timeout_seconds, iteration_timeout_seconds, max_cost,
+    exec_timeout_seconds) may be lowered, never raised: a value above the server's ceiling of the
+    same name is refused with INVALID_ARGUMENT naming it; so are values that are not positive.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -265,6 +283,7 @@ class CompletionEvent(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    ANSWER_PART_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___CompletionStarted: ...
     @_builtins.property
@@ -289,6 +308,8 @@ class CompletionEvent(_message.Message):
     def finished(self) -> Global___CompletionFinished: ...
     @_builtins.property
     def failed(self) -> Global___CompletionFailed: ...
+    @_builtins.property
+    def answer_part(self) -> Global___AnswerPart: ...
     def __init__(
         self,
         *,
@@ -304,12 +325,13 @@ class CompletionEvent(_message.Message):
         usage: Global___UsageUpdate | None = ...,
         finished: Global___CompletionFinished | None = ...,
         failed: Global___CompletionFailed | None = ...,
+        answer_part: Global___AnswerPart | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "turn_started", "root_response", "code_block_started", "output", "sub_call_started", "sub_call_finished", "code_block_finished", "notice", "usage", "finished", "failed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "turn_started", "root_response", "code_block_started", "output", "sub_call_started", "sub_call_finished", "code_block_finished", "notice", "usage", "finished", "failed", "answer_part"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -317,6 +339,16 @@ Global___CompletionEvent: _TypeAlias = CompletionEvent  # noqa: Y015
 
 @_typing.final
 class CompletionStarted(_message.Message):
+    """Progress events carry bounded text: a text field longer than the server's
+    `event_excerpt_chars` keeps its head and tail around a "[... N characters cut from this
+    event ...]" marker, and the event's `cut_chars` says how many characters were cut (output
+    chunks are split instead, never cut). Events wait
+    for a slow client in a buffer of `max_buffered_event_bytes` per completion; when it is full,
+    output and sub-call events are dropped (an `output` event with `dropped_chars` /
+    `dropped_events` then says how many), never `started`, turns, root responses, code blocks,
+    notices, usage (the latest always arrives), answer parts, `finished` or `failed`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     COMPLETION_ID_FIELD_NUMBER: _builtins.int
@@ -370,11 +402,14 @@ class RootResponse(_message.Message):
     ITERATION_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    CUT_CHARS_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     iteration: _builtins.int
     text: _builtins.str
     """What the root LM answered."""
     duration_seconds: _builtins.float
+    cut_chars: _builtins.int
+    """Characters cut from `text` (see the note on bounded text above)."""
     def __init__(
         self,
         *,
@@ -382,10 +417,11 @@ class RootResponse(_message.Message):
         iteration: _builtins.int = ...,
         text: _builtins.str = ...,
         duration_seconds: _builtins.float = ...,
+        cut_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "duration_seconds", b"duration_seconds", "iteration", b"iteration", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_chars", b"cut_chars", "depth", b"depth", "duration_seconds", b"duration_seconds", "iteration", b"iteration", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,10 +435,13 @@ class CodeBlockStarted(_message.Message):
     ITERATION_FIELD_NUMBER: _builtins.int
     BLOCK_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    CUT_CHARS_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     iteration: _builtins.int
     block: _builtins.int
     code: _builtins.str
+    cut_chars: _builtins.int
+    """Characters cut from `code`."""
     def __init__(
         self,
         *,
@@ -410,10 +449,11 @@ class CodeBlockStarted(_message.Message):
         iteration: _builtins.int = ...,
         block: _builtins.int = ...,
         code: _builtins.str = ...,
+        cut_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "code", b"code", "depth", b"depth", "iteration", b"iteration"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "code", b"code", "cut_chars", b"cut_chars", "depth", b"depth", "iteration", b"iteration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,12 +468,21 @@ class CompletionOutput(_message.Message):
     BLOCK_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    DROPPED_CHARS_FIELD_NUMBER: _builtins.int
+    DROPPED_EVENTS_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     iteration: _builtins.int
     block: _builtins.int
     stream: _builtins.str
     """"stdout" or "stderr"."""
     text: _builtins.str
+    dropped_chars: _builtins.int
+    """Output is never cut: a chunk longer than `event_excerpt_chars` comes as several events.
+    Non-zero on the server's marker after it dropped events for a client that read too slowly:
+    how many characters of output, and how many other events (sub-call starts and ends), were
+    dropped since the previous marker. `text` then says so in words.
+    """
+    dropped_events: _builtins.int
     def __init__(
         self,
         *,
@@ -442,10 +491,12 @@ class CompletionOutput(_message.Message):
         block: _builtins.int = ...,
         stream: _builtins.str = ...,
         text: _builtins.str = ...,
+        dropped_chars: _builtins.int = ...,
+        dropped_events: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "depth", b"depth", "iteration", b"iteration", "stream", b"stream", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "depth", b"depth", "dropped_chars", b"dropped_chars", "dropped_events", b"dropped_events", "iteration", b"iteration", "stream", b"stream", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,6 +585,7 @@ class CodeBlockFinished(_message.Message):
     WORKER_RESTARTED_FIELD_NUMBER: _builtins.int
     STDOUT_FIELD_NUMBER: _builtins.int
     STDERR_FIELD_NUMBER: _builtins.int
+    CUT_CHARS_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     iteration: _builtins.int
     block: _builtins.int
@@ -546,10 +598,13 @@ class CodeBlockFinished(_message.Message):
     worker_restarted: _builtins.bool
     """True when the sandbox's worker was replaced (variables lost)."""
     stdout: _builtins.str
-    """The block's whole output (as capped by the sandbox), also sent before as CompletionOutput
-    chunks: here so that a client need not reassemble concurrent children's chunks.
+    """The block's output (as capped by the sandbox), also sent before as CompletionOutput
+    chunks: here so that a client need not reassemble concurrent children's chunks. Bounded
+    like every event text: a long output keeps its head and tail.
     """
     stderr: _builtins.str
+    cut_chars: _builtins.int
+    """Characters cut from stdout, stderr and error together."""
     @_builtins.property
     def variables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """User variables after the block."""
@@ -568,10 +623,11 @@ class CodeBlockFinished(_message.Message):
         worker_restarted: _builtins.bool = ...,
         stdout: _builtins.str = ...,
         stderr: _builtins.str = ...,
+        cut_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "depth", b"depth", "duration_seconds", b"duration_seconds", "error", b"error", "iteration", b"iteration", "status", b"status", "stderr", b"stderr", "stdout", b"stdout", "truncated_chars", b"truncated_chars", "variables", b"variables", "worker_restarted", b"worker_restarted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "cut_chars", b"cut_chars", "depth", b"depth", "duration_seconds", b"duration_seconds", "error", b"error", "iteration", b"iteration", "status", b"status", "stderr", b"stderr", "stdout", b"stdout", "truncated_chars", b"truncated_chars", "variables", b"variables", "worker_restarted", b"worker_restarted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,7 +665,9 @@ class UsageUpdate(_message.Message):
     depth: _builtins.int
     @_builtins.property
     def usage(self) -> _usage_pb2.UsageSummary:
-        """Usage so far of the whole completion (children included)."""
+        """Usage so far of the whole completion (children included). A newer update replaces one the
+        client has not read yet: a client always gets the latest.
+        """
 
     def __init__(
         self,
@@ -626,6 +684,31 @@ class UsageUpdate(_message.Message):
 Global___UsageUpdate: _TypeAlias = UsageUpdate  # noqa: Y015
 
 @_typing.final
+class AnswerPart(_message.Message):
+    """A piece of an answer too large for one message. The pieces, in order, make the `response`
+    of the `finished` event (or the `partial_answer` of the `failed` event) that follows them.
+    Answers longer than 1,048,576 characters travel this way, up to the server's
+    `max_answer_chars`; a longer answer fails the completion with ANSWER_TOO_LARGE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerPart: _TypeAlias = AnswerPart  # noqa: Y015
+
+@_typing.final
 class CompletionFinished(_message.Message):
     """The end of a successful completion."""
 
@@ -637,14 +720,20 @@ class CompletionFinished(_message.Message):
     EXECUTION_TIME_SECONDS_FIELD_NUMBER: _builtins.int
     ITERATIONS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    RESPONSE_IN_PARTS_FIELD_NUMBER: _builtins.int
+    RESPONSE_CHARS_FIELD_NUMBER: _builtins.int
     response: _builtins.str
-    """The final answer."""
+    """The final answer; empty when `response_in_parts` (it came as `answer_part` events)."""
     root_model: _builtins.str
     """The root model's registered name."""
     execution_time_seconds: _builtins.float
     iterations: _builtins.int
     source: _builtins.str
     """"FINAL", "FINAL_VAR", "code", "out_of_turns" or "plain_lm"."""
+    response_in_parts: _builtins.bool
+    """True when the answer came before as `answer_part` events."""
+    response_chars: _builtins.int
+    """Length of the answer in characters (whichever way it came)."""
     @_builtins.property
     def usage(self) -> _usage_pb2.UsageSummary: ...
     def __init__(
@@ -656,10 +745,12 @@ class CompletionFinished(_message.Message):
         execution_time_seconds: _builtins.float = ...,
         iterations: _builtins.int = ...,
         source: _builtins.str = ...,
+        response_in_parts: _builtins.bool = ...,
+        response_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_time_seconds", b"execution_time_seconds", "iterations", b"iterations", "response", b"response", "root_model", b"root_model", "source", b"source", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_time_seconds", b"execution_time_seconds", "iterations", b"iterations", "response", b"response", "response_chars", b"response_chars", "response_in_parts", b"response_in_parts", "root_model", b"root_model", "source", b"source", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -679,19 +770,25 @@ class CompletionFailed(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
+    PARTIAL_ANSWER_IN_PARTS_FIELD_NUMBER: _builtins.int
     kind: Global___FailureKind.ValueType
     message: _builtins.str
     partial_answer: _builtins.str
     """The best answer known when it stopped (the latest deferred FINAL, else the latest root
-    response), when there is one.
+    response), when there is one. Unset when `partial_answer_in_parts`; cut to the server's
+    `max_answer_chars` (with a marker) when longer.
     """
     iterations: _builtins.int
     limit: _builtins.float
-    """For TIMEOUT: the timeout in seconds; for COST_LIMIT: max_cost in USD."""
+    """For TIMEOUT: the timeout in seconds; for COST_LIMIT: max_cost in USD; for
+    SERVER_SHUTDOWN: the shutdown grace in seconds; for ANSWER_TOO_LARGE: max_answer_chars.
+    """
     elapsed_seconds: _builtins.float
     """Seconds the completion ran before it stopped."""
     status_code: _builtins.int
     """For LM_ERROR: the provider's HTTP status, when known."""
+    partial_answer_in_parts: _builtins.bool
+    """True when the partial answer came before as `answer_part` events."""
     @_builtins.property
     def usage(self) -> _usage_pb2.UsageSummary: ...
     def __init__(
@@ -705,10 +802,11 @@ class CompletionFailed(_message.Message):
         limit: _builtins.float = ...,
         elapsed_seconds: _builtins.float = ...,
         status_code: _builtins.int = ...,
+        partial_answer_in_parts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer", "partial_answer", b"partial_answer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer", "elapsed_seconds", b"elapsed_seconds", "iterations", b"iterations", "kind", b"kind", "limit", b"limit", "message", b"message", "partial_answer", b"partial_answer", "status_code", b"status_code", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer", "elapsed_seconds", b"elapsed_seconds", "iterations", b"iterations", "kind", b"kind", "limit", b"limit", "message", b"message", "partial_answer", b"partial_answer", "partial_answer_in_parts", b"partial_answer_in_parts", "status_code", b"status_code", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__partial_answer: _TypeAlias = _typing.Literal["partial_answer"]  # noqa: Y015
     _WhichOneofArgType__partial_answer: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer"]  # noqa: Y015

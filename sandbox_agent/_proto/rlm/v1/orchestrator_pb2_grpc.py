@@ -70,11 +70,22 @@ class OrchestratorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Run(self, request_iterator, context):
-        """Runs one completion. The client sends a CompletionStart, then the context in chunks, then
-        half-closes. The server streams CompletionEvent messages: `started` first, then progress,
-        and exactly one `finished` or `failed` last. Cancelling the call cancels the completion.
-        Bad requests fail with INVALID_ARGUMENT before `started`; a context larger than the
-        server's limit with RESOURCE_EXHAUSTED.
+        """Runs one completion. The server sends its initial metadata at once (a client should wait
+        for it before writing: then a refusal always reaches it as a status); the client sends a
+        CompletionStart, then the context in chunks, then half-closes. The server streams
+        CompletionEvent messages: `started` first, then progress, and exactly one `finished` or
+        `failed` last. Cancelling the call cancels the completion.
+
+        Refusals, all before `started` (so before any upload), each naming its setting:
+        - INVALID_ARGUMENT: a malformed request or message, an unknown model, or an option above
+        the server's ceiling (e.g. "max_depth=3 is above the server's ceiling max_depth=1").
+        - RESOURCE_EXHAUSTED: a context above `max_context_bytes`; no free slot under
+        `max_concurrent_completions`, or no sandbox under `max_sandboxes`. A slot is reserved when
+        `started` is sent and given back whatever ends the call.
+        - UNAVAILABLE: the server is shutting down. A stream still open when the shutdown cuts it
+        (an upload in progress, a client not reading its events) also ends with UNAVAILABLE and
+        a message saying so; a completion that was running gets a `failed` event of kind
+        SERVER_SHUTDOWN first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +116,8 @@ class OrchestratorServicer:
     def CreateSession(self, request, context):
         """Starts a multi-turn session: one sandbox kept across completions (variables persist; each
         completion adds context_N and, after it, history_N). Sessions idle longer than the
-        server's session TTL are closed.
+        server's session TTL are closed. RESOURCE_EXHAUSTED when `max_sessions` sessions exist or
+        no sandbox is left under `max_sandboxes`; INVALID_ARGUMENT for options above a ceiling.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,11 +38,22 @@ class OrchestratorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrchestratorAsyncStub: ...
     Run: _grpc.StreamStreamMultiCallable[_orchestrator_pb2.RunRequest, _orchestrator_pb2.CompletionEvent]
-    """Runs one completion. The client sends a CompletionStart, then the context in chunks, then
-    half-closes. The server streams CompletionEvent messages: `started` first, then progress,
-    and exactly one `finished` or `failed` last. Cancelling the call cancels the completion.
-    Bad requests fail with INVALID_ARGUMENT before `started`; a context larger than the
-    server's limit with RESOURCE_EXHAUSTED.
+    """Runs one completion. The server sends its initial metadata at once (a client should wait
+    for it before writing: then a refusal always reaches it as a status); the client sends a
+    CompletionStart, then the context in chunks, then half-closes. The server streams
+    CompletionEvent messages: `started` first, then progress, and exactly one `finished` or
+    `failed` last. Cancelling the call cancels the completion.
+
+    Refusals, all before `started` (so before any upload), each naming its setting:
+    - INVALID_ARGUMENT: a malformed request or message, an unknown model, or an option above
+      the server's ceiling (e.g. "max_depth=3 is above the server's ceiling max_depth=1").
+    - RESOURCE_EXHAUSTED: a context above `max_context_bytes`; no free slot under
+      `max_concurrent_completions`, or no sandbox under `max_sandboxes`. A slot is reserved when
+      `started` is sent and given back whatever ends the call.
+    - UNAVAILABLE: the server is shutting down. A stream still open when the shutdown cuts it
+      (an upload in progress, a client not reading its events) also ends with UNAVAILABLE and
+      a message saying so; a completion that was running gets a `failed` event of kind
+      SERVER_SHUTDOWN first.
     """
     CancelCompletion: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelCompletionRequest, _orchestrator_pb2.CancelCompletionResponse]
     """Cancels a running completion by id (from any client). Its stream ends with `failed`
@@ -55,7 +66,8 @@ class OrchestratorStub:
     CreateSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateSessionRequest, _orchestrator_pb2.SessionInfo]
     """Starts a multi-turn session: one sandbox kept across completions (variables persist; each
     completion adds context_N and, after it, history_N). Sessions idle longer than the
-    server's session TTL are closed.
+    server's session TTL are closed. RESOURCE_EXHAUSTED when `max_sessions` sessions exist or
+    no sandbox is left under `max_sandboxes`; INVALID_ARGUMENT for options above a ceiling.
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CloseSessionRequest, _orchestrator_pb2.CloseSessionResponse]
     """Ends a session and releases its sandbox. NOT_FOUND when there is no such session."""
@@ -64,11 +76,22 @@ class OrchestratorStub:
 class OrchestratorAsyncStub(OrchestratorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Run: _aio.StreamStreamMultiCallable[_orchestrator_pb2.RunRequest, _orchestrator_pb2.CompletionEvent]  # type: ignore[assignment]
-    """Runs one completion. The client sends a CompletionStart, then the context in chunks, then
-    half-closes. The server streams CompletionEvent messages: `started` first, then progress,
-    and exactly one `finished` or `failed` last. Cancelling the call cancels the completion.
-    Bad requests fail with INVALID_ARGUMENT before `started`; a context larger than the
-    server's limit with RESOURCE_EXHAUSTED.
+    """Runs one completion. The server sends its initial metadata at once (a client should wait
+    for it before writing: then a refusal always reaches it as a status); the client sends a
+    CompletionStart, then the context in chunks, then half-closes. The server streams
+    CompletionEvent messages: `started` first, then progress, and exactly one `finished` or
+    `failed` last. Cancelling the call cancels the completion.
+
+    Refusals, all before `started` (so before any upload), each naming its setting:
+    - INVALID_ARGUMENT: a malformed request or message, an unknown model, or an option above
+      the server's ceiling (e.g. "max_depth=3 is above the server's ceiling max_depth=1").
+    - RESOURCE_EXHAUSTED: a context above `max_context_bytes`; no free slot under
+      `max_concurrent_completions`, or no sandbox under `max_sandboxes`. A slot is reserved when
+      `started` is sent and given back whatever ends the call.
+    - UNAVAILABLE: the server is shutting down. A stream still open when the shutdown cuts it
+      (an upload in progress, a client not reading its events) also ends with UNAVAILABLE and
+      a message saying so; a completion that was running gets a `failed` event of kind
+      SERVER_SHUTDOWN first.
     """
     CancelCompletion: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelCompletionRequest, _orchestrator_pb2.CancelCompletionResponse]  # type: ignore[assignment]
     """Cancels a running completion by id (from any client). Its stream ends with `failed`
@@ -81,7 +104,8 @@ class OrchestratorAsyncStub(OrchestratorStub):
     CreateSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CreateSessionRequest, _orchestrator_pb2.SessionInfo]  # type: ignore[assignment]
     """Starts a multi-turn session: one sandbox kept across completions (variables persist; each
     completion adds context_N and, after it, history_N). Sessions idle longer than the
-    server's session TTL are closed.
+    server's session TTL are closed. RESOURCE_EXHAUSTED when `max_sessions` sessions exist or
+    no sandbox is left under `max_sandboxes`; INVALID_ARGUMENT for options above a ceiling.
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CloseSessionRequest, _orchestrator_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Ends a session and releases its sandbox. NOT_FOUND when there is no such session."""
@@ -93,11 +117,22 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_orchestrator_pb2.RunRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.CompletionEvent], _abc.AsyncIterator[_orchestrator_pb2.CompletionEvent]]:
-        """Runs one completion. The client sends a CompletionStart, then the context in chunks, then
-        half-closes. The server streams CompletionEvent messages: `started` first, then progress,
-        and exactly one `finished` or `failed` last. Cancelling the call cancels the completion.
-        Bad requests fail with INVALID_ARGUMENT before `started`; a context larger than the
-        server's limit with RESOURCE_EXHAUSTED.
+        """Runs one completion. The server sends its initial metadata at once (a client should wait
+        for it before writing: then a refusal always reaches it as a status); the client sends a
+        CompletionStart, then the context in chunks, then half-closes. The server streams
+        CompletionEvent messages: `started` first, then progress, and exactly one `finished` or
+        `failed` last. Cancelling the call cancels the completion.
+
+        Refusals, all before `started` (so before any upload), each naming its setting:
+        - INVALID_ARGUMENT: a malformed request or message, an unknown model, or an option above
+          the server's ceiling (e.g. "max_depth=3 is above the server's ceiling max_depth=1").
+        - RESOURCE_EXHAUSTED: a context above `max_context_bytes`; no free slot under
+          `max_concurrent_completions`, or no sandbox under `max_sandboxes`. A slot is reserved when
+          `started` is sent and given back whatever ends the call.
+        - UNAVAILABLE: the server is shutting down. A stream still open when the shutdown cuts it
+          (an upload in progress, a client not reading its events) also ends with UNAVAILABLE and
+          a message saying so; a completion that was running gets a `failed` event of kind
+          SERVER_SHUTDOWN first.
         """
 
     @_abc_1.abstractmethod
@@ -134,7 +169,8 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orchestrator_pb2.SessionInfo, _abc.Awaitable[_orchestrator_pb2.SessionInfo]]:
         """Starts a multi-turn session: one sandbox kept across completions (variables persist; each
         completion adds context_N and, after it, history_N). Sessions idle longer than the
-        server's session TTL are closed.
+        server's session TTL are closed. RESOURCE_EXHAUSTED when `max_sessions` sessions exist or
+        no sandbox is left under `max_sandboxes`; INVALID_ARGUMENT for options above a ceiling.
         """
 
     @_abc_1.abstractmethod

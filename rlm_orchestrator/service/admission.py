@@ -1,0 +1,126 @@
+"""What the server admits: request limits under its ceilings, and calls under its capacity.
+
+A request's limits (CompletionOptions) may be lowered, never raised above the server's
+settings of the same names (`RequestRefused`, sent as INVALID_ARGUMENT). Capacity is counted
+when a call is accepted, before any upload, and synchronously (no await between the check and
+the count, so concurrent calls cannot both take the last slot): a `Ticket` holds a completion or
+session slot, plus a sandbox slot when the call will need its own sandbox, until whatever ends
+the call gives it back (`CapacityRefused`, sent as RESOURCE_EXHAUSTED, names the setting).
+Fairness between tenants (per token) is not attempted: every caller shares the same limits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
+from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
+from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+
+
+class RequestRefused(ValueError):
+    """A request asked for more than the server allows; the message names the ceiling."""
+
+
+class CapacityRefused(Exception):
+    """No capacity left; the message names the setting and its value."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """A request's limits once defaults are applied and ceilings checked."""
+
+    max_iterations: int
+    max_depth: int
+    exec_timeout_seconds: float
+    timeout_seconds: float | None
+    iteration_timeout_seconds: float | None
+    max_cost: float | None
+
+
+def request_limits(options: pb.CompletionOptions, settings: ServerSettings) -> RequestLimits:
+    """The limits a request gets; RequestRefused when it asks for more than a ceiling."""
+    values: dict[str, float | int | None] = {}
+    for name in LIMIT_OPTIONS:
+        if not options.HasField(name):  # type: ignore[arg-type]
+            values[name] = settings.limit_default(name)
+            continue
+        value: float | int = getattr(options, name)
+        if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+            raise RequestRefused(f"{name}={value} must be a positive number of seconds or USD")
+        if name == "max_iterations" and value < 1:
+            raise RequestRefused("max_iterations=0 must be at least 1")
+        ceiling: float | int | None = getattr(settings, name)
+        if ceiling is not None and value > ceiling:
+            raise RequestRefused(
+                f"{name}={value:g} is above the server's ceiling {name}={ceiling:g}"
+            )
+        values[name] = value
+    return RequestLimits(**values)  # type: ignore[arg-type]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """What an accepted call holds until it ends. `give_back` is idempotent."""
+
+    sandbox_slot: SandboxSlot | None
+    _give_back: Callable[[], None]
+    _returned: bool = False
+
+    def give_back(self) -> None:
+        if not self._returned:
+            self._returned = True
+            self._give_back()
+
+
+class Admission:
+    """The server's capacity: completions, sessions, and (through the pool) sandboxes."""
+
+    def __init__(self, settings: ServerSettings, pool: SandboxPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.completions = 0
+        self.sessions = 0
+
+    def completion(self, *, needs_sandbox: bool) -> Ticket:
+        """A running completion (counted from acceptance, through its upload, to its end)."""
+        limit = self.settings.max_concurrent_completions
+        if self.completions >= limit:
+            raise CapacityRefused(
+                f"max_concurrent_completions={limit}: {self.completions} completions are "
+                "running or starting on this server; retry later"
+            )
+        slot = self._sandbox_slot() if needs_sandbox else None
+        self.completions += 1
+
+        def give_back() -> None:
+            self.completions -= 1
+            if slot is not None:
+                self.pool.close(slot)
+
+        return Ticket(slot, give_back)
+
+    def session(self) -> Ticket:
+        """An open session and its sandbox (counted from CreateSession to its close)."""
+        limit = self.settings.max_sessions
+        if self.sessions >= limit:
+            raise CapacityRefused(
+                f"max_sessions={limit}: {self.sessions} sessions are open on this server; "
+                "close one or retry later"
+            )
+        slot = self._sandbox_slot()
+        self.sessions += 1
+
+        def give_back() -> None:
+            self.sessions -= 1
+            self.pool.close(slot)
+
+        return Ticket(slot, give_back)
+
+    def _sandbox_slot(self) -> SandboxSlot:
+        slot = self.pool.reserve()
+        if slot is None:
+            raise CapacityRefused(self.pool.refusal())
+        return slot
