@@ -129,9 +129,6 @@ def enter(config: JailConfig) -> str:
     """Returns in the process that is to run user code: `ISOLATED` in W, or "none: <why>" in P
     when the kernel refused a step (P then runs the worker itself, as without isolation)."""
     try:
-        if os.geteuid() == 0:
-            for directory in (config.workdir, config.state_dir):
-                os.chown(directory, config.sandbox_uid, config.sandbox_gid)
         return _start(config, _plan(config))
     except (OSError, JailUnavailable) as exc:
         return f"none: {exc}"
@@ -210,6 +207,9 @@ def _start(config: JailConfig, entries: list[_Entry]) -> str:
     os.close(report_write)
     try:
         _map_ids(child, config)
+        if os.geteuid() == 0:  # the sandbox's uid writes the work dir and reads the state dir
+            for directory in (config.workdir, config.state_dir):
+                os.chown(directory, config.sandbox_uid, config.sandbox_gid)
         os.write(go_write, b"1")
         os.close(go_write)
         answer = _read_line(report_read)

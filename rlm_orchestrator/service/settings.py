@@ -99,6 +99,10 @@ class ServerSettings(BaseSettings):
     sub_model: str | None = None
     environment: str = "local"
     environment_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Sandboxed code is a tenant's, written by a model: by default the server refuses to start
+    # sandboxes that would run it with the server's privileges (`local` where the kernel has
+    # no user namespaces, or with isolation = "off"). True accepts that risk.
+    allow_unisolated_sandboxes: bool = False
     max_iterations: int = Field(30, ge=1)
     max_depth: int = Field(1, ge=0)
     exec_timeout_seconds: float = Field(300.0, gt=0)
