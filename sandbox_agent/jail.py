@@ -207,6 +207,10 @@ def _start(config: JailConfig, entries: list[_Entry]) -> str:
     os.close(report_write)
     try:
         _map_ids(child, config)
+        # Without a cgroup, memory is capped per process only: if the machine runs out, the
+        # kernel kills the sandbox's processes first, not the orchestrator. (Written by P:
+        # as root, that is also a floor that user code cannot lower.)
+        _write(f"/proc/{child}/oom_score_adj", "1000")
         if os.geteuid() == 0:  # the sandbox's uid writes the work dir and reads the state dir
             for directory in (config.workdir, config.state_dir):
                 os.chown(directory, config.sandbox_uid, config.sandbox_gid)
