@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sandbox_agent import strays
 from sandbox_agent.frames import HEADER, MAX_FRAME_BYTES, Kind, encode, encode_json
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"
@@ -92,6 +93,9 @@ class _WorkerProcess:
         self.inbox: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
         self._frames = frames
         self.reader = asyncio.create_task(self._read_frames(), name=f"worker-{self.pid}-frames")
+        # In the local jail, the pid namespace takes everything with the worker; elsewhere what
+        # left its process group is killed after it (strays.py).
+        self.jailed = False
 
     async def _read_frames(self) -> None:
         try:
@@ -122,6 +126,8 @@ class _WorkerProcess:
         self.kill()
         self.commands.close()
         await self.process.wait()
+        if not self.jailed:
+            await strays.kill_strays()
         self.reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.reader
@@ -169,6 +175,7 @@ class Executor:
         return list(self._loaded)
 
     async def start(self) -> None:
+        strays.adopt_orphans()
         self.config.workdir.mkdir(parents=True, exist_ok=True)
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         await self._spawn()
@@ -217,6 +224,7 @@ class Executor:
         self.workers_started += 1
         ready = await self._reply(self._worker, Kind.READY)
         self.isolation = str(ready.get("isolation", "off"))
+        self._worker.jailed = self.isolation == "namespaces"
 
     def _isolation_args(self) -> list[str]:
         config = self.config

@@ -250,8 +250,9 @@ def test_a_setsid_child_does_not_outlive_its_sandbox(
     assert wait_until_gone(marker) == []  # released: the sandbox took it with it
 
 
+@pytest.mark.parametrize("via", ["local", "docker"], indirect=True)
 def test_a_setsid_child_does_not_survive_an_exec_timeout(
-    make_rlm: Callable[..., RLM], lm: ScriptedLMServer
+    make_rlm: Callable[..., RLM], lm: ScriptedLMServer, via: str
 ) -> None:
     marker = f"rlm-hostile-{uuid.uuid4().hex}"
     stubborn = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"
