@@ -32,11 +32,9 @@ import contextlib
 import os
 import resource
 import signal
-import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from sandbox_agent import syscalls as sc
 
@@ -58,21 +56,18 @@ ETC_ENTRIES = (
     "hosts",
     "nsswitch.conf",
     "localtime",
-    "timezone",
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
     "ssl",
     "ca-certificates",
-    "ca-certificates.conf",
     "alternatives",
     "mime.types",
     "protocols",
     "services",
     "os-release",
-    "debian_version",
 )
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEVICES = ("null", "zero", "full", "random", "urandom")
 DEV_LINKS = {
     "fd": "/proc/self/fd",
     "stdin": "/proc/self/fd/0",
@@ -86,15 +81,13 @@ PASSWD = (
     "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 )
 GROUP = "root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n"
-_STATUS = struct.Struct("=i")
 
 
 class JailUnavailable(Exception):
     """The kernel refused a step of the jail (and nothing of it was kept)."""
 
 
-@dataclass(frozen=True)
-class JailConfig:
+class JailConfig(NamedTuple):
     workdir: Path
     state_dir: Path
     max_processes: int = 128
@@ -108,8 +101,7 @@ class JailConfig:
     keep_fds: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     path: str
     kind: str  # dir | file | dev | link
     writable: bool = False

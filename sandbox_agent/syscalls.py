@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -94,9 +93,10 @@ def _check(result: int, what: str) -> int:
 
 
 def _syscall_number(name: str) -> int:
-    numbers = _SYSCALLS.get(platform.machine())
+    machine = os.uname().machine
+    numbers = _SYSCALLS.get(machine)
     if numbers is None:
-        raise OSError(0, f"{name}: unsupported architecture {platform.machine()}")
+        raise OSError(0, f"{name}: unsupported architecture {machine}")
     return numbers[name]
 
 
@@ -159,18 +159,13 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def drop_capabilities() -> None:
     """No capability left, none to regain: bounding and ambient sets emptied, then all three
     sets zeroed (capset), and no privilege gained through execve (no_new_privs)."""
-    last_cap = 40
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as source:
-            last_cap = int(source.read())
-    except (OSError, ValueError):
-        pass
-    for capability in range(last_cap + 1):
+    for capability in range(64):
         try:
             prctl(PR_CAPBSET_DROP, capability)
         except OSError as exc:
-            if exc.errno != 22:  # EINVAL: a capability this kernel does not know
-                raise
+            if exc.errno == 22:  # EINVAL: past the last capability this kernel knows
+                break
+            raise
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()

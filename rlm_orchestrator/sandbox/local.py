@@ -87,6 +87,18 @@ def _tail(path: Path, chars: int = 2000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
+def _compile_agent() -> None:
+    """Agents and workers run with PYTHONDONTWRITEBYTECODE (sandboxed code must not write into
+    the venv): compile the agent's modules once here, or every worker compiles its modules
+    (the jail's included) again at each start. Only stale files; nothing where read-only."""
+    import compileall
+
+    import sandbox_agent
+
+    with contextlib.suppress(OSError):
+        compileall.compile_dir(Path(sandbox_agent.__file__).parent, quiet=2)
+
+
 def _token_pipe(token: str) -> int:
     """The read end of a pipe holding the token (for the agent's --token-fd)."""
     read_end, write_end = os.pipe()
@@ -134,6 +146,7 @@ class LocalProvider:
         if not self._reconciled:
             self._reconciled = True
             await self.reconcile()
+            await asyncio.to_thread(_compile_agent)
         root = Path(
             await asyncio.to_thread(tempfile.mkdtemp, prefix=TEMP_PREFIX, dir=self.options.temp_dir)
         )
