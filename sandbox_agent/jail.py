@@ -18,12 +18,7 @@ C is created by the raw clone(2) system call, so that P never changes: as root i
 sandbox's uid to nobody, and where the kernel refuses any step (no user namespaces, a seccomp
 profile, a masked /proc) C reports why and P runs the worker itself ("none: <why>").
 
-File system: a small tmpfs root (read-only once built) holding read-only binds, at their own
-paths, of Python's prefixes, this package, /usr and /lib*, a few /etc entries, minimal /dev
-nodes and the state dir; the work dir read-write; a fresh /proc of the new pid namespace; a
-size-capped /tmp. C opens every source (O_PATH) while it still has the agent's uid, then
-becomes the sandbox's user (files it creates in the new root must have a mapped owner) and
-binds through those descriptors.
+What the jailed worker sees of the file system: `jail_fs.py`.
 """
 
 from __future__ import annotations
@@ -32,15 +27,14 @@ import contextlib
 import os
 import resource
 import signal
-import sys
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
+from sandbox_agent import jail_fs
 from sandbox_agent import syscalls as sc
 
 ISOLATED = "namespaces"
 SANDBOX_UID = 1000  # the uid (and gid) user code sees inside
-NEW_ROOT = "/tmp"  # mount point of the new root, in C's own mount namespace only
 _NAMESPACES = (
     sc.CLONE_NEWUSER
     | sc.CLONE_NEWPID
@@ -50,37 +44,6 @@ _NAMESPACES = (
     | sc.CLONE_NEWUTS
     | sc.CLONE_NEWCGROUP
 )
-SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-# Not all of /etc: an orchestrator's own configuration (and its secrets) may live there.
-ETC_ENTRIES = (
-    "hosts",
-    "nsswitch.conf",
-    "localtime",
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "ssl",
-    "ca-certificates",
-    "alternatives",
-    "mime.types",
-    "protocols",
-    "services",
-    "os-release",
-)
-DEVICES = ("null", "zero", "full", "random", "urandom")
-DEV_LINKS = {
-    "fd": "/proc/self/fd",
-    "stdin": "/proc/self/fd/0",
-    "stdout": "/proc/self/fd/1",
-    "stderr": "/proc/self/fd/2",
-    "shm": "/tmp",  # POSIX shared memory and semaphores (multiprocessing) share /tmp's cap
-}
-PASSWD = (
-    "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-    "sandbox:x:{uid}:{uid}:sandbox:{home}:/bin/sh\n"
-    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-)
-GROUP = "root:x:0:\nsandbox:x:{uid}:\nnogroup:x:65534:\n"
 
 
 class JailUnavailable(Exception):
@@ -101,13 +64,6 @@ class JailConfig(NamedTuple):
     keep_fds: tuple[int, ...] = ()
 
 
-class _Entry(NamedTuple):
-    path: str
-    kind: str  # dir | file | dev | link
-    writable: bool = False
-    link: str = ""
-
-
 _forward_to = 0  # where SIGINT goes: P forwards to C, C to W
 
 
@@ -121,7 +77,7 @@ def enter(config: JailConfig) -> str:
     """Returns in the process that is to run user code: `ISOLATED` in W, or "none: <why>" in P
     when the kernel refused a step (P then runs the worker itself, as without isolation)."""
     try:
-        return _start(config, _plan(config))
+        return _start(config, jail_fs.plan(config.workdir, config.state_dir))
     except (OSError, JailUnavailable) as exc:
         return f"none: {exc}"
 
@@ -129,7 +85,7 @@ def enter(config: JailConfig) -> str:
 def share(path: Path, up_to: Path) -> None:
     """Lets the jailed worker read a file the agent wrote (a loaded value), when the agent runs
     as root: the file and its directories up to `up_to` get `up_to`'s owner (the sandbox's)."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or not path.is_relative_to(up_to):
         return
     owner = os.stat(up_to)
     for target in (path, *path.parents):
@@ -138,47 +94,7 @@ def share(path: Path, up_to: Path) -> None:
             break
 
 
-def _plan(config: JailConfig) -> list[_Entry]:
-    """What the jail shows, parents before children, each path once."""
-    wanted: list[_Entry] = []
-    for path in SYSTEM_PATHS:
-        wanted += _entry(path)
-    for name in ETC_ENTRIES:
-        wanted += _entry(f"/etc/{name}")
-    for name in DEVICES:
-        wanted += _entry(f"/dev/{name}", device=True)
-    package = Path(__file__).resolve().parent
-    executable = Path(os.path.realpath(sys.executable))
-    for path in {sys.base_prefix, sys.prefix, str(package), str(executable.parent.parent)}:
-        for variant in {os.path.abspath(path), os.path.realpath(path)}:
-            wanted += _entry(variant, follow=True)
-    wanted.append(_Entry(str(config.state_dir.resolve()), "dir"))
-    wanted.append(_Entry(str(config.workdir.resolve()), "dir", writable=True))
-    planned: list[_Entry] = []
-    for entry in sorted(wanted, key=lambda e: (e.path, not e.writable)):
-        if entry.path in {e.path for e in planned}:
-            continue
-        covered = any(e.kind == "dir" and _under(entry.path, e.path) for e in planned)
-        if not covered or entry.writable:
-            planned.append(entry)
-    return planned
-
-
-def _entry(path: str, device: bool = False, follow: bool = False) -> list[_Entry]:
-    if not os.path.lexists(path) or (follow and not os.path.exists(path)):
-        return []
-    if os.path.islink(path) and not follow:
-        return [_Entry(path, "link", link=os.readlink(path))]
-    if device:  # writes to /dev/null touch no file system: no read-only flag
-        return [_Entry(path, "dev", writable=True)]
-    return [_Entry(path, "dir" if os.path.isdir(path) else "file")]
-
-
-def _under(path: str, parent: str) -> bool:
-    return path.startswith(parent.rstrip("/") + "/")
-
-
-def _start(config: JailConfig, entries: list[_Entry]) -> str:
+def _start(config: JailConfig, entries: list[jail_fs.Entry]) -> str:
     global _forward_to
     go_read, go_write = os.pipe()
     report_read, report_write = os.pipe()
@@ -299,7 +215,7 @@ def _end_like(code: int) -> NoReturn:
 # -- C: the namespace's init ------------------------------------------------------------------
 
 
-def _child(config: JailConfig, entries: list[_Entry], go: int, report: int) -> None:
+def _child(config: JailConfig, entries: list[jail_fs.Entry], go: int, report: int) -> None:
     """Builds the jail, starts W, and from then on only reaps. Returns in W alone."""
     global _forward_to
     try:
@@ -307,14 +223,10 @@ def _child(config: JailConfig, entries: list[_Entry], go: int, report: int) -> N
         if os.read(go, 1) != b"1":  # P died or gave up before mapping our ids
             os._exit(1)
         os.close(go)
-        # Sources are opened here, in C's own mount namespace (a bind from another one is
-        # refused) and before C becomes the sandbox's user (who cannot traverse /root).
-        fds = {
-            e.path: os.open(e.path, os.O_PATH | os.O_CLOEXEC) for e in entries if e.kind != "link"
-        }
+        fds = jail_fs.open_sources(entries)
         _become_sandbox_user()
         sc.sethostname("sandbox")
-        _build_root(config, entries, fds)
+        jail_fs.build_root(entries, fds, config.workdir, config.tmp_size_mb, SANDBOX_UID)
         for fd in fds.values():
             os.close(fd)
         _limit(config)
@@ -322,10 +234,15 @@ def _child(config: JailConfig, entries: list[_Entry], go: int, report: int) -> N
         worker = os.fork()
     except BaseException as exc:
         with contextlib.suppress(OSError):
-            os.write(report, f"ERR {exc}\n".encode(errors="replace"))
+            message = " ".join(str(exc).split())
+            os.write(report, f"ERR {message}\n".encode(errors="replace"))
         os._exit(1)
     if worker == 0:
-        _become_worker(config, report)
+        try:
+            _become_worker(config)
+        except BaseException as exc:  # jailed already: never run on as if unjailed
+            os.write(2, f"the jailed worker could not start: {exc}\n".encode(errors="replace"))
+            os._exit(1)
         return
     _forward_to = worker
     with contextlib.suppress(OSError):
@@ -341,60 +258,6 @@ def _become_sandbox_user() -> None:
         os.setgroups([])  # root's group 0 must not stay (refused, and moot, for non-root)
     os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
     os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-
-
-def _build_root(config: JailConfig, entries: list[_Entry], fds: dict[str, int]) -> None:
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    sc.mount("tmpfs", NEW_ROOT, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=4m,mode=0755")
-    # /tmp first: the work and state dirs usually live under the host's /tmp, and their binds
-    # go on top of it, at the same paths.
-    os.mkdir(NEW_ROOT + "/tmp")
-    tmp_options = f"size={config.tmp_size_mb}m,mode=1777"
-    sc.mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, tmp_options)
-    for entry in entries:
-        _place(entry, fds.get(entry.path))
-    etc = NEW_ROOT + "/etc"
-    os.makedirs(etc, exist_ok=True)
-    home = str(config.workdir.resolve())
-    for name, text in (
-        ("passwd", PASSWD.format(uid=SANDBOX_UID, home=home)),
-        ("group", GROUP.format(uid=SANDBOX_UID)),
-        ("hostname", "sandbox\n"),
-    ):
-        _write(f"{etc}/{name}", text)
-    for name, target in DEV_LINKS.items():
-        os.symlink(target, f"{NEW_ROOT}/dev/{name}")
-    # A /proc of the new pid namespace: mounted by its pid 1, while the old root (with its
-    # fully visible /proc, which the kernel requires) is still there.
-    os.mkdir(NEW_ROOT + "/proc")
-    sc.mount("proc", NEW_ROOT + "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    os.chdir(NEW_ROOT)
-    sc.pivot_root(".", ".")  # the old root now sits on top of the new one, at "/"
-    sc.umount(".", sc.MNT_DETACH)
-    os.chdir("/")
-    sc.mount(
-        None, "/", None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-    )
-    os.chdir(home)
-
-
-def _place(entry: _Entry, fd: int | None) -> None:
-    target = NEW_ROOT + entry.path
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    if entry.kind == "link":
-        os.symlink(entry.link, target)
-        return
-    if entry.kind == "dir":
-        os.makedirs(target, exist_ok=True)
-    elif not os.path.exists(target):
-        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
-    sc.mount(f"/proc/self/fd/{fd}", target, None, sc.MS_BIND)
-    flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.kept_flags(target)
-    if entry.kind != "dev":
-        flags |= sc.MS_NODEV
-    if not entry.writable:
-        flags |= sc.MS_RDONLY
-    sc.mount(None, target, None, flags)
 
 
 def _limit(config: JailConfig) -> None:
@@ -425,7 +288,7 @@ def _close_all_but(*keep: int) -> None:
     os.close(null)
 
 
-def _become_worker(config: JailConfig, report: int) -> None:
+def _become_worker(config: JailConfig) -> None:
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     _close_all_but(*config.keep_fds)
     os.environ["TMPDIR"] = "/tmp"

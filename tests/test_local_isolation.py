@@ -139,3 +139,33 @@ def test_serve_refuses_where_the_kernel_refuses_and_accepts_the_opt_in(
     assert "NOT isolated" in caplog.text
     isolated = asyncio.run(_sandbox_provider(ServerSettings()))
     assert isinstance(isolated, LocalProvider) and isolated.options.isolation == "required"
+
+
+def test_a_refusal_inside_the_jails_init_falls_back_cleanly(tmp_path: Path) -> None:
+    """The kernel refuses a mount once the namespaces exist (here: a /tmp of -1 MB): the init
+    says why and exits, and the worker's process goes on unjailed, as with no namespaces."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom sandbox_agent import jail\n"
+        "config = jail.JailConfig(Path(sys.argv[1]), Path(sys.argv[2]), tmp_size_mb=-1)\n"
+        "print(jail.enter(config))"
+    )
+    for name in ("work", "state"):
+        (tmp_path / name).mkdir()
+    command = [sys.executable, "-c", code, str(tmp_path / "work"), str(tmp_path / "state")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    # One line, from the process that called enter() (a jailed worker would have printed
+    # "namespaces"): the init reported the refusal and died, nothing else runs.
+    assert finished.stdout.startswith("none: [Errno 22] mount tmpfs on /tmp/tmp"), finished
+    assert finished.returncode == 0
+
+
+def test_share_never_touches_a_path_outside_the_state_dir(tmp_path: Path) -> None:
+    from sandbox_agent.jail import share
+
+    state, outside = tmp_path / "state", tmp_path / "outside"
+    state.mkdir()
+    outside.write_text("x")
+    before = outside.stat()
+    share(outside, state)
+    after = outside.stat()
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
