@@ -36,6 +36,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     )
     parser.add_argument("--memory-limit-mb", type=int, default=0, help="worker address-space limit")
     parser.add_argument(
+        "--isolation",
+        choices=("off", "auto", "required"),
+        default="off",
+        help="run the worker in a jail of namespaces (local sandboxes; a container needs none): "
+        "auto = when the kernel allows it, required = fail without",
+    )
+    parser.add_argument(
+        "--max-processes", type=int, default=128, help="processes (and threads) in the jail"
+    )
+    parser.add_argument("--tmp-size-mb", type=int, default=256, help="size of the jail's /tmp")
+    parser.add_argument(
+        "--sandbox-uid",
+        type=int,
+        default=65534,
+        help="uid (and gid) of user code outside the jail when the agent runs as root",
+    )
+    parser.add_argument(
+        "--socket-mode",
+        type=lambda text: int(text, 8),
+        default=0o666,
+        help="permissions of the unix socket (octal): 666 where the directory keeps others out "
+        "(a container's), 600 for an agent of the orchestrator's own user",
+    )
+    parser.add_argument(
         "--token-env",
         default=TOKEN_ENV,
         help="environment variable holding the bearer token callers must send (if set)",
@@ -77,7 +101,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
             exec_timeout_seconds=args.exec_timeout,
             max_output_chars=args.max_output_chars,
             memory_limit_mb=args.memory_limit_mb,
+            isolation=args.isolation,
+            max_processes=args.max_processes,
+            tmp_size_mb=args.tmp_size_mb,
+            sandbox_uid=args.sandbox_uid,
         ),
+        socket_mode=args.socket_mode,
         token=_read_token(args.token_fd) if args.token_fd is not None else None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -116,16 +145,31 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv else None
 
 
-def _stop_with_parent(parent_pid: int) -> None:
-    """SIGTERM when the orchestrator dies, even by SIGKILL: no local sandbox outlives it."""
-    import ctypes
-    import signal
+def _watch_parent(parent_pid: int) -> int:
+    """A descriptor that becomes readable when the orchestrator's *process* ends (PDEATHSIG
+    would fire when the thread that started us ends: a worker thread of a persistent RLM)."""
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        pidfd = -1
+    if pidfd < 0 or os.getppid() != parent_pid:  # it died before we looked
+        raise SystemExit(f"the orchestrator (pid {parent_pid}) is gone")
+    return pidfd
 
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # it died before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
+
+async def _serve(config: AgentConfig, parent_pidfd: int | None) -> None:
+    if parent_pidfd is not None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+
+        def parent_gone() -> None:
+            # Stop as on SIGTERM: the same clean shutdown (worker and jail killed, socket gone).
+            loop.remove_reader(parent_pidfd)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        loop.add_reader(parent_pidfd, parent_gone)
+    await run_until_signalled(config)
 
 
 def _hide_environment() -> None:
@@ -146,12 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         _hide_token(argv, token_env)
     config, own_dir = parse_args(argv)
     parent = _flag_value(argv, "--parent-pid")
-    if parent:
-        _stop_with_parent(int(parent))
-    if config.token:
-        _hide_environment()
     try:
-        asyncio.run(run_until_signalled(config))
+        parent_pidfd = _watch_parent(int(parent)) if parent else None
+        if config.token:
+            _hide_environment()
+        asyncio.run(_serve(config, parent_pidfd))
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sandbox_agent import strays
 from sandbox_agent.frames import HEADER, MAX_FRAME_BYTES, Kind, encode, encode_json
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"
@@ -36,6 +37,12 @@ class ExecutorConfig:
     # How long interrupted code gets to stop before its process group is killed.
     interrupt_grace_seconds: float = 2.0
     python: str = sys.executable
+    # Local sandboxes only: the worker in a jail of namespaces (jail.py). "off"; "auto" (when
+    # the kernel allows it, else the worker runs as without); "required" (else it fails).
+    isolation: str = "off"
+    max_processes: int = 128  # in the jail (RLIMIT_NPROC of its user namespace)
+    tmp_size_mb: int = 256  # the jail's /tmp
+    sandbox_uid: int = 65534  # who user code is outside the jail when the agent runs as root
 
 
 class ExecutionSink(Protocol):
@@ -86,6 +93,9 @@ class _WorkerProcess:
         self.inbox: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
         self._frames = frames
         self.reader = asyncio.create_task(self._read_frames(), name=f"worker-{self.pid}-frames")
+        # In the local jail, the pid namespace takes everything with the worker; elsewhere what
+        # left its process group is killed after it (strays.py).
+        self.jailed = False
 
     async def _read_frames(self) -> None:
         try:
@@ -116,6 +126,8 @@ class _WorkerProcess:
         self.kill()
         self.commands.close()
         await self.process.wait()
+        if not self.jailed:
+            await strays.kill_strays()
         self.reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.reader
@@ -142,6 +154,8 @@ class Executor:
         self._loaded: dict[str, _LoadedValue] = {}
         self._interrupt_reason: str | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
+        # What the current worker got: "namespaces", "none: <why>" or "off" (from its READY).
+        self.isolation = "off"
 
     @property
     def busy(self) -> bool:
@@ -161,6 +175,7 @@ class Executor:
         return list(self._loaded)
 
     async def start(self) -> None:
+        strays.adopt_orphans()
         self.config.workdir.mkdir(parents=True, exist_ok=True)
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         await self._spawn()
@@ -188,6 +203,7 @@ class Executor:
                 str(self.config.max_output_chars),
                 "--memory-limit-mb",
                 str(self.config.memory_limit_mb),
+                *self._isolation_args(),
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(command_read, frame_write),
                 cwd=self.config.workdir,
@@ -206,7 +222,21 @@ class Executor:
         )
         self._worker = _WorkerProcess(process, frames, transport)
         self.workers_started += 1
-        await self._reply(self._worker, Kind.READY)
+        ready = await self._reply(self._worker, Kind.READY)
+        self.isolation = str(ready.get("isolation", "off"))
+        self._worker.jailed = self.isolation == "namespaces"
+
+    def _isolation_args(self) -> list[str]:
+        config = self.config
+        if config.isolation == "off":
+            return []
+        return [
+            *("--isolation", config.isolation),
+            *("--workdir", str(config.workdir), "--state-dir", str(config.state_dir)),
+            *("--max-processes", str(config.max_processes)),
+            *("--tmp-size-mb", str(config.tmp_size_mb)),
+            *("--sandbox-uid", str(config.sandbox_uid)),
+        ]
 
     async def _reply(self, worker: _WorkerProcess, expected: int) -> dict[str, Any]:
         """The next frame of kind `expected`; strays from background threads are dropped."""
@@ -378,6 +408,10 @@ class Executor:
 
     async def load_value(self, name: str, alias: str, encoding: str, path: Path) -> dict[str, Any]:
         value = _LoadedValue(name, alias, encoding, path)
+        if self.config.isolation != "off":
+            from sandbox_agent.jail import share
+
+            share(path, self.config.state_dir)  # the jailed worker's uid must read it
         async with self._lock:
             if self._worker is None:
                 await self._replace_worker()

@@ -61,6 +61,10 @@ class AgentConfig:
     # Stop by itself once no orchestrator has held an Attach stream for this long (0 = never):
     # an orphaned container or remote sandbox does not run unsupervised.
     orphan_timeout_seconds: float = 0.0
+    # Permissions of a unix socket: 0o666 when the directory is what keeps others out (a
+    # container's agent runs as nobody, its orchestrator as another user); 0o600 when the
+    # agent runs as the orchestrator's own user (local sandboxes).
+    socket_mode: int = 0o666
 
 
 class Agent:
@@ -110,9 +114,7 @@ class Agent:
         if self.health_server is not None:
             await self.health_server.start()
         if self.config.listen.startswith("unix:"):
-            # The orchestrator may run as another user (a container's agent runs as nobody);
-            # the socket's directory is what keeps others out.
-            os.chmod(self.config.listen.removeprefix("unix:"), 0o666)
+            os.chmod(self.config.listen.removeprefix("unix:"), self.config.socket_mode)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

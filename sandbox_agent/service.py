@@ -336,6 +336,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             lease_session_id=self._leases.active.session_id
             if self._leases and self._leases.active
             else "",
+            isolation=self._executor.isolation,
         )
 
     async def Attach(

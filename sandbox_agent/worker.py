@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sandbox_agent.capture import STDERR, STDOUT, CaptureStream, OutputCapture
@@ -97,6 +98,8 @@ class Worker:
         self.commands: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
         self.executions = 0
         self.pid = os.getpid()
+        # What the agent reports in GetInfo: "namespaces", "none: <why>", or "off".
+        self.isolation = "off"
 
     def read_commands(self) -> None:
         """Reader thread: answers go straight to waiting callers, the rest to the main loop."""
@@ -114,7 +117,8 @@ class Worker:
     def serve(self) -> None:
         sys.stdout, sys.stderr = self.stdout, self.stderr
         threading.Thread(target=self.read_commands, name="commands", daemon=True).start()
-        self.channel.send_json(Kind.READY, {"pid": os.getpid(), "python": sys.version.split()[0]})
+        ready = {"pid": os.getpid(), "python": sys.version.split()[0], "isolation": self.isolation}
+        self.channel.send_json(Kind.READY, ready)
         while True:
             frame = self.commands.get()
             if frame is None:
@@ -214,15 +218,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frame-fd", type=int, required=True)
     parser.add_argument("--max-output-chars", type=int, default=1_000_000)
     parser.add_argument("--memory-limit-mb", type=int, default=0)
+    # Local sandboxes: a jail of namespaces (jail.py) around this worker.
+    parser.add_argument("--isolation", choices=("off", "auto", "required"), default="off")
+    parser.add_argument("--workdir", type=Path, default=Path("."))
+    parser.add_argument("--state-dir", type=Path, default=Path("."))
+    parser.add_argument("--max-processes", type=int, default=128)
+    parser.add_argument("--tmp-size-mb", type=int, default=256)
+    parser.add_argument("--sandbox-uid", type=int, default=65534)
     args = parser.parse_args(argv)
     _die_with_parent()
+    isolation = "off"
+    if args.isolation != "off":
+        isolation = _enter_jail(args)
+    _die_with_parent()  # again: in the jail, this is a new process whose parent is its init
     if args.memory_limit_mb:
         limit = args.memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     gate = InterruptGate()
     signal.signal(signal.SIGINT, gate.handle)
     channel = BlockingChannel(args.command_fd, args.frame_fd, critical=gate.critical)
-    Worker(channel, gate, args.max_output_chars).serve()
+    worker = Worker(channel, gate, args.max_output_chars)
+    worker.isolation = isolation
+    worker.serve()
+
+
+def _enter_jail(args: argparse.Namespace) -> str:
+    """Returns (in the process that runs user code) what isolation it got; exits when the
+    jail is required and the kernel refused it."""
+    from sandbox_agent.jail import ISOLATED, JailConfig, enter
+
+    isolation = enter(
+        JailConfig(
+            workdir=args.workdir,
+            state_dir=args.state_dir,
+            max_processes=args.max_processes,
+            tmp_size_mb=args.tmp_size_mb,
+            sandbox_uid=args.sandbox_uid,
+            sandbox_gid=args.sandbox_uid,
+            keep_fds=(args.command_fd, args.frame_fd),
+        )
+    )
+    if isolation != ISOLATED and args.isolation == "required":
+        sys.exit(f"sandbox isolation is required but unavailable: {isolation}")
+    return isolation
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ async def test_bad_requests_get_clear_status_codes(sandbox: Sandbox) -> None:
             yield pb.ExecuteRequest(llm_response=pb.LlmResponse(request_id=1))
 
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in stub.Execute(only_answer()):
+            async for _ in stub.Execute(only_answer(), metadata=bearer_metadata(state.token)):
                 pass
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (await run(sandbox, "print('still serving')")).stdout == "still serving\n"

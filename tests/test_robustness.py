@@ -130,7 +130,10 @@ def test_the_leak_check_sees_a_stray_agent() -> None:
         before_processes, before_dirs = _agent_processes(), _sandbox_dirs()
         sandbox = await provider.acquire(SandboxSpec(session_id="stray"))
         try:
-            assert len(_agent_processes() - before_processes) == 2  # the agent and its worker
+            # The agent and its worker; jailed, the worker is three: the process the agent
+            # spawned (outside), the jail's init and the worker itself.
+            jailed = sandbox.provider_state.isolation == "namespaces"
+            assert len(_agent_processes() - before_processes) == (4 if jailed else 2)
             assert len(_sandbox_dirs() - before_dirs) == 1
         finally:
             await provider.release(sandbox)

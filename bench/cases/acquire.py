@@ -1,11 +1,13 @@
-"""Sandbox acquisition: local cold start, Docker cold start and warm pool, Kubernetes (a fake
-cluster whose kubelet runs real agents: the provider's API round trips, the watch, the probe,
-TLS) cold pod and warm pool."""
+"""Sandbox acquisition: local cold start (isolated, and with isolation off), the jail's own
+set-up, Docker cold start and warm pool, Kubernetes (a fake cluster whose kubelet runs real
+agents: the provider's API round trips, the watch, the probe, TLS) cold pod and warm pool."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,30 +16,67 @@ from bench.common import Metric, not_measured, timing
 from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
 from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
-from rlm_orchestrator.sandbox.local import LocalProvider
+from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
 from rlm_orchestrator.testing.fake_cluster import TOKEN_ENV, FakeCluster
 
 NAME = "acquire"
 DESCRIPTION = "sandbox acquisition: local, Docker and Kubernetes (fake cluster), cold and warm"
 LOCAL_N = 15
+JAIL_N = 30
 DOCKER_N = 7
 WARM_N = 7
 
 
-async def _local() -> list[float]:
-    provider = LocalProvider()
-    samples = []
+async def _local(isolations: tuple[str, ...]) -> dict[str, list[float]]:
+    """Cold starts with the jail (the default) and without, alternated so that both see the
+    same machine load."""
+    providers = {
+        i: LocalProvider(LocalOptions.model_validate({"isolation": i})) for i in isolations
+    }
+    samples: dict[str, list[float]] = {i: [] for i in isolations}
     try:
         for i in range(LOCAL_N + 1):
-            start = time.perf_counter()
-            box = await provider.acquire(SandboxSpec(session_id=f"bench-local-{i}"))
-            elapsed = time.perf_counter() - start
-            await provider.release(box)
-            if i:  # the first start also warms the page cache
-                samples.append(elapsed)
+            for isolation, provider in providers.items():
+                start = time.perf_counter()
+                box = await provider.acquire(SandboxSpec(session_id=f"bench-local-{i}"))
+                elapsed = time.perf_counter() - start
+                await provider.release(box)
+                if i:  # the first start also warms the page cache
+                    samples[isolation].append(elapsed)
         return samples
     finally:
-        await provider.aclose()
+        for provider in providers.values():
+            await provider.aclose()
+
+
+# In a fresh process that has imported the worker (as the agent's spawned worker has): the
+# time from calling jail.enter() to being the jailed worker, measured by the worker itself.
+_JAIL_PROBE = """
+import sys, time
+from pathlib import Path
+import sandbox_agent.worker
+from sandbox_agent import jail
+start = time.perf_counter()
+got = jail.enter(jail.JailConfig(Path(sys.argv[1]), Path(sys.argv[2]), keep_fds=(1,)))
+print(got, time.perf_counter() - start, flush=True)
+"""
+
+
+def _jail_setup() -> list[float]:
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="bench-jail-") as root:
+        work, state = Path(root, "work"), Path(root, "state")
+        for i in range(JAIL_N + 1):
+            work.mkdir(exist_ok=True)
+            state.mkdir(exist_ok=True)
+            command = [sys.executable, "-c", _JAIL_PROBE, str(work), str(state)]
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            got, seconds = output.rsplit(maxsplit=1)
+            if got != "namespaces":
+                raise RuntimeError(f"no jail here: {output.strip()}")
+            if i:
+                samples.append(float(seconds))
+    return samples
 
 
 async def _docker_cold() -> list[float]:
@@ -106,7 +145,23 @@ async def _kubernetes(pool_size: int) -> list[float]:
 
 
 async def run() -> list[Metric]:
-    metrics = [timing(NAME, "local cold start", await _local(), "ms", "<", 500.0)]
+    jailed = "local cold start (jailed: namespaces)"
+    try:
+        local = await _local(("required", "off"))
+        metrics = [timing(NAME, jailed, local["required"], "ms", "<", 500.0)]
+    except Exception as exc:  # no user namespaces here: the unjailed start alone
+        local = await _local(("off",))
+        metrics = [not_measured(NAME, jailed, "ms", str(exc)[:200], target_op="<", target=500.0)]
+    off = local["off"]
+    metrics.append(timing(NAME, "local cold start, isolation off", off, "ms", note="reference"))
+    try:
+        jail = await asyncio.to_thread(_jail_setup)
+        metrics.append(timing(NAME, "jail set-up in the worker (enter())", jail, "ms", "<", 5.0))
+    except Exception as exc:
+        reason = str(exc)[:200]
+        metrics.append(
+            not_measured(NAME, "jail set-up in the worker", "ms", reason, target_op="<", target=5.0)
+        )
     for label, measure, target in (
         ("Docker cold start", _docker_cold, 1500.0),
         ("Docker warm pool (size 1)", _docker_warm, 5.0),

@@ -14,7 +14,7 @@ from typing import Any
 from bench.common import Metric, discard_output, instant_answers, not_measured, timing
 from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.sandbox.local import LocalProvider
+from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
 
 NAME = "exec"
 DESCRIPTION = "execution round trip of `x = 1` on a warm sandbox"
@@ -135,8 +135,12 @@ def _seed_docker(n: int) -> list[float]:
 
 async def run() -> list[Metric]:
     metrics: list[Metric] = []
-    local = await _ours(LocalProvider(), LOCAL_N)
+    local = await _ours(LocalProvider(), LOCAL_N)  # jailed where the kernel allows it
     metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", 1.0))
+    unjailed = await _ours(LocalProvider(LocalOptions(isolation="off")), LOCAL_N)
+    metrics.append(
+        timing(NAME, "ours, local agent, isolation off", unjailed, "ms", note="reference")
+    )
     docker: list[float] | None = None
     try:
         docker = await _ours(DockerProvider(DockerOptions()), DOCKER_N)

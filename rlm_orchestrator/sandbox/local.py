@@ -1,33 +1,44 @@
 """Local sandboxes: one agent process per session, on a unix socket in a private temp dir.
 
-The embedded default. No isolation beyond a separate process (and optional memory limit):
-use it for development and trusted code. What it guarantees is that nothing is left
-behind: the agent, its worker, their children, the socket and the temp dir all go at
-release, on errors and on cancellation.
+The embedded default. The agent runs as the orchestrator's user, outside any jail (it
+enforces the limits); its worker, where user code runs, is jailed (`sandbox_agent/jail.py`):
+its own user, pid, mount, network, IPC and UTS namespaces, a read-only view of the system with
+only its work dir writable, no network, no view of other processes, process / memory / file
+limits. Where the kernel refuses namespaces, `isolation="auto"` runs the worker without them
+and says so on every acquire; `"required"` refuses to start. The agent's socket is 0600 in a
+0700 directory and every call carries a per-sandbox token.
+
+Nothing is left behind: the agent, its worker, their children, the socket and the temp dir
+all go at release, on errors and on cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 
+log = logging.getLogger("rlm_orchestrator.sandbox.local")
+
 TEMP_PREFIX = "rlm-sbx-"
+ISOLATED = "namespaces"  # what a jailed agent reports (GetInfo.isolation)
 # The only variables a sandbox inherits: nothing that could carry a secret.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "SYSTEMROOT")
 STOP_GRACE_SECONDS = 3.0
@@ -42,6 +53,17 @@ class LocalOptions(BaseModel):
 
     python: str = sys.executable
     temp_dir: str | None = None
+    # "auto": jail the worker where the kernel allows it, and warn on every acquire where it
+    # does not; "required": SandboxError where it does not; "off": never (trusted code only).
+    isolation: Literal["auto", "required", "off"] = "auto"
+    # Processes and threads of one sandbox, all included (RLIMIT_NPROC of its user namespace).
+    max_processes: int = Field(default=128, ge=8)
+    # Address space per process when the session sets none (RLIMIT_AS); 0 = no limit.
+    memory_limit_mb: int = Field(default=2048, ge=0)
+    # The jail's /tmp (a tmpfs: it counts as memory).
+    tmp_size_mb: int = Field(default=256, ge=1)
+    # Who user code is outside the jail when the orchestrator runs as root (nobody).
+    sandbox_uid: int = Field(default=65534, ge=1)
 
 
 @dataclass
@@ -49,6 +71,8 @@ class _LocalState:
     root: Path
     process: asyncio.subprocess.Process
     worker_pid: int = 0
+    isolation: str = "off"
+    token: str = field(default="", repr=False)  # every call to the agent carries it
 
 
 def sandbox_environment(root: Path) -> dict[str, str]:
@@ -61,6 +85,26 @@ def sandbox_environment(root: Path) -> dict[str, str]:
 
 def _tail(path: Path, chars: int = 2000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def _compile_agent() -> None:
+    """Agents and workers run with PYTHONDONTWRITEBYTECODE (sandboxed code must not write into
+    the venv): compile the agent's modules once here, or every worker compiles its modules
+    (the jail's included) again at each start. Only stale files; nothing where read-only."""
+    import compileall
+
+    import sandbox_agent
+
+    with contextlib.suppress(OSError):
+        compileall.compile_dir(Path(sandbox_agent.__file__).parent, quiet=2)
+
+
+def _token_pipe(token: str) -> int:
+    """The read end of a pipe holding the token (for the agent's --token-fd)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode())  # far below a pipe's buffer
+    os.close(write_end)
+    return read_end
 
 
 def _kill_group(pid: int) -> None:
@@ -102,6 +146,7 @@ class LocalProvider:
         if not self._reconciled:
             self._reconciled = True
             await self.reconcile()
+            await asyncio.to_thread(_compile_agent)
         root = Path(
             await asyncio.to_thread(tempfile.mkdtemp, prefix=TEMP_PREFIX, dir=self.options.temp_dir)
         )
@@ -109,40 +154,34 @@ class LocalProvider:
         (root / "tmp").mkdir()
         socket_path = root / "agent.sock"
         log_path = root / "agent.log"
+        token = secrets.token_urlsafe(32)
         process: asyncio.subprocess.Process | None = None
         client: AgentClient | None = None
         try:
-            with await asyncio.to_thread(open, log_path, "wb") as log:
-                process = await asyncio.create_subprocess_exec(
-                    self.options.python,
-                    "-m",
-                    "sandbox_agent",
-                    "--listen",
-                    f"unix:{socket_path}",
-                    "--workdir",
-                    str(root / "work"),
-                    "--state-dir",
-                    str(root / "state"),
-                    "--exec-timeout",
-                    str(spec.exec_timeout_seconds),
-                    "--max-output-chars",
-                    str(spec.max_output_chars),
-                    "--memory-limit-mb",
-                    str(spec.memory_limit_mb),
-                    "--parent-pid",
-                    str(os.getpid()),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=log,
-                    env=sandbox_environment(root),
-                    cwd=root,
-                    start_new_session=True,
-                )
-            state = _LocalState(root, process)
+            token_fd = _token_pipe(token)
+            try:
+                with await asyncio.to_thread(open, log_path, "wb") as agent_log:
+                    process = await asyncio.create_subprocess_exec(
+                        *self._agent_command(spec, root, socket_path, token_fd),
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=agent_log,
+                        env=sandbox_environment(root),
+                        cwd=root,
+                        start_new_session=True,
+                        pass_fds=(token_fd,),
+                    )
+            finally:
+                os.close(token_fd)
+            state = _LocalState(root, process, token=token)
             await self._wait_listening(process, log_path, spec.startup_timeout_seconds)
-            client = AgentClient(f"unix:{socket_path}")
+            from sandbox_agent.auth import bearer_metadata
+
+            client = AgentClient(f"unix:{socket_path}", metadata=bearer_metadata(token))
             await client.wait_ready(spec.startup_timeout_seconds)
-            state.worker_pid = (await client.info()).worker_pid
+            info = await client.info()
+            state.worker_pid, state.isolation = info.worker_pid, info.isolation
+            self._check_isolation(state.isolation)
         except BaseException:
             # Failed or cancelled start: leave nothing behind.
             if client is not None:
@@ -152,6 +191,62 @@ class LocalProvider:
         sandbox = Sandbox(f"local-{uuid.uuid4().hex[:12]}", client, spec, state)
         self._live[sandbox.sandbox_id] = sandbox
         return sandbox
+
+    def _agent_command(
+        self, spec: SandboxSpec, root: Path, socket_path: Path, token_fd: int
+    ) -> list[str]:
+        o = self.options
+        return [
+            *(o.python, "-m", "sandbox_agent", "--listen", f"unix:{socket_path}"),
+            *("--workdir", str(root / "work"), "--state-dir", str(root / "state")),
+            *("--exec-timeout", str(spec.exec_timeout_seconds)),
+            *("--max-output-chars", str(spec.max_output_chars)),
+            *("--memory-limit-mb", str(spec.memory_limit_mb or o.memory_limit_mb)),
+            *("--isolation", o.isolation, "--max-processes", str(o.max_processes)),
+            *("--tmp-size-mb", str(o.tmp_size_mb), "--sandbox-uid", str(o.sandbox_uid)),
+            # Only the orchestrator's user may connect (the directory is 0700 too), and each
+            # call carries this sandbox's token, which came through a pipe, not the environment.
+            *("--socket-mode", "600", "--token-fd", str(token_fd)),
+            *("--parent-pid", str(os.getpid())),
+        ]
+
+    def _check_isolation(self, isolation: str) -> None:
+        if isolation == ISOLATED or self.options.isolation == "off":
+            return
+        problem = (
+            f"local sandbox NOT isolated ({isolation}): its code runs with the orchestrator's "
+            "user and can read its files and environment; enable unprivileged user namespaces, "
+            'or use environment="docker"'
+        )
+        if self.options.isolation == "required":
+            raise SandboxError(f"isolation='required' but {problem}")
+        log.warning("%s (isolation='auto'; 'off' silences this)", problem)
+
+    async def check_isolation(self) -> str:
+        """What a sandbox would get here: "namespaces", "none: <why>", or "off" when switched
+        off. Runs the jail once without an agent (`python -m sandbox_agent.jail`)."""
+        if self.options.isolation == "off":
+            return "off"
+        root = Path(
+            await asyncio.to_thread(tempfile.mkdtemp, prefix=TEMP_PREFIX, dir=self.options.temp_dir)
+        )
+        try:
+            for name in ("work", "state"):
+                (root / name).mkdir()
+            probe = await asyncio.create_subprocess_exec(
+                *(self.options.python, "-m", "sandbox_agent.jail"),
+                *("--workdir", str(root / "work"), "--state-dir", str(root / "state")),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=sandbox_environment(root),
+                cwd=root,
+            )
+            output, _ = await probe.communicate()
+            lines = output.decode(errors="replace").strip().splitlines()
+            return lines[-1] if lines else f"none: the probe exited with code {probe.returncode}"
+        finally:
+            await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
 
     @staticmethod
     async def _wait_listening(

@@ -71,6 +71,39 @@ def build_router(settings: ServerSettings) -> LMRouter:
     return LMRouter(root, others)
 
 
+UNISOLATED = (
+    "local sandboxes would run tenants' code without isolation ({why}): it could read the "
+    "server's environment (model keys, the auth token), its memory and its files. Enable "
+    "unprivileged user namespaces (sysctl user.max_user_namespaces=10000, and "
+    "kernel.unprivileged_userns_clone=1 on kernels that have it; a container's seccomp "
+    'profile blocks them), or set environment = "docker", or accept the risk with '
+    "allow_unisolated_sandboxes = true"
+)
+
+
+async def _sandbox_provider(settings: ServerSettings) -> SandboxProvider:
+    """The configured provider; `local` sandboxes must isolate their code unless the operator
+    opted out (then every acquire that cannot isolate logs a warning)."""
+    options = dict(settings.environment_kwargs)
+    if settings.environment != "local":
+        return create_provider(settings.environment, options)
+    from rlm_orchestrator.sandbox.local import ISOLATED, LocalProvider
+
+    guarded = not settings.allow_unisolated_sandboxes
+    if guarded:
+        if options.get("isolation") == "off":
+            raise ConfigurationError(UNISOLATED.format(why='environment_kwargs isolation = "off"'))
+        options["isolation"] = "required"  # every sandbox fails closed, not only the first
+    provider = create_provider("local", options)
+    assert isinstance(provider, LocalProvider)
+    isolation = await provider.check_isolation()
+    if isolation != ISOLATED:
+        if guarded:
+            raise ConfigurationError(UNISOLATED.format(why=isolation))
+        log.warning("local sandboxes are NOT isolated (%s): allowed by the settings", isolation)
+    return provider
+
+
 class OrchestratorServer:
     """The server and what it owns (router, sandbox provider, sessions), as one lifecycle."""
 
@@ -85,11 +118,10 @@ class OrchestratorServer:
 
     async def start(self) -> int:
         telemetry.configure()
+        # Sandboxes first: a refusal to run them unisolated comes before seconds of imports.
+        self._provider = await _sandbox_provider(self.settings)
         router = build_router(self.settings)
         await router.prepare()
-        self._provider = create_provider(
-            self.settings.environment, self.settings.environment_kwargs
-        )
         if isinstance(self._provider, SupportsReconcile):
             # What a previous orchestrator on this machine left behind goes first.
             removed = await self._provider.reconcile()

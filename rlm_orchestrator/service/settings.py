@@ -108,6 +108,10 @@ class ServerSettings(BaseSettings):
     sub_model: str | None = None
     environment: str = "local"
     environment_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Sandboxed code is a tenant's, written by a model: by default the server refuses to start
+    # sandboxes that would run it with the server's privileges (`local` where the kernel has
+    # no user namespaces, or with isolation = "off"). True accepts that risk.
+    allow_unisolated_sandboxes: bool = False
     # Ceilings of the limits a request may set (CompletionOptions of the same names): a request
     # may ask for less, never more (INVALID_ARGUMENT names the ceiling). None: no ceiling.
     max_iterations: int = Field(30, ge=1)

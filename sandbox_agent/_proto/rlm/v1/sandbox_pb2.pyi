@@ -745,6 +745,7 @@ class GetInfoResponse(_message.Message):
     FLEET_FIELD_NUMBER: _builtins.int
     LEASED_FIELD_NUMBER: _builtins.int
     LEASE_SESSION_ID_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     """Version of the sandbox_agent package."""
     python_version: _builtins.str
@@ -760,6 +761,13 @@ class GetInfoResponse(_message.Message):
     """Fleet mode: whether a session holds the agent now, and which."""
     leased: _builtins.bool
     lease_session_id: _builtins.str
+    isolation: _builtins.str
+    """What isolates the current worker on top of its process boundary (`--isolation`):
+    "namespaces" (local sandboxes: its own user, pid, mount, network, IPC and UTS namespaces,
+    a read-only view of the system, process and memory limits), "none: <why the kernel
+    refused>" (it runs with the agent's privileges), or "off" (not asked: a container, pod
+    or Modal sandbox is the isolation).
+    """
     @_builtins.property
     def loaded_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Names of the loaded values, in load order."""
@@ -777,10 +785,11 @@ class GetInfoResponse(_message.Message):
         fleet: _builtins.bool = ...,
         leased: _builtins.bool = ...,
         lease_session_id: _builtins.str = ...,
+        isolation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_pid", b"agent_pid", "agent_version", b"agent_version", "fleet", b"fleet", "lease_session_id", b"lease_session_id", "leased", b"leased", "loaded_values", b"loaded_values", "python_version", b"python_version", "workdir", b"workdir", "worker_pid", b"worker_pid", "workers_started", b"workers_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_pid", b"agent_pid", "agent_version", b"agent_version", "fleet", b"fleet", "isolation", b"isolation", "lease_session_id", b"lease_session_id", "leased", b"leased", "loaded_values", b"loaded_values", "python_version", b"python_version", "workdir", b"workdir", "worker_pid", b"worker_pid", "workers_started", b"workers_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
