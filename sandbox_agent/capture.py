@@ -5,7 +5,9 @@ child processes) lands here. Output is sent to the agent in chunks of up to CHUN
 FLUSH_INTERVAL after the first unsent write, so a block that prints in a tight loop costs a
 few large frames rather than one per print. Past the cap, the first half of the allowance has
 been streamed already; the last half is kept in a bounded tail and sent at the end, after a
-marker saying how much was cut. Memory stays bounded whatever the code prints.
+marker saying how much was cut. Memory stays bounded whatever the code prints. Frames hold
+at most OUTPUT_FRAME_CHARS characters: the agent rejects bigger ones (and counts, and caps,
+what it forwards: this capture is a courtesy of the worker, not the enforcement).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from sandbox_agent.frames import BlockingChannel, Kind
+from sandbox_agent.limits import OUTPUT_FRAME_CHARS
 
 CHUNK_CHARS = 32 * 1024
 FLUSH_INTERVAL = 0.02
@@ -110,12 +113,17 @@ class OutputCapture:
         run: list[str] = []
         for stream, text in pending:
             if stream != run_stream and run:
-                self._channel.send(run_stream, "".join(run).encode("utf-8", "replace"))
+                self._send(run_stream, "".join(run))
                 run = []
             run_stream = stream
             run.append(text)
         if run:
-            self._channel.send(run_stream, "".join(run).encode("utf-8", "replace"))
+            self._send(run_stream, "".join(run))
+
+    def _send(self, stream: int, text: str) -> None:
+        for start in range(0, len(text), OUTPUT_FRAME_CHARS):
+            piece = text[start : start + OUTPUT_FRAME_CHARS]
+            self._channel.send(stream, piece.encode("utf-8", "replace"))
 
     def flush(self) -> None:
         with self._lock:

@@ -227,10 +227,13 @@ async def test_syntax_error_and_system_exit_are_errors_not_crashes(sandbox: Sand
 
 
 async def test_final_var_inside_code_sets_final_answer(sandbox: Sandbox) -> None:
-    report = await run(sandbox, "answer = [1, 2]\nFINAL_VAR('answer')")
-    assert report.final_answer == "[1, 2]"
+    report = await run(sandbox, "answer = [1, 2]\nFINAL_VAR('answer')\nanswer.append(3)")
+    assert report.final_answer_chars == 6  # the text travels apart, in chunks
+    value = await sandbox.client.get_variable(final_answer=True)
+    assert value.found and value.value == "[1, 2]"  # as it was at the call
     missing = await run(sandbox, "print(FINAL_VAR('nope'))")
-    assert missing.final_answer is None and "not found" in missing.stdout
+    assert missing.final_answer_chars is None and "not found" in missing.stdout
+    assert not (await sandbox.client.get_variable(final_answer=True)).found
 
 
 async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
@@ -240,7 +243,10 @@ async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
     report = await run(sandbox, "print(len(context['items']), context is context_0)")
     assert report.stdout == "6000 True\n"
     value = await sandbox.client.get_variable("context_0", max_chars=10)
-    assert value.found and value.truncated and len(value.value) == 10
+    assert value.found and value.too_large and value.value == ""  # refused, never cut
+    assert value.chars == len(str(big))
+    whole = await sandbox.client.get_variable("context_0")
+    assert whole.value == str(big) and whole.type_name == "dict"
     missing = await sandbox.client.get_variable("'nothing'")
     assert not missing.found and "context" in missing.available
 

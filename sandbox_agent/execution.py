@@ -1,0 +1,188 @@
+"""Following one execution: the worker's frames, checked, counted and passed on.
+
+Output is forwarded within the execution's allowance (coalesced into large messages) and the
+rest dropped and counted; sub-call requests are forwarded within the bounds on what is in
+flight, or refused at once; the DONE frame is checked. A frame a legitimate worker never sends
+makes the worker fail (it is killed; the executor reports it and starts a new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from sandbox_agent.frames import Kind, encode_json
+from sandbox_agent.inbox import Frame, Inbox
+from sandbox_agent.ledger import COALESCE_CHARS, REFUSED_TOO_MANY, ExecutionLedger
+from sandbox_agent.protocol import (
+    DoneFrame,
+    LlmRequestFrame,
+    ProtocolError,
+    kind_name,
+    output_text,
+    parse_done,
+    parse_llm_request,
+)
+
+OUTPUT_KINDS = (Kind.STDOUT, Kind.STDERR)
+PROTOCOL_BROKEN = "the sandbox broke its protocol"
+OUTSIDE_EXECUTION = "Error: llm_query was called outside of a running execution"
+T = TypeVar("T")
+
+
+@dataclass
+class ExecutionOutcome:
+    status: str  # ok | error | timeout | worker_died | cancelled
+    error: str = ""
+    stdout_chars: int = 0
+    stderr_chars: int = 0
+    truncated_chars: int = 0
+    variables: list[tuple[str, str]] = field(default_factory=list)
+    variables_omitted: int = 0
+    duration: float = 0.0
+    # len() of the answer FINAL_VAR gave in the code; its text is read with read_variable.
+    final_answer_chars: int | None = None
+    worker_restarted: bool = False
+
+
+class WorkerError(Exception):
+    """The worker could not do what was asked (it died, or refused the request)."""
+
+
+class ExecutionSink(Protocol):
+    """Where an execution's output and sub-LM requests go (the gRPC stream, in the agent)."""
+
+    async def output(self, stream: int, text: str) -> None: ...
+
+    async def llm_request(
+        self, request_id: int, prompts: list[str], model: str, kind: str
+    ) -> None: ...
+
+
+class WorkerLink(Protocol):
+    """What following an execution needs of the worker process."""
+
+    inbox: Inbox
+    violation: str | None
+
+    async def wait(self) -> int: ...
+
+    def fail(self, violation: str) -> None: ...
+
+    def send(self, data: bytes) -> None: ...
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "stopped responding"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"was killed by signal {name}{hint}"
+    return f"exited with code {returncode}"
+
+
+def refusal(request_id: int, count: int, error: str) -> bytes:
+    """The answer to a request that is not forwarded: one error string per prompt."""
+    return encode_json(Kind.LLM_RESPONSE, {"id": request_id, "results": [error] * count})
+
+
+async def next_frame(
+    worker: WorkerLink,
+    deadline: float,
+    interrupting: Callable[[], bool],
+    on_timeout: Callable[[], None],
+) -> Frame | None:
+    """The next frame; past the deadline, `on_timeout` starts the interrupt (whose kill timer
+    then bounds the wait)."""
+    while not interrupting():
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await worker.inbox.get()
+        except TimeoutError:
+            on_timeout()
+    return await worker.inbox.get()
+
+
+async def follow(
+    worker: WorkerLink,
+    sink: ExecutionSink,
+    ledger: ExecutionLedger,
+    deadline: float,
+    interrupting: Callable[[], bool],
+    on_timeout: Callable[[], None],
+) -> DoneFrame | None:
+    """Forward the execution's frames until its DONE; None when the worker is gone (it died,
+    or broke the protocol: `worker.violation` says how)."""
+    while True:
+        frame = await next_frame(worker, deadline, interrupting, on_timeout)
+        if frame is None:
+            await forward_output(ledger, sink)
+            return None
+        if worker.violation is not None:
+            continue  # killed: drain what was read until the inbox ends
+        kind, payload = frame
+        try:
+            if kind in OUTPUT_KINDS:
+                ledger.add_output(kind, output_text(payload))
+                if (flood := ledger.flood()) is not None:
+                    raise ProtocolError(flood)
+                # Coalesce: forward once nothing more is waiting, or once enough is.
+                if not worker.inbox.has_frame() or ledger.buffered_chars >= COALESCE_CHARS:
+                    await forward_output(ledger, sink)
+                continue
+            await forward_output(ledger, sink)
+            if kind == Kind.LLM_REQUEST:
+                await _forward_request(worker, sink, ledger, parse_llm_request(payload))
+            elif kind == Kind.DONE:
+                return parse_done(payload)
+            else:
+                raise ProtocolError(f"it sent a {kind_name(kind)} frame during an execution")
+        except ProtocolError as exc:
+            worker.fail(str(exc))
+
+
+async def forward_output(ledger: ExecutionLedger, sink: ExecutionSink) -> None:
+    for stream, text in ledger.take_output():
+        await sink.output(stream, text)
+
+
+async def _forward_request(
+    worker: WorkerLink, sink: ExecutionSink, ledger: ExecutionLedger, request: LlmRequestFrame
+) -> None:
+    if not ledger.admit_request(request):
+        # Never forwarded: the orchestrator holds a bounded number of sub-calls.
+        worker.send(refusal(request.request_id, len(request.prompts), REFUSED_TOO_MANY))
+        return
+    await sink.llm_request(request.request_id, request.prompts, request.model, request.kind)
+
+
+async def reply(worker: WorkerLink, expected: int, parse: Callable[[bytes], T]) -> T:
+    """The next frame of kind `expected`, parsed; WorkerError when the worker is gone. Output
+    of background threads is dropped and their sub-calls refused; any other frame breaks the
+    protocol."""
+    while True:
+        frame = await worker.inbox.get()
+        if frame is None:
+            returncode = await worker.wait()
+            if worker.violation is not None:
+                raise WorkerError(f"{PROTOCOL_BROKEN}: {worker.violation}")
+            raise WorkerError(f"the sandbox worker {describe_exit(returncode)}")
+        if worker.violation is not None:
+            continue  # killed: drain what was read until the inbox ends
+        kind, payload = frame
+        try:
+            if kind == expected:
+                return parse(payload)
+            if kind == Kind.LLM_REQUEST:
+                request = parse_llm_request(payload)
+                worker.send(refusal(request.request_id, len(request.prompts), OUTSIDE_EXECUTION))
+            elif kind not in OUTPUT_KINDS:
+                raise ProtocolError(
+                    f"it sent a {kind_name(kind)} frame when {kind_name(expected)} was due"
+                )
+        except ProtocolError as exc:
+            worker.fail(str(exc))
