@@ -50,11 +50,12 @@ from rlm_orchestrator.types import (
     RLMIteration,
     UsageSummary,
 )
-from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
+from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS, cut_middle
 
 # Not listed as "REPL variables" to the model: what we loaded (it knows), and code.
 _LOADED_NAME = re.compile(r"^(context|history)(_\d+)?$")
 _CODE_TYPES = {"function", "type", "builtin_function_or_method", "method", "ABCMeta"}
+MAX_SHOWN_ERROR_CHARS = 2_000
 DEFERRED_FINAL_NOTE = (
     "Note: your response both ran code and gave a final answer. The answer was not accepted "
     "because you had not seen the code's output yet. Check the output above, then answer with "
@@ -217,6 +218,10 @@ class CompletionLoop:
                 f"\n[the sandbox also dropped {result.truncated_chars} characters from the "
                 "middle of this block's output]"
             )
+        if result.status != "ok" and result.error and result.error not in shown:
+            # How the block ended sits at the end of stderr, which a long output pushes out of
+            # view (an output flood, for one): the model must still see it.
+            shown += f"\n[the block ended with: {cut_middle(result.error, MAX_SHOWN_ERROR_CHARS)}]"
         return shown
 
     def _check_budget(self) -> None:

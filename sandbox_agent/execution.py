@@ -9,7 +9,9 @@ makes the worker fail (it is killed; the executor reports it and starts a new on
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -28,6 +30,8 @@ from sandbox_agent.protocol import (
 )
 
 OUTPUT_KINDS = (Kind.STDOUT, Kind.STDERR)
+# Replies to the agent's commands (DONE aside: an execution is never abandoned half-way).
+REPLY_KINDS = (Kind.READY, Kind.LOADED, Kind.VARIABLE, Kind.CHUNK)
 PROTOCOL_BROKEN = "the sandbox broke its protocol"
 OUTSIDE_EXECUTION = "Error: llm_query was called outside of a running execution"
 T = TypeVar("T")
@@ -62,11 +66,33 @@ class ExecutionSink(Protocol):
     ) -> None: ...
 
 
+class Replies:
+    """The replies a worker owes, in the order their commands were sent. A caller that gave
+    up (cancelled) leaves its ticket behind: its reply, when it comes, is dropped rather than
+    taken for the next caller's, and a reply nobody asked for breaks the protocol."""
+
+    def __init__(self) -> None:
+        self._owed: deque[tuple[int, int]] = deque()
+        self._tickets = itertools.count()
+
+    def expect(self, kind: int) -> int:
+        ticket = next(self._tickets)
+        self._owed.append((ticket, kind))
+        return ticket
+
+    def settle(self, kind: int) -> int:
+        """The ticket a reply of `kind` answers."""
+        if not self._owed or self._owed[0][1] != kind:
+            raise ProtocolError(f"it sent a {kind_name(kind)} frame that was not due")
+        return self._owed.popleft()[0]
+
+
 class WorkerLink(Protocol):
     """What following an execution needs of the worker process."""
 
     inbox: Inbox
     violation: str | None
+    replies: Replies
 
     async def wait(self) -> int: ...
 
@@ -139,6 +165,8 @@ async def follow(
                 await _forward_request(worker, sink, ledger, parse_llm_request(payload))
             elif kind == Kind.DONE:
                 return parse_done(payload)
+            elif kind in REPLY_KINDS:
+                worker.replies.settle(kind)  # late, for a caller that gave up: dropped
             else:
                 raise ProtocolError(f"it sent a {kind_name(kind)} frame during an execution")
         except ProtocolError as exc:
@@ -160,9 +188,16 @@ async def _forward_request(
     await sink.llm_request(request.request_id, request.prompts, request.model, request.kind)
 
 
-async def reply(worker: WorkerLink, expected: int, parse: Callable[[bytes], T]) -> T:
-    """The next frame of kind `expected`, parsed; WorkerError when the worker is gone. Output
-    of background threads is dropped and their sub-calls refused; any other frame breaks the
+async def ask(worker: WorkerLink, command: bytes, expected: int, parse: Callable[[bytes], T]) -> T:
+    """Send a command and wait for its reply (see `reply`)."""
+    ticket = worker.replies.expect(expected)
+    worker.send(command)
+    return await reply(worker, ticket, parse)
+
+
+async def reply(worker: WorkerLink, ticket: int, parse: Callable[[bytes], T]) -> T:
+    """The reply that settles `ticket`, parsed; WorkerError when the worker is gone. Output of
+    background threads is dropped and their sub-calls refused; any other frame breaks the
     protocol."""
     while True:
         frame = await worker.inbox.get()
@@ -175,14 +210,13 @@ async def reply(worker: WorkerLink, expected: int, parse: Callable[[bytes], T]) 
             continue  # killed: drain what was read until the inbox ends
         kind, payload = frame
         try:
-            if kind == expected:
-                return parse(payload)
-            if kind == Kind.LLM_REQUEST:
+            if kind in REPLY_KINDS:
+                if worker.replies.settle(kind) == ticket:
+                    return parse(payload)
+            elif kind == Kind.LLM_REQUEST:
                 request = parse_llm_request(payload)
                 worker.send(refusal(request.request_id, len(request.prompts), OUTSIDE_EXECUTION))
             elif kind not in OUTPUT_KINDS:
-                raise ProtocolError(
-                    f"it sent a {kind_name(kind)} frame when {kind_name(expected)} was due"
-                )
+                raise ProtocolError(f"it sent a {kind_name(kind)} frame outside of an execution")
         except ProtocolError as exc:
             worker.fail(str(exc))

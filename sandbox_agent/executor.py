@@ -28,7 +28,9 @@ from sandbox_agent.execution import (
     PROTOCOL_BROKEN,
     ExecutionOutcome,
     ExecutionSink,
+    Replies,
     WorkerError,
+    ask,
     describe_exit,
     follow,
     refusal,
@@ -90,6 +92,7 @@ class _WorkerProcess:
         self.inbox = Inbox()
         # Why the agent killed this worker, when it broke the protocol.
         self.violation: str | None = None
+        self.replies = Replies()
         self._frames = frames
         self.reader = asyncio.create_task(self._read_frames(), name=f"worker-{self.pid}-frames")
 
@@ -224,7 +227,7 @@ class Executor:
 
     async def _reply(self, worker: _WorkerProcess, expected: int) -> dict[str, Any]:
         """The next frame of kind `expected`, as a JSON object."""
-        return await reply(worker, expected, parse_ready)
+        return await reply(worker, worker.replies.expect(expected), parse_ready)
 
     async def _replace_worker(self) -> None:
         if self._worker is not None:
@@ -233,8 +236,8 @@ class Executor:
         await self._spawn()
         assert self._worker is not None
         for value in self._loaded.values():
-            self._worker.send(encode_json(Kind.LOAD, self._load_request(value)))
-            await reply(self._worker, Kind.LOADED, parse_loaded)
+            load = encode_json(Kind.LOAD, self._load_request(value))
+            await ask(self._worker, load, Kind.LOADED, parse_loaded)
 
     @staticmethod
     def _load_request(value: _LoadedValue) -> dict[str, str]:
@@ -344,6 +347,7 @@ class Executor:
         duration: float,
         ledger: ExecutionLedger,
     ) -> ExecutionOutcome:
+        ledger.unanswered()  # nothing more goes to this worker, nor to its replacement
         returncode = await worker.process.wait()
         for stream, marker in ledger.drop_markers():
             await sink.output(stream, marker)
@@ -387,8 +391,8 @@ class Executor:
             if self._worker is None:
                 await self._replace_worker()
             assert self._worker is not None
-            self._worker.send(encode_json(Kind.LOAD, self._load_request(value)))
-            loaded = await reply(self._worker, Kind.LOADED, parse_loaded)
+            load = encode_json(Kind.LOAD, self._load_request(value))
+            loaded = await ask(self._worker, load, Kind.LOADED, parse_loaded)
             if "error" in loaded:
                 raise WorkerError(f"could not load {name!r}: {loaded['error']}")
             self._loaded[name] = value
@@ -413,18 +417,17 @@ class Executor:
             worker = self._worker
             assert worker is not None
             try:
-                worker.send(encode_json(Kind.GET_VARIABLE, {"name": name, "final": final_answer}))
-                header = await reply(worker, Kind.VARIABLE, parse_variable_header)
+                get = encode_json(Kind.GET_VARIABLE, {"name": name, "final": final_answer})
+                header = await ask(worker, get, Kind.VARIABLE, parse_variable_header)
                 await on_header(header)
                 if not header.found or header.chars > max_chars:
                     return
                 offset = 0
                 while offset < header.chars:
                     wanted = min(VALUE_CHUNK_CHARS, header.chars - offset)
-                    worker.send(encode_json(Kind.READ_CHUNK, {"offset": offset, "chars": wanted}))
-                    chunk = await reply(
-                        worker, Kind.CHUNK, functools.partial(value_chunk, expected_chars=wanted)
-                    )
+                    read = encode_json(Kind.READ_CHUNK, {"offset": offset, "chars": wanted})
+                    parse = functools.partial(value_chunk, expected_chars=wanted)
+                    chunk = await ask(worker, read, Kind.CHUNK, parse)
                     await on_chunk(chunk)
                     offset += wanted
             except WorkerError:

@@ -2,9 +2,10 @@
 
 In Docker, user code runs as the agent's own uid, so what comes from an agent is held to the
 same numbers the agent holds its worker to (`sandbox_agent.limits`): output kept per stream
-(the cap plus room for markers; the rest dropped, counted and announced), sub-calls in flight
-(beyond, answered at once with an error, never run), the result's fields. An agent that goes
-on sending output far past the cap is given up on (SandboxError).
+(the cap plus room for markers; the rest dropped, counted and announced), sub-calls in flight,
+the result's fields. An agent that goes on sending output far past the cap, or more sub-calls
+than an honest agent lets through, is given up on (SandboxError: the loop moves the session
+to a new sandbox).
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class ExecutionReport:
     agent_span: pb.AgentSpan | None = None
 
 
+def _broken(what: str) -> SandboxError:
+    return SandboxError(f"the sandbox agent broke its protocol: {what}")
+
+
 class ExecutionStream:
     """Takes an Execute stream's messages one by one; answers go to `send`."""
 
@@ -112,36 +117,33 @@ class ExecutionStream:
         stream = STDOUT if chunk.stream == pb.OUTPUT_STREAM_STDOUT else STDERR
         kept = self._budget.admit(_STREAM_IDS[stream], chunk.text)
         if self._budget.flooding:
-            raise SandboxError(
-                "the sandbox agent broke its protocol: it sent "
-                f"{self._budget.dropped_total} characters of output past the cap"
-            )
+            raise _broken(f"it sent {self._budget.dropped_total} characters of output past the cap")
         if kept:
             self._output[stream].append(kept)
             await self._on_output(stream, kept)
 
     def _start_sub_call(self, request: pb.LlmRequest) -> None:
         count = len(request.prompts)
+        # An honest agent holds its worker to the same bounds (and counts an answer as given
+        # later than we do): going past them is a protocol violation, not a busy moment.
         if not 1 <= count <= MAX_PROMPTS_PER_REQUEST:
-            self._refuse(request, f"a request carries 1 to {MAX_PROMPTS_PER_REQUEST} prompts")
-        elif (
+            raise _broken(f"it sent a request of {count} prompts")
+        if (
             len(self._sub_calls) >= MAX_PENDING_REQUESTS
             or self._prompts_in_flight + count > MAX_PENDING_PROMPTS
         ):
-            self._refuse(request, "too many sub-calls in flight; this one was not run")
-        else:
-            task = asyncio.create_task(self._answer(request))
-            self._sub_calls.add(task)
-            self._prompts_in_flight += count
-            task.add_done_callback(lambda done: self._sub_call_done(done, count))
+            raise _broken(
+                f"it sent more than {MAX_PENDING_REQUESTS} requests or {MAX_PENDING_PROMPTS} "
+                "prompts in flight"
+            )
+        task = asyncio.create_task(self._answer(request))
+        self._sub_calls.add(task)
+        self._prompts_in_flight += count
+        task.add_done_callback(lambda done: self._sub_call_done(done, count))
 
     def _sub_call_done(self, task: asyncio.Task[None], prompts: int) -> None:
         self._sub_calls.discard(task)
         self._prompts_in_flight -= prompts
-
-    def _refuse(self, request: pb.LlmRequest, why: str) -> None:
-        results = [pb.LlmResult(error=why)] * len(request.prompts)
-        self._reply(request.request_id, results)
 
     def _reply(self, request_id: int, results: list[pb.LlmResult]) -> None:
         response = pb.LlmResponse(request_id=request_id, results=results)
