@@ -71,18 +71,23 @@ class OutputCapture:
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[int, str]] = []
         self._pending_chars = 0
+        # Head characters sent since the last execution ended: output of threads that outlive
+        # their block. The agent counts them against the next execution, so do we.
+        self._sent_head = {STDOUT: 0, STDERR: 0}
         self.begin(max_chars)
         threading.Thread(target=self._flush_loop, name="output-flusher", daemon=True).start()
 
     def begin(self, max_chars: int) -> None:
         """Start counting a new execution with its own cap (per stream)."""
         with self._lock:
-            self._head_left = {
-                STDOUT: max_chars - max_chars // 2,
-                STDERR: max_chars - max_chars // 2,
-            }
-            self._tails = {STDOUT: _Tail(max_chars // 2), STDERR: _Tail(max_chars // 2)}
+            self._reset(max_chars)
             self.totals = {STDOUT: StreamTotals(), STDERR: StreamTotals()}
+
+    def _reset(self, max_chars: int) -> None:
+        head = max_chars - max_chars // 2
+        self._max_chars = max_chars
+        self._head_left = {s: max(0, head - sent) for s, sent in self._sent_head.items()}
+        self._tails = {STDOUT: _Tail(max_chars // 2), STDERR: _Tail(max_chars // 2)}
 
     def write(self, stream: int, text: str) -> None:
         if not text:
@@ -93,6 +98,7 @@ class OutputCapture:
             if head_left > 0:
                 head = text[:head_left]
                 self._head_left[stream] = head_left - len(head)
+                self._sent_head[stream] += len(head)
                 self._queue(stream, head)
                 text = text[len(head) :]
             if text:
@@ -152,6 +158,9 @@ class OutputCapture:
                 if text:
                     self._queue(stream, text)
             self._flush_locked()
+            # What is written from now on (by threads still running) counts for the next one.
+            self._sent_head = {STDOUT: 0, STDERR: 0}
+            self._reset(self._max_chars)
             return self.totals
 
 

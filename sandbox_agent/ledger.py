@@ -32,7 +32,7 @@ REFUSED_ENDED = "Error: the execution ended before this sub-call was answered"
 class ExecutionLedger:
     def __init__(self, max_output_chars: int) -> None:
         self.max_output_chars = max_output_chars
-        self.output = OutputBudget(max_output_chars + OUTPUT_MARKER_SLACK)
+        self.output = OutputBudget(max_output_chars, OUTPUT_MARKER_SLACK)
         self._buffer: list[tuple[int, list[str]]] = []
         self.buffered_chars = 0
         self._in_flight: dict[int, LlmRequestFrame] = {}

@@ -76,18 +76,20 @@ def cut_middle(text: str, limit: int) -> str:
 class OutputBudget:
     """Per-stream allowance of one execution's output: what fits is kept, the rest counted.
 
-    `admit` returns the part of a chunk to pass on. Once a stream's allowance is spent, its
-    later chunks are dropped; `flooding` turns true when the dropped part has gone past
-    FLOOD_GRACE_CHARS (a sender bypassing its own cap, not a near miss).
+    The allowance is `cap` (max_output_chars) plus `slack` for the markers. `admit` returns
+    the part of a chunk to pass on. Once a stream's allowance is spent, its later chunks are
+    dropped; `flooding` turns true when the dropped part has gone past FLOOD_GRACE_CHARS (a
+    sender bypassing its own cap, not a near miss).
     """
 
-    allowance: int
+    cap: int
+    slack: int
     kept: dict[int, int] = field(default_factory=dict)
     dropped: dict[int, int] = field(default_factory=dict)
 
     def admit(self, stream: int, text: str) -> str:
         kept = self.kept.get(stream, 0)
-        room = max(0, self.allowance - kept)
+        room = max(0, self.cap + self.slack - kept)
         passed = text[:room] if len(text) > room else text
         self.kept[stream] = kept + len(passed)
         if len(passed) < len(text):
@@ -109,5 +111,5 @@ class OutputBudget:
             return ""
         return (
             f"\n... [{who} dropped {dropped} characters of output written past the cap of "
-            f"{self.allowance} per stream: the sandbox bypassed its output capture] ...\n"
+            f"{self.cap} per stream: the sandbox bypassed its output capture] ...\n"
         )

@@ -251,6 +251,43 @@ async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
     assert not missing.found and "context" in missing.available
 
 
+async def test_a_read_given_up_half_way_does_not_confuse_the_next_one(sandbox: Sandbox) -> None:
+    # The agent pulls a value from its worker chunk by chunk: a caller that goes away leaves
+    # a reply owed, which must be dropped, not taken for the next caller's (or for an attack).
+    await run(sandbox, "big = 'x' * 30_000_000\nsmall = 'y'")
+    state = sandbox.provider_state
+    async with grpc.aio.insecure_channel(f"unix:{state.root / 'agent.sock'}") as channel:
+        call = sandbox_pb2_grpc.SandboxStub(channel).GetVariable(pb.GetVariableRequest(name="big"))
+        messages = aiter(call)
+        assert (await anext(messages)).header.chars == 30_000_000
+        assert len((await anext(messages)).chunk) == 256 * 1024
+        call.cancel()
+    value = await sandbox.client.get_variable("small")
+    assert value.value == "y" and value.type_name == "str"
+    report = await run(sandbox, "print(len(big))")
+    assert report.stdout == "30000000\n" and not report.worker_restarted
+
+
+async def test_output_of_a_thread_that_outlives_its_block_counts_for_the_next(
+    sandbox: Sandbox,
+) -> None:
+    # The agent counts what arrives between blocks against the next one; so must the worker,
+    # or an honest worker would look like one that bypasses its cap.
+    code = (
+        "import threading, time\n"
+        "def chatter():\n"
+        "    for _ in range(300):\n"
+        "        print('z' * 99)\n"
+        "        time.sleep(0.001)\n"
+        "threading.Thread(target=chatter, daemon=True).start()"
+    )
+    await run(sandbox, code, max_output_chars=1_000)
+    report = await run(sandbox, "time.sleep(0.5)\nprint('w' * 5_000)", max_output_chars=1_000)
+    assert report.status == "ok" and not report.worker_restarted
+    assert "the sandbox agent dropped" not in report.stdout
+    assert len(report.stdout) <= 1_000 + 100
+
+
 async def test_bad_requests_get_clear_status_codes(sandbox: Sandbox) -> None:
     with pytest.raises(SandboxError, match=r"INVALID_ARGUMENT.*invalid variable name"):
         await sandbox.client.load_value("not an identifier", "x")

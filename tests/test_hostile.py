@@ -274,22 +274,23 @@ async def test_a_flood_of_raw_llm_requests_stays_within_the_bounds(backend: str)
 
 
 async def test_legitimate_floods_wait_for_room_instead_of_failing() -> None:
-    # 10,000 prompts in one batch, and 200 threads at once: more than the bounds on what is
-    # in flight. Legitimate code waits for room in the worker; every answer comes back.
-    running = 0
-    peak_prompts = 0
-    peak_requests = 0
+    # 10,000 prompts in one batch, and 1,000 threads at once: more than the bounds on what
+    # is in flight. Legitimate code waits for room in the worker; every answer comes back.
+    prompts_running = requests_running = 0
+    peak_prompts = peak_requests = 0
 
     async def slow(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
-        nonlocal running, peak_prompts, peak_requests
-        running += len(prompts)
-        peak_prompts = max(peak_prompts, running)
-        peak_requests += 1
+        nonlocal prompts_running, requests_running, peak_prompts, peak_requests
+        prompts_running += len(prompts)
+        requests_running += 1
+        peak_prompts = max(peak_prompts, prompts_running)
+        peak_requests = max(peak_requests, requests_running)
         try:
             await asyncio.sleep(0.01)
             return [SubCallOutcome(text=p.upper()) for p in prompts]
         finally:
-            running -= len(prompts)
+            prompts_running -= len(prompts)
+            requests_running -= 1
 
     code = """
 import threading
@@ -298,15 +299,15 @@ print(answers == [f"P{i}" for i in range(10_000)])
 results = {}
 def ask(i):
     results[i] = llm_query(f"t{i}")
-threads = [threading.Thread(target=ask, args=(i,)) for i in range(200)]
+threads = [threading.Thread(target=ask, args=(i,)) for i in range(1_000)]
 for t in threads: t.start()
 for t in threads: t.join()
-print(all(results[i] == f"T{i}" for i in range(200)))
+print(all(results[i] == f"T{i}" for i in range(1_000)))
 """
     async with acquired("local", exec_timeout_seconds=60) as box:
         report = await run_block(box, code, slow)
     assert report.status == "ok" and report.stdout == "True\nTrue\n", report
-    assert peak_prompts <= MAX_PENDING_PROMPTS
+    assert peak_prompts <= MAX_PENDING_PROMPTS and peak_requests <= MAX_PENDING_REQUESTS
 
 
 class HostileAgent(sandbox_pb2_grpc.SandboxServicer):  # type: ignore[misc]

@@ -93,7 +93,7 @@ class ExecutionStream:
         send: Callable[[pb.ExecuteRequest], None],
     ) -> None:
         self._budget = OutputBudget(
-            (max_output_chars or DEFAULT_MAX_OUTPUT_CHARS) + ORCHESTRATOR_OUTPUT_SLACK
+            max_output_chars or DEFAULT_MAX_OUTPUT_CHARS, ORCHESTRATOR_OUTPUT_SLACK
         )
         self._output: dict[str, list[str]] = {STDOUT: [], STDERR: []}
         self._on_output = on_output
