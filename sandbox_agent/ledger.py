@@ -27,6 +27,7 @@ REFUSED_TOO_MANY = (
     f"{MAX_PENDING_PROMPT_BYTES // (1024 * 1024)} MiB of prompts at a time); this one was not sent"
 )
 REFUSED_ENDED = "Error: the execution ended before this sub-call was answered"
+MAX_REFUSED_REQUESTS = MAX_PENDING_REQUESTS
 
 
 class ExecutionLedger:
@@ -86,6 +87,13 @@ class ExecutionLedger:
             or self._bytes + request.size > MAX_PENDING_PROMPT_BYTES
         ):
             self.refused += 1
+            if self.refused > MAX_REFUSED_REQUESTS:
+                # The worker waits for room before it sends: one that keeps going past the
+                # bound is not a legitimate worker, and its total is bounded here.
+                raise ProtocolError(
+                    f"it sent more than {MAX_REFUSED_REQUESTS} sub-calls past the bound on "
+                    "those in flight"
+                )
             return False
         self._in_flight[request.request_id] = request
         self._prompts += len(request.prompts)

@@ -13,6 +13,7 @@ import json
 import threading
 import types
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring  # type: ignore[attr-defined]  # C-accelerated
 from typing import Any
 
 from sandbox_agent.frames import BlockingChannel, Kind
@@ -88,9 +89,9 @@ class _InFlight:
 
 
 def _encoded_prompt(prompt: str) -> bytes:
-    # Lone surrogates cannot travel (gRPC strings are UTF-8): "?" instead, one for one.
-    clean = prompt.encode("utf-8", "replace").decode("utf-8")
-    return json.dumps(clean, ensure_ascii=False).encode("utf-8")
+    # A JSON string in UTF-8 (compact, unlike \u escapes). Lone surrogates cannot travel
+    # (gRPC strings are UTF-8): "?" instead, one for one.
+    return encode_basestring(prompt).encode("utf-8", "replace")
 
 
 class LlmBridge:
@@ -112,30 +113,24 @@ class LlmBridge:
         if len(model) > MAX_MODEL_CHARS:
             return [f"Error: a model name has at most {MAX_MODEL_CHARS} characters"] * len(prompts)
         results: list[str] = ["Error: no answer"] * len(prompts)
-        groups: list[list[tuple[int, bytes]]] = [[]]
-        group_size = _ENVELOPE_BYTES
-        for index, prompt in enumerate(prompts):
-            encoded = _encoded_prompt(prompt)
-            if len(encoded) + _ENVELOPE_BYTES > MAX_REQUEST_BYTES:
-                results[index] = (
-                    f"Error: the prompt has {len(prompt)} characters ({len(encoded)} bytes "
-                    f"encoded), more than one sub-call can carry ({MAX_REQUEST_BYTES} bytes)"
-                )
-                continue
-            if groups[-1] and (
-                group_size + len(encoded) + 1 > MAX_REQUEST_BYTES
-                or len(groups[-1]) >= MAX_PROMPTS_PER_REQUEST
-            ):
-                groups.append([])
-                group_size = _ENVELOPE_BYTES
-            groups[-1].append((index, encoded))
-            group_size += len(encoded) + 1
+        # The common case, in one C call: the whole batch fits one request.
+        array = json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":"))
+        body = array.encode("utf-8", "replace")  # lone surrogates: "?" (gRPC needs UTF-8)
+        if (
+            len(body) + _ENVELOPE_BYTES <= MAX_REQUEST_BYTES
+            and len(prompts) <= MAX_PROMPTS_PER_REQUEST
+        ):
+            batches = [(list(range(len(prompts))), body)]
+        else:
+            batches = [
+                ([index for index, _ in group], b"[" + b",".join(e for _, e in group) + b"]")
+                for group in self._split([_encoded_prompt(p) for p in prompts], results)
+                if group
+            ]
         sent: list[tuple[list[int], _Pending]] = []
         try:
-            for group in groups:
-                if group:
-                    indices = [index for index, _ in group]
-                    sent.append((indices, self._send([e for _, e in group], model, kind)))
+            for indices, batch in batches:
+                sent.append((indices, self._send(batch, len(indices), model, kind)))
             for indices, pending in sent:
                 pending.done.wait()
                 for index, result in zip(indices, pending.results, strict=False):
@@ -146,21 +141,44 @@ class LlmBridge:
                     pending.abandoned = not pending.done.is_set()
         return results
 
-    def _send(self, encoded: list[bytes], model: str, kind: str) -> _Pending:
-        """One request frame, once there is room in flight for it."""
+    @staticmethod
+    def _split(encoded: list[bytes], results: list[str]) -> list[list[tuple[int, bytes]]]:
+        """Requests within the per-request bounds; a prompt too big for any gets its error."""
+        groups: list[list[tuple[int, bytes]]] = [[]]
+        group_size = _ENVELOPE_BYTES
+        for index, prompt in enumerate(encoded):
+            if len(prompt) + _ENVELOPE_BYTES > MAX_REQUEST_BYTES:
+                results[index] = (
+                    f"Error: the prompt has {len(prompt)} bytes encoded, more than one sub-call "
+                    f"can carry ({MAX_REQUEST_BYTES} bytes)"
+                )
+                continue
+            if groups[-1] and (
+                group_size + len(prompt) + 1 > MAX_REQUEST_BYTES
+                or len(groups[-1]) >= MAX_PROMPTS_PER_REQUEST
+            ):
+                groups.append([])
+                group_size = _ENVELOPE_BYTES
+            groups[-1].append((index, prompt))
+            group_size += len(prompt) + 1
+        return groups
+
+    def _send(self, prompts: bytes, count: int, model: str, kind: str) -> _Pending:
+        """One request frame (`prompts`: a JSON array of `count` strings), once there is room
+        in flight for it."""
         request_id = next(self._ids)
         payload = b"".join(
             (
-                b'{"id":%d,"prompts":[' % request_id,
-                b",".join(encoded),
-                b'],"model":',
+                b'{"id":%d,"prompts":' % request_id,
+                prompts,
+                b',"model":',
                 json.dumps(model).encode(),
                 b',"kind":',
                 json.dumps(kind).encode(),
                 b"}",
             )
         )
-        pending = _Pending(len(encoded), len(payload))
+        pending = _Pending(count, len(payload))
         self._in_flight.acquire(pending.prompts, pending.size)
         sent = False
         try:

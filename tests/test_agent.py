@@ -251,6 +251,26 @@ async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
     assert not missing.found and "context" in missing.available
 
 
+async def test_big_prompts_are_split_across_requests_or_refused(sandbox: Sandbox) -> None:
+    # One request carries at most 16 MiB: a bigger batch goes as several requests, a prompt
+    # bigger than that gets an error string (a sub-call is never a 17 MB message).
+    recorder = Recorder()
+    code = (
+        "big = ['a' * 7_000_000, 'b' * 7_000_000, 'c' * 7_000_000]\n"
+        "print([answer[:11] for answer in llm_query_batched(big)])\n"
+        "print(llm_query('d' * 17_000_000)[:60])"
+    )
+    report = await run(sandbox, code, recorder)
+    assert report.status == "ok", report
+    first, second = report.stdout.splitlines()
+    assert first == "['answer to a', 'answer to b', 'answer to c']"
+    assert second.startswith("Error: the prompt has 17000002 bytes encoded, more than one")
+    assert [e for e in recorder.events if e[0] == "sub_call"] == [
+        ("sub_call", "llm_query::2"),
+        ("sub_call", "llm_query::1"),
+    ]
+
+
 async def test_a_read_given_up_half_way_does_not_confuse_the_next_one(sandbox: Sandbox) -> None:
     # The agent pulls a value from its worker chunk by chunk: a caller that goes away leaves
     # a reply owed, which must be dropped, not taken for the next caller's (or for an attack).

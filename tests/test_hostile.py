@@ -264,13 +264,16 @@ async def test_a_flood_of_raw_llm_requests_stays_within_the_bounds(backend: str)
             running -= 1
 
     async with acquired(backend, exec_timeout_seconds=60) as box:
+        await box.client.load_value("context_0", "the context", alias="context")
         report = await run_block(box, REQUEST_FLOOD, held)
-        assert report.status == "ok" and report.stdout == "sent\n"
-        # Only the bounded number ever reached the orchestrator; the rest were refused.
+        # Only the bounded number ever reached the orchestrator; the next ones were refused
+        # at once, and a worker that kept going past the bound was killed.
         assert started == MAX_PENDING_REQUESTS and peak == MAX_PENDING_REQUESTS
+        assert report.status == "worker_died" and "sent" not in report.stdout
+        assert "the sandbox broke its protocol: it sent more than 256 sub-calls" in report.error
         assert running == 0  # cancelled with the execution: nothing left behind
-        after = await run_block(box, "print(llm_query('q'))")
-        assert after.stdout == "answer to q\n"
+        after = await run_block(box, "print(llm_query('q'), len(context))")
+        assert after.stdout == "answer to q 11\n"
 
 
 async def test_legitimate_floods_wait_for_room_instead_of_failing() -> None:
