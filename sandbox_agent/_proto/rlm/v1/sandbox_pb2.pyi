@@ -350,7 +350,8 @@ class LlmRequest(_message.Message):
     may call llm_query from threads); request_id correlates the answer. Bounds (enforced by the
     agent, and again by the orchestrator): at most 1,000 prompts and 16 MiB per request; at
     most 256 requests, 4,096 prompts and 32 MiB of prompts outstanding per execution. A
-    request beyond them is answered by the agent at once with errors, never forwarded.
+    request beyond them is answered by the agent at once with errors, never forwarded (the
+    worker waits for room itself; one that sends more than 256 such requests is killed).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
