@@ -18,6 +18,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.exceptions import (
     AnswerTooLargeError,
     CompletionTimeoutError,
@@ -85,15 +86,6 @@ class LoopSettings:
     # The longest FINAL_VAR answer, in characters: read from the sandbox in chunks, whole;
     # a longer one is refused (the model is told, and can shorten it), never cut.
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
-
-
-@dataclass
-class _AnswerRead:
-    """A FINAL_VAR answer read from the sandbox: its text, or what to tell the model."""
-
-    text: str | None = None
-    note: str = ""
-    too_large: bool = False
 
 
 @dataclass
@@ -283,34 +275,8 @@ class CompletionLoop:
                 outcome.notes.append(read.note)
         return record, outcome
 
-    async def _read_answer(self, name: str | None) -> _AnswerRead:
-        """str() of the variable `name` (None: the answer FINAL_VAR gave inside the code),
-        read in chunks, whole; or what to tell the model."""
-        label = f"FINAL_VAR({name})" if name is not None else "FINAL_VAR in your code"
-        limit = self.settings.max_answer_chars
-        try:
-            variable = await self.session.sandbox.client.get_variable(
-                name or "", final_answer=name is None, max_chars=limit
-            )
-        except SandboxError as exc:
-            return _AnswerRead(note=f"{label} failed: {exc}. Answer again.")
-        if not variable.found and name is None:
-            return _AnswerRead(note=f"{label} failed: the answer was lost. Answer again.")
-        if not variable.found:
-            return _AnswerRead(
-                note=f"{label} failed: there is no variable named {name!r}. "
-                f"Available variables: {variable.available}. Create it in a ```repl``` block, "
-                "then answer again."
-            )
-        if variable.too_large:
-            subject = name if name is not None else "the answer"
-            return _AnswerRead(
-                note=f"{label} failed: {subject} has {variable.chars} characters, more than "
-                f"the limit of {limit} for an answer (max_answer_chars); nothing was returned. "
-                "Make the answer shorter (keep only what was asked for) and answer again.",
-                too_large=True,
-            )
-        return _AnswerRead(text=variable.value)
+    async def _read_answer(self, name: str | None) -> AnswerRead:
+        return await read_answer(self.session.sandbox.client, name, self.settings.max_answer_chars)
 
     async def _run_block(
         self, iteration: int, index: int, code: str
@@ -354,7 +320,7 @@ class CompletionLoop:
                 span.set_attribute("rlm.output", telemetry.content(report.stdout + report.stderr))
         if report.agent_span is not None:
             telemetry.export_agent_span(report.agent_span)
-        read = _AnswerRead()
+        read = AnswerRead()
         if report.final_answer_chars is not None:
             read = await self._read_answer(None)
         result = REPLResult(

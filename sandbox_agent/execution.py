@@ -9,24 +9,29 @@ makes the worker fail (it is killed; the executor reports it and starts a new on
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import signal
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from sandbox_agent.frames import Kind, encode_json
 from sandbox_agent.inbox import Frame, Inbox
 from sandbox_agent.ledger import COALESCE_CHARS, REFUSED_TOO_MANY, ExecutionLedger
+from sandbox_agent.limits import VALUE_CHUNK_CHARS
 from sandbox_agent.protocol import (
     DoneFrame,
     LlmRequestFrame,
     ProtocolError,
+    VariableHeaderFrame,
     kind_name,
     output_text,
     parse_done,
     parse_llm_request,
+    parse_variable_header,
+    value_chunk,
 )
 
 OUTPUT_KINDS = (Kind.STDOUT, Kind.STDERR)
@@ -220,3 +225,30 @@ async def reply(worker: WorkerLink, ticket: int, parse: Callable[[bytes], T]) ->
                 raise ProtocolError(f"it sent a {kind_name(kind)} frame outside of an execution")
         except ProtocolError as exc:
             worker.fail(str(exc))
+
+
+async def read_value(
+    worker: WorkerLink,
+    name: str,
+    final_answer: bool,
+    max_chars: int,
+    *,
+    on_header: Callable[[VariableHeaderFrame], Awaitable[None]],
+    on_chunk: Callable[[str], Awaitable[None]],
+) -> None:
+    """str() of a variable (or of the answer FINAL_VAR gave in the last execution): its header,
+    then its text in chunks pulled one by one from the worker, so that neither the pipe nor a
+    gRPC message ever holds a whole big value. Nothing follows the header when the value is
+    longer than max_chars."""
+    get = encode_json(Kind.GET_VARIABLE, {"name": name, "final": final_answer})
+    header = await ask(worker, get, Kind.VARIABLE, parse_variable_header)
+    await on_header(header)
+    if not header.found or header.chars > max_chars:
+        return
+    offset = 0
+    while offset < header.chars:
+        wanted = min(VALUE_CHUNK_CHARS, header.chars - offset)
+        read = encode_json(Kind.READ_CHUNK, {"offset": offset, "chars": wanted})
+        parse = functools.partial(value_chunk, expected_chars=wanted)
+        await on_chunk(await ask(worker, read, Kind.CHUNK, parse))
+        offset += wanted

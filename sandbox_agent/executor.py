@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import shutil
 import signal
@@ -33,13 +32,13 @@ from sandbox_agent.execution import (
     ask,
     describe_exit,
     follow,
+    read_value,
     refusal,
     reply,
 )
 from sandbox_agent.frames import HEADER, Kind, encode_json
 from sandbox_agent.inbox import Inbox
 from sandbox_agent.ledger import REFUSED_ENDED, ExecutionLedger
-from sandbox_agent.limits import VALUE_CHUNK_CHARS
 from sandbox_agent.protocol import (
     DoneFrame,
     ProtocolError,
@@ -47,8 +46,6 @@ from sandbox_agent.protocol import (
     check_header,
     parse_loaded,
     parse_ready,
-    parse_variable_header,
-    value_chunk,
 )
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"
@@ -407,29 +404,17 @@ class Executor:
         on_header: Callable[[VariableHeaderFrame], Awaitable[None]],
         on_chunk: Callable[[str], Awaitable[None]],
     ) -> None:
-        """str() of a variable (or of the answer FINAL_VAR gave in the last execution): its
-        header, then its text in chunks pulled one by one from the worker, so that neither the
-        pipe nor a gRPC message ever holds a whole big value. Nothing follows the header when
-        the value is longer than max_chars. A worker lost meanwhile is replaced."""
+        """A variable's header, then its text in chunks (`execution.read_value`). A worker lost
+        meanwhile is replaced."""
         async with self._lock:
             if self._worker is None:
                 await self._replace_worker()
             worker = self._worker
             assert worker is not None
             try:
-                get = encode_json(Kind.GET_VARIABLE, {"name": name, "final": final_answer})
-                header = await ask(worker, get, Kind.VARIABLE, parse_variable_header)
-                await on_header(header)
-                if not header.found or header.chars > max_chars:
-                    return
-                offset = 0
-                while offset < header.chars:
-                    wanted = min(VALUE_CHUNK_CHARS, header.chars - offset)
-                    read = encode_json(Kind.READ_CHUNK, {"offset": offset, "chars": wanted})
-                    parse = functools.partial(value_chunk, expected_chars=wanted)
-                    chunk = await ask(worker, read, Kind.CHUNK, parse)
-                    await on_chunk(chunk)
-                    offset += wanted
+                await read_value(
+                    worker, name, final_answer, max_chars, on_header=on_header, on_chunk=on_chunk
+                )
             except WorkerError:
                 await self._replace_worker()
                 raise
