@@ -210,7 +210,7 @@ class Worker:
             with open(request["path"], encoding="utf-8") as source:
                 value = json.load(source) if request["encoding"] == "json" else source.read()
         except (OSError, ValueError) as exc:
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            return {"error": cut_middle(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)}
         self.namespace.globals[request["name"]] = value
         if request.get("alias"):
             self.namespace.globals[request["alias"]] = value

@@ -23,7 +23,7 @@ from rlm_orchestrator import events as ev
 from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
+from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as sandbox_pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 from sandbox_agent.limits import (
     MAX_PENDING_PROMPTS,
@@ -326,25 +326,31 @@ class HostileAgent(sandbox_pb2_grpc.SandboxServicer):  # type: ignore[misc]
         if self.mode == "flood":
             text = "A" * MB
             while self.sent < 1024 * MB:  # 1 GB attempted
-                await context.write(pb.ExecuteResponse(output=pb.OutputChunk(stream=1, text=text)))
+                await context.write(
+                    sandbox_pb.ExecuteResponse(output=sandbox_pb.OutputChunk(stream=1, text=text))
+                )
                 self.sent += len(text)
         elif self.mode == "requests":
             for i in range(10_000):
-                request = pb.LlmRequest(request_id=i, prompts=["p"], kind=1)
-                await context.write(pb.ExecuteResponse(llm_request=request))
+                request = sandbox_pb.LlmRequest(request_id=i, prompts=["p"], kind=1)
+                await context.write(sandbox_pb.ExecuteResponse(llm_request=request))
         elif self.mode == "big result":
-            result = pb.ExecuteResult(
+            result = sandbox_pb.ExecuteResult(
                 status=1,
                 error="E" * 4 * MB,
-                variables=[pb.Variable(name=f"v{i}", type_name="int") for i in range(100_000)],
+                variables=[
+                    sandbox_pb.Variable(name=f"v{i}", type_name="int") for i in range(100_000)
+                ],
             )
-            await context.write(pb.ExecuteResponse(result=result))
+            await context.write(sandbox_pb.ExecuteResponse(result=result))
             return
         elif self.mode == "huge message":
             await context.write(
-                pb.ExecuteResponse(output=pb.OutputChunk(stream=1, text="B" * 32 * MB))
+                sandbox_pb.ExecuteResponse(
+                    output=sandbox_pb.OutputChunk(stream=1, text="B" * 32 * MB)
+                )
             )
-        await context.write(pb.ExecuteResponse(result=pb.ExecuteResult(status=1)))
+        await context.write(sandbox_pb.ExecuteResponse(result=sandbox_pb.ExecuteResult(status=1)))
 
 
 @asynccontextmanager
