@@ -1,6 +1,7 @@
 """rlm-orchestrator: Recursive Language Models whose REPL runs in sandbox agents over gRPC."""
 
 from rlm_orchestrator.exceptions import (
+    AnswerTooLargeError,
     CompletionTimeoutError,
     ConfigurationError,
     CostLimitExceededError,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "RLM",
+    "AnswerTooLargeError",
     "CodeBlock",
     "CompletionTimeoutError",
     "ConfigurationError",

@@ -13,7 +13,8 @@ RLMError
 │       └── ServerShutdownError the server shut down before the completion ended (retryable)
 └── LimitExceededError          a limit stopped the run; carries the partial answer
     ├── CompletionTimeoutError  timeout_seconds or iteration_timeout_seconds
-    └── CostLimitExceededError  max_cost
+    ├── CostLimitExceededError  max_cost
+    └── AnswerTooLargeError     the final FINAL_VAR answer is over max_answer_chars
 """
 
 from __future__ import annotations
@@ -133,3 +134,8 @@ class CompletionCancelledError(RLMError):
     def __init__(self, message: str, *, partial_answer: str | None = None):
         super().__init__(message)
         self.partial_answer = partial_answer
+
+
+class AnswerTooLargeError(LimitExceededError):
+    """The last FINAL_VAR answer (out of turns: no turn left to shorten it) is longer than
+    max_answer_chars. Earlier in the run the model is told instead, and can shorten it."""

@@ -18,7 +18,9 @@ from opentelemetry.trace import Status, StatusCode
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.exceptions import (
+    AnswerTooLargeError,
     CompletionTimeoutError,
     CostLimitExceededError,
     LMError,
@@ -49,10 +51,12 @@ from rlm_orchestrator.types import (
     RLMIteration,
     UsageSummary,
 )
+from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS, cut_middle
 
 # Not listed as "REPL variables" to the model: what we loaded (it knows), and code.
 _LOADED_NAME = re.compile(r"^(context|history)(_\d+)?$")
 _CODE_TYPES = {"function", "type", "builtin_function_or_method", "method", "ABCMeta"}
+MAX_SHOWN_ERROR_CHARS = 2_000
 DEFERRED_FINAL_NOTE = (
     "Note: your response both ran code and gave a final answer. The answer was not accepted "
     "because you had not seen the code's output yet. Check the output above, then answer with "
@@ -79,6 +83,9 @@ class LoopSettings:
     max_concurrent_sub_calls: int = 16
     # Accept a FINAL given in the same response as code (the original's behaviour).
     final_with_code: bool = False
+    # The longest FINAL_VAR answer, in characters: read from the sandbox in chunks, whole;
+    # a longer one is refused (the model is told, and can shorten it), never cut.
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
 
 
 @dataclass
@@ -203,6 +210,10 @@ class CompletionLoop:
                 f"\n[the sandbox also dropped {result.truncated_chars} characters from the "
                 "middle of this block's output]"
             )
+        if result.status != "ok" and result.error and result.error not in shown:
+            # How the block ended sits at the end of stderr, which a long output pushes out of
+            # view (an output flood, for one): the model must still see it.
+            shown += f"\n[the block ended with: {cut_middle(result.error, MAX_SHOWN_ERROR_CHARS)}]"
         return shown
 
     def _check_budget(self) -> None:
@@ -234,13 +245,15 @@ class CompletionLoop:
         outcome = _Outcome()
         blocks = find_code_blocks(response)
         for index, code in enumerate(blocks):
-            result = await self._run_block(iteration, index, code)
+            result, answer_note = await self._run_block(iteration, index, code)
             record.code_blocks.append(CodeBlock(code, result))
             if result.worker_restarted:
                 outcome.notes.append(
                     f"Note: the sandbox was restarted during block {index + 1}: "
                     "all variables were lost (the contexts were loaded again)."
                 )
+            if answer_note is not None:
+                outcome.notes.append(answer_note)
             if result.final_answer is not None:
                 # FINAL_VAR called inside the code ends the run; later blocks do not run.
                 outcome.answer, outcome.source = result.final_answer, "code"
@@ -255,18 +268,20 @@ class CompletionLoop:
         elif final.kind == "final":
             outcome.answer, outcome.source = final.value, "FINAL"
         else:
-            variable = await self.session.sandbox.client.get_variable(final.value)
-            if variable.found:
-                outcome.answer, outcome.source = variable.value, "FINAL_VAR"
+            read = await self._read_answer(final.value)
+            if read.text is not None:
+                outcome.answer, outcome.source = read.text, "FINAL_VAR"
             else:
-                outcome.notes.append(
-                    f"FINAL_VAR({final.value}) failed: there is no variable named {final.value!r}. "
-                    f"Available variables: {variable.available}. Create it in a ```repl``` block, "
-                    "then answer again."
-                )
+                outcome.notes.append(read.note)
         return record, outcome
 
-    async def _run_block(self, iteration: int, index: int, code: str) -> REPLResult:
+    async def _read_answer(self, name: str | None) -> AnswerRead:
+        return await read_answer(self.session.sandbox.client, name, self.settings.max_answer_chars)
+
+    async def _run_block(
+        self, iteration: int, index: int, code: str
+    ) -> tuple[REPLResult, str | None]:
+        """Run one block; with what the model must be told about its FINAL_VAR, if anything."""
         depth = self.settings.depth
         self.emit(ev.CodeBlockStarted(depth, iteration, index, code))
         calls: list[RLMChatCompletion] = []
@@ -305,6 +320,9 @@ class CompletionLoop:
                 span.set_attribute("rlm.output", telemetry.content(report.stdout + report.stderr))
         if report.agent_span is not None:
             telemetry.export_agent_span(report.agent_span)
+        read = AnswerRead()
+        if report.final_answer_chars is not None:
+            read = await self._read_answer(None)
         result = REPLResult(
             stdout=report.stdout,
             stderr=report.stderr,
@@ -317,12 +335,12 @@ class CompletionLoop:
             status=report.status,
             error=report.error,
             truncated_chars=report.truncated_chars,
-            final_answer=report.final_answer,
+            final_answer=read.text,
             worker_restarted=report.worker_restarted,
             rlm_calls=calls,
         )
         self.emit(ev.CodeBlockFinished(depth, iteration, index, result))
-        return result
+        return result, read.note or None
 
     async def _moved_to_a_new_sandbox(self, lost: SandboxError) -> ExecutionReport:
         """The sandbox died or was cut off under the block: continue in a new one."""
@@ -402,8 +420,16 @@ class CompletionLoop:
         if final is not None and final.kind == "final":
             text = final.value
         elif final is not None:
-            variable = await self.session.sandbox.client.get_variable(final.value)
-            text = variable.value if variable.found else text
+            read = await self._read_answer(final.value)
+            if read.too_large:
+                # No turn is left to shorten it, and no cut is ever silent: fail clearly.
+                raise AnswerTooLargeError(
+                    f"completion stopped: out of turns, and {read.note}",
+                    partial_answer=None,
+                    usage_summary=self.tracker.summary(),
+                    iterations=self.iterations,
+                )
+            text = read.text if read.text is not None else text
         if self.logger:
             self.logger.log(RLMIteration(prompt=prompt, response=answer.text, final_answer=text))
         self.emit(ev.FinalAnswer(self.settings.depth, text, "out_of_turns", self.iterations))

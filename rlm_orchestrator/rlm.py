@@ -21,6 +21,7 @@ from rlm_orchestrator.runner import CompletionRunner, LazyProvider
 from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec, create_provider
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.types import RLMChatCompletion, RLMMetadata
+from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
 
 # environment_kwargs keys that shape the sandbox; the rest go to the provider.
 _SPEC_KEYS = (
@@ -56,6 +57,7 @@ class RLM:
         *,
         on_event: ev.EventHandler | None = None,
         final_with_code: bool = False,
+        max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
     ) -> None:
         self.backend = backend
         self.backend_kwargs = dict(backend_kwargs or {})
@@ -84,6 +86,8 @@ class RLM:
         self.timeout_seconds = timeout_seconds
         self.iteration_timeout_seconds = iteration_timeout_seconds
         self.final_with_code = final_with_code
+        # FINAL_VAR answers up to this many characters come back whole; longer ones are refused.
+        self.max_answer_chars = max_answer_chars
         self._on_event = on_event or ev.ignore_event
         if verbose:
             from rlm_orchestrator.console import EventPrinter
@@ -131,6 +135,7 @@ class RLM:
             exec_timeout_seconds=float(self._spec_options.get("exec_timeout_seconds", 300.0)),
             max_output_chars=int(self._spec_options.get("max_output_chars", 1_000_000)),
             final_with_code=self.final_with_code,
+            max_answer_chars=self.max_answer_chars,
         )
 
     # -- synchronous API --------------------------------------------------------------------

@@ -5,7 +5,9 @@ child processes) lands here. Output is sent to the agent in chunks of up to CHUN
 FLUSH_INTERVAL after the first unsent write, so a block that prints in a tight loop costs a
 few large frames rather than one per print. Past the cap, the first half of the allowance has
 been streamed already; the last half is kept in a bounded tail and sent at the end, after a
-marker saying how much was cut. Memory stays bounded whatever the code prints.
+marker saying how much was cut. Memory stays bounded whatever the code prints. Frames hold
+at most OUTPUT_FRAME_CHARS characters: the agent rejects bigger ones (and counts, and caps,
+what it forwards: this capture is a courtesy of the worker, not the enforcement).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from sandbox_agent.frames import BlockingChannel, Kind
+from sandbox_agent.limits import OUTPUT_FRAME_CHARS
 
 CHUNK_CHARS = 32 * 1024
 FLUSH_INTERVAL = 0.02
@@ -68,18 +71,23 @@ class OutputCapture:
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[int, str]] = []
         self._pending_chars = 0
+        # Head characters sent since the last execution ended: output of threads that outlive
+        # their block. The agent counts them against the next execution, so do we.
+        self._sent_head = {STDOUT: 0, STDERR: 0}
         self.begin(max_chars)
         threading.Thread(target=self._flush_loop, name="output-flusher", daemon=True).start()
 
     def begin(self, max_chars: int) -> None:
         """Start counting a new execution with its own cap (per stream)."""
         with self._lock:
-            self._head_left = {
-                STDOUT: max_chars - max_chars // 2,
-                STDERR: max_chars - max_chars // 2,
-            }
-            self._tails = {STDOUT: _Tail(max_chars // 2), STDERR: _Tail(max_chars // 2)}
+            self._reset(max_chars)
             self.totals = {STDOUT: StreamTotals(), STDERR: StreamTotals()}
+
+    def _reset(self, max_chars: int) -> None:
+        head = max_chars - max_chars // 2
+        self._max_chars = max_chars
+        self._head_left = {s: max(0, head - sent) for s, sent in self._sent_head.items()}
+        self._tails = {STDOUT: _Tail(max_chars // 2), STDERR: _Tail(max_chars // 2)}
 
     def write(self, stream: int, text: str) -> None:
         if not text:
@@ -90,6 +98,7 @@ class OutputCapture:
             if head_left > 0:
                 head = text[:head_left]
                 self._head_left[stream] = head_left - len(head)
+                self._sent_head[stream] += len(head)
                 self._queue(stream, head)
                 text = text[len(head) :]
             if text:
@@ -110,12 +119,17 @@ class OutputCapture:
         run: list[str] = []
         for stream, text in pending:
             if stream != run_stream and run:
-                self._channel.send(run_stream, "".join(run).encode("utf-8", "replace"))
+                self._send(run_stream, "".join(run))
                 run = []
             run_stream = stream
             run.append(text)
         if run:
-            self._channel.send(run_stream, "".join(run).encode("utf-8", "replace"))
+            self._send(run_stream, "".join(run))
+
+    def _send(self, stream: int, text: str) -> None:
+        for start in range(0, len(text), OUTPUT_FRAME_CHARS):
+            piece = text[start : start + OUTPUT_FRAME_CHARS]
+            self._channel.send(stream, piece.encode("utf-8", "replace"))
 
     def flush(self) -> None:
         with self._lock:
@@ -144,6 +158,9 @@ class OutputCapture:
                 if text:
                     self._queue(stream, text)
             self._flush_locked()
+            # What is written from now on (by threads still running) counts for the next one.
+            self._sent_head = {STDOUT: 0, STDERR: 0}
+            self._reset(self._max_chars)
             return self.totals
 
 

@@ -2,28 +2,58 @@
 
 Everything here is asyncio and never blocks the agent's event loop. The worker is a child
 process in a process group of its own, so that stopping runaway code can take its children
-with it. Frames from the worker are read by one task into a queue: waiting on the queue can
+with it. Frames from the worker are read by one task into a bounded inbox: waiting on it can
 be cancelled or timed out without ever cutting a frame in half.
+
+The worker runs hostile code, which can write frames of its own: every frame is checked
+(`protocol.py`), output and sub-calls are counted by the agent itself (`ledger.py`), and a
+worker that breaks the protocol is killed and replaced like one that died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sandbox_agent import strays
-from sandbox_agent.frames import HEADER, MAX_FRAME_BYTES, Kind, encode, encode_json
+from sandbox_agent.execution import (
+    PROTOCOL_BROKEN,
+    ExecutionOutcome,
+    ExecutionSink,
+    Replies,
+    WorkerError,
+    ask,
+    describe_exit,
+    follow,
+    read_value,
+    refusal,
+    reply,
+)
+from sandbox_agent.frames import HEADER, Kind, encode_json
+from sandbox_agent.inbox import Inbox
+from sandbox_agent.ledger import REFUSED_ENDED, ExecutionLedger
+from sandbox_agent.protocol import (
+    DoneFrame,
+    ProtocolError,
+    VariableHeaderFrame,
+    check_header,
+    parse_loaded,
+    parse_ready,
+)
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"
+# Commands and answers written to a worker that does not read them: past this, it is judged
+# to be stalling the agent on purpose (a legitimate worker reads its pipe all the time).
+MAX_COMMAND_BACKLOG = 64 * 1024 * 1024
+__all__ = ["ExecutionOutcome", "ExecutionSink", "Executor", "ExecutorConfig", "WorkerError"]
 
 
 @dataclass
@@ -45,33 +75,6 @@ class ExecutorConfig:
     sandbox_uid: int = 65534  # who user code is outside the jail when the agent runs as root
 
 
-class ExecutionSink(Protocol):
-    """Where an execution's output and sub-LM requests go (the gRPC stream, in the agent)."""
-
-    async def output(self, stream: int, text: str) -> None: ...
-
-    async def llm_request(
-        self, request_id: int, prompts: list[str], model: str, kind: str
-    ) -> None: ...
-
-
-@dataclass
-class ExecutionOutcome:
-    status: str  # ok | error | timeout | worker_died | cancelled
-    error: str = ""
-    stdout_chars: int = 0
-    stderr_chars: int = 0
-    truncated_chars: int = 0
-    variables: list[tuple[str, str]] = field(default_factory=list)
-    duration: float = 0.0
-    final_answer: str | None = None
-    worker_restarted: bool = False
-
-
-class WorkerError(Exception):
-    """The worker could not do what was asked (it died, or refused the request)."""
-
-
 @dataclass
 class _LoadedValue:
     name: str
@@ -90,7 +93,10 @@ class _WorkerProcess:
         self.process = process
         self.pid = process.pid
         self.commands = commands
-        self.inbox: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue()
+        self.inbox = Inbox()
+        # Why the agent killed this worker, when it broke the protocol.
+        self.violation: str | None = None
+        self.replies = Replies()
         self._frames = frames
         self.reader = asyncio.create_task(self._read_frames(), name=f"worker-{self.pid}-frames")
         # In the local jail, the pid namespace takes everything with the worker; elsewhere what
@@ -101,17 +107,33 @@ class _WorkerProcess:
         try:
             while True:
                 size, kind = HEADER.unpack(await self._frames.readexactly(HEADER.size))
-                if size > MAX_FRAME_BYTES:
-                    raise WorkerError(f"worker sent a frame of {size} bytes")
-                self.inbox.put_nowait((kind, await self._frames.readexactly(size)))
-        except (asyncio.IncompleteReadError, WorkerError, OSError):
+                check_header(size, kind)  # before reading (and allocating) the payload
+                await self.inbox.put((kind, await self._frames.readexactly(size)))
+        except ProtocolError as exc:
+            self.fail(str(exc))
+        except (asyncio.IncompleteReadError, OSError):
             self.kill()
         finally:
-            self.inbox.put_nowait(None)
+            self.inbox.close()
+
+    def fail(self, violation: str) -> None:
+        """The worker broke the protocol: kill it and stop reading; the inbox then ends."""
+        if self.violation is None:
+            self.violation = violation
+        self.kill()
+        if self.reader is not asyncio.current_task():
+            self.reader.cancel()
 
     def send(self, data: bytes) -> None:
-        if not self.commands.is_closing():
-            self.commands.write(data)
+        if self.commands.is_closing():
+            return
+        if self.commands.get_write_buffer_size() > MAX_COMMAND_BACKLOG:
+            self.fail(f"it stopped reading its commands ({MAX_COMMAND_BACKLOG} bytes waiting)")
+            return
+        self.commands.write(data)
+
+    async def wait(self) -> int:
+        return await self.process.wait()
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -133,16 +155,6 @@ class _WorkerProcess:
             await self.reader
 
 
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "stopped responding"
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
-        return f"was killed by signal {name}{hint}"
-    return f"exited with code {returncode}"
-
-
 class Executor:
     """Runs code blocks, one at a time, in a worker that it replaces when it dies."""
 
@@ -156,6 +168,8 @@ class Executor:
         self._kill_timer: asyncio.TimerHandle | None = None
         # What the current worker got: "namespaces", "none: <why>" or "off" (from its READY).
         self.isolation = "off"
+        # The running execution's accounting (output, sub-calls in flight).
+        self._ledger: ExecutionLedger | None = None
 
     @property
     def busy(self) -> bool:
@@ -239,24 +253,8 @@ class Executor:
         ]
 
     async def _reply(self, worker: _WorkerProcess, expected: int) -> dict[str, Any]:
-        """The next frame of kind `expected`; strays from background threads are dropped."""
-        while True:
-            frame = await worker.inbox.get()
-            if frame is None:
-                returncode = await worker.process.wait()
-                raise WorkerError(f"the sandbox worker {_describe_exit(returncode)}")
-            kind, payload = frame
-            if kind == expected:
-                result: dict[str, Any] = json.loads(payload)
-                return result
-            if kind == Kind.LLM_REQUEST:
-                request = json.loads(payload)
-                worker.send(self._refusal(request["id"], len(request["prompts"])))
-
-    @staticmethod
-    def _refusal(request_id: int, count: int) -> bytes:
-        error = "Error: llm_query was called outside of a running execution"
-        return encode_json(Kind.LLM_RESPONSE, {"id": request_id, "results": [error] * count})
+        """The next frame of kind `expected`, as a JSON object."""
+        return await reply(worker, worker.replies.expect(expected), parse_ready)
 
     async def _replace_worker(self) -> None:
         if self._worker is not None:
@@ -265,8 +263,8 @@ class Executor:
         await self._spawn()
         assert self._worker is not None
         for value in self._loaded.values():
-            self._worker.send(encode_json(Kind.LOAD, self._load_request(value)))
-            await self._reply(self._worker, Kind.LOADED)
+            load = encode_json(Kind.LOAD, self._load_request(value))
+            await ask(self._worker, load, Kind.LOADED, parse_loaded)
 
     @staticmethod
     def _load_request(value: _LoadedValue) -> dict[str, str]:
@@ -289,7 +287,10 @@ class Executor:
         )
 
     def deliver_llm_response(self, request_id: int, results: Sequence[str]) -> None:
-        if self._worker is not None:
+        ledger = self._ledger
+        # Only answers to requests in flight reach the worker (not one for a refused request,
+        # nor a late one for a worker that was replaced).
+        if self._worker is not None and ledger is not None and ledger.answered(request_id):
             self._worker.send(
                 encode_json(Kind.LLM_RESPONSE, {"id": request_id, "results": list(results)})
             )
@@ -298,58 +299,45 @@ class Executor:
         self, code: str, sink: ExecutionSink, timeout_seconds: float = 0, max_output_chars: int = 0
     ) -> ExecutionOutcome:
         timeout = timeout_seconds or self.config.exec_timeout_seconds
+        cap = max_output_chars or self.config.max_output_chars
         async with self._lock:
             if self._worker is None:
                 await self._replace_worker()
             worker = self._worker
             assert worker is not None
             self._interrupt_reason = None
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            worker.send(
-                encode_json(
-                    Kind.EXECUTE,
-                    {
-                        "code": code,
-                        "max_output_chars": max_output_chars or self.config.max_output_chars,
-                    },
-                )
-            )
+            self._ledger = ledger = ExecutionLedger(cap)
+            started = asyncio.get_running_loop().time()
+            worker.send(encode_json(Kind.EXECUTE, {"code": code, "max_output_chars": cap}))
             try:
-                return await self._follow(worker, sink, started + timeout, timeout)
+                return await self._follow(worker, sink, started + timeout, timeout, ledger)
             finally:
                 if self._kill_timer:
                     self._kill_timer.cancel()
                     self._kill_timer = None
                 self._interrupt_reason = None
+                self._ledger = None
+                # Threads of the code still waiting for sub-calls get an answer: the stream
+                # that would have carried theirs is gone.
+                for request_id, count in ledger.unanswered():
+                    worker.send(refusal(request_id, count, REFUSED_ENDED))
 
     async def _follow(
-        self, worker: _WorkerProcess, sink: ExecutionSink, deadline: float, timeout: float
+        self,
+        worker: _WorkerProcess,
+        sink: ExecutionSink,
+        deadline: float,
+        timeout: float,
+        ledger: ExecutionLedger,
     ) -> ExecutionOutcome:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while True:
-            if self._interrupt_reason is None:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        frame = await worker.inbox.get()
-                except TimeoutError:
-                    self.interrupt(TIMEOUT)
-                    continue
-            else:
-                frame = await worker.inbox.get()  # the kill timer bounds this wait
-            if frame is None:
-                return await self._worker_lost(worker, sink, timeout, loop.time() - started)
-            kind, payload = frame
-            if kind in (Kind.STDOUT, Kind.STDERR):
-                await sink.output(kind, payload.decode("utf-8", "replace"))
-            elif kind == Kind.LLM_REQUEST:
-                request = json.loads(payload)
-                await sink.llm_request(
-                    int(request["id"]), request["prompts"], request["model"], request["kind"]
-                )
-            elif kind == Kind.DONE:
-                return await self._finish(json.loads(payload), sink, timeout)
+        done = await follow(
+            worker, sink, ledger, deadline, lambda: self.stopping, lambda: self.interrupt(TIMEOUT)
+        )
+        if done is None:
+            return await self._worker_lost(worker, sink, timeout, loop.time() - started, ledger)
+        return await self._finish(done, sink, timeout, ledger)
 
     def _interrupt_message(self, timeout: float, killed: bool) -> tuple[str, str]:
         how = "its process group was killed" if killed else "it was interrupted"
@@ -358,40 +346,58 @@ class Executor:
         return CANCELLED, f"CancelledError: execution cancelled by the orchestrator; {how}"
 
     async def _finish(
-        self, done: dict[str, Any], sink: ExecutionSink, timeout: float
+        self, done: DoneFrame, sink: ExecutionSink, timeout: float, ledger: ExecutionLedger
     ) -> ExecutionOutcome:
-        status, error = done["status"], done["error"]
+        status, error = done.status, done.error
         if status == "interrupted":
             status, error = self._interrupt_message(timeout, killed=False)
             await sink.output(Kind.STDERR, error + "\n")
+        for stream, marker in ledger.drop_markers():
+            await sink.output(stream, marker)
         return ExecutionOutcome(
             status=status,
             error=error,
-            stdout_chars=done["stdout_chars"],
-            stderr_chars=done["stderr_chars"],
-            truncated_chars=done["truncated_chars"],
-            variables=[(n, t) for n, t in done["variables"]],
-            duration=done["duration"],
-            final_answer=done["final_answer"],
+            stdout_chars=done.stdout_chars,
+            stderr_chars=done.stderr_chars,
+            truncated_chars=done.truncated_chars + ledger.output.dropped_total,
+            variables=done.variables,
+            variables_omitted=done.variables_omitted,
+            duration=done.duration,
+            final_answer_chars=done.final_answer_chars,
         )
 
     async def _worker_lost(
-        self, worker: _WorkerProcess, sink: ExecutionSink, timeout: float, duration: float
+        self,
+        worker: _WorkerProcess,
+        sink: ExecutionSink,
+        timeout: float,
+        duration: float,
+        ledger: ExecutionLedger,
     ) -> ExecutionOutcome:
+        ledger.unanswered()  # nothing more goes to this worker, nor to its replacement
         returncode = await worker.process.wait()
-        if self._interrupt_reason is not None:
+        for stream, marker in ledger.drop_markers():
+            await sink.output(stream, marker)
+        if worker.violation is not None:
+            status = "worker_died"
+            error = f"SandboxProtocolError: {PROTOCOL_BROKEN}: {worker.violation}; it was killed"
+        elif self._interrupt_reason is not None:
             status, error = self._interrupt_message(timeout, killed=True)
         else:
             status, error = (
                 "worker_died",
-                f"WorkerDied: the sandbox worker {_describe_exit(returncode)}",
+                f"WorkerDied: the sandbox worker {describe_exit(returncode)}",
             )
         restored = ", ".join(self._loaded) or "nothing"
         error += f". A new worker was started: every variable is lost; reloaded: {restored}."
         await sink.output(Kind.STDERR, error + "\n")
         await self._replace_worker()
         return ExecutionOutcome(
-            status=status, error=error, duration=duration, worker_restarted=True
+            status=status,
+            error=error,
+            duration=duration,
+            truncated_chars=ledger.output.dropped_total,
+            worker_restarted=True,
         )
 
     async def reset(self) -> None:
@@ -416,21 +422,33 @@ class Executor:
             if self._worker is None:
                 await self._replace_worker()
             assert self._worker is not None
-            self._worker.send(encode_json(Kind.LOAD, self._load_request(value)))
-            reply = await self._reply(self._worker, Kind.LOADED)
-            if "error" in reply:
-                raise WorkerError(f"could not load {name!r}: {reply['error']}")
+            load = encode_json(Kind.LOAD, self._load_request(value))
+            loaded = await ask(self._worker, load, Kind.LOADED, parse_loaded)
+            if "error" in loaded:
+                raise WorkerError(f"could not load {name!r}: {loaded['error']}")
             self._loaded[name] = value
-            return reply
+            return loaded
 
-    async def get_variable(self, name: str, max_chars: int) -> dict[str, Any]:
+    async def read_variable(
+        self,
+        name: str,
+        *,
+        final_answer: bool,
+        max_chars: int,
+        on_header: Callable[[VariableHeaderFrame], Awaitable[None]],
+        on_chunk: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """A variable's header, then its text in chunks (`execution.read_value`). A worker lost
+        meanwhile is replaced."""
         async with self._lock:
             if self._worker is None:
                 await self._replace_worker()
-            assert self._worker is not None
-            self._worker.send(
-                encode(
-                    Kind.GET_VARIABLE, json.dumps({"name": name, "max_chars": max_chars}).encode()
+            worker = self._worker
+            assert worker is not None
+            try:
+                await read_value(
+                    worker, name, final_answer, max_chars, on_header=on_header, on_chunk=on_chunk
                 )
-            )
-            return await self._reply(self._worker, Kind.VARIABLE)
+            except WorkerError:
+                await self._replace_worker()
+                raise

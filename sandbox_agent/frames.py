@@ -1,8 +1,9 @@
 """Framing of the pipes between the agent and its worker process.
 
-A frame is a 4-byte big-endian length, a 1-byte kind and the payload. Output frames carry
-UTF-8 text; the others carry JSON. Never pickle: the worker runs untrusted code, and what it
-sends must not be able to run code in the agent.
+A frame is a 4-byte big-endian length, a 1-byte kind and the payload. Output frames and value
+chunks carry UTF-8 text; the others carry JSON. Never pickle: the worker runs untrusted code,
+and what it sends must not be able to run code in the agent. User code can also write frames of
+its own to the pipe: the agent checks every frame it reads (`protocol.py`, `limits.py`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 HEADER = struct.Struct(">IB")
-# A frame above this is a protocol error (or a hostile worker): the agent drops the worker.
-MAX_FRAME_BYTES = 256 * 1024 * 1024
+# The worker's sanity limit on what the agent sends it (code, loaded-value paths, sub-call
+# answers): the agent is trusted, this only stops a desynchronised pipe from allocating.
+# What the worker sends is bounded much tighter, by the agent (limits.MAX_FRAME_BYTES).
+MAX_COMMAND_BYTES = 256 * 1024 * 1024
 
 
 class Kind:
@@ -27,6 +30,7 @@ class Kind:
     EXECUTE = ord("E")
     LOAD = ord("L")
     GET_VARIABLE = ord("G")
+    READ_CHUNK = ord("C")
     LLM_RESPONSE = ord("R")
 
     READY = ord("y")
@@ -36,6 +40,7 @@ class Kind:
     DONE = ord("d")
     LOADED = ord("l")
     VARIABLE = ord("v")
+    CHUNK = ord("c")
 
 
 def encode(kind: int, payload: bytes) -> bytes:
@@ -100,8 +105,8 @@ class BlockingChannel:
         if header is None:
             return None
         size, kind = HEADER.unpack(header)
-        if size > MAX_FRAME_BYTES:
-            raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+        if size > MAX_COMMAND_BYTES:
+            raise FrameError(f"frame of {size} bytes exceeds {MAX_COMMAND_BYTES}")
         payload = self._read_exactly(size) if size else b""
         if payload is None:
             return None

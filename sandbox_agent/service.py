@@ -19,11 +19,12 @@ from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
 from sandbox_agent.frames import Kind
 from sandbox_agent.lease import LeaseError, LeaseKeeper
+from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
 from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
 from sandbox_agent.orphan import OrphanWatch
+from sandbox_agent.protocol import VariableHeaderFrame
 from sandbox_agent.tracing import ExecutionSpan
 
-DEFAULT_VARIABLE_CHARS = 16 * 1024 * 1024
 BUSY_POLLS, BUSY_POLL_SECONDS = 50, 0.01
 _STATUS = {
     "ok": pb.EXECUTION_STATUS_OK,
@@ -81,11 +82,12 @@ def _result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
         stderr_chars=outcome.stderr_chars,
         truncated_chars=outcome.truncated_chars,
         variables=[pb.Variable(name=n, type_name=t) for n, t in outcome.variables],
+        variables_omitted=outcome.variables_omitted,
         duration_seconds=outcome.duration,
         worker_restarted=outcome.worker_restarted,
     )
-    if outcome.final_answer is not None:
-        result.final_answer = outcome.final_answer
+    if outcome.final_answer_chars is not None:
+        result.final_answer_chars = outcome.final_answer_chars
     return result
 
 
@@ -257,22 +259,38 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "header.encoding must be TEXT or JSON"
             )
 
-    async def GetVariable(
+    async def GetVariable(  # type: ignore[override]  # writes via context.write
         self,
         request: pb.GetVariableRequest,
         context: grpc.aio.ServicerContext[pb.GetVariableRequest, pb.GetVariableResponse],
-    ) -> pb.GetVariableResponse:
+    ) -> None:
         await self._require_lease(context)
-        reply = await self._executor.get_variable(
-            request.name, request.max_chars or DEFAULT_VARIABLE_CHARS
-        )
-        return pb.GetVariableResponse(
-            found=reply["found"],
-            value=reply.get("value", ""),
-            type_name=reply.get("type_name", ""),
-            truncated=reply.get("truncated", False),
-            available=reply["available"],
-        )
+
+        async def on_header(header: VariableHeaderFrame) -> None:
+            message = pb.VariableHeader(
+                found=header.found,
+                type_name=header.type_name,
+                chars=header.chars,
+                available=header.available,
+            )
+            await context.write(pb.GetVariableResponse(header=message))
+
+        async def on_chunk(text: str) -> None:
+            await context.write(pb.GetVariableResponse(chunk=text))
+
+        try:
+            await self._executor.read_variable(
+                request.name,
+                final_answer=request.final_answer,
+                max_chars=request.max_chars or DEFAULT_MAX_ANSWER_CHARS,
+                on_header=on_header,
+                on_chunk=on_chunk,
+            )
+        except WorkerError as exc:
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                f"{exc}. A new worker was started: every variable is lost.",
+            )
 
     async def _require_lease(self, context: Any) -> None:
         if self._leases is not None:

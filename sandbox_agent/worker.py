@@ -28,6 +28,13 @@ from typing import Any
 from sandbox_agent.capture import STDERR, STDOUT, CaptureStream, OutputCapture
 from sandbox_agent.fd_capture import FdCapture
 from sandbox_agent.frames import BlockingChannel, Kind
+from sandbox_agent.limits import (
+    MAX_ERROR_CHARS,
+    MAX_NAME_CHARS,
+    MAX_VARIABLES,
+    VALUE_CHUNK_CHARS,
+    cut_middle,
+)
 from sandbox_agent.namespace import LlmBridge, Namespace
 
 MAX_TRACEBACK_FRAMES = 6
@@ -100,6 +107,8 @@ class Worker:
         self.pid = os.getpid()
         # What the agent reports in GetInfo: "namespaces", "none: <why>", or "off".
         self.isolation = "off"
+        # str() of the value a GetVariable is reading, until the agent has all its chunks.
+        self.reading: str | None = None
 
     def read_commands(self) -> None:
         """Reader thread: answers go straight to waiting callers, the rest to the main loop."""
@@ -125,6 +134,10 @@ class Worker:
                 return
             kind, payload = frame
             request = json.loads(payload)
+            if kind == Kind.READ_CHUNK:
+                self.channel.send(Kind.CHUNK, self.read_chunk(request))
+                continue
+            self.reading = None
             if kind == Kind.EXECUTE:
                 self.channel.send_json(Kind.DONE, self.execute(request))
             elif kind == Kind.LOAD:
@@ -162,6 +175,7 @@ class Worker:
         self.namespace.restore_helpers()
         if status == "error":
             self.capture.write(STDERR, error + "\n")  # the agent words interruptions itself
+            error = cut_middle(error, MAX_ERROR_CHARS)
         for original in (sys.__stdout__, sys.__stderr__):
             # Code that wrote to the real files (sys.__stdout__) reaches fd 1/2 on flush.
             if original is not None:
@@ -170,23 +184,37 @@ class Worker:
         for fd_capture in self.fd_captures:
             fd_capture.drain()
         totals = self.capture.end()
+        variables, omitted = self._listed_variables()
+        final = self.namespace.final_answer
         return {
             "status": status,
             "error": error,
             "stdout_chars": totals[STDOUT].chars,
             "stderr_chars": totals[STDERR].chars,
             "truncated_chars": totals[STDOUT].dropped + totals[STDERR].dropped,
-            "variables": self.namespace.user_variables(),
+            "variables": variables,
+            "variables_omitted": omitted,
             "duration": duration,
-            "final_answer": self.namespace.final_answer,
+            # Only the length travels here: the text is read in chunks (GetVariable).
+            "final_answer_chars": None if final is None else len(final),
         }
+
+    def _listed_variables(self) -> tuple[list[tuple[str, str]], int]:
+        """The user variables as the agent accepts them: a bounded list, bounded names."""
+        every = self.namespace.user_variables()
+        listed = [
+            (name, type_name[:MAX_NAME_CHARS])
+            for name, type_name in every
+            if len(name) <= MAX_NAME_CHARS
+        ][:MAX_VARIABLES]
+        return listed, len(every) - len(listed)
 
     def load(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
             with open(request["path"], encoding="utf-8") as source:
                 value = json.load(source) if request["encoding"] == "json" else source.read()
         except (OSError, ValueError) as exc:
-            return {"error": f"{type(exc).__name__}: {exc}"}
+            return {"error": cut_middle(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)}
         self.namespace.globals[request["name"]] = value
         if request.get("alias"):
             self.namespace.globals[request["alias"]] = value
@@ -194,22 +222,33 @@ class Worker:
         return {"type_name": type(value).__name__, "length": length}
 
     def get_variable(self, request: dict[str, Any]) -> dict[str, Any]:
-        found, value = self.namespace.lookup(request["name"])
-        available = [name for name, _ in self.namespace.user_variables()]
+        """The header of a variable (or of the FINAL_VAR answer); its text is then read in
+        chunks (`read_chunk`), so that no frame has to hold a value of any size."""
+        available = [name for name, _ in self._listed_variables()[0]]
+        if request.get("final"):
+            found, value = self.namespace.final_answer is not None, self.namespace.final_answer
+        else:
+            found, value = self.namespace.lookup(request["name"])
         if not found:
             return {"found": False, "available": available}
         try:
             text = str(value)
         except Exception as exc:  # a user __str__ can fail; say so rather than crash
             text = f"Error: str() of the variable failed: {type(exc).__name__}: {exc}"
-        max_chars = int(request["max_chars"])
+        self.reading = str.__str__(text)  # an exact str: a subclass could redefine slicing
         return {
             "found": True,
-            "value": text[:max_chars],
-            "type_name": type(value).__name__,
-            "truncated": len(text) > max_chars,
+            "type_name": type(value).__name__[:MAX_NAME_CHARS],
+            "chars": len(self.reading),
             "available": available,
         }
+
+    def read_chunk(self, request: dict[str, Any]) -> bytes:
+        text = self.reading or ""
+        start = int(request["offset"])
+        piece = text[start : start + min(int(request["chars"]), VALUE_CHUNK_CHARS)]
+        # "replace": a lone surrogate becomes "?", one character for one, as gRPC needs UTF-8.
+        return piece.encode("utf-8", "replace")
 
 
 def main(argv: list[str] | None = None) -> None:

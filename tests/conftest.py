@@ -101,7 +101,7 @@ def _our_containers(all_managed: bool = False) -> set[str]:
     client = docker.from_env()
     try:
         label = "rlm.managed=true" if all_managed else f"rlm.owner={OWNER}"
-        found = client.containers.list(all=True, filters={"label": label})
+        found = client.containers.list(all=True, filters={"label": label}, ignore_removed=True)
         # The session's fleet agents live for the whole run (and are checked at its end).
         return {c.id for c in found if all_managed or c.labels.get("rlm.role") != "fleet-agent"}
     finally:

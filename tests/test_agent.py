@@ -227,10 +227,13 @@ async def test_syntax_error_and_system_exit_are_errors_not_crashes(sandbox: Sand
 
 
 async def test_final_var_inside_code_sets_final_answer(sandbox: Sandbox) -> None:
-    report = await run(sandbox, "answer = [1, 2]\nFINAL_VAR('answer')")
-    assert report.final_answer == "[1, 2]"
+    report = await run(sandbox, "answer = [1, 2]\nFINAL_VAR('answer')\nanswer.append(3)")
+    assert report.final_answer_chars == 6  # the text travels apart, in chunks
+    value = await sandbox.client.get_variable(final_answer=True)
+    assert value.found and value.value == "[1, 2]"  # as it was at the call
     missing = await run(sandbox, "print(FINAL_VAR('nope'))")
-    assert missing.final_answer is None and "not found" in missing.stdout
+    assert missing.final_answer_chars is None and "not found" in missing.stdout
+    assert not (await sandbox.client.get_variable(final_answer=True)).found
 
 
 async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
@@ -240,9 +243,69 @@ async def test_load_value_large_json_and_get_variable(sandbox: Sandbox) -> None:
     report = await run(sandbox, "print(len(context['items']), context is context_0)")
     assert report.stdout == "6000 True\n"
     value = await sandbox.client.get_variable("context_0", max_chars=10)
-    assert value.found and value.truncated and len(value.value) == 10
+    assert value.found and value.too_large and value.value == ""  # refused, never cut
+    assert value.chars == len(str(big))
+    whole = await sandbox.client.get_variable("context_0")
+    assert whole.value == str(big) and whole.type_name == "dict"
     missing = await sandbox.client.get_variable("'nothing'")
     assert not missing.found and "context" in missing.available
+
+
+async def test_big_prompts_are_split_across_requests_or_refused(sandbox: Sandbox) -> None:
+    # One request carries at most 16 MiB: a bigger batch goes as several requests, a prompt
+    # bigger than that gets an error string (a sub-call is never a 17 MB message).
+    recorder = Recorder()
+    code = (
+        "big = ['a' * 7_000_000, 'b' * 7_000_000, 'c' * 7_000_000]\n"
+        "print([answer[:11] for answer in llm_query_batched(big)])\n"
+        "print(llm_query('d' * 17_000_000)[:60])"
+    )
+    report = await run(sandbox, code, recorder)
+    assert report.status == "ok", report
+    first, second = report.stdout.splitlines()
+    assert first == "['answer to a', 'answer to b', 'answer to c']"
+    assert second.startswith("Error: the prompt has 17000002 bytes encoded, more than one")
+    assert [e for e in recorder.events if e[0] == "sub_call"] == [
+        ("sub_call", "llm_query::2"),
+        ("sub_call", "llm_query::1"),
+    ]
+
+
+async def test_a_read_given_up_half_way_does_not_confuse_the_next_one(sandbox: Sandbox) -> None:
+    # The agent pulls a value from its worker chunk by chunk: a caller that goes away leaves
+    # a reply owed, which must be dropped, not taken for the next caller's (or for an attack).
+    await run(sandbox, "big = 'x' * 30_000_000\nsmall = 'y'")
+    state = sandbox.provider_state
+    async with grpc.aio.insecure_channel(f"unix:{state.root / 'agent.sock'}") as channel:
+        call = sandbox_pb2_grpc.SandboxStub(channel).GetVariable(pb.GetVariableRequest(name="big"))
+        messages = aiter(call)
+        assert (await anext(messages)).header.chars == 30_000_000
+        assert len((await anext(messages)).chunk) == 256 * 1024
+        call.cancel()
+    value = await sandbox.client.get_variable("small")
+    assert value.value == "y" and value.type_name == "str"
+    report = await run(sandbox, "print(len(big))")
+    assert report.stdout == "30000000\n" and not report.worker_restarted
+
+
+async def test_output_of_a_thread_that_outlives_its_block_counts_for_the_next(
+    sandbox: Sandbox,
+) -> None:
+    # The agent counts what arrives between blocks against the next one; so must the worker,
+    # or an honest worker would look like one that bypasses its cap.
+    code = (
+        "import threading, time\n"
+        "def chatter():\n"
+        "    for _ in range(300):\n"
+        "        print('z' * 99)\n"
+        "        time.sleep(0.001)\n"
+        "threading.Thread(target=chatter, daemon=True).start()"
+    )
+    await run(sandbox, code, max_output_chars=1_000)
+    report = await run(sandbox, "time.sleep(0.5)\nprint('w' * 5_000)", max_output_chars=1_000)
+    assert report.status == "ok" and not report.worker_restarted
+    assert "the sandbox agent dropped" not in report.stdout
+    assert len(report.stdout) <= 1_000 + 100
 
 
 async def test_bad_requests_get_clear_status_codes(sandbox: Sandbox) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlm_orchestrator.exceptions import ConfigurationError
-from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport, SubCallOutcome
+from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import (
     Sandbox,
     SandboxProvider,
@@ -13,6 +13,7 @@ from rlm_orchestrator.sandbox.base import (
     SupportsReconcile,
     SupportsWarmUp,
 )
+from rlm_orchestrator.sandbox.execution_stream import ExecutionReport, SubCallOutcome
 
 __all__ = [
     "AgentClient",

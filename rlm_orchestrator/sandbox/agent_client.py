@@ -2,32 +2,55 @@
 
 Every gRPC failure becomes a SandboxError here, with the status code and what we were doing;
 callers never see a raw grpc.aio.AioRpcError.
+
+The agent is not trusted either (in Docker, user code runs as the agent's own uid): what it
+sends is bounded again here (`sandbox_agent.limits`): output kept per stream, sub-calls in
+flight, the result's fields, the size of any one message; an agent that floods is given up on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import context as otel_context
 
-from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox.execution_stream import (
+    ExecutionReport,
+    ExecutionStream,
+    OutputHandler,
+    SubCallHandler,
+)
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
+from sandbox_agent.limits import (
+    DEFAULT_MAX_ANSWER_CHARS,
+    MAX_FRAME_BYTES,
+    MAX_NAME_CHARS,
+    MAX_VARIABLES,
+    MIB,
+)
 
+__all__ = ["AgentClient", "ExecutionReport", "VariableValue"]
 LOAD_CHUNK_BYTES = 1024 * 1024
 LEASE_METADATA = "rlm-lease"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What we send: contexts go in 1 MiB chunks, but one LlmResponse carries the answers to a
+# whole request (up to 1,000 prompts).
+MAX_SEND_MESSAGE_BYTES = 64 * MIB
+# What we accept in one message: the largest an honest agent sends is an LlmRequest built from
+# one worker frame (MAX_FRAME_BYTES of JSON, which is never smaller than its protobuf form)
+# plus its envelope. Output comes in 64 Ki-character chunks, values in 256 Ki-character ones.
+# gRPC holds one message whole before handing it over: this is also what one call can make us
+# hold at once.
+MAX_RECEIVE_MESSAGE_BYTES = MAX_FRAME_BYTES + 1 * MIB
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
     # Executions can run for minutes without a byte; keepalive pings keep NATs and proxies
     # from dropping the stream (the agent permits one every 10 s).
     ("grpc.keepalive_time_ms", 20_000),
@@ -39,57 +62,27 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-STDOUT, STDERR = "stdout", "stderr"
-_STATUS_NAMES = {
-    pb.EXECUTION_STATUS_OK: "ok",
-    pb.EXECUTION_STATUS_ERROR: "error",
-    pb.EXECUTION_STATUS_TIMEOUT: "timeout",
-    pb.EXECUTION_STATUS_WORKER_DIED: "worker_died",
-    pb.EXECUTION_STATUS_CANCELLED: "cancelled",
-}
-
-
-@dataclass
-class SubCallOutcome:
-    """The answer to one prompt of a sub-LM request: text, or an error message."""
-
-    text: str | None = None
-    error: str | None = None
-
-
-OutputHandler = Callable[[str, str], Awaitable[None]]
-# (prompts, model or "", kind "llm_query" | "rlm_query") -> one outcome per prompt, in order.
-SubCallHandler = Callable[[list[str], str, str], Awaitable[Sequence[SubCallOutcome]]]
-
-
-@dataclass
-class ExecutionReport:
-    """An execution as the orchestrator saw it: output gathered from the stream + summary."""
-
-    status: str
-    stdout: str
-    stderr: str
-    error: str
-    variables: list[tuple[str, str]] = field(default_factory=list)
-    duration: float = 0.0
-    truncated_chars: int = 0
-    final_answer: str | None = None
-    worker_restarted: bool = False
-    # The agent's span of this execution (when traced), for the orchestrator to export.
-    agent_span: pb.AgentSpan | None = None
 
 
 @dataclass
 class VariableValue:
+    """str() of a variable. When it is longer than the caller's limit, `value` is empty and
+    `too_large` is set: never a silent cut."""
+
     found: bool
     value: str = ""
     type_name: str = ""
-    truncated: bool = False
+    chars: int = 0
     available: list[str] = field(default_factory=list)
+    too_large: bool = False
 
 
 def _sandbox_error(doing: str, exc: grpc.aio.AioRpcError) -> SandboxError:
     return SandboxError(f"sandbox agent failed while {doing}: {exc.code().name}: {exc.details()}")
+
+
+def _broken(doing: str, what: str) -> SandboxError:
+    return SandboxError(f"the sandbox agent broke its protocol while {doing}: {what}")
 
 
 class AgentClient:
@@ -244,15 +237,57 @@ class AgentClient:
             raise _sandbox_error(f"loading {name!r}", exc) from exc
         return reply
 
-    async def get_variable(self, name: str, max_chars: int = 0) -> VariableValue:
+    async def get_variable(
+        self,
+        name: str = "",
+        *,
+        final_answer: bool = False,
+        max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+    ) -> VariableValue:
+        """str() of a variable (or, with final_answer, of what FINAL_VAR gave in the last
+        execution), streamed in chunks; not sent when longer than max_chars."""
+        doing = "reading the FINAL_VAR answer" if final_answer else f"reading variable {name!r}"
+        request = pb.GetVariableRequest(name=name, max_chars=max_chars, final_answer=final_answer)
+        call = self._stub.GetVariable(request, metadata=self._metadata)
+        self._calls.add(call)
+        header: pb.VariableHeader | None = None
+        parts: list[str] = []
+        received = expected = 0
         try:
-            reply = await self._stub.GetVariable(
-                pb.GetVariableRequest(name=name, max_chars=max_chars), metadata=self._metadata
-            )
+            async for message in call:
+                if header is None:
+                    if message.WhichOneof("kind") != "header":
+                        raise _broken(doing, "the stream did not start with a header")
+                    header = message.header
+                    expected = header.chars if header.found and header.chars <= max_chars else 0
+                    continue
+                received += len(message.chunk)
+                if message.WhichOneof("kind") != "chunk" or received > expected:
+                    raise _broken(doing, f"it sent more than the {expected} characters due")
+                parts.append(message.chunk)
         except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error(f"reading variable {name!r}", exc) from exc
+            raise _sandbox_error(doing, exc) from exc
+        except asyncio.CancelledError:
+            if self._abort_reason is None:
+                raise
+            raise SandboxError(f"the sandbox agent was lost: {self._abort_reason}") from None
+        finally:
+            self._calls.discard(call)
+        if header is None:
+            raise _broken(doing, "the stream ended without a header")
+        available = [n[:MAX_NAME_CHARS] for n in header.available[:MAX_VARIABLES]]
+        if not header.found:
+            return VariableValue(False, available=available)
+        too_large = header.chars > max_chars
+        if not too_large and received != header.chars:
+            raise _broken(doing, f"it sent {received} of the {header.chars} characters announced")
         return VariableValue(
-            reply.found, reply.value, reply.type_name, reply.truncated, list(reply.available)
+            True,
+            "".join(parts),
+            header.type_name[:MAX_NAME_CHARS],
+            header.chars,
+            available,
+            too_large,
         )
 
     async def execute(
@@ -284,31 +319,7 @@ class AgentClient:
             while (message := await outgoing.get()) is not None:
                 yield message
 
-        async def answer(request: pb.LlmRequest) -> None:
-            kind = "rlm_query" if request.kind == pb.LLM_REQUEST_KIND_RLM_QUERY else "llm_query"
-            # Sub-call spans are children of the agent's execution span (this task only).
-            parent = telemetry.context_from(request.traceparent)
-            token = otel_context.attach(parent) if parent is not None else None
-            try:
-                outcomes = await on_sub_call(list(request.prompts), request.model, kind)
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-            results = [
-                pb.LlmResult(error=o.error)
-                if o.error is not None
-                else pb.LlmResult(text=o.text or "")
-                for o in outcomes
-            ]
-            outgoing.put_nowait(
-                pb.ExecuteRequest(
-                    llm_response=pb.LlmResponse(request_id=request.request_id, results=results)
-                )
-            )
-
-        stdout: list[str] = []
-        stderr: list[str] = []
-        sub_calls: set[asyncio.Task[None]] = set()
+        stream = ExecutionStream(max_output_chars, on_output, on_sub_call, outgoing.put_nowait)
         # The trace context rides the call's metadata too, for gRPC-level tooling.
         metadata = (
             (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
@@ -318,17 +329,7 @@ class AgentClient:
         result: pb.ExecuteResult | None = None
         try:
             async for message in call:
-                kind = message.WhichOneof("kind")
-                if kind == "output":
-                    stream = STDOUT if message.output.stream == pb.OUTPUT_STREAM_STDOUT else STDERR
-                    (stdout if stream == STDOUT else stderr).append(message.output.text)
-                    await on_output(stream, message.output.text)
-                elif kind == "llm_request":
-                    task = asyncio.create_task(answer(message.llm_request))
-                    sub_calls.add(task)
-                    task.add_done_callback(sub_calls.discard)
-                elif kind == "result":
-                    result = message.result
+                if (result := await stream.receive(message)) is not None:
                     break
         except grpc.aio.AioRpcError as exc:
             raise _sandbox_error("executing code", exc) from exc
@@ -339,24 +340,9 @@ class AgentClient:
         finally:
             self._calls.discard(call)
             outgoing.put_nowait(None)
-            for task in sub_calls:
-                task.cancel()
             if result is None:
                 call.cancel()
-            for task in list(sub_calls):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await stream.close()
         if result is None:
             raise SandboxError("the sandbox agent closed the execution stream without a result")
-        return ExecutionReport(
-            status=_STATUS_NAMES.get(result.status, "error"),
-            stdout="".join(stdout),
-            stderr="".join(stderr),
-            error=result.error,
-            variables=[(v.name, v.type_name) for v in result.variables],
-            duration=result.duration_seconds,
-            truncated_chars=result.truncated_chars,
-            final_answer=result.final_answer if result.HasField("final_answer") else None,
-            worker_restarted=result.worker_restarted,
-            agent_span=result.span if result.HasField("span") else None,
-        )
+        return await stream.report(result)

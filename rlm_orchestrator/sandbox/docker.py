@@ -328,7 +328,10 @@ class DockerProvider:
     async def _reconcile(self) -> int:
         docker = await self._docker()
         containers = await asyncio.to_thread(
-            docker.containers.list, all=True, filters={"label": f"{MANAGED}=true"}
+            docker.containers.list,
+            all=True,
+            filters={"label": f"{MANAGED}=true"},
+            ignore_removed=True,  # another orchestrator may be removing one meanwhile
         )
         removed = 0
         for container in containers:

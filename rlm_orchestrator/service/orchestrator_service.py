@@ -279,6 +279,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             exec_timeout_seconds=limits.exec_timeout_seconds,
             final_with_code=option("final_with_code", False),
             system_prompt=option("system_prompt", DEFAULT_SYSTEM_PROMPT),
+            # FINAL_VAR answers are read from the sandbox up to the size the server may send.
+            max_answer_chars=self.settings.max_answer_chars,
         )
         spec = SandboxSpec(session_id="", exec_timeout_seconds=loop_settings.exec_timeout_seconds)
         return CompletionRunner(router, provider, loop_settings, spec, logger=self._logger)

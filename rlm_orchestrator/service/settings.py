@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMClientConfig
+from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
 
 CONFIG_ENV = "RLM_SERVER_CONFIG"
 # The CompletionOptions that are limits: each has a ceiling and a default_ setting.
@@ -135,8 +136,9 @@ class ServerSettings(BaseSettings):
     max_sandboxes: int = Field(128, ge=1)
     # Largest context accepted, in bytes (RESOURCE_EXHAUSTED above it).
     max_context_bytes: int = Field(512 * 1024 * 1024, ge=1)
-    # Longest final answer sent (in 1 Mi-character parts); longer fails with ANSWER_TOO_LARGE.
-    max_answer_chars: int = Field(100_000_000, ge=1)
+    # Longest final answer: read from the sandbox (a longer FINAL_VAR is refused and the model
+    # told) and sent in 1 Mi-character parts (a longer FINAL fails with ANSWER_TOO_LARGE).
+    max_answer_chars: int = Field(DEFAULT_MAX_ANSWER_CHARS, ge=1)
     # Text fields of progress events keep their head and tail up to this many characters.
     event_excerpt_chars: int = Field(65_536, ge=256)
     # Events waiting for a slow client, per completion; beyond it output and sub-call events

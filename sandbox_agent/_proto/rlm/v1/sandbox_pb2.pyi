@@ -83,7 +83,11 @@ class _ExecutionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Execu
     EXECUTION_STATUS_TIMEOUT: _ExecutionStatus.ValueType  # 3
     """The code exceeded its time limit and was stopped."""
     EXECUTION_STATUS_WORKER_DIED: _ExecutionStatus.ValueType  # 4
-    """The worker process died under the code (os._exit, a signal, the memory limit...)."""
+    """The worker process died under the code (os._exit, a signal, the memory limit...), or the
+    agent killed it because it broke the agent <-> worker protocol (raw frames written by user
+    code: a flood past the output cap, an unknown or oversized frame, a reply that does not
+    parse); `error` then says "the sandbox broke its protocol: ...". A new worker replaces it.
+    """
     EXECUTION_STATUS_CANCELLED: _ExecutionStatus.ValueType  # 5
     """The orchestrator cancelled the execution."""
 
@@ -98,7 +102,11 @@ EXECUTION_STATUS_ERROR: ExecutionStatus.ValueType  # 2
 EXECUTION_STATUS_TIMEOUT: ExecutionStatus.ValueType  # 3
 """The code exceeded its time limit and was stopped."""
 EXECUTION_STATUS_WORKER_DIED: ExecutionStatus.ValueType  # 4
-"""The worker process died under the code (os._exit, a signal, the memory limit...)."""
+"""The worker process died under the code (os._exit, a signal, the memory limit...), or the
+agent killed it because it broke the agent <-> worker protocol (raw frames written by user
+code: a flood past the output cap, an unknown or oversized frame, a reply that does not
+parse); `error` then says "the sandbox broke its protocol: ...". A new worker replaces it.
+"""
 EXECUTION_STATUS_CANCELLED: ExecutionStatus.ValueType  # 5
 """The orchestrator cancelled the execution."""
 Global___ExecutionStatus: _TypeAlias = ExecutionStatus  # noqa: Y015
@@ -310,7 +318,10 @@ Global___ExecuteResponse: _TypeAlias = ExecuteResponse  # noqa: Y015
 @_typing.final
 class OutputChunk(_message.Message):
     """A piece of output. Chunks of one stream concatenate, in order, to that stream's output
-    (including the truncation marker when the cap was reached).
+    (including the truncation marker when the cap was reached). The agent forwards at most
+    max_output_chars + 256 characters per stream and execution (the worker's head, its cut
+    marker, its tail), whatever the worker sends; more is dropped, counted in
+    ExecuteResult.truncated_chars and announced by one marker at the end of the stream.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -336,7 +347,11 @@ Global___OutputChunk: _TypeAlias = OutputChunk  # noqa: Y015
 @_typing.final
 class LlmRequest(_message.Message):
     """One or more prompts from user code. Several requests can be outstanding at once (user code
-    may call llm_query from threads); request_id correlates the answer.
+    may call llm_query from threads); request_id correlates the answer. Bounds (enforced by the
+    agent, and again by the orchestrator): at most 1,000 prompts and 16 MiB per request; at
+    most 256 requests, 4,096 prompts and 32 MiB of prompts outstanding per execution. A
+    request beyond them is answered by the agent at once with errors, never forwarded (the
+    worker waits for room itself; one that sends more than 256 such requests is killed).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -387,31 +402,43 @@ class ExecuteResult(_message.Message):
     TRUNCATED_CHARS_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
-    FINAL_ANSWER_FIELD_NUMBER: _builtins.int
     WORKER_RESTARTED_FIELD_NUMBER: _builtins.int
     SPAN_FIELD_NUMBER: _builtins.int
+    FINAL_ANSWER_CHARS_FIELD_NUMBER: _builtins.int
+    VARIABLES_OMITTED_FIELD_NUMBER: _builtins.int
     status: Global___ExecutionStatus.ValueType
     error: _builtins.str
     """For any status but OK: "ExceptionType: message", with a short traceback of the user's code
-    for ERROR. This text is also the tail of the stderr stream.
+    for ERROR (at most 16,384 characters: a longer one keeps its head and tail around a
+    marker). This text is also the tail of the stderr stream.
     """
     stdout_chars: _builtins.int
     """Characters the code wrote to each stream, including those cut by the output cap."""
     stderr_chars: _builtins.int
     truncated_chars: _builtins.int
-    """Characters dropped by the output cap (0 when nothing was cut)."""
+    """Characters dropped by the output cap (0 when nothing was cut), the worker's cut and the
+    agent's (output written past the worker's capture) together.
+    """
     duration_seconds: _builtins.float
     """Wall-clock time of the execution inside the agent."""
-    final_answer: _builtins.str
-    """Set when the code called FINAL_VAR(name) on an existing variable: str() of its value."""
     worker_restarted: _builtins.bool
     """True when the worker was replaced during this execution: every variable is gone, loaded
     values (contexts, histories) were loaded again.
     """
+    final_answer_chars: _builtins.int
+    """Set when the code called FINAL_VAR on an existing variable (or on a value): the length, in
+    characters, of str() of it as it was at that call. The text stays in the worker until the
+    next execution; read it with GetVariable(final_answer=true), streamed in chunks.
+    """
+    variables_omitted: _builtins.int
+    """User variables not listed in `variables` (past the first 1,000, or with names longer than
+    256 characters).
+    """
     @_builtins.property
     def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variable]:
         """User variables after the execution (names not starting with "_", helpers excluded), in
-        definition order, with their type names.
+        definition order, with their type names: at most 1,000, names and type names of at most
+        256 characters (longer names are not listed; see variables_omitted).
         """
 
     @_builtins.property
@@ -428,17 +455,18 @@ class ExecuteResult(_message.Message):
         truncated_chars: _builtins.int = ...,
         variables: _abc.Iterable[Global___Variable] | None = ...,
         duration_seconds: _builtins.float = ...,
-        final_answer: _builtins.str | None = ...,
         worker_restarted: _builtins.bool = ...,
         span: Global___AgentSpan | None = ...,
+        final_answer_chars: _builtins.int | None = ...,
+        variables_omitted: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer", "final_answer", b"final_answer", "span", b"span"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars", "final_answer_chars", b"final_answer_chars", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer", "duration_seconds", b"duration_seconds", "error", b"error", "final_answer", b"final_answer", "span", b"span", "status", b"status", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "truncated_chars", b"truncated_chars", "variables", b"variables", "worker_restarted", b"worker_restarted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars", "duration_seconds", b"duration_seconds", "error", b"error", "final_answer_chars", b"final_answer_chars", "span", b"span", "status", b"status", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "truncated_chars", b"truncated_chars", "variables", b"variables", "variables_omitted", b"variables_omitted", "worker_restarted", b"worker_restarted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__final_answer: _TypeAlias = _typing.Literal["final_answer"]  # noqa: Y015
-    _WhichOneofArgType__final_answer: _TypeAlias = _typing.Literal["_final_answer", b"_final_answer"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__final_answer) -> _WhichOneofReturnType__final_answer | None: ...
+    _WhichOneofReturnType__final_answer_chars: _TypeAlias = _typing.Literal["final_answer_chars"]  # noqa: Y015
+    _WhichOneofArgType__final_answer_chars: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__final_answer_chars) -> _WhichOneofReturnType__final_answer_chars | None: ...
 
 Global___ExecuteResult: _TypeAlias = ExecuteResult  # noqa: Y015
 
@@ -655,19 +683,27 @@ class GetVariableRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     MAX_CHARS_FIELD_NUMBER: _builtins.int
+    FINAL_ANSWER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Variable name; surrounding quotes and whitespace are ignored."""
     max_chars: _builtins.int
-    """Longest value returned, in characters; longer values are cut. 0 = agent default."""
+    """Longest value sent, in characters. A longer value is not sent: the header says how long it
+    is and no chunk follows. 0 = the agent's default, 67,108,864 (64 Mi).
+    """
+    final_answer: _builtins.bool
+    """Read the answer that FINAL_VAR gave inside the last execution (ExecuteResult.
+    final_answer_chars) instead of a variable; `name` is ignored.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         max_chars: _builtins.int = ...,
+        final_answer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chars", b"max_chars", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_answer", b"final_answer", "max_chars", b"max_chars", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -675,41 +711,69 @@ Global___GetVariableRequest: _TypeAlias = GetVariableRequest  # noqa: Y015
 
 @_typing.final
 class GetVariableResponse(_message.Message):
+    """One message of a GetVariable stream: the header first, then the value's chunks in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.str
+    """The next characters of str() of the value; at most 262,144 characters per message."""
+    @_builtins.property
+    def header(self) -> Global___VariableHeader: ...
+    def __init__(
+        self,
+        *,
+        header: Global___VariableHeader | None = ...,
+        chunk: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___GetVariableResponse: _TypeAlias = GetVariableResponse  # noqa: Y015
+
+@_typing.final
+class VariableHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FOUND_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
     TYPE_NAME_FIELD_NUMBER: _builtins.int
-    TRUNCATED_FIELD_NUMBER: _builtins.int
+    CHARS_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
-    """False when the namespace has no such variable."""
-    value: _builtins.str
-    """str() of the value when found."""
+    """False when the namespace has no such variable (or no FINAL_VAR answer is held)."""
     type_name: _builtins.str
-    """type(value).__name__ when found."""
-    truncated: _builtins.bool
-    """True when `value` was cut to max_chars."""
+    """type(value).__name__ when found (at most 256 characters)."""
+    chars: _builtins.int
+    """len(str(value)) when found. The chunks that follow add up to exactly this many characters,
+    or there are none when it is more than the request's max_chars.
+    """
     @_builtins.property
     def available(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The user variables that do exist, to help the model when found is false."""
+        """The user variables that do exist, to help the model when found is false: at most 1,000,
+        names of at most 256 characters.
+        """
 
     def __init__(
         self,
         *,
         found: _builtins.bool = ...,
-        value: _builtins.str = ...,
         type_name: _builtins.str = ...,
-        truncated: _builtins.bool = ...,
+        chars: _builtins.int = ...,
         available: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "found", b"found", "truncated", b"truncated", "type_name", b"type_name", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "chars", b"chars", "found", b"found", "type_name", b"type_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetVariableResponse: _TypeAlias = GetVariableResponse  # noqa: Y015
+Global___VariableHeader: _TypeAlias = VariableHeader  # noqa: Y015
 
 @_typing.final
 class GetInfoRequest(_message.Message):

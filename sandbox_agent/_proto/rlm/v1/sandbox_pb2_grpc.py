@@ -45,7 +45,7 @@ class SandboxStub:
                 request_serializer=rlm_dot_v1_dot_sandbox__pb2.LoadValueRequest.SerializeToString,
                 response_deserializer=rlm_dot_v1_dot_sandbox__pb2.LoadValueResponse.FromString,
                 _registered_method=True)
-        self.GetVariable = channel.unary_unary(
+        self.GetVariable = channel.unary_stream(
                 '/rlm.v1.Sandbox/GetVariable',
                 request_serializer=rlm_dot_v1_dot_sandbox__pb2.GetVariableRequest.SerializeToString,
                 response_deserializer=rlm_dot_v1_dot_sandbox__pb2.GetVariableResponse.FromString,
@@ -104,7 +104,10 @@ class SandboxServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetVariable(self, request, context):
-        """Reads `str()` of one namespace variable (used for FINAL_VAR answers).
+        """Reads `str()` of one namespace variable, or the answer FINAL_VAR gave inside the last
+        execution, streamed: a VariableHeader first, then the text in chunks of at most 262,144
+        characters (so an answer of any size fits in messages of about 1 MiB). A value longer than
+        the request's max_chars is not sent at all: the header says how long it is (never a cut).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,7 +169,7 @@ def add_SandboxServicer_to_server(servicer, server):
                     request_deserializer=rlm_dot_v1_dot_sandbox__pb2.LoadValueRequest.FromString,
                     response_serializer=rlm_dot_v1_dot_sandbox__pb2.LoadValueResponse.SerializeToString,
             ),
-            'GetVariable': grpc.unary_unary_rpc_method_handler(
+            'GetVariable': grpc.unary_stream_rpc_method_handler(
                     servicer.GetVariable,
                     request_deserializer=rlm_dot_v1_dot_sandbox__pb2.GetVariableRequest.FromString,
                     response_serializer=rlm_dot_v1_dot_sandbox__pb2.GetVariableResponse.SerializeToString,
@@ -273,7 +276,7 @@ class Sandbox:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/rlm.v1.Sandbox/GetVariable',

@@ -53,8 +53,12 @@ class SandboxStub:
     so that values larger than one gRPC message work. The agent keeps the value so that a
     replacement worker (after a crash or a hard timeout) gets it again.
     """
-    GetVariable: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetVariableRequest, _sandbox_pb2.GetVariableResponse]
-    """Reads `str()` of one namespace variable (used for FINAL_VAR answers)."""
+    GetVariable: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.GetVariableRequest, _sandbox_pb2.GetVariableResponse]
+    """Reads `str()` of one namespace variable, or the answer FINAL_VAR gave inside the last
+    execution, streamed: a VariableHeader first, then the text in chunks of at most 262,144
+    characters (so an answer of any size fits in messages of about 1 MiB). A value longer than
+    the request's max_chars is not sent at all: the header says how long it is (never a cut).
+    """
     GetInfo: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetInfoRequest, _sandbox_pb2.GetInfoResponse]
     """Describes the agent and its worker (versions, process ids, what is loaded)."""
     Lease: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.LeaseRequest, _sandbox_pb2.LeaseResponse]
@@ -96,8 +100,12 @@ class SandboxAsyncStub(SandboxStub):
     so that values larger than one gRPC message work. The agent keeps the value so that a
     replacement worker (after a crash or a hard timeout) gets it again.
     """
-    GetVariable: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetVariableRequest, _sandbox_pb2.GetVariableResponse]  # type: ignore[assignment]
-    """Reads `str()` of one namespace variable (used for FINAL_VAR answers)."""
+    GetVariable: _aio.UnaryStreamMultiCallable[_sandbox_pb2.GetVariableRequest, _sandbox_pb2.GetVariableResponse]  # type: ignore[assignment]
+    """Reads `str()` of one namespace variable, or the answer FINAL_VAR gave inside the last
+    execution, streamed: a VariableHeader first, then the text in chunks of at most 262,144
+    characters (so an answer of any size fits in messages of about 1 MiB). A value longer than
+    the request's max_chars is not sent at all: the header says how long it is (never a cut).
+    """
     GetInfo: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetInfoRequest, _sandbox_pb2.GetInfoResponse]  # type: ignore[assignment]
     """Describes the agent and its worker (versions, process ids, what is loaded)."""
     Lease: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.LeaseRequest, _sandbox_pb2.LeaseResponse]  # type: ignore[assignment]
@@ -154,8 +162,12 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _sandbox_pb2.GetVariableRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_sandbox_pb2.GetVariableResponse, _abc.Awaitable[_sandbox_pb2.GetVariableResponse]]:
-        """Reads `str()` of one namespace variable (used for FINAL_VAR answers)."""
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.GetVariableResponse], _abc.AsyncIterator[_sandbox_pb2.GetVariableResponse]]:
+        """Reads `str()` of one namespace variable, or the answer FINAL_VAR gave inside the last
+        execution, streamed: a VariableHeader first, then the text in chunks of at most 262,144
+        characters (so an answer of any size fits in messages of about 1 MiB). A value longer than
+        the request's max_chars is not sent at all: the header says how long it is (never a cut).
+        """
 
     @_abc_1.abstractmethod
     def GetInfo(
