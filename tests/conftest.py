@@ -414,4 +414,5 @@ def orchestrator_server(lm_server: ScriptedLMServer) -> Iterator[ServerProcess]:
 # Fixtures shared with other modules; imported last, as they import from this one.
 from fleet_support import TOKEN as fleet_token  # noqa: E402
 from fleet_support import docker_fleet  # noqa: E402, F401
+from hostile_support import tenant_server  # noqa: E402, F401
 from kube_support import fake_cluster, kube_pki  # noqa: E402, F401
