@@ -277,7 +277,9 @@ async def test_a_read_given_up_half_way_does_not_confuse_the_next_one(sandbox: S
     await run(sandbox, "big = 'x' * 30_000_000\nsmall = 'y'")
     state = sandbox.provider_state
     async with grpc.aio.insecure_channel(f"unix:{state.root / 'agent.sock'}") as channel:
-        call = sandbox_pb2_grpc.SandboxStub(channel).GetVariable(pb.GetVariableRequest(name="big"))
+        call = sandbox_pb2_grpc.SandboxStub(channel).GetVariable(
+            pb.GetVariableRequest(name="big"), metadata=bearer_metadata(state.token)
+        )
         messages = aiter(call)
         assert (await anext(messages)).header.chars == 30_000_000
         assert len((await anext(messages)).chunk) == 256 * 1024
