@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -430,3 +433,53 @@ async def test_the_agents_health_only_listener_serves_health_and_nothing_else(
             agent.wait()
         if agent.stdout:
             agent.stdout.close()
+
+
+# -- serve refuses to listen beyond loopback with no authentication ------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        ("10.1.2.3:50051", False),
+        ("orchestrator.example:50051", False),  # a name may resolve to anything
+        ("127.0.0.1:0", True),
+        ("[::1]:0", True),
+        ("localhost:0", True),
+        ("unix:/run/rlm/server.sock", True),
+    ],
+)
+def test_serve_refuses_to_listen_beyond_loopback_without_authentication(
+    listen: str, loopback: bool, tmp_path: Path
+) -> None:
+    from rlm_orchestrator.exceptions import ConfigurationError
+    from rlm_orchestrator.service.server import check_authentication
+    from rlm_orchestrator.service.settings import ServerSettings, TLSSettings
+
+    anonymous = ServerSettings(listen=listen)
+    if loopback:
+        check_authentication(anonymous)
+    else:
+        with pytest.raises(ConfigurationError, match="allow_unauthenticated = true"):
+            check_authentication(anonymous)
+    # A token, client certificates, or the explicit opt-in: accepted anywhere.
+    mtls = TLSSettings(cert_file=tmp_path / "c", key_file=tmp_path / "k", client_ca_file=tmp_path)
+    for settings in (
+        ServerSettings(listen=listen, auth_token="a-token"),
+        ServerSettings(listen=listen, tls=mtls),
+        ServerSettings(listen=listen, allow_unauthenticated=True),
+    ):
+        check_authentication(settings)
+
+
+def test_serve_exits_with_the_reason_when_it_would_authenticate_nobody(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('listen = "0.0.0.0:0"\n[[models]]\nname = "m"\napi_key = "unused"\n')
+    command = [sys.executable, "-m", "rlm_orchestrator.cli", "serve", "--config", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "RLM_SERVER_AUTH_TOKEN"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert finished.returncode == 2
+    message = " ".join(finished.stderr.split())
+    assert "with no authentication" in message and "allow_unauthenticated = true" in message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from typing import Any
@@ -81,6 +82,36 @@ UNISOLATED = (
 )
 
 
+UNAUTHENTICATED = (
+    "the server would listen on {listen} with no authentication: anyone who can reach it could "
+    "run code and spend its model keys. Set auth_token (or RLM_SERVER_AUTH_TOKEN), or [tls] "
+    "client_ca_file for client certificates, or listen on a loopback address, or accept the "
+    "risk with allow_unauthenticated = true"
+)
+
+
+def _is_loopback(listen: str) -> bool:
+    if listen.startswith("unix:"):
+        return True  # the socket file's permissions decide who connects
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_authentication(settings: ServerSettings) -> None:
+    """Refuses a listener reachable from other machines that would authenticate nobody."""
+    if settings.allow_unauthenticated or settings.auth_token is not None:
+        return
+    if settings.tls is not None and settings.tls.client_ca_file is not None:
+        return
+    if not _is_loopback(settings.listen):
+        raise ConfigurationError(UNAUTHENTICATED.format(listen=settings.listen))
+
+
 async def _sandbox_provider(settings: ServerSettings) -> SandboxProvider:
     """The configured provider; `local` sandboxes must isolate their code unless the operator
     opted out (then every acquire that cannot isolate logs a warning)."""
@@ -118,7 +149,9 @@ class OrchestratorServer:
 
     async def start(self) -> int:
         telemetry.configure()
-        # Sandboxes first: a refusal to run them unisolated comes before seconds of imports.
+        # Refusals first (no authentication beyond loopback, unisolated sandboxes): they come
+        # before seconds of imports.
+        check_authentication(self.settings)
         self._provider = await _sandbox_provider(self.settings)
         router = build_router(self.settings)
         await router.prepare()

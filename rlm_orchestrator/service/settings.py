@@ -113,6 +113,10 @@ class ServerSettings(BaseSettings):
     # sandboxes that would run it with the server's privileges (`local` where the kernel has
     # no user namespaces, or with isolation = "off"). True accepts that risk.
     allow_unisolated_sandboxes: bool = False
+    # Anyone who can reach the server can run code and spend its model keys: by default it
+    # refuses to listen beyond loopback with no authentication (no auth_token, no client
+    # certificates). True accepts that (e.g. behind a proxy that authenticates).
+    allow_unauthenticated: bool = False
     # Ceilings of the limits a request may set (CompletionOptions of the same names): a request
     # may ask for less, never more (INVALID_ARGUMENT names the ceiling). None: no ceiling.
     max_iterations: int = Field(30, ge=1)
