@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +66,35 @@ def _refusal(message: str) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(refuse)
 
 
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of the call's `authorization: Bearer <token>` metadata, if any."""
+    for key, value in metadata or ():
+        scheme, _, credentials = str(value).strip().partition(" ")
+        if key.lower() == AUTHORIZATION and scheme.lower() == BEARER:
+            return credentials.strip()
+    return None
+
+
+def matches_any(presented: str, tokens: Sequence[bytes]) -> bool:
+    """Compared with every token, each in constant time: the time says nothing of which."""
+    encoded = presented.encode()
+    return sum(hmac.compare_digest(encoded, token) for token in tokens) > 0
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses calls without `authorization: Bearer <token>` (UNAUTHENTICATED).
 
+    `token` is the one token accepted, or several (a server's tenants each have their own).
     Calls to `exempt_services` (full service names) pass without a token.
     """
 
     def __init__(
-        self, token: str, exempt_services: Iterable[str] = DEFAULT_EXEMPT_SERVICES
+        self, token: str | Sequence[str], exempt_services: Iterable[str] = DEFAULT_EXEMPT_SERVICES
     ) -> None:
-        if not token:
+        tokens = [token] if isinstance(token, str) else list(token)
+        if not tokens or not all(tokens):
             raise ValueError("the bearer token must not be empty")
-        self._token = token.encode()
+        self._tokens = [t.encode() for t in tokens]
         self._exempt = frozenset(exempt_services)
 
     def __repr__(self) -> str:
@@ -93,7 +110,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 tokens.append(credentials.strip())
         if not tokens:
             return MISSING_TOKEN
-        if len(values) != 1 or not hmac.compare_digest(tokens[0].encode(), self._token):
+        if len(values) != 1 or not matches_any(tokens[0], self._tokens):
             return INVALID_TOKEN
         return None
 

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import signal
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,66 @@ async def test_rlm_query_children_count_against_max_sandboxes_and_fail_as_sub_ca
     [refused] = [a for a in answers if a != "child ok"]
     assert refused.startswith("Error:") and "max_sandboxes=5" in refused
     await still_answers(tenant_server, lm)
+
+
+# -- finding 4, continued: tenants with tokens of their own --------------------------------
+
+TOKEN_A, TOKEN_B = "token-of-tenant-a", "token-of-tenant-b"
+
+
+@pytest.fixture(scope="module")
+def two_tenants(
+    lm_server: ScriptedLMServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A server with two tenants (and the usual token, tenant "default")."""
+    config = server_config(lm_server, tmp_path_factory.mktemp("two-tenants"))
+    with config.open("a") as toml:
+        toml.write(
+            f'[[tenants]]\nname = "a"\ntoken = "{TOKEN_A}"\nmax_concurrent_completions = 1\n'
+            f'[[tenants]]\nname = "b"\ntoken = "{TOKEN_B}"\n'
+        )
+    server = start_server(config)
+    yield server
+    stop_server(server)
+
+
+async def test_a_tenant_cannot_see_cancel_or_use_another_tenants_work(
+    two_tenants: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    """Tenant b knows the ids of tenant a's completion and session (ids leak: logs, a shared
+    dashboard): it can neither list, read, cancel nor close them, nor run in a's session.
+    Tenant a's share (one completion at a time) does not stop b; a's work ends intact."""
+    gate = Gate()
+    lm.add_rule(gate.hold(ANSWER_IN_CODE))
+    address = two_tenants.address
+    async with AsyncClient(address, token=TOKEN_A) as a, AsyncClient(address, token=TOKEN_B) as b:
+        session = await a.create_session()
+        held = asyncio.create_task(session.completion("victim"))
+        await until(lambda: gate.arrived == 1)
+        [victim] = await a.list_completions()
+        assert victim.session_id == session.session_id
+        assert await b.list_completions() == []
+        for attempt in (
+            b.get_completion(victim.completion_id),
+            b.cancel(victim.completion_id),
+            b.completion("hijack", session_id=session.session_id),
+            b.close_session(session.session_id),
+        ):
+            with pytest.raises(InvalidRequestError, match=r"no (running completion|session)"):
+                await attempt
+        with pytest.raises(
+            ResourceExhaustedError, match="tenant 'a': max_concurrent_completions=1"
+        ):
+            await a.completion("a second one")
+        own = asyncio.create_task(b.completion("b's own"))  # b's capacity is its own
+        await until(lambda: gate.arrived == 2)
+        gate.open()
+        assert (await held).response == "VICTIM"
+        assert (await own).response == "B'S OWN"
+        # a's session is intact: its `context` is still the first one loaded into it.
+        assert (await session.completion("again")).response == "VICTIM"
+        await session.close()
+    await still_answers(two_tenants, lm)
 
 
 # -- finding 5: unauthenticated callers get nothing for free -------------------------------------

@@ -6,17 +6,20 @@ when a call is accepted, before any upload, and synchronously (no await between 
 the count, so concurrent calls cannot both take the last slot): a `Ticket` holds a completion or
 session slot, plus a sandbox slot when the call will need its own sandbox, until whatever ends
 the call gives it back (`CapacityRefused`, sent as RESOURCE_EXHAUSTED, names the setting).
-Fairness between tenants (per token) is not attempted: every caller shares the same limits.
+Each tenant (a token of its own) may also have a share: at most so many of the server's
+completions and sessions at once.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
+from rlm_orchestrator.service.tenants import Tenant
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
 
 
@@ -83,9 +86,18 @@ class Admission:
         self.pool = pool
         self.completions = 0
         self.sessions = 0
+        # Per tenant, against the share its settings give it.
+        self._completions_of: Counter[str] = Counter()
+        self._sessions_of: Counter[str] = Counter()
 
-    def completion(self, *, needs_sandbox: bool) -> Ticket:
+    def completion(self, tenant: Tenant, *, needs_sandbox: bool) -> Ticket:
         """A running completion (counted from acceptance, through its upload, to its end)."""
+        share = tenant.max_concurrent_completions
+        if share is not None and self._completions_of[tenant.name] >= share:
+            raise CapacityRefused(
+                f"tenant {tenant.name!r}: max_concurrent_completions={share}: its share of "
+                "this server is in use; retry later"
+            )
         limit = self.settings.max_concurrent_completions
         if self.completions >= limit:
             raise CapacityRefused(
@@ -94,16 +106,24 @@ class Admission:
             )
         slot = self._sandbox_slot() if needs_sandbox else None
         self.completions += 1
+        self._completions_of[tenant.name] += 1
 
         def give_back() -> None:
             self.completions -= 1
+            self._completions_of[tenant.name] -= 1
             if slot is not None:
                 self.pool.close(slot)
 
         return Ticket(slot, give_back)
 
-    def session(self) -> Ticket:
+    def session(self, tenant: Tenant) -> Ticket:
         """An open session and its sandbox (counted from CreateSession to its close)."""
+        share = tenant.max_sessions
+        if share is not None and self._sessions_of[tenant.name] >= share:
+            raise CapacityRefused(
+                f"tenant {tenant.name!r}: max_sessions={share}: close one of its sessions or "
+                "retry later"
+            )
         limit = self.settings.max_sessions
         if self.sessions >= limit:
             raise CapacityRefused(
@@ -112,9 +132,11 @@ class Admission:
             )
         slot = self._sandbox_slot()
         self.sessions += 1
+        self._sessions_of[tenant.name] += 1
 
         def give_back() -> None:
             self.sessions -= 1
+            self._sessions_of[tenant.name] -= 1
             self.pool.close(slot)
 
         return Ticket(slot, give_back)

@@ -45,8 +45,9 @@ from rlm_orchestrator.service.convert import (
 )
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
-from rlm_orchestrator.service.run_input import Context, read_context, read_start
+from rlm_orchestrator.service.run_input import Context, merged_options, read_context, read_start
 from rlm_orchestrator.service.settings import ServerSettings
+from rlm_orchestrator.service.tenants import Tenant, Tenants
 from rlm_orchestrator.session import SessionState
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
 from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
@@ -64,13 +65,17 @@ class _Session:
     state: SessionState
     options: pb.CompletionOptions
     ticket: Ticket  # its session slot and the sandbox slot its sandbox lives on
+    tenant: str  # whose it is: only that tenant may use or close it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_used: float = field(default_factory=time.monotonic)
 
 
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, settings: ServerSettings, router: LMRouter, pool: SandboxPool) -> None:
+    def __init__(
+        self, settings: ServerSettings, router: LMRouter, pool: SandboxPool, tenants: Tenants
+    ) -> None:
         self.settings = settings
+        self.tenants = tenants
         self.router = router
         self.pool = pool
         self.admission = Admission(settings, pool)
@@ -88,19 +93,22 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def Run(
         self, request_iterator: AsyncIterator[pb.RunRequest], context: Context
     ) -> AsyncIterator[pb.CompletionEvent]:
-        # Headers first: a client that waits for them before writing (our SDK) always gets a
-        # refusal's status; a grpc.aio client whose write races the status may report INTERNAL.
-        await context.send_initial_metadata(())
+        # A refusal before any header: the client sees the status with no headers, so it never
+        # writes (a grpc.aio client whose write races a status may report INTERNAL instead).
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
+        # Then headers: a client that waits for them before writing (our SDK) always gets the
+        # status of a later refusal (limits, capacity).
+        await context.send_initial_metadata(())
+        tenant = self.tenants.identify(context.invocation_metadata())
         start = await read_start(request_iterator, context, self.settings.max_context_bytes)
-        session = await self._session_for(start.session_id, context)
-        options = _merged(session.options if session else None, start.options)
+        session = await self._session_for(start.session_id, tenant, context)
+        options = merged_options(session.options if session else None, start.options)
         limits = await self._limits(options, context)
         router, root_model = await self._router(options, context)
         needs_sandbox = session is None and limits.max_depth > 0
         ticket = await self._admit(
-            lambda: self.admission.completion(needs_sandbox=needs_sandbox), context
+            lambda: self.admission.completion(tenant, needs_sandbox=needs_sandbox), context
         )
         # From here the slots are ours: whatever ends the call gives them back.
         stream = asyncio.current_task()
@@ -115,6 +123,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 root_model,
                 UsageTracker(limits.max_cost),
                 EventBuffer(self.settings.max_buffered_event_bytes),
+                tenant=tenant.name,
             )
             async for message in self._stream(
                 runner, running, session, start, request_iterator, context
@@ -222,13 +231,20 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         finally:
             running.events.close()
 
-    async def _session_for(self, session_id: str, context: Context) -> _Session | None:
+    async def _session_for(
+        self, session_id: str, tenant: Tenant, context: Context
+    ) -> _Session | None:
         if not session_id:
             return None
         session = self.sessions.get(session_id)
-        if session is None:
+        if session is None or session.tenant != tenant.name:  # another's does not exist
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
         return session
+
+    def _own_completion(self, completion_id: str, context: Context) -> RunningCompletion | None:
+        running = self.running.get(completion_id)
+        tenant = self.tenants.identify(context.invocation_metadata())
+        return running if running is not None and running.tenant == tenant.name else None
 
     async def _limits(self, options: pb.CompletionOptions, context: Context) -> RequestLimits:
         """The request's limits under the server's ceilings (INVALID_ARGUMENT above one)."""
@@ -290,7 +306,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def CancelCompletion(
         self, request: pb.CancelCompletionRequest, context: Context
     ) -> pb.CancelCompletionResponse:
-        running = self.running.get(request.completion_id)
+        running = self._own_completion(request.completion_id, context)
         if running is None or running.task is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no running completion {request.completion_id!r}"
@@ -302,12 +318,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def ListCompletions(
         self, request: pb.ListCompletionsRequest, context: Context
     ) -> pb.ListCompletionsResponse:
-        return pb.ListCompletionsResponse(completions=[r.info() for r in self.running.values()])
+        tenant = self.tenants.identify(context.invocation_metadata())
+        own = [r.info() for r in self.running.values() if r.tenant == tenant.name]
+        return pb.ListCompletionsResponse(completions=own)
 
     async def GetCompletion(
         self, request: pb.GetCompletionRequest, context: Context
     ) -> pb.CompletionInfo:
-        running = self.running.get(request.completion_id)
+        running = self._own_completion(request.completion_id, context)
         if running is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"no running completion {request.completion_id!r}"
@@ -322,7 +340,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
         limits = await self._limits(request.options, context)
         router, _ = await self._router(request.options, context)
-        ticket = await self._admit(self.admission.session, context)
+        tenant = self.tenants.identify(context.invocation_metadata())
+        ticket = await self._admit(lambda: self.admission.session(tenant), context)
         try:
             provider = self.pool.view(ticket.sandbox_slot)
             runner = self._make_runner(router, limits, request.options, provider)
@@ -332,7 +351,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             if isinstance(exc, SandboxError):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"no sandbox: {exc}")
             raise
-        session = _Session(uuid.uuid4().hex, state, request.options, ticket)
+        session = _Session(uuid.uuid4().hex, state, request.options, ticket, tenant.name)
         if not self.accepting:  # the shutdown began while the sandbox was starting
             await self._close(session)
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
@@ -342,10 +361,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Context
     ) -> pb.CloseSessionResponse:
-        session = self.sessions.pop(request.session_id, None)
-        if session is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
+        tenant = self.tenants.identify(context.invocation_metadata())
+        session = await self._session_for(request.session_id, tenant, context)
         assert session is not None
+        self.sessions.pop(request.session_id, None)
         async with session.lock:  # let a running completion of the session finish first
             await self._close(session)
         return pb.CloseSessionResponse()
@@ -397,14 +416,3 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             f"{SHUTTING_DOWN}: this call was cut after the {self._shutdown_grace or 0:g} s "
             "shutdown grace period; retry it on another server, or on this one once it is back"
         )
-
-
-def _merged(
-    defaults: pb.CompletionOptions | None, options: pb.CompletionOptions
-) -> pb.CompletionOptions:
-    """Session defaults overridden by the fields the request sets."""
-    merged = pb.CompletionOptions()
-    if defaults is not None:
-        merged.CopyFrom(defaults)
-    merged.MergeFrom(options)
-    return merged

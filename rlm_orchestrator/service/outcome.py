@@ -47,6 +47,7 @@ class RunningCompletion:
     started: float = field(default_factory=time.monotonic)
     iterations: int = 0
     task: Any = None  # asyncio.Task running it, once its context is uploaded
+    tenant: str = ""  # whose it is: only that tenant sees and controls it
 
     def info(self) -> pb.CompletionInfo:
         return pb.CompletionInfo(

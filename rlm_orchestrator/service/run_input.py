@@ -69,3 +69,14 @@ async def read_context(
     except ValueError as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad context: {exc}")
         raise AssertionError("unreachable") from exc
+
+
+def merged_options(
+    defaults: pb.CompletionOptions | None, options: pb.CompletionOptions
+) -> pb.CompletionOptions:
+    """Session defaults overridden by the fields the request sets."""
+    merged = pb.CompletionOptions()
+    if defaults is not None:
+        merged.CopyFrom(defaults)
+    merged.MergeFrom(options)
+    return merged

@@ -34,6 +34,7 @@ from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
 from rlm_orchestrator.service.settings import ServerSettings
+from rlm_orchestrator.service.tenants import Tenants
 from sandbox_agent._proto.rlm.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from sandbox_agent.decoding import InvalidMessageInterceptor
 
@@ -104,7 +105,7 @@ def _is_loopback(listen: str) -> bool:
 
 def check_authentication(settings: ServerSettings) -> None:
     """Refuses a listener reachable from other machines that would authenticate nobody."""
-    if settings.allow_unauthenticated or settings.auth_token is not None:
+    if settings.allow_unauthenticated or settings.auth_token is not None or settings.tenants:
         return
     if settings.tls is not None and settings.tls.client_ca_file is not None:
         return
@@ -163,13 +164,12 @@ class OrchestratorServer:
         if isinstance(self._provider, SupportsWarmUp):
             await self._provider.warm_up()  # a no-op without a pool
         pool = SandboxPool(self._provider, self.settings.max_sandboxes)
-        self._service = OrchestratorService(self.settings, router, pool)
-        token = self.settings.auth_token
+        tenants = Tenants(self.settings)
+        self._service = OrchestratorService(self.settings, router, pool, tenants)
+        tokens = tenants.tokens()
         # The token check first, on metadata alone; undecodable messages (INVALID_ARGUMENT)
         # innermost, on the servicers' own handlers.
-        interceptors: list[Any] = (
-            [BearerTokenInterceptor(token.get_secret_value())] if token else []
-        )
+        interceptors: list[Any] = [BearerTokenInterceptor(tokens)] if tokens else []
         if telemetry.enabled():
             # RPC spans, and the caller's W3C trace context read from the call's metadata: a
             # completion's trace continues the client's.

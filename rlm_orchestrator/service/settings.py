@@ -84,6 +84,30 @@ class ModelSettings(BaseModel):
         return LMClientConfig(**{**config.__dict__, "model_name": self.name})
 
 
+class TenantSettings(BaseModel):
+    """A client of the server with a token of its own: it sees and controls only its own
+    completions and sessions, within its share of the server's capacity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    # Name of the environment variable holding its token (preferred over `token`).
+    token_env: str | None = None
+    token: SecretStr | None = None
+    # Its share of the server's capacity (None: up to the server's own limit).
+    max_concurrent_completions: int | None = Field(None, ge=1)
+    max_sessions: int | None = Field(None, ge=0)
+
+    def token_value(self) -> str:
+        value = os.environ.get(self.token_env) if self.token_env else None
+        if value is None and self.token is not None:
+            value = self.token.get_secret_value()
+        if not value:
+            where = f"environment variable {self.token_env}" if self.token_env else "token"
+            raise ConfigurationError(f"tenant {self.name!r}: {where} is not set")
+        return value
+
+
 class TLSSettings(BaseModel):
     """Server certificate; with `client_ca_file`, clients must present a certificate (mTLS)."""
 
@@ -103,6 +127,8 @@ class ServerSettings(BaseSettings):
     # Required in call metadata as `authorization: Bearer <token>` when set.
     auth_token: SecretStr | None = None
     tls: TLSSettings | None = None
+    # Clients with tokens of their own (`auth_token`, when set, is one more: "default").
+    tenants: list[TenantSettings] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)
     # Which models serve depth 0 and depth >= 1 when a request names none (default: first).
     root_model: str | None = None
@@ -159,6 +185,13 @@ class ServerSettings(BaseSettings):
     # On SIGTERM: how long running completions may go on before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tenants(self) -> ServerSettings:
+        names = [t.name for t in self.tenants] + (["default"] if self.auth_token else [])
+        if len(set(names)) != len(names):
+            raise ValueError(f"tenant names must be unique (auth_token is 'default'): {names}")
+        return self
 
     @model_validator(mode="after")
     def _check_models(self) -> ServerSettings:
