@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from rlm_orchestrator.service.security import (
+    INVALID_TOKEN,
     BearerTokenInterceptor,
     bearer_metadata,
     channel_credentials,
@@ -483,3 +484,37 @@ def test_serve_exits_with_the_reason_when_it_would_authenticate_nobody(tmp_path:
     assert finished.returncode == 2
     message = " ".join(finished.stderr.split())
     assert "with no authentication" in message and "allow_unauthenticated = true" in message
+
+
+def test_tenants_need_tokens_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from rlm_orchestrator.exceptions import ConfigurationError
+    from rlm_orchestrator.service.settings import ServerSettings, TenantSettings
+    from rlm_orchestrator.service.tenants import ANONYMOUS, Tenants
+
+    monkeypatch.delenv("RLM_TOKEN_OF_A", raising=False)
+    with pytest.raises(ConfigurationError, match="'a': environment variable RLM_TOKEN_OF_A"):
+        Tenants(ServerSettings(tenants=[TenantSettings(name="a", token_env="RLM_TOKEN_OF_A")]))
+    with pytest.raises(ValidationError, match="tenant names must be unique"):
+        ServerSettings(auth_token="t", tenants=[TenantSettings(name="default", token="u")])
+    with pytest.raises(ValueError, match="the same token"):
+        Tenants(ServerSettings(auth_token="same", tenants=[TenantSettings(name="a", token="same")]))
+    monkeypatch.setenv("RLM_TOKEN_OF_A", "token-a")
+    tenants = Tenants(
+        ServerSettings(
+            auth_token="token-d", tenants=[TenantSettings(name="a", token_env="RLM_TOKEN_OF_A")]
+        )
+    )
+    assert sorted(tenants.tokens()) == ["token-a", "token-d"]
+    assert tenants.identify([("authorization", "Bearer token-a")]).name == "a"
+    assert tenants.identify([("authorization", "bearer token-d")]).name == "default"
+    assert Tenants(ServerSettings()).identify([]) is ANONYMOUS
+
+
+async def test_the_token_interceptor_accepts_any_tenants_token() -> None:
+    interceptor = BearerTokenInterceptor(["token-a", "token-b"])
+    assert interceptor._check([("authorization", "Bearer token-b")]) is None
+    assert interceptor._check([("authorization", "Bearer token-c")]) == INVALID_TOKEN
+    with pytest.raises(ValueError):
+        BearerTokenInterceptor(["token-a", ""])
