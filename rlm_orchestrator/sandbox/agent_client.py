@@ -11,8 +11,9 @@ flight, the result's fields, the size of any one message; an agent that floods i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,22 @@ class AgentClient:
         self._abort_reason = reason
         for call in list(self._calls):
             call.cancel()
+
+    @contextlib.contextmanager
+    def _tracked(self, call: Any, doing: str) -> Iterator[None]:
+        """A streaming call in flight: `abort` can fail it, and its errors become
+        SandboxError saying what we were doing."""
+        self._calls.add(call)
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            raise _sandbox_error(doing, exc) from exc
+        except asyncio.CancelledError:
+            if self._abort_reason is None:
+                raise
+            raise SandboxError(f"the sandbox agent was lost: {self._abort_reason}") from None
+        finally:
+            self._calls.discard(call)
 
     async def close(self) -> None:
         if self._attachment is not None:
@@ -249,11 +266,10 @@ class AgentClient:
         doing = "reading the FINAL_VAR answer" if final_answer else f"reading variable {name!r}"
         request = pb.GetVariableRequest(name=name, max_chars=max_chars, final_answer=final_answer)
         call = self._stub.GetVariable(request, metadata=self._metadata)
-        self._calls.add(call)
         header: pb.VariableHeader | None = None
         parts: list[str] = []
         received = expected = 0
-        try:
+        with self._tracked(call, doing):
             async for message in call:
                 if header is None:
                     if message.WhichOneof("kind") != "header":
@@ -265,14 +281,6 @@ class AgentClient:
                 if message.WhichOneof("kind") != "chunk" or received > expected:
                     raise _broken(doing, f"it sent more than the {expected} characters due")
                 parts.append(message.chunk)
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error(doing, exc) from exc
-        except asyncio.CancelledError:
-            if self._abort_reason is None:
-                raise
-            raise SandboxError(f"the sandbox agent was lost: {self._abort_reason}") from None
-        finally:
-            self._calls.discard(call)
         if header is None:
             raise _broken(doing, "the stream ended without a header")
         available = [n[:MAX_NAME_CHARS] for n in header.available[:MAX_VARIABLES]]
@@ -325,20 +333,13 @@ class AgentClient:
             (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
         )
         call = self._stub.Execute(requests(), metadata=metadata)
-        self._calls.add(call)
         result: pb.ExecuteResult | None = None
         try:
-            async for message in call:
-                if (result := await stream.receive(message)) is not None:
-                    break
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error("executing code", exc) from exc
-        except asyncio.CancelledError:
-            if self._abort_reason is None:
-                raise
-            raise SandboxError(f"the sandbox agent was lost: {self._abort_reason}") from None
+            with self._tracked(call, "executing code"):
+                async for message in call:
+                    if (result := await stream.receive(message)) is not None:
+                        break
         finally:
-            self._calls.discard(call)
             outgoing.put_nowait(None)
             if result is None:
                 call.cancel()

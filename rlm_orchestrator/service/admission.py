@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
@@ -78,39 +78,56 @@ class Ticket:
             self._give_back()
 
 
+@dataclass
+class _Capacity:
+    """One kind of slot (completions or sessions): the server's limit and each tenant's share."""
+
+    setting: str  # the settings' name of the limit, for refusals
+    limit: int
+    what: str  # "completions are running", "sessions are open"
+    taken: int = 0
+    taken_by: Counter[str] = field(default_factory=Counter)
+
+    def take(self, tenant: Tenant, share: int | None) -> Callable[[], None]:
+        """A slot for `tenant` (CapacityRefused naming the setting); returns its give-back."""
+        if share is not None and self.taken_by[tenant.name] >= share:
+            raise CapacityRefused(
+                f"tenant {tenant.name!r}: {self.setting}={share}: its share of this server is "
+                "in use; retry later"
+            )
+        if self.taken >= self.limit:
+            raise CapacityRefused(
+                f"{self.setting}={self.limit}: {self.taken} {self.what} on this server; retry later"
+            )
+        self.taken += 1
+        self.taken_by[tenant.name] += 1
+
+        def give_back() -> None:
+            self.taken -= 1
+            self.taken_by[tenant.name] -= 1
+
+        return give_back
+
+
 class Admission:
     """The server's capacity: completions, sessions, and (through the pool) sandboxes."""
 
     def __init__(self, settings: ServerSettings, pool: SandboxPool) -> None:
-        self.settings = settings
         self.pool = pool
-        self.completions = 0
-        self.sessions = 0
-        # Per tenant, against the share its settings give it.
-        self._completions_of: Counter[str] = Counter()
-        self._sessions_of: Counter[str] = Counter()
+        self.completions = _Capacity(
+            "max_concurrent_completions",
+            settings.max_concurrent_completions,
+            "completions are running or starting",
+        )
+        self.sessions = _Capacity("max_sessions", settings.max_sessions, "sessions are open")
 
     def completion(self, tenant: Tenant, *, needs_sandbox: bool) -> Ticket:
         """A running completion (counted from acceptance, through its upload, to its end)."""
-        share = tenant.max_concurrent_completions
-        if share is not None and self._completions_of[tenant.name] >= share:
-            raise CapacityRefused(
-                f"tenant {tenant.name!r}: max_concurrent_completions={share}: its share of "
-                "this server is in use; retry later"
-            )
-        limit = self.settings.max_concurrent_completions
-        if self.completions >= limit:
-            raise CapacityRefused(
-                f"max_concurrent_completions={limit}: {self.completions} completions are "
-                "running or starting on this server; retry later"
-            )
-        slot = self._sandbox_slot() if needs_sandbox else None
-        self.completions += 1
-        self._completions_of[tenant.name] += 1
+        give_back_completion = self.completions.take(tenant, tenant.max_concurrent_completions)
+        slot = self._sandbox_slot(give_back_completion) if needs_sandbox else None
 
         def give_back() -> None:
-            self.completions -= 1
-            self._completions_of[tenant.name] -= 1
+            give_back_completion()
             if slot is not None:
                 self.pool.close(slot)
 
@@ -118,31 +135,18 @@ class Admission:
 
     def session(self, tenant: Tenant) -> Ticket:
         """An open session and its sandbox (counted from CreateSession to its close)."""
-        share = tenant.max_sessions
-        if share is not None and self._sessions_of[tenant.name] >= share:
-            raise CapacityRefused(
-                f"tenant {tenant.name!r}: max_sessions={share}: close one of its sessions or "
-                "retry later"
-            )
-        limit = self.settings.max_sessions
-        if self.sessions >= limit:
-            raise CapacityRefused(
-                f"max_sessions={limit}: {self.sessions} sessions are open on this server; "
-                "close one or retry later"
-            )
-        slot = self._sandbox_slot()
-        self.sessions += 1
-        self._sessions_of[tenant.name] += 1
+        give_back_session = self.sessions.take(tenant, tenant.max_sessions)
+        slot = self._sandbox_slot(give_back_session)
 
         def give_back() -> None:
-            self.sessions -= 1
-            self._sessions_of[tenant.name] -= 1
+            give_back_session()
             self.pool.close(slot)
 
         return Ticket(slot, give_back)
 
-    def _sandbox_slot(self) -> SandboxSlot:
+    def _sandbox_slot(self, undo: Callable[[], None]) -> SandboxSlot:
         slot = self.pool.reserve()
         if slot is None:
+            undo()  # the call is refused: it holds nothing
             raise CapacityRefused(self.pool.refusal())
         return slot
