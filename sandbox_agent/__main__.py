@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sandbox_agent.executor import ExecutorConfig
+from sandbox_agent.executor import ExecutorConfig, WorkerError
 from sandbox_agent.server import AgentConfig, run_until_signalled
 
 TOKEN_ENV = "RLM_AGENT_TOKEN"
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         if config.token:
             _hide_environment()
         asyncio.run(_serve(config, parent_pidfd))
+    except WorkerError as exc:
+        # Its worker said why on stderr (the log): one line more, no traceback to bury it.
+        sys.exit(f"the sandbox agent could not start: {exc}")
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)

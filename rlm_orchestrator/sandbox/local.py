@@ -262,10 +262,12 @@ class LocalProvider:
         if not line.startswith(b"LISTENING"):
             await asyncio.sleep(0.1)  # let the agent finish writing its error
             log_tail = await asyncio.to_thread(_tail, log_path)
-            raise SandboxError(
-                f"the local sandbox agent did not start within {timeout:g}s "
-                f"(exit code {process.returncode}); its log ends with:\n{log_tail}"
+            how = (
+                f"did not start within {timeout:g}s"
+                if process.returncode is None
+                else f"exited at start (code {process.returncode})"
             )
+            raise SandboxError(f"the local sandbox agent {how}; its log ends with:\n{log_tail}")
 
     async def release(self, sandbox: Sandbox) -> None:
         if self._live.pop(sandbox.sandbox_id, None) is None:
