@@ -225,11 +225,16 @@ print("flood", "over:", written)
 )
 
 
-@pytest.fixture(scope="module")
+# Tenants of `tenant_server` besides the usual token ("default"): a has a share of one
+# completion at a time.
+TOKEN_A, TOKEN_B = "token-of-tenant-a", "token-of-tenant-b"
+
+
+@pytest.fixture(scope="session")
 def tenant_server(
     lm_server: ScriptedLMServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    """A server with small limits, shared by the tests of findings 4 and 8."""
+    """A server with small limits and two more tenants, shared by the tests of findings 4, 8."""
     config = server_config(
         lm_server,
         tmp_path_factory.mktemp("tenants"),
@@ -242,6 +247,11 @@ def tenant_server(
         max_cost=5.0,
         max_answer_chars=20_000_000,
     )
+    with config.open("a") as toml:
+        toml.write(
+            f'[[tenants]]\nname = "a"\ntoken = "{TOKEN_A}"\nmax_concurrent_completions = 1\n'
+            f'[[tenants]]\nname = "b"\ntoken = "{TOKEN_B}"\n'
+        )
     server = start_server(config)
     yield server
     stop_server(server)

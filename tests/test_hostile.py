@@ -18,7 +18,6 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,9 +27,6 @@ from conftest import (
     SERVER_TOKEN,
     ServerProcess,
     repl,
-    server_config,
-    start_server,
-    stop_server,
 )
 from hostile_support import (
     ANSWER_IN_CODE,
@@ -342,7 +338,7 @@ async def test_the_orchestrator_bounds_what_a_compromised_agent_sends() -> None:
 
 
 async def test_a_client_that_never_reads_costs_the_server_a_bounded_buffer(
-    lm: ScriptedLMServer, tmp_path: Path
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
 ) -> None:
     """10 turns of 10 blocks, each printing 1 M characters to stdout and to stderr (within the
     sandbox's caps): ~200 MB of events for a client that never reads. The server keeps its
@@ -360,55 +356,48 @@ async def test_a_client_that_never_reads_costs_the_server_a_bounded_buffer(
         return flood_turn if turns < 10 else "FINAL(flooded)"
 
     lm.add_rule(Rule(reply, model="root"))
-    server = start_server(server_config(lm, tmp_path))
-    try:
-        await still_answers(server, lm)  # warm: litellm imported, a sandbox started once
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
-            context = b"FLOOD"
-            start = pb.CompletionStart(
-                root_prompt="FLOOD",
-                context_encoding=pb.CONTEXT_ENCODING_TEXT,
-                context_bytes=len(context),
-            )
-            call = stub.Run(metadata=bearer_metadata(SERVER_TOKEN))
-            await call.write(pb.RunRequest(start=start))
-            assert (await call.read()).WhichOneof("kind") == "started"
-            with RSSSampler(server.process.pid) as rss:
-                await call.write(pb.RunRequest(context_chunk=context))
-                await call.done_writing()
-                # The flood runs; meanwhile another client's completion runs to its answer.
-                await until(
-                    lambda: any("FLOOD" in str(r.messages) for r in lm.requests_for("root"))
-                )
-                async with AsyncClient(server.address, token=SERVER_TOKEN) as victim:
-                    assert (await victim.completion("victim")).response == "VICTIM"
-                # Until the flooding completion has answered (its client still reads nothing).
-                await until(
-                    lambda: any(r.reply == "FINAL(flooded)" for r in lm.requests_for("root"))
-                )
-                await asyncio.sleep(0.5)
-            events = []
-            while (message := await call.read()) is not grpc.aio.EOF:
-                events.append(message)
-        assert rss.growth_mb < 100, f"server RSS grew by {rss.growth_mb:.0f} MB"
-        markers = [e.output for e in events if e.WhichOneof("kind") == "output"]
-        dropped = sum(m.dropped_chars for m in markers)
-        assert dropped > 100_000_000, f"only {dropped} characters were dropped"
-        assert any("the server dropped" in m.text for m in markers if m.dropped_chars)
-        blocks = [e.code_block_finished for e in events if e.HasField("code_block_finished")]
-        flood_turns = sum(r.reply == flood_turn for r in lm.requests_for("root"))
-        assert flood_turns >= 5 and len(blocks) == 10 * flood_turns
-        assert all(b.cut_chars > 0 for b in blocks)
-        assert all(len(b.stdout) < 70_000 for b in blocks)  # a bounded excerpt, head and tail
-        assert events[-1].finished.response == "flooded"
-        await still_answers(server, lm)
-    finally:
-        stop_server(server)
+    server = orchestrator_server  # shared: only what this test adds is measured
+    await still_answers(server, lm)  # warm: litellm imported, a sandbox started once
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        context = b"FLOOD"
+        start = pb.CompletionStart(
+            root_prompt="FLOOD",
+            context_encoding=pb.CONTEXT_ENCODING_TEXT,
+            context_bytes=len(context),
+        )
+        call = stub.Run(metadata=bearer_metadata(SERVER_TOKEN))
+        await call.write(pb.RunRequest(start=start))
+        assert (await call.read()).WhichOneof("kind") == "started"
+        with RSSSampler(server.process.pid) as rss:
+            await call.write(pb.RunRequest(context_chunk=context))
+            await call.done_writing()
+            # The flood runs; meanwhile another client's completion runs to its answer.
+            await until(lambda: any("FLOOD" in str(r.messages) for r in lm.requests_for("root")))
+            async with AsyncClient(server.address, token=SERVER_TOKEN) as victim:
+                assert (await victim.completion("victim")).response == "VICTIM"
+            # Until the flooding completion has answered (its client still reads nothing).
+            await until(lambda: any(r.reply == "FINAL(flooded)" for r in lm.requests_for("root")))
+            await asyncio.sleep(0.5)
+        events = []
+        while (message := await call.read()) is not grpc.aio.EOF:
+            events.append(message)
+    assert rss.growth_mb < 100, f"server RSS grew by {rss.growth_mb:.0f} MB"
+    markers = [e.output for e in events if e.WhichOneof("kind") == "output"]
+    dropped = sum(m.dropped_chars for m in markers)
+    assert dropped > 100_000_000, f"only {dropped} characters were dropped"
+    assert any("the server dropped" in m.text for m in markers if m.dropped_chars)
+    blocks = [e.code_block_finished for e in events if e.HasField("code_block_finished")]
+    flood_turns = sum(r.reply == flood_turn for r in lm.requests_for("root"))
+    assert flood_turns >= 5 and len(blocks) == 10 * flood_turns
+    assert all(b.cut_chars > 0 for b in blocks)
+    assert all(len(b.stdout) < 70_000 for b in blocks)  # a bounded excerpt, head and tail
+    assert events[-1].finished.response == "flooded"
+    await still_answers(server, lm)
 
 
 async def test_a_raw_frame_flood_through_serve_is_capped_and_other_clients_keep_running(
-    lm: ScriptedLMServer, tmp_path: Path
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
 ) -> None:
     """The raw-frame flood (1 GB attempted on the agent's pipe) in a sandbox of `serve`: the
     server keeps at most the cap per stream, its RSS stays bounded, the attacker's completion
@@ -421,28 +410,25 @@ async def test_a_raw_frame_flood_through_serve_is_capped_and_other_clients_keep_
         if isinstance(event, ev.OutputChunk):
             received[event.stream] += len(event.text)
 
-    server = start_server(server_config(lm, tmp_path))
-    try:
-        await still_answers(server, lm)  # warm: litellm imported, a sandbox started once
-        async with (
-            AsyncClient(server.address, token=SERVER_TOKEN) as attacker,
-            AsyncClient(server.address, token=SERVER_TOKEN) as victim,
-        ):
-            with RSSSampler(server.process.pid) as rss:
-                flood = asyncio.create_task(attacker.completion("ctx", "RAW FLOOD", on_event=count))
-                await until(lambda: any(r.reply == repl(FLOOD) for r in lm.requests_for("root")))
-                assert (await victim.completion("victim")).response == "VICTIM"
-                assert (await flood).response == "flooded"
-        assert rss.growth_mb < 100, f"server RSS grew by {rss.growth_mb:.0f} MB"
-        for stream in ("stdout", "stderr"):
-            assert 0 < received[stream] <= CAP + ORCHESTRATOR_OUTPUT_SLACK, received
-        flooded = [r for r in lm.requests_for("root") if "RAW FLOOD" in str(r.messages)]
-        shown = "\n".join(str(m["content"]) for m in flooded[-1].messages)
-        assert "the sandbox broke its protocol" in shown
-        assert "still here 42" in shown  # the next block ran, in a new worker
-        await still_answers(server, lm)
-    finally:
-        stop_server(server)
+    server = orchestrator_server  # shared: only what this test adds is measured
+    await still_answers(server, lm)  # warm: litellm imported, a sandbox started once
+    async with (
+        AsyncClient(server.address, token=SERVER_TOKEN) as attacker,
+        AsyncClient(server.address, token=SERVER_TOKEN) as victim,
+    ):
+        with RSSSampler(server.process.pid) as rss:
+            flood = asyncio.create_task(attacker.completion("ctx", "RAW FLOOD", on_event=count))
+            await until(lambda: any(r.reply == repl(FLOOD) for r in lm.requests_for("root")))
+            assert (await victim.completion("victim")).response == "VICTIM"
+            assert (await flood).response == "flooded"
+    assert rss.growth_mb < 100, f"server RSS grew by {rss.growth_mb:.0f} MB"
+    for stream in ("stdout", "stderr"):
+        assert 0 < received[stream] <= CAP + ORCHESTRATOR_OUTPUT_SLACK, received
+    flooded = [r for r in lm.requests_for("root") if "RAW FLOOD" in str(r.messages)]
+    shown = "\n".join(str(m["content"]) for m in flooded[-1].messages)
+    assert "the sandbox broke its protocol" in shown
+    assert "still here 42" in shown  # the next block ran, in a new worker
+    await still_answers(server, lm)
 
 
 # -- finding 8: big legitimate answers ----------------------------------------------------------

@@ -9,7 +9,6 @@ import asyncio
 import collections
 import signal
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ from conftest import (
 from hostile_support import (
     ANSWER_IN_CODE,
     MB,
+    TOKEN_A,
+    TOKEN_B,
     Gate,
     RSSSampler,
     _ignore_output,
@@ -189,34 +190,16 @@ async def test_rlm_query_children_count_against_max_sandboxes_and_fail_as_sub_ca
 
 # -- finding 4, continued: tenants with tokens of their own --------------------------------
 
-TOKEN_A, TOKEN_B = "token-of-tenant-a", "token-of-tenant-b"
-
-
-@pytest.fixture(scope="module")
-def two_tenants(
-    lm_server: ScriptedLMServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """A server with two tenants (and the usual token, tenant "default")."""
-    config = server_config(lm_server, tmp_path_factory.mktemp("two-tenants"))
-    with config.open("a") as toml:
-        toml.write(
-            f'[[tenants]]\nname = "a"\ntoken = "{TOKEN_A}"\nmax_concurrent_completions = 1\n'
-            f'[[tenants]]\nname = "b"\ntoken = "{TOKEN_B}"\n'
-        )
-    server = start_server(config)
-    yield server
-    stop_server(server)
-
 
 async def test_a_tenant_cannot_see_cancel_or_use_another_tenants_work(
-    two_tenants: ServerProcess, lm: ScriptedLMServer
+    tenant_server: ServerProcess, lm: ScriptedLMServer
 ) -> None:
     """Tenant b knows the ids of tenant a's completion and session (ids leak: logs, a shared
     dashboard): it can neither list, read, cancel nor close them, nor run in a's session.
     Tenant a's share (one completion at a time) does not stop b; a's work ends intact."""
     gate = Gate()
     lm.add_rule(gate.hold(ANSWER_IN_CODE))
-    address = two_tenants.address
+    address = tenant_server.address
     async with AsyncClient(address, token=TOKEN_A) as a, AsyncClient(address, token=TOKEN_B) as b:
         session = await a.create_session()
         held = asyncio.create_task(session.completion("victim"))
@@ -244,7 +227,7 @@ async def test_a_tenant_cannot_see_cancel_or_use_another_tenants_work(
         # a's session is intact: its `context` is still the first one loaded into it.
         assert (await session.completion("again")).response == "VICTIM"
         await session.close()
-    await still_answers(two_tenants, lm)
+    await still_answers(tenant_server, lm)
 
 
 # -- finding 5: unauthenticated callers get nothing for free -------------------------------------
