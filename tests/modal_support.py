@@ -1,22 +1,25 @@
-"""A fake Modal control plane with real agents behind its tunnels (shared by the tests)."""
+"""A fake Modal control plane whose sandboxes really run (shared by the tests).
+
+`modal_agents` gives the fake a runtime: each sandbox the provider creates runs its entrypoint
+(the provider's own `command()`, every flag) as a real process, and the fake's h2 tunnel
+terminates TLS with a test CA's certificate in front of it, as Modal's edge does.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import modal
 import pytest
 from modal_proto import api_pb2
 
 from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
-from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client
+from rlm_orchestrator.testing.fake_modal import FakeModal, SandboxRuntime, reset_modal_client
 
 
 def _free_port() -> int:
@@ -25,52 +28,30 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-class AgentsBehindTheTunnel:
-    """Starts a real agent for each sandbox secret the provider creates."""
+@dataclass
+class ModalAgents:
+    """The fake, its runtime and the CA its tunnels' certificate comes from."""
 
-    def __init__(self, fake: FakeModal, pki: TestPKI, workdir: Path) -> None:
-        self.fake = fake
-        self.pki = pki
-        self.workdir = workdir
-        self.tokens: list[str] = []
-        self.processes: list[subprocess.Popen[bytes]] = []
+    fake: FakeModal
+    runtime: SandboxRuntime
+    pki: TestPKI
 
-    def on_create(self, request: api_pb2.SandboxCreateV2Request) -> Any:
-        """The sandbox "starts": a real agent with the token the provider sent as a secret."""
-        tokens = [
-            source.env.contents["RLM_AGENT_TOKEN"]
-            for source in request.secret_sources
-            if "RLM_AGENT_TOKEN" in source.env.contents
-        ]
-        if not tokens:
-            return self.fake._rpc_SandboxCreateV2(request)  # not one of the provider's
-        token = tokens[0]
-        self.tokens.append(token)
-        port = _free_port()
-        env = {**os.environ, "RLM_AGENT_TOKEN": token}
-        command = [
-            sys.executable,
-            "-m",
-            "sandbox_agent",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workdir",
-            str(self.workdir / f"w{port}"),
-            "--state-dir",
-            str(self.workdir / f"s{port}"),
-            "--tls-cert",
-            str(self.pki.server_cert),
-            "--tls-key",
-            str(self.pki.server_key),
-        ]
-        self.processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL))
-        self.fake.tunnel_target = ("localhost", port)
-        return self.fake._rpc_SandboxCreateV2(request)
+    @property
+    def tokens(self) -> list[str]:
+        """The bearer tokens the sandboxes got (from the provider's secret), in order."""
+        containers = self.runtime.containers.values()
+        return [c.env["RLM_AGENT_TOKEN"] for c in containers if "RLM_AGENT_TOKEN" in c.env]
 
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-            process.wait(10)
+
+async def close_modal_client() -> None:
+    """Close and forget the client `modal.Client.from_env` cached (before the env changes)."""
+    from modal.client import _Client
+
+    if _Client._client_from_env is not None:
+        # Bounded: a wrong setup must fail, not wait for modal's minute of retries.
+        client = await asyncio.wait_for(modal.Client.from_env.aio(), 10)
+        await asyncio.wait_for(client.close.aio(), 10)
+    reset_modal_client()
 
 
 @pytest.fixture
@@ -82,19 +63,20 @@ async def fake_modal(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeModal
         try:
             yield fake
         finally:
-            from modal.client import _Client
-
-            if _Client._client_from_env is not None:
-                # Bounded: a wrong setup must fail, not wait for modal's minute of retries.
-                client = await asyncio.wait_for(modal.Client.from_env.aio(), 10)
-                await asyncio.wait_for(client.close.aio(), 10)
-            reset_modal_client()
+            await close_modal_client()
 
 
 @pytest.fixture
-def modal_agents(fake_modal: FakeModal, tmp_path: Path) -> Iterator[AgentsBehindTheTunnel]:
-    behind = AgentsBehindTheTunnel(fake_modal, make_test_pki(tmp_path / "pki"), tmp_path)
-    fake_modal.set_handler("SandboxCreateV2", behind.on_create)
+def modal_agents(fake_modal: FakeModal, tmp_path: Path) -> Iterator[ModalAgents]:
+    pki = make_test_pki(tmp_path / "pki")
+    runtime = SandboxRuntime(
+        tmp_path / "sandboxes",
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        # The run's label, for its leak checks of agent processes.
+        extra_env={"RLM_SANDBOX_OWNER": os.environ["RLM_SANDBOX_OWNER"]},
+    )
+    fake_modal.runtime = runtime
     # The image's local source (our agent) is uploaded as a mount: accept every file.
     uploaded: list[str] = []
     fake_modal.set_handler(
@@ -114,5 +96,4 @@ def modal_agents(fake_modal: FakeModal, tmp_path: Path) -> Iterator[AgentsBehind
             handle_metadata=api_pb2.MountHandleMetadata(content_checksum_sha256_hex="0" * 64),
         ),
     )
-    yield behind
-    behind.stop()
+    yield ModalAgents(fake_modal, runtime, pki)

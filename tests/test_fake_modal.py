@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +13,7 @@ modal = pytest.importorskip("modal")
 
 from modal_proto import api_pb2  # noqa: E402
 
-from rlm_orchestrator.testing.fake_modal import FakeModal  # noqa: E402
+from rlm_orchestrator.testing.fake_modal import FakeModal, SandboxRuntime  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,6 +25,26 @@ def fake_modal(fake_modal: FakeModal) -> FakeModal:
     """The shared fake (tests/modal_support.py), with a tunnel answer of its own."""
     fake_modal.tunnel_target = ("127.0.0.1", 4242)
     return fake_modal
+
+
+@pytest.fixture
+def runtime(fake_modal: FakeModal, tmp_path: Path) -> SandboxRuntime:
+    """Sandboxes that run: their entrypoints as processes (no TLS: unencrypted tunnels only)."""
+    fake_modal.runtime = SandboxRuntime(tmp_path / "sandboxes", stop_grace_seconds=2)
+    return fake_modal.runtime
+
+
+# Listens where argv[1] says, echoes one line to one caller, and notes its argv in argv[2].
+ECHO_ONCE = """
+import json, socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+with open(sys.argv[2], "w") as notes:
+    json.dump(sys.argv[1:], notes)
+with socket.create_server((host, int(port))) as server:
+    conn, _ = server.accept()
+    with conn:
+        conn.sendall(conn.makefile("rb").readline())
+"""
 
 
 async def step(coro):
@@ -40,11 +62,42 @@ async def _list(app, tags: dict[str, str] | None = None) -> list[str]:
 async def test_env_points_the_client_at_the_fake(fake_modal: FakeModal) -> None:
     env = fake_modal.env()
     assert env["MODAL_SERVER_URL"] == f"http://127.0.0.1:{fake_modal.port}"
-    assert env["MODAL_TOKEN_ID"] == "ak-fake" and env["MODAL_TOKEN_SECRET"] == "as-fake"
+    assert (env["MODAL_TOKEN_ID"], env["MODAL_TOKEN_SECRET"]) == (
+        fake_modal.token_id,
+        fake_modal.token_secret,
+    )
+    assert fake_modal.token_id.startswith("ak-") and fake_modal.token_secret.startswith("as-")
+    assert FakeModal().token_secret != fake_modal.token_secret  # one of its own per fake
     assert modal.config.config["server_url"] == fake_modal.url
     client = await step(modal.Client.from_env.aio())
     await step(client.hello.aio())
     assert fake_modal.calls() == ["ClientHello"]
+
+
+@pytest.mark.parametrize(
+    ("wrong", "refusal"),
+    [("id", "Invalid token"), ("secret", "Invalid token"), ("id's shape", "Token ID is malformed")],
+)
+async def test_wrong_credentials_are_refused_as_modal_refuses_them(
+    fake_modal: FakeModal, wrong: str, refusal: str
+) -> None:
+    token_id, token_secret = fake_modal.token_id, fake_modal.token_secret
+    if wrong == "id":
+        token_id = "ak-" + "0" * 22
+    elif wrong == "secret":
+        token_secret += "0"
+    else:
+        token_id = "not-a-token-id"
+    client = await step(modal.Client.from_credentials.aio(token_id, token_secret))
+    try:
+        with pytest.raises(modal.exception.AuthError, match=refusal):
+            await step(client.hello.aio())
+        with pytest.raises(modal.exception.AuthError, match=refusal):
+            await step(modal.App.lookup.aio("rlm-test", client=client, create_if_missing=True))
+    finally:
+        await step(client.close.aio())
+    assert fake_modal.refused == ["ClientHello", "AppGetOrCreate"]
+    assert fake_modal.apps == {}
 
 
 async def test_sandbox_lifecycle(fake_modal: FakeModal) -> None:
@@ -220,3 +273,58 @@ def test_stop_is_idempotent_and_port_is_free() -> None:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+async def test_the_runtime_runs_the_entrypoint_verbatim_behind_its_tunnel(
+    fake_modal: FakeModal, runtime: SandboxRuntime
+) -> None:
+    app = await _app()
+    sb = await step(
+        modal.Sandbox.create.aio(
+            "python3", "-c", ECHO_ONCE, "0.0.0.0:7000", "/tmp/notes.json",
+            app=app, unencrypted_ports=[7000], env={"GREETING": "hi"},
+        )
+    )  # fmt: skip
+    container = runtime.containers[sb.object_id]
+    assert container.argv == ["python3", "-c", ECHO_ONCE, "0.0.0.0:7000", "/tmp/notes.json"]
+    assert container.env["GREETING"] == "hi" and "RLM_SANDBOX_OWNER" not in container.env
+    host, port = (await step(sb.tunnels.aio()))[7000].tcp_socket
+    deadline = asyncio.get_running_loop().time() + STEP
+    reply = b""
+    while not reply and asyncio.get_running_loop().time() < deadline:
+        try:  # the tunnel hangs up while nothing listens in the container yet
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"ping\n")
+            reply = await asyncio.wait_for(reader.readline(), STEP)
+            writer.close()
+            await writer.wait_closed()
+        except OSError:
+            pass
+        await asyncio.sleep(0.05)
+    assert reply == b"ping\n"
+    await step(sb.wait.aio(raise_on_termination=False))
+    assert sb.returncode == 0
+    # Its own address for "every interface", its own files for container paths.
+    notes = container.root / "fs" / "tmp" / "notes.json"
+    listen, path = json.loads(notes.read_text())
+    assert listen.startswith("127.78.") and listen.endswith(":7000") and path == str(notes)
+
+
+async def test_the_runtime_reports_exits_and_stops_what_runs(
+    fake_modal: FakeModal, runtime: SandboxRuntime
+) -> None:
+    app = await _app()
+    failing = await step(
+        modal.Sandbox.create.aio("python3", "-c", "import sys; sys.exit('bad flag')", app=app)
+    )
+    await step(failing.wait.aio(raise_on_termination=False))
+    assert failing.returncode == 1
+    assert "bad flag" in runtime.containers[failing.object_id].log
+    missing = await step(modal.Sandbox.create.aio("no-such-program", app=app))
+    await step(missing.wait.aio(raise_on_termination=False))
+    assert missing.returncode == 127
+    sleeper = await step(modal.Sandbox.create.aio("sleep", "600", app=app))
+    process = runtime.containers[sleeper.object_id].process
+    assert process is not None and process.poll() is None
+    await step(sleeper.terminate.aio())
+    assert process.poll() is not None

@@ -1,15 +1,15 @@
 """The Modal provider, end to end against a fake Modal control plane (no network).
 
 The REAL `modal` client and the REAL provider talk to FakeModal (a grpclib server speaking
-Modal's API). When the provider creates the sandbox's secret (its bearer token), the test
-starts a real agent with that token and TLS (a test CA) on 127.0.0.1, and the fake's tunnel
-answer points at it: everything after the control plane is the real path.
+Modal's API, checking the client's credentials). The fake's runtime starts each sandbox's
+entrypoint exactly as the provider asked (its `command()`, every flag) with the secret it sent
+(the bearer token), on an address of its own; the fake's h2 tunnel terminates TLS (a test CA)
+in front of it, as Modal's edge does: everything after the control plane is the real path.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -18,8 +18,10 @@ import pytest
 
 modal = pytest.importorskip("modal")
 
+from grpclib.const import Status  # noqa: E402
+from grpclib.exceptions import GRPCError  # noqa: E402
 from modal_proto import api_pb2  # noqa: E402
-from modal_support import AgentsBehindTheTunnel, _free_port  # noqa: E402
+from modal_support import ModalAgents, _free_port, close_modal_client  # noqa: E402
 
 from rlm_orchestrator.exceptions import SandboxError  # noqa: E402
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome  # noqa: E402
@@ -29,7 +31,7 @@ from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client  #
 pytestmark = pytest.mark.timeout(60)
 
 
-def provider_for(modal_agents: AgentsBehindTheTunnel, **options: Any) -> ModalProvider:
+def provider_for(modal_agents: ModalAgents, **options: Any) -> ModalProvider:
     return ModalProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert, **options))
 
 
@@ -42,7 +44,7 @@ async def answer(prompts: list[str], model: str, kind: str) -> Sequence[SubCallO
 
 
 async def test_a_modal_sandbox_runs_code_through_the_tunnel(
-    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
+    fake_modal: FakeModal, modal_agents: ModalAgents
 ) -> None:
     fake_modal.clear_requests()
     provider = provider_for(modal_agents)
@@ -67,14 +69,16 @@ async def test_a_modal_sandbox_runs_code_through_the_tunnel(
     assert definition.readiness_probe.tcp_port == 50051
     # The token went as an ephemeral secret, not as a plain environment variable.
     assert modal_agents.tokens and modal_agents.tokens[0] not in str(definition)
-    assert definition.entrypoint_args[:3] == ["python", "-m", "sandbox_agent"]
+    # The agent that answered ran from exactly the entrypoint the provider sent.
+    (container,) = modal_agents.runtime.containers.values()
+    assert container.argv == list(definition.entrypoint_args) == provider.command(sandbox.spec)
     tags = {tag.tag_name: tag.tag_value for tag in create.tags}
     assert tags["rlm.session"] == "s-1" and tags["rlm.orchestrator"].count(":") == 2
     assert fake_modal.requests_for("SandboxTerminateV2"), "release terminates the sandbox"
 
 
 async def test_calls_without_the_sandbox_token_are_refused(
-    modal_agents: AgentsBehindTheTunnel,
+    modal_agents: ModalAgents,
 ) -> None:
     from rlm_orchestrator.sandbox.agent_client import AgentClient
     from sandbox_agent.auth import channel_credentials
@@ -95,8 +99,101 @@ async def test_calls_without_the_sandbox_token_are_refused(
         await provider.aclose()
 
 
+async def test_the_tcp_tunnel_mode_reaches_the_agent(modal_agents: ModalAgents) -> None:
+    provider = ModalProvider(ModalOptions(tunnel_mode="tcp"))
+    try:
+        sandbox = await provider.acquire(SandboxSpec(session_id="s-tcp"))
+        report = await sandbox.client.execute(
+            "print(6 * 7)", on_output=no_output, on_sub_call=answer
+        )
+        assert report.stdout == "42\n"
+        await provider.release(sandbox)
+    finally:
+        await provider.aclose()
+    (create,) = modal_agents.fake.requests_for("SandboxCreateV2")
+    (open_port,) = create.definition.open_ports.ports
+    assert open_port.unencrypted and open_port.tunnel_type == api_pb2.TUNNEL_TYPE_UNSPECIFIED
+
+
+class BadFlagProvider(ModalProvider):
+    def command(self, spec: SandboxSpec) -> list[str]:
+        return [*super().command(spec), "--no-such-flag"]
+
+
+async def test_an_agent_that_exits_at_start_fails_the_acquire_at_once(
+    modal_agents: ModalAgents,
+) -> None:
+    provider = BadFlagProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert))
+    try:
+        with pytest.raises(SandboxError, match="exited at start with code 2"):
+            await provider.acquire(SandboxSpec(session_id="s-bad", startup_timeout_seconds=60))
+    finally:
+        await provider.aclose()
+    (container,) = modal_agents.runtime.containers.values()
+    assert "unrecognized arguments: --no-such-flag" in container.log
+    assert modal_agents.fake.requests_for("SandboxTerminateV2"), "a failed start is cleaned up"
+
+
+async def test_a_wrong_modal_token_is_refused_clearly_and_the_right_one_works(
+    fake_modal: FakeModal, modal_agents: ModalAgents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-not-the-secret")
+    reset_modal_client()
+    provider = provider_for(modal_agents)
+    try:
+        with pytest.raises(SandboxError, match="Modal refused the credentials: Invalid token"):
+            await provider.acquire(SandboxSpec(session_id="s-wrong"))
+    finally:
+        await provider.aclose()
+    assert fake_modal.refused and "SandboxCreateV2" not in fake_modal.calls()
+    await close_modal_client()
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", fake_modal.token_secret)
+    provider = provider_for(modal_agents)
+    try:
+        await provider.release(await provider.acquire(SandboxSpec(session_id="s-right")))
+    finally:
+        await provider.aclose()
+    assert "SandboxCreateV2" in fake_modal.calls()
+
+
+async def test_no_modal_token_is_refused_clearly(
+    fake_modal: FakeModal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MODAL_TOKEN_ID")
+    monkeypatch.delenv("MODAL_TOKEN_SECRET")
+    reset_modal_client()
+    provider = ModalProvider()
+    try:
+        with pytest.raises(
+            SandboxError, match=r"Modal refused the credentials: Token missing.*MODAL_TOKEN_ID"
+        ):
+            await provider.acquire(SandboxSpec(session_id="s-none"))
+    finally:
+        await provider.aclose()
+    assert "SandboxCreateV2" not in fake_modal.calls()
+
+
+async def test_a_create_modal_refuses_is_a_sandbox_error(
+    fake_modal: FakeModal, modal_agents: ModalAgents
+) -> None:
+    def refuse(request: api_pb2.SandboxCreateV2Request) -> None:
+        raise GRPCError(Status.FAILED_PRECONDITION, "the workspace has reached its sandbox limit")
+
+    fake_modal.set_handler("SandboxCreateV2", refuse)
+    provider = provider_for(modal_agents)
+    try:
+        with pytest.raises(
+            SandboxError,
+            match="Modal refused to create the sandbox: the workspace has reached its sandbox",
+        ):
+            await provider.acquire(SandboxSpec(session_id="s-refused"))
+    finally:
+        await provider.aclose()
+    assert fake_modal.calls().count("SandboxCreateV2") == 1  # a refusal is not retried
+
+
 async def test_throttled_creates_are_retried(
-    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
+    fake_modal: FakeModal, modal_agents: ModalAgents
 ) -> None:
     fake_modal.throttle("SandboxCreateV2", times=2)
     provider = provider_for(modal_agents, creates_per_second=50.0)
@@ -150,7 +247,7 @@ def test_sandbox_create_signature_contract() -> None:
 
 
 async def test_the_image_pins_the_agent_wheels_and_adds_its_source(
-    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
+    fake_modal: FakeModal, modal_agents: ModalAgents
 ) -> None:
     provider = provider_for(modal_agents)
     try:
@@ -169,12 +266,12 @@ async def test_the_image_pins_the_agent_wheels_and_adds_its_source(
 
 
 async def test_orphans_of_a_dead_orchestrator_are_swept(
-    fake_modal: FakeModal, modal_agents: AgentsBehindTheTunnel
+    fake_modal: FakeModal, modal_agents: ModalAgents
 ) -> None:
     app = await modal.App.lookup.aio("rlm-sandboxes", create_if_missing=True)
     dead_owner = f"{socket.gethostname()}:999999999:1"  # no such process on this host
     orphan = await modal.Sandbox.create.aio(
-        "sleep", "1", app=app, tags={"rlm.orchestrator": dead_owner, "rlm.session": "old"}
+        "sleep", "60", app=app, tags={"rlm.orchestrator": dead_owner, "rlm.session": "old"}
     )
     provider = provider_for(modal_agents)
     try:
@@ -188,9 +285,8 @@ async def test_orphans_of_a_dead_orchestrator_are_swept(
 
 @pytest.mark.modal_live
 async def test_live_modal_round_trip() -> None:
-    # Opt-in, for users with a Modal account: RLM_MODAL_LIVE=1 and real MODAL_TOKEN_* set.
-    if os.environ.get("RLM_MODAL_LIVE") != "1" or not os.environ.get("MODAL_TOKEN_ID"):
-        pytest.skip("live Modal test: set RLM_MODAL_LIVE=1 and MODAL_TOKEN_ID/SECRET to run it")
+    # Collected only with RLM_MODAL_LIVE=1 (conftest), for users with a Modal account: without
+    # real credentials it fails, saying so.
     provider = ModalProvider()
     try:
         sandbox = await provider.acquire(

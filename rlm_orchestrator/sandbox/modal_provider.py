@@ -6,7 +6,8 @@ exposes through an HTTP/2 TLS tunnel (`h2_ports`: gRPC needs h2 ALPN) or, with
 bearer token (a Modal secret the agent reads and removes from its environment) that every call
 must carry. Creates are capped and paced, and retried when Modal throttles them. `modal` is
 imported on first use; calls to its control plane are bounded in time, so an unreachable
-Modal fails fast with the fix instead of hanging.
+Modal fails fast with the fix instead of hanging. Refused credentials, a refused create and an
+agent that exits at start each fail with a SandboxError that says which.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class ModalProvider:
         self.options = options or ModalOptions()
         self.orchestrator_id = orchestrator_id()
         self._app: Any = None
+        self._client: Any = None
         self._creates = asyncio.Semaphore(self.options.max_concurrent_creates)
         self._next_create = 0.0
         self._live: dict[str, Any] = {}
@@ -97,15 +99,27 @@ class ModalProvider:
         if self._app is None:
             import modal
 
-            lookup = modal.App.lookup.aio(self.options.app_name, create_if_missing=True)
             try:
+                # Modal's client, with the credentials of Modal's config: MODAL_TOKEN_ID and
+                # MODAL_TOKEN_SECRET, else the active profile of ~/.modal.toml.
+                client = await self._control("connecting", modal.Client.from_env.aio())
+                lookup = modal.App.lookup.aio(
+                    self.options.app_name, client=client, create_if_missing=True
+                )
                 self._app = await self._control("App.lookup", lookup)
             except SandboxError:
                 raise
+            except modal.exception.AuthError as exc:
+                why = str(exc).rstrip(".")
+                raise SandboxError(
+                    f"Modal refused the credentials: {why}; check MODAL_TOKEN_ID / "
+                    "MODAL_TOKEN_SECRET (`modal token new` makes a new token)"
+                ) from exc
             except Exception as exc:
                 raise SandboxError(
                     f"Modal refused the app lookup: {exc}; {UNREACHABLE_HELP}"
                 ) from exc
+            self._client = client
             await self.sweep_orphans()
         return self._app
 
@@ -177,7 +191,10 @@ class ModalProvider:
                     await asyncio.sleep(wait)
                 try:
                     create = modal.Sandbox.create.aio(
-                        *self.command(spec), app=app, **self.create_kwargs(spec, token)
+                        *self.command(spec),
+                        app=app,
+                        client=self._client,
+                        **self.create_kwargs(spec, token),
                     )
                     return await self._control("Sandbox.create", create)
                 except ResourceExhaustedError:
@@ -185,6 +202,8 @@ class ModalProvider:
                         raise SandboxError(
                             f"Modal throttled {attempt + 1} sandbox creates in a row"
                         ) from None
+                except modal.exception.Error as exc:
+                    raise SandboxError(f"Modal refused to create the sandbox: {exc}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
@@ -197,8 +216,8 @@ class ModalProvider:
         try:
             tunnels = await self._control("Sandbox.tunnels", sandbox.tunnels.aio())
             tunnel = tunnels[self.options.port]
-            client = self._client(tunnel, token)
-            await client.wait_ready(spec.startup_timeout_seconds)
+            client = self._agent_client(tunnel, token)
+            await self._wait_ready(sandbox, client, spec.startup_timeout_seconds)
             await client.attach(self.orchestrator_id)
         except BaseException:
             if client is not None:
@@ -210,7 +229,26 @@ class ModalProvider:
         self._live[handle.sandbox_id] = sandbox
         return handle
 
-    def _client(self, tunnel: Any, token: str) -> AgentClient:
+    async def _wait_ready(self, sandbox: Any, client: AgentClient, timeout: float) -> None:
+        """Until the agent is SERVING; a sandbox whose agent exits meanwhile fails at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await client.wait_ready(min(1.0, max(0.1, deadline - time.monotonic())))
+                return
+            except SandboxError as exc:
+                code = await self._control("Sandbox.poll", sandbox.poll.aio())
+                if code is not None:
+                    raise SandboxError(
+                        f"the agent of Modal sandbox {sandbox.object_id} exited at start with "
+                        f"code {code} (its output is in the sandbox's logs on Modal)"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise SandboxError(
+                        f"the Modal sandbox's agent was not ready after {timeout:g}s ({exc})"
+                    ) from None
+
+    def _agent_client(self, tunnel: Any, token: str) -> AgentClient:
         from sandbox_agent.auth import bearer_metadata, channel_credentials
 
         if self.options.tunnel_mode == "h2":
@@ -241,7 +279,7 @@ class ModalProvider:
         import modal
 
         swept = 0
-        async for sandbox in modal.Sandbox.list.aio(app_id=self._app.app_id):
+        async for sandbox in modal.Sandbox.list.aio(app_id=self._app.app_id, client=self._client):
             tags = await self._control("Sandbox.get_tags", sandbox.get_tags.aio())
             if owner_gone(tags.get("rlm.orchestrator", "")):
                 await self._control("Sandbox.terminate", sandbox.terminate.aio())

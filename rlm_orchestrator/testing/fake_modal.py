@@ -22,6 +22,15 @@ also listed in ``fake.unimplemented``. A test may override or add any RPC with
 ``fake.set_handler(name, fn)`` where ``fn(request) -> response`` (a list of responses for
 server-streaming RPCs; a coroutine is awaited on the server's loop).
 
+Credentials are checked as Modal checks them: every RPC must carry the token id and secret that
+``fake.env()`` gives (random for each fake), or it fails with ``UNAUTHENTICATED``, which the
+client raises as ``modal.exception.AuthError``; ``fake.refused`` lists the RPCs refused so.
+
+Sandboxes are records only, unless ``fake.runtime`` is a
+:class:`~rlm_orchestrator.testing.fake_modal_runtime.SandboxRuntime`: then each sandbox's
+entrypoint runs, verbatim, as a process, and its tunnels lead to it. The RPC handlers are in
+:mod:`.fake_modal_rpcs`.
+
 The modal client reads its settings (``MODAL_SERVER_URL``, tokens) from the environment each time
 a client is created, so the environment may be set after ``import modal``; but the client made by
 ``from_env`` is a process-wide singleton: call ``reset_modal_client()`` after changing the env.
@@ -36,24 +45,23 @@ import dataclasses
 import inspect
 import itertools
 import json
+import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import grpclib.const
 import grpclib.server
-from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from modal_proto import api_grpc, api_pb2
 
-__all__ = ["FakeModal", "FakeSandbox", "reset_modal_client"]
+from rlm_orchestrator.testing.fake_modal_rpcs import FakeSandbox, ModalRpcs
+from rlm_orchestrator.testing.fake_modal_runtime import SandboxRuntime
 
-_SUCCESS = api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
-_TERMINATED = api_pb2.GenericResult.GENERIC_STATUS_TERMINATED
-_FAILURE = api_pb2.GenericResult.GENERIC_STATUS_FAILURE
+__all__ = ["FakeModal", "FakeSandbox", "SandboxRuntime", "reset_modal_client"]
 
 
 def reset_modal_client() -> None:
@@ -72,34 +80,24 @@ def _fake_jwt(lifetime: float = 3600.0) -> str:
 
 
 @dataclasses.dataclass
-class FakeSandbox:
-    sandbox_id: str
-    app_id: str
-    task_id: str
-    definition: api_pb2.Sandbox
-    tags: dict[str, str]
-    created_at: float
-    state: str = "running"  # "running" | "finished" | "terminated"
-    result: api_pb2.GenericResult | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.state == "running"
-
-
-@dataclasses.dataclass
 class _Throttle:
     remaining: int
     status: Status
     message: str
 
 
-class FakeModal:
+class FakeModal(ModalRpcs):
     """In-process fake of the Modal control plane for the real ``modal`` client."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", runtime: SandboxRuntime | None = None) -> None:
         self.host = host
         self.port: int | None = None
+        # The credentials the fake accepts, shaped like Modal's ("ak-..." / "as-...").
+        self.token_id = "ak-" + secrets.token_hex(11)
+        self.token_secret = "as-" + secrets.token_hex(11)
+        # Names of RPCs refused for their credentials.
+        self.refused: list[str] = []
+        self.runtime = runtime
         # (method name, request message), in the order the server received them.
         self.requests: list[tuple[str, Message]] = []
         # Names of RPCs the client called that the fake does not implement.
@@ -162,6 +160,8 @@ class FakeModal:
             return
 
         async def shutdown() -> None:
+            if self.runtime is not None:
+                await self.runtime.close()
             if server is not None:
                 server.close()
                 with contextlib.suppress(TimeoutError):
@@ -198,8 +198,8 @@ class FakeModal:
         """Environment variables that point the real modal client at this fake."""
         return {
             "MODAL_SERVER_URL": self.url,
-            "MODAL_TOKEN_ID": "ak-fake",
-            "MODAL_TOKEN_SECRET": "as-fake",
+            "MODAL_TOKEN_ID": self.token_id,
+            "MODAL_TOKEN_SECRET": self.token_secret,
             "MODAL_ENVIRONMENT": "main",
             # The client is not inside a Modal container.
             "MODAL_IS_REMOTE": "0",
@@ -223,6 +223,7 @@ class FakeModal:
         with self._lock:
             self.requests.clear()
             self.unimplemented.clear()
+            self.refused.clear()
 
     def set_handler(self, method: str, handler: Callable[[Any], Any] | None) -> None:
         """Answer ``method`` with ``handler(request)`` (a list if streaming); None resets."""
@@ -247,17 +248,6 @@ class FakeModal:
         with self._lock:
             self._throttles.setdefault(method, []).append(_Throttle(times, status, message))
 
-    def finish_sandbox(self, sandbox_id: str, exit_code: int = 0, exception: str = "") -> None:
-        """Say a sandbox's process exited: SandboxWait returns its result, poll() its exit code."""
-        with self._lock:
-            sb = self.sandboxes[sandbox_id]
-            sb.state = "finished"
-            sb.result = api_pb2.GenericResult(
-                status=_SUCCESS if exit_code == 0 and not exception else _FAILURE,
-                exitcode=exit_code,
-                exception=exception,
-            )
-
     def running_sandboxes(self) -> list[FakeSandbox]:
         with self._lock:
             return [sb for sb in self.sandboxes.values() if sb.running]
@@ -266,9 +256,26 @@ class FakeModal:
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}-fake{next(self._ids):06d}"
 
-    def _dispatch(self, method: str, request: Message) -> Any:
+    def _authenticate(self, method: str, metadata: Mapping[str, str]) -> None:
+        # The status is Modal's (the client raises AuthError for it). Of the messages, "Token ID
+        # is malformed" is Modal's; the others are the fake's own words.
+        token_id = metadata.get("x-modal-token-id", "")
+        token_secret = metadata.get("x-modal-token-secret", "")
+        if not token_id or not token_secret:
+            why = "Token missing. Could not authenticate client."
+        elif not token_id.startswith("ak-"):
+            why = "Token ID is malformed"
+        elif (token_id, token_secret) != (self.token_id, self.token_secret):
+            why = f"Invalid token: {token_id} is unknown or its secret is wrong"
+        else:
+            return
+        self.refused.append(method)
+        raise GRPCError(Status.UNAUTHENTICATED, why)
+
+    def _dispatch(self, method: str, request: Message, metadata: Mapping[str, str]) -> Any:
         with self._lock:
             self.requests.append((method, request))
+            self._authenticate(method, metadata)
             throttles = self._throttles.get(method)
             if throttles:
                 throttle = throttles[0]
@@ -286,205 +293,8 @@ class FakeModal:
                 )
             return handler(request)
 
-    # ------------------------------------------------------------------ RPCs
-    def _rpc_ClientHello(self, req: empty_pb2.Empty) -> api_pb2.ClientHelloResponse:
-        return api_pb2.ClientHelloResponse(image_builder_version=self.image_builder_version)
-
     def _rpc_AuthTokenGet(self, req: api_pb2.AuthTokenGetRequest) -> api_pb2.AuthTokenGetResponse:
         return api_pb2.AuthTokenGetResponse(token=_fake_jwt())
-
-    def _rpc_AppGetOrCreate(
-        self, req: api_pb2.AppGetOrCreateRequest
-    ) -> api_pb2.AppGetOrCreateResponse:
-        key = (req.environment_name, req.app_name)
-        if key not in self.apps:
-            if req.object_creation_type != api_pb2.OBJECT_CREATION_TYPE_CREATE_IF_MISSING:
-                raise GRPCError(Status.NOT_FOUND, f"App '{req.app_name}' not found")
-            self.apps[key] = self._next_id("ap")
-        return api_pb2.AppGetOrCreateResponse(app_id=self.apps[key])
-
-    def _rpc_EnvironmentGetOrCreate(
-        self, req: api_pb2.EnvironmentGetOrCreateRequest
-    ) -> api_pb2.EnvironmentGetOrCreateResponse:
-        name = req.deployment_name or "main"
-        return api_pb2.EnvironmentGetOrCreateResponse(
-            environment_id="en-fake-" + name,
-            metadata=api_pb2.EnvironmentMetadata(
-                name=name,
-                settings=api_pb2.EnvironmentSettings(
-                    image_builder_version=self.image_builder_version
-                ),
-            ),
-        )
-
-    def _rpc_ImageGetOrCreate(
-        self, req: api_pb2.ImageGetOrCreateRequest
-    ) -> api_pb2.ImageGetOrCreateResponse:
-        image_id = self._next_id("im")
-        self.images[image_id] = req.image
-        return api_pb2.ImageGetOrCreateResponse(
-            image_id=image_id,
-            result=api_pb2.GenericResult(status=_SUCCESS),
-            metadata=api_pb2.ImageMetadata(image_builder_version=self.image_builder_version),
-        )
-
-    def _rpc_ImageJoinStreaming(
-        self, req: api_pb2.ImageJoinStreamingRequest
-    ) -> list[api_pb2.ImageJoinStreamingResponse]:
-        return [
-            api_pb2.ImageJoinStreamingResponse(
-                result=api_pb2.GenericResult(status=_SUCCESS),
-                metadata=api_pb2.ImageMetadata(image_builder_version=self.image_builder_version),
-                eof=True,
-            )
-        ]
-
-    def _rpc_SandboxCreateV2(
-        self, req: api_pb2.SandboxCreateV2Request
-    ) -> api_pb2.SandboxCreateV2Response:
-        sandbox_id = self._next_id("sb")
-        task_id = self._next_id("ta")
-        self.sandboxes[sandbox_id] = FakeSandbox(
-            sandbox_id=sandbox_id,
-            app_id=req.app_id,
-            task_id=task_id,
-            definition=req.definition,
-            tags={t.tag_name: t.tag_value for t in req.tags},
-            created_at=time.time(),
-        )
-        # No tunnels here: the client then asks SandboxGetTunnelsV2, which honours tunnel_target
-        # as it is at that moment.
-        return api_pb2.SandboxCreateV2Response(sandbox_id=sandbox_id, task_id=task_id)
-
-    _rpc_SandboxCreate = None  # V1: not used by modal 1.6 with sandbox_v2 on (the default)
-
-    def _sandbox(self, sandbox_id: str) -> FakeSandbox:
-        sb = self.sandboxes.get(sandbox_id)
-        if sb is None:
-            raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox_id} not found")
-        return sb
-
-    def _tunnels(self, sb: FakeSandbox) -> list[api_pb2.TunnelData]:
-        tunnels = []
-        for port in sb.definition.open_ports.ports:
-            host, tport = self.tunnel_targets.get(port.port, self.tunnel_target)
-            if port.unencrypted:
-                tunnels.append(
-                    api_pb2.TunnelData(
-                        container_port=port.port,
-                        host=host,
-                        port=tport,
-                        unencrypted_host=host,
-                        unencrypted_port=tport,
-                    )
-                )
-            else:
-                tunnels.append(api_pb2.TunnelData(container_port=port.port, host=host, port=tport))
-        return tunnels
-
-    def _rpc_SandboxGetTunnelsV2(
-        self, req: api_pb2.SandboxGetTunnelsRequest
-    ) -> api_pb2.SandboxGetTunnelsResponse:
-        sb = self._sandbox(req.sandbox_id)
-        return api_pb2.SandboxGetTunnelsResponse(
-            result=api_pb2.GenericResult(status=_SUCCESS), tunnels=self._tunnels(sb)
-        )
-
-    _rpc_SandboxGetTunnels = _rpc_SandboxGetTunnelsV2
-
-    def _rpc_SandboxWaitV2(self, req: api_pb2.SandboxWaitRequest) -> Any:
-        # timeout=0 is poll(): answer at once. Otherwise wait (at most `max_wait_block` s) for the
-        # sandbox to finish, like the real server's long poll; an empty result makes the client
-        # ask again.
-        sb = self._sandbox(req.sandbox_id)
-        if sb.result is not None or req.timeout <= 0:
-            return (
-                api_pb2.SandboxWaitResponse(result=sb.result)
-                if sb.result
-                else api_pb2.SandboxWaitResponse()
-            )
-
-        async def long_poll() -> api_pb2.SandboxWaitResponse:
-            deadline = time.monotonic() + min(req.timeout, self.max_wait_block)
-            while time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                with self._lock:
-                    if sb.result is not None:
-                        return api_pb2.SandboxWaitResponse(result=sb.result)
-            return api_pb2.SandboxWaitResponse()
-
-        return long_poll()
-
-    _rpc_SandboxWait = _rpc_SandboxWaitV2
-
-    def _rpc_SandboxListV2(self, req: api_pb2.SandboxListRequest) -> api_pb2.SandboxListResponse:
-        wanted = {t.tag_name: t.tag_value for t in req.tags}
-        found = []
-        for sb in sorted(self.sandboxes.values(), key=lambda s: s.created_at, reverse=True):
-            if req.app_id and sb.app_id != req.app_id:
-                continue
-            if not req.include_finished and not sb.running:
-                continue
-            if req.before_timestamp and sb.created_at >= req.before_timestamp:
-                continue
-            if any(sb.tags.get(k) != v for k, v in wanted.items()):
-                continue
-            found.append(
-                api_pb2.SandboxInfo(
-                    id=sb.sandbox_id,
-                    app_id=sb.app_id,
-                    created_at=sb.created_at,
-                    tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()],
-                    task_info=api_pb2.TaskInfo(id=sb.task_id, result=sb.result),
-                )
-            )
-        return api_pb2.SandboxListResponse(sandboxes=found)
-
-    _rpc_SandboxList = _rpc_SandboxListV2
-
-    def _rpc_SandboxTerminateV2(
-        self, req: api_pb2.SandboxTerminateRequest
-    ) -> api_pb2.SandboxTerminateResponse:
-        sb = self._sandbox(req.sandbox_id)
-        if sb.running:
-            sb.state = "terminated"
-            sb.result = api_pb2.GenericResult(status=_TERMINATED)
-        return api_pb2.SandboxTerminateResponse(existing_result=sb.result)
-
-    _rpc_SandboxTerminate = _rpc_SandboxTerminateV2
-
-    def _rpc_SandboxTagsSetV2(self, req: api_pb2.SandboxTagsSetRequest) -> empty_pb2.Empty:
-        sb = self._sandbox(req.sandbox_id)
-        sb.tags = {t.tag_name: t.tag_value for t in req.tags}
-        return empty_pb2.Empty()
-
-    _rpc_SandboxTagsSet = _rpc_SandboxTagsSetV2
-
-    def _rpc_SandboxTagsGetV2(
-        self, req: api_pb2.SandboxTagsGetRequest
-    ) -> api_pb2.SandboxTagsGetResponse:
-        sb = self._sandbox(req.sandbox_id)
-        return api_pb2.SandboxTagsGetResponse(
-            tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()]
-        )
-
-    _rpc_SandboxTagsGet = _rpc_SandboxTagsGetV2
-
-    def _rpc_SandboxGetTaskIdV2(
-        self, req: api_pb2.SandboxGetTaskIdRequest
-    ) -> api_pb2.SandboxGetTaskIdResponse:
-        sb = self._sandbox(req.sandbox_id)
-        if sb.result is not None:
-            return api_pb2.SandboxGetTaskIdResponse(task_id=sb.task_id, task_result=sb.result)
-        return api_pb2.SandboxGetTaskIdResponse(task_id=sb.task_id)
-
-    _rpc_SandboxGetTaskId = _rpc_SandboxGetTaskIdV2
-
-    def _rpc_AppClientDisconnect(self, req: api_pb2.AppClientDisconnectRequest) -> empty_pb2.Empty:
-        return empty_pb2.Empty()
-
-    def _rpc_AppHeartbeat(self, req: api_pb2.AppHeartbeatRequest) -> empty_pb2.Empty:
-        return empty_pb2.Empty()
 
 
 # ---------------------------------------------------------------------- servicer plumbing
@@ -509,7 +319,8 @@ def _make_servicer(fake: FakeModal) -> api_grpc.ModalClientBase:
                 request: Any = await stream.recv_message()
             else:  # client-streaming: record the messages as one list
                 request = [msg async for msg in stream]
-            response = fake._dispatch(name, request)
+            metadata = {k: v for k, v in (stream.metadata or {}).items() if isinstance(v, str)}
+            response = fake._dispatch(name, request, metadata)
             if inspect.isawaitable(response):
                 response = await response
             if cardinality in (Cardinality.UNARY_UNARY, Cardinality.STREAM_UNARY):
