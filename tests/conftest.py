@@ -173,6 +173,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         "test_semantics"
     ):
         vias = ["local", "server", "docker"]
+        if metafunc.definition.get_closest_marker("not_through_server"):
+            vias.remove("server")  # documented not applicable: the variant does not exist
         if metafunc.module.__name__ == "test_semantics":
             vias.append("modal")  # against the fake Modal control plane (test_modal.py)
             vias.append("fleet")  # 4 agent containers on a private network (fleet_support.py)
@@ -317,7 +319,10 @@ class RemoteRLM:
             elif key == "on_event":
                 self.options["on_event"] = value
             else:
-                pytest.skip(f"{key}={value!r} has no equivalent through the server")
+                pytest.fail(
+                    f"{key}={value!r} has no equivalent through the server: mark the test "
+                    "@pytest.mark.not_through_server(why) so that its [server] variant is not made"
+                )
         self.client = server.client()
         self.session: Any = None
 

@@ -19,6 +19,8 @@ from rlm_orchestrator import RLM, RLMChatCompletion
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, ScriptedLMServer
 
 MakeRLM = Callable[..., RLM]
+# A request to a server is always depth 0: the server sets the depth of the RLMs it starts.
+NOT_THROUGH_SERVER_DEPTH = pytest.mark.not_through_server("depth= is set by the server itself")
 
 
 def contents(request: RecordedRequest) -> list[str]:
@@ -295,6 +297,7 @@ def test_out_of_turns_final_var_reads_the_variable(make_rlm: MakeRLM) -> None:
 # --- depth >= max_depth: a plain LM call --------------------------------------------------------
 
 
+@NOT_THROUGH_SERVER_DEPTH
 @pytest.mark.parametrize(("depth", "max_depth"), [(0, 0), (1, 1)])
 def test_depth_at_max_depth_is_a_plain_lm_call(
     make_rlm: MakeRLM,
@@ -323,6 +326,7 @@ def test_depth_at_max_depth_is_a_plain_lm_call(
     assert result.usage_summary.model_usage_summaries[ROOT_MODEL].total_calls == 1
 
 
+@NOT_THROUGH_SERVER_DEPTH
 def test_plain_lm_call_uses_the_rlm_own_backend(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     lm.set_sequence(SUB_MODEL, ["from sub"])
     result = make_rlm(root=["from root"], depth=1, max_depth=1).completion("hi")

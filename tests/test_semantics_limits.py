@@ -27,6 +27,13 @@ from rlm_orchestrator import (
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
 
 MakeRLM = Callable[..., RLM]
+# What these tests set per RLM, a server sets per model in its config ([[models]]).
+PRICES_ARE_SERVER_CONFIG = pytest.mark.not_through_server(
+    "model prices are the server's configuration (input_cost_per_token in [[models]])"
+)
+RETRIES_ARE_SERVER_CONFIG = pytest.mark.not_through_server(
+    "LM retries are the server's configuration (max_retries in [[models]])"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,6 +45,7 @@ def litellm_imported() -> None:
 # --- max_cost -----------------------------------------------------------------------------------
 
 
+@PRICES_ARE_SERVER_CONFIG
 def test_max_cost_stops_the_run_with_partial_answer_and_usage(
     make_rlm: MakeRLM, lm: ScriptedLMServer
 ) -> None:
@@ -57,6 +65,7 @@ def test_max_cost_stops_the_run_with_partial_answer_and_usage(
     assert len(lm.requests_for(ROOT_MODEL)) == 1
 
 
+@PRICES_ARE_SERVER_CONFIG
 def test_max_cost_counts_sub_call_spend(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     free_root = backend_kwargs(lm, ROOT_MODEL, input_cost_per_token=0.0, output_cost_per_token=0.0)
     priced_sub = backend_kwargs(lm, SUB_MODEL, input_cost_per_token=1.0, output_cost_per_token=1.0)
@@ -77,6 +86,7 @@ def test_max_cost_counts_sub_call_spend(make_rlm: MakeRLM, lm: ScriptedLMServer)
     assert len(lm.requests_for(ROOT_MODEL)) == 1  # stopped before the next root turn
 
 
+@PRICES_ARE_SERVER_CONFIG
 def test_max_cost_not_reached_completes(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     priced_sub = backend_kwargs(
         lm, SUB_MODEL, input_cost_per_token=0.001, output_cost_per_token=0.001
@@ -172,6 +182,9 @@ def test_usage_summary_counts_root_and_sub_calls(make_rlm: MakeRLM, lm: Scripted
 # --- trajectory log -----------------------------------------------------------------------------
 
 
+@pytest.mark.not_through_server(
+    "the JSONL logger is the in-process RLM's; a server keeps traces in its own store"
+)
 def test_jsonl_log_has_metadata_then_one_line_per_iteration(
     make_rlm: MakeRLM, lm: ScriptedLMServer, tmp_path: Path
 ) -> None:
@@ -204,6 +217,7 @@ def test_jsonl_log_has_metadata_then_one_line_per_iteration(
 # --- root LM errors -----------------------------------------------------------------------------
 
 
+@RETRIES_ARE_SERVER_CONFIG
 def test_root_lm_failing_for_good_raises_lm_error(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
     lm.add_rule(Rule("server down", model=ROOT_MODEL, status=500))
     rlm = make_rlm(backend_kwargs=backend_kwargs(lm, ROOT_MODEL, max_retries=0))
@@ -215,6 +229,7 @@ def test_root_lm_failing_for_good_raises_lm_error(make_rlm: MakeRLM, lm: Scripte
     assert all(r.status == 500 for r in lm.requests_for(ROOT_MODEL))
 
 
+@RETRIES_ARE_SERVER_CONFIG
 def test_root_lm_attempts_are_exactly_max_retries_plus_one(
     make_rlm: MakeRLM, lm: ScriptedLMServer
 ) -> None:

@@ -79,6 +79,9 @@ def test_llm_query_goes_to_the_sub_backend(make_rlm: MakeRLM, lm: ScriptedLMServ
     assert "hi there" in outputs(lm.requests_for(ROOT_MODEL)[1])[0]
 
 
+@pytest.mark.not_through_server(
+    "a server's models are its configuration ([[models]]), not a request's other_backends"
+)
 def test_llm_query_with_model_routes_to_a_registered_model(
     make_rlm: MakeRLM, lm: ScriptedLMServer
 ) -> None:
@@ -300,10 +303,8 @@ def test_state_persists_across_turns_of_one_completion(
 # --- concurrency cap ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("cap", "expected_peak"), [(2, 2), (None, 6)])
-def test_llm_query_batched_runs_concurrently_up_to_the_cap(
-    make_rlm: MakeRLM, lm: ScriptedLMServer, cap: int | None, expected_peak: int
-) -> None:
+def peak_of_a_batch_of_six(make_rlm: MakeRLM, lm: ScriptedLMServer, **sub_options: Any) -> int:
+    """How many of six batched sub-calls were in flight at once, at most."""
     lock = threading.Lock()
     in_flight = [0, 0]  # current, peak
 
@@ -317,10 +318,24 @@ def test_llm_query_batched_runs_concurrently_up_to_the_cap(
         return "r-" + request.last_user_message
 
     lm.add_rule(Rule(slow_reply, model=SUB_MODEL))
-    extra = {} if cap is None else {"max_concurrency": cap}
     block = "print(llm_query_batched([f'p{i}' for i in range(6)]))"
     (output,) = run_blocks(
-        make_rlm, lm, block, other_backend_kwargs=[backend_kwargs(lm, SUB_MODEL, **extra)]
+        make_rlm, lm, block, other_backend_kwargs=[backend_kwargs(lm, SUB_MODEL, **sub_options)]
     )
     assert str([f"r-p{i}" for i in range(6)]) in output
-    assert in_flight[1] == expected_peak
+    return in_flight[1]
+
+
+@pytest.mark.not_through_server(
+    "a model's max_concurrency is the server's configuration ([[models]]), not a request's"
+)
+def test_llm_query_batched_runs_at_most_the_sub_models_cap(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    assert peak_of_a_batch_of_six(make_rlm, lm, max_concurrency=2) == 2
+
+
+def test_llm_query_batched_runs_all_at_once_without_a_cap(
+    make_rlm: MakeRLM, lm: ScriptedLMServer
+) -> None:
+    assert peak_of_a_batch_of_six(make_rlm, lm) == 6
