@@ -65,11 +65,14 @@ __all__ = ["FakeModal", "FakeSandbox", "SandboxRuntime", "reset_modal_client"]
 
 
 def reset_modal_client() -> None:
-    """Forget the modal client cached by ``modal.Client.from_env`` (it points at an old server)."""
+    """Forget what modal cached from an earlier server: the client ``modal.Client.from_env``
+    made, and the environments it looked up (process-wide, by name)."""
+    from modal._environments import ENVIRONMENT_CACHE
     from modal.client import _Client
 
     _Client._client_from_env = None
     _Client._client_from_env_lock = None
+    ENVIRONMENT_CACHE.clear()
 
 
 def _fake_jwt(lifetime: float = 3600.0) -> str:
