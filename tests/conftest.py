@@ -39,6 +39,7 @@ os.environ["TMPDIR"] = str(RUN_TMP)
 tempfile.tempdir = str(RUN_TMP)
 
 from modal_support import fake_modal, modal_agents  # noqa: E402, F401  (fixtures)
+from skip_policy import pytest_configure  # noqa: E402, F401  (in CI a skip fails)
 
 from rlm_orchestrator import RLM  # noqa: E402
 from rlm_orchestrator.client import Client  # noqa: E402
@@ -180,17 +181,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             vias.append("fleet")  # 4 agent containers on a private network (fleet_support.py)
             vias.append("kubernetes")  # a pod per session in a fake cluster (kube_support.py)
         metafunc.parametrize("via", vias, indirect=True)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The live Modal test needs a Modal account: it exists only where one is offered (not a
-    # skip: CI has none, by design).
-    if os.environ.get("RLM_MODAL_LIVE") == "1":
-        return
-    live = [item for item in items if item.get_closest_marker("modal_live")]
-    if live:
-        config.hook.pytest_deselected(items=live)
-        items[:] = [item for item in items if item not in live]
 
 
 @pytest.fixture

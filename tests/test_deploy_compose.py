@@ -2,7 +2,8 @@
 
 `docker-compose config` validates and resolves the compose file without the engine or any
 image (nothing is pulled, built or run). These tests skip when docker-compose is not
-installed; the `docker compose` v2 plugin is used instead when it is the one present.
+installed (in CI they fail); the `docker compose` v2 plugin is used instead when it is the one
+present.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Docker sandboxes on this machine's real engine: lockdown, limits, reconcile, warm pool.
 
 The semantics suite also runs in containers (the [docker] variants of test_semantics*.py).
-These tests skip when the engine or the image is missing, unless RLM_REQUIRE_DOCKER=1 (CI).
+These tests skip when the engine or the image is missing; in CI (or with RLM_REQUIRE_DOCKER=1)
+they fail.
 """
 
 from __future__ import annotations

@@ -7,13 +7,11 @@ import json
 import threading
 from pathlib import Path
 
+import modal
 import pytest
+from modal_proto import api_pb2
 
-modal = pytest.importorskip("modal")
-
-from modal_proto import api_pb2  # noqa: E402
-
-from rlm_orchestrator.testing.fake_modal import FakeModal, SandboxRuntime  # noqa: E402
+from rlm_orchestrator.testing.fake_modal import FakeModal, SandboxRuntime
 
 pytestmark = pytest.mark.timeout(30)
 

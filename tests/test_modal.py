@@ -14,19 +14,17 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
+import modal
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from modal_proto import api_pb2
+from modal_support import ModalAgents, _free_port, close_modal_client
 
-modal = pytest.importorskip("modal")
-
-from grpclib.const import Status  # noqa: E402
-from grpclib.exceptions import GRPCError  # noqa: E402
-from modal_proto import api_pb2  # noqa: E402
-from modal_support import ModalAgents, _free_port, close_modal_client  # noqa: E402
-
-from rlm_orchestrator.exceptions import SandboxError  # noqa: E402
-from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome  # noqa: E402
-from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider  # noqa: E402
-from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client  # noqa: E402
+from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
+from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
+from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client
 
 pytestmark = pytest.mark.timeout(60)
 
