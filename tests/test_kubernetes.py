@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,22 @@ from conftest import (
     start_server,
     stop_server,
 )
-from kube_support import CRASHING_IMAGE, NAMESPACE, STUCK_IMAGE, TOKEN, FakeCluster
+from kube_support import (
+    CRASHING_IMAGE,
+    NAMESPACE,
+    STUCK_IMAGE,
+    TOKEN,
+    FakeCluster,
+    all_gone,
+    eventually,
+    provider,
+    run,
+)
 
 from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.exceptions import SandboxError
-from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
-from rlm_orchestrator.sandbox.agent_client import AgentClient
-from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
+from rlm_orchestrator.sandbox import SandboxSpec
+from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions
 from rlm_orchestrator.sandbox.kubernetes.ownership import LEASE_LABELS, micro_time
 from rlm_orchestrator.sandbox.kubernetes.pods import (
     STATE,
@@ -42,32 +49,6 @@ from rlm_orchestrator.sandbox.kubernetes.pods import (
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def provider(cluster: FakeCluster, **options: Any) -> KubernetesProvider:
-    return KubernetesProvider(KubernetesOptions.model_validate(cluster.options(**options)))
-
-
-async def run(agent: AgentClient, code: str) -> str:
-    async def ignore(stream: str, text: str) -> None:
-        return None
-
-    async def none(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
-        return []
-
-    return (await agent.execute(code, on_output=ignore, on_sub_call=none)).stdout
-
-
-async def eventually(check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-async def all_gone(cluster: FakeCluster) -> None:
-    """Every pod gone: a deleted pod stays (Terminating) until the kubelet has stopped it."""
-    await eventually(lambda: cluster.pods() == [])
 
 
 SPEC = SandboxSpec(session_id="s1", startup_timeout_seconds=20)

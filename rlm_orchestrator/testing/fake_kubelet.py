@@ -35,6 +35,12 @@ from rlm_orchestrator.testing.fake_kube import ApiError, FakeKubeApiServer
 
 JsonObject = dict[str, Any]
 AGENT, NEVER_READY, CRASHES = "agent", "never-ready", "crashes"
+STUBBORN = "stubborn"  # a container that ignores SIGTERM (it only goes at SIGKILL)
+_COMMANDS = {
+    CRASHES: "raise SystemExit(3)",
+    STUBBORN: "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "time.sleep(3600)",
+}
 
 
 def _now() -> str:
@@ -57,7 +63,7 @@ class FakeKubelet:
         self.server = server
         self.root = root
         # image -> what runs: AGENT (python -m sandbox_agent + the args), NEVER_READY, or
-        # CRASHES (a container that exits with code 3 as soon as it starts).
+        # CRASHES (a container that exits with code 3 as soon as it starts), or STUBBORN.
         self.images = images if images is not None else {"rlm-sandbox:latest": AGENT}
         self.probe_period_seconds = probe_period_seconds
         self.node_name = "fake-node"
@@ -237,15 +243,19 @@ class _RunningPod:
             reason, message = exc.args
             self._waiting(reason, message)
             return
-        self._start(container, env, mounts, crash=behaviour == CRASHES)
+        self._start(container, env, mounts, _COMMANDS.get(behaviour))
 
     def _start(
-        self, container: JsonObject, env: dict[str, str], mounts: dict[str, Path], crash: bool
+        self,
+        container: JsonObject,
+        env: dict[str, str],
+        mounts: dict[str, Path],
+        replacement: str | None,  # Python code that runs instead of the agent
     ) -> None:
         args = [self._map(arg, mounts) for arg in container.get("args", [])]
         command = [sys.executable, "-m", "sandbox_agent", *args]
-        if crash:
-            command = [sys.executable, "-c", "raise SystemExit(3)"]
+        if replacement is not None:
+            command = [sys.executable, "-c", replacement]
         # Only what the pod spec gives, plus the test run's owner label (its leak checks).
         base = {key: os.environ[key] for key in ("PATH", "RLM_SANDBOX_OWNER") if key in os.environ}
         log = (self.dir / "agent.log").open("wb")
