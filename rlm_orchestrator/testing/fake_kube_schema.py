@@ -215,8 +215,7 @@ def decode(k: Kind, obj: Any, field_validation: str, warnings: list[str]) -> Any
 
 # ---------------------------------------------------------------------------- quantities
 _QUANTITY_FORMAT = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-_SUFFIXES = {"": 0, "n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+_SUFFIXES = {"", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"}
 
 
 def quantity_error(text: str) -> str | None:
@@ -228,7 +227,7 @@ def quantity_error(text: str) -> str | None:
     if not re.fullmatch(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)", number):
         return "unable to parse numeric part of quantity"
     exponent = re.fullmatch(r"[eE][-+]?[0-9]+", suffix)
-    if suffix not in _SUFFIXES and suffix not in _BINARY and not exponent:
+    if suffix not in _SUFFIXES and not exponent:
         return "unable to parse quantity's suffix"
     return None
 
