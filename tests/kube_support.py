@@ -1,12 +1,19 @@
-"""The fake cluster (rlm_orchestrator.testing.fake_cluster) as a fixture, one per test."""
+"""The fake cluster (rlm_orchestrator.testing.fake_cluster) as a fixture, one per test, and
+what the provider's tests share."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from rlm_orchestrator.sandbox import SubCallOutcome
+from rlm_orchestrator.sandbox.agent_client import AgentClient
+from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
 from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from rlm_orchestrator.testing.fake_cluster import (
     AGENT_NAME,
@@ -23,8 +30,12 @@ __all__ = [
     "STUCK_IMAGE",
     "TOKEN",
     "FakeCluster",
+    "all_gone",
+    "eventually",
     "fake_cluster",
     "kube_pki",
+    "provider",
+    "run",
 ]
 
 TOKEN = "kube-agent-token-for-tests"
@@ -42,3 +53,29 @@ def fake_cluster(
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     with FakeCluster(tmp_path, kube_pki, TOKEN) as cluster:
         yield cluster
+
+
+def provider(cluster: FakeCluster, **options: Any) -> KubernetesProvider:
+    return KubernetesProvider(KubernetesOptions.model_validate(cluster.options(**options)))
+
+
+async def run(agent: AgentClient, code: str) -> str:
+    async def ignore(stream: str, text: str) -> None:
+        return None
+
+    async def none(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
+        return []
+
+    return (await agent.execute(code, on_output=ignore, on_sub_call=none)).stdout
+
+
+async def eventually(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def all_gone(cluster: FakeCluster) -> None:
+    """Every pod gone: a deleted pod stays (Terminating) until the kubelet has stopped it."""
+    await eventually(lambda: cluster.pods() == [])

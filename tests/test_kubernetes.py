@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,22 @@ from conftest import (
     start_server,
     stop_server,
 )
-from kube_support import CRASHING_IMAGE, NAMESPACE, STUCK_IMAGE, TOKEN, FakeCluster
+from kube_support import (
+    CRASHING_IMAGE,
+    NAMESPACE,
+    STUCK_IMAGE,
+    TOKEN,
+    FakeCluster,
+    all_gone,
+    eventually,
+    provider,
+    run,
+)
 
 from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.exceptions import SandboxError
-from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
-from rlm_orchestrator.sandbox.agent_client import AgentClient
-from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
+from rlm_orchestrator.sandbox import SandboxSpec
+from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions
 from rlm_orchestrator.sandbox.kubernetes.ownership import LEASE_LABELS, micro_time
 from rlm_orchestrator.sandbox.kubernetes.pods import (
     STATE,
@@ -42,27 +49,6 @@ from rlm_orchestrator.sandbox.kubernetes.pods import (
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def provider(cluster: FakeCluster, **options: Any) -> KubernetesProvider:
-    return KubernetesProvider(KubernetesOptions.model_validate(cluster.options(**options)))
-
-
-async def run(agent: AgentClient, code: str) -> str:
-    async def ignore(stream: str, text: str) -> None:
-        return None
-
-    async def none(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
-        return []
-
-    return (await agent.execute(code, on_output=ignore, on_sub_call=none)).stdout
-
-
-async def eventually(check: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 SPEC = SandboxSpec(session_id="s1", startup_timeout_seconds=20)
@@ -84,8 +70,13 @@ async def test_a_session_gets_its_own_pod_which_is_deleted_after(
         assert await run(sandbox.client, "print(6 * 7)") == "42\n"
         environment = await run(sandbox.client, "import os; print(sorted(os.environ))")
         assert "RLM_AGENT_TOKEN" not in environment and TOKEN not in environment
-        await kube.release(sandbox)
-        assert fake_cluster.pods() == []
+        with fake_cluster.kubelet.hold_terminations():
+            await kube.release(sandbox)
+            # Deleted gracefully: Terminating, its agent still running, until the kubelet acts.
+            (terminating,) = fake_cluster.pods()
+            assert terminating["metadata"]["deletionGracePeriodSeconds"] == 5  # the pod spec's
+            assert fake_cluster.kubelet.running_processes() == 1
+        await all_gone(fake_cluster)
         await kube.release(sandbox)  # idempotent
     finally:
         await kube.aclose()
@@ -163,7 +154,7 @@ async def test_twenty_concurrent_leasers_never_share_a_pod(fake_cluster: FakeClu
     finally:
         for kube in [filler, *leasers]:
             await kube.aclose()
-    assert fake_cluster.pods() == []
+    await all_gone(fake_cluster)
 
 
 async def test_an_image_that_cannot_be_pulled_fails_fast_and_clearly(
@@ -174,7 +165,7 @@ async def test_an_image_that_cannot_be_pulled_fails_fast_and_clearly(
         # "cannot start": failed on the pod's state, not at the deadline ("not ready in time").
         with pytest.raises(SandboxError, match="cannot start: ImagePullBackOff"):
             await kube.acquire(SPEC)
-        assert fake_cluster.pods() == []  # the failed pod was deleted
+        await all_gone(fake_cluster)  # the failed pod was deleted
     finally:
         await kube.aclose()
 
@@ -184,7 +175,7 @@ async def test_a_missing_secret_is_a_container_config_error(fake_cluster: FakeCl
     try:
         with pytest.raises(SandboxError, match='CreateContainerConfigError: secret "no-such'):
             await kube.acquire(SPEC)
-        assert fake_cluster.pods() == []
+        await all_gone(fake_cluster)
     finally:
         await kube.aclose()
 
@@ -196,7 +187,7 @@ async def test_an_agent_that_exits_at_start_fails_the_acquire_at_once(
     try:
         with pytest.raises(SandboxError, match=r"cannot start: agent exited \(Error, code 3\)"):
             await kube.acquire(SPEC)
-        assert fake_cluster.pods() == []
+        await all_gone(fake_cluster)
     finally:
         await kube.aclose()
 
@@ -209,7 +200,7 @@ async def test_a_pod_that_never_gets_ready_fails_at_the_deadline(
         spec = SandboxSpec(session_id="s1", startup_timeout_seconds=1.5)
         with pytest.raises(SandboxError, match=r"not ready in time \(phase Pending; waiting: "):
             await kube.acquire(spec)
-        assert fake_cluster.pods() == []
+        await all_gone(fake_cluster)
     finally:
         await kube.aclose()
 
@@ -234,8 +225,8 @@ async def test_a_vanished_orchestrators_pods_are_deleted_by_the_next_ones_sweep(
     successor = provider(fake_cluster)
     try:
         assert await successor.reconcile() == 1
-        assert fake_cluster.pods() == []
-        await eventually(lambda: fake_cluster.kubelet.running_processes() == 0)
+        await all_gone(fake_cluster)
+        assert fake_cluster.kubelet.running_processes() == 0
         # Had it only been slow, its next renewal fails: the Lease was taken over and deleted.
         with pytest.raises(SandboxError) as lost:
             await gone._owner.renew()
@@ -444,7 +435,9 @@ async def test_a_server_keeps_a_warm_pool_and_a_killed_servers_pods_are_swept_ne
         lm.set_sequence(ROOT_MODEL, [repl("print(6 * 7)"), "FINAL(done)"])
         async with AsyncClient(first.address, token=SERVER_TOKEN) as client:
             assert (await client.completion("ctx")).response == "done"
-        assert warm not in {p["metadata"]["name"] for p in fake_cluster.pods()}  # used, deleted
+        await eventually(  # used, deleted
+            lambda: warm not in {p["metadata"]["name"] for p in fake_cluster.pods()}
+        )
         await eventually(lambda: len(idle_ready()) == 1)  # refilled
         first.process.kill()  # vanishes: nothing cleaned up
         first.process.wait()
@@ -461,7 +454,8 @@ async def test_a_server_keeps_a_warm_pool_and_a_killed_servers_pods_are_swept_ne
     successor = provider(fake_cluster)
     try:
         assert await successor.reconcile() == 1
-        assert fake_cluster.pods() == [] and fake_cluster.leases() == []
+        assert fake_cluster.leases() == []
+        await all_gone(fake_cluster)
     finally:
         await successor.aclose()
 

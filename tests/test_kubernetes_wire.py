@@ -149,6 +149,27 @@ async def test_delete_cascades_in_the_background(wire: Any) -> None:
     assert server.list("Lease", NS)[0] == []
 
 
+async def test_a_lease_is_sent_with_six_digit_micro_times_even_at_a_whole_second(
+    wire: Any,
+) -> None:
+    """The typed model holds a MicroTime as a datetime, which msgspec writes without a
+    fraction when its microseconds are 0; the API server refuses that (400: a MicroTime has
+    exactly six fractional digits), so one create in a million would fail."""
+    api, recording, server = wire
+    whole = "2026-11-29T10:00:00.000000Z"
+    spec = {"holderIdentity": "me", "leaseDurationSeconds": 30}
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "owner"},
+        "spec": {**spec, "acquireTime": whole, "renewTime": whole},
+    }
+    await api.create("Lease", lease)
+    sent = json.loads(recording.last().content)["spec"]
+    assert (sent["acquireTime"], sent["renewTime"]) == (whole, whole)
+    assert server.get("Lease", NS, "owner")["spec"]["renewTime"] == whole
+
+
 async def test_watch_streams_one_pods_events_from_a_resource_version(wire: Any) -> None:
     api, recording, server = wire
     created = await api.create("Pod", pod())

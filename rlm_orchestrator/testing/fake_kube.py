@@ -8,8 +8,13 @@ It is thread-safe (one lock) and usable from any thread and any asyncio loop.
 What it models, as the apiserver does:
 
 - one global resourceVersion counter, bumped once per write (a no-op patch writes nothing);
-  ``uid``, ``creationTimestamp``, ``generateName``; 409 AlreadyExists; name and label checks;
-  a pod's status reset to ``Pending`` on create; a secret's ``stringData`` folded into ``data``;
+  ``uid``, ``creationTimestamp``, ``generateName``; 409 AlreadyExists; a pod's status reset to
+  ``Pending`` on create; a secret's ``stringData`` folded into ``data``;
+- every body decoded against the kind's schema first (``fake_kube_schema``: 400 BadRequest
+  for wrong types, unparsable quantities and times, unknown fields under
+  ``fieldValidation=Strict``; dropped with a warning under Warn), then validated
+  (``fake_kube_validation``: 422 Invalid with the apiserver's causes for names, labels, owner
+  references and containers);
 - get and list with label and field selectors (``fake_kube_selectors``); lists carry the
   current resourceVersion (``limit``/``continue`` paging is not modelled: one page);
 - merge, "strategic" and JSON patches (``fake_kube_patch``), and PUT, with
@@ -21,14 +26,23 @@ What it models, as the apiserver does:
   ``metadata.ownerReferences`` (Foreground deletes dependents first, Background right after,
   Orphan drops the owner reference; a dependent with another live owner survives, minus the
   reference), all synchronous;
+- graceful deletion of pods a node runs (``spec.nodeName`` set, not finished): the delete
+  only sets ``deletionTimestamp`` and ``deletionGracePeriodSeconds`` (the request's
+  gracePeriodSeconds, else the spec's terminationGracePeriodSeconds, else 30) and runs the
+  ``on_terminate`` hooks (the kubelet's cue); the pod goes when its kubelet deletes it again
+  with grace 0 (``fake_kubelet`` does, once the processes exited). A second delete may only
+  shorten the grace. Other kinds, and unscheduled or finished pods, go at once;
 - watches replaying a bounded history, with 410 Expired beyond it (``fake_kube_watch``).
 
-What it deliberately does not model: graceful deletion (objects go at once: no
-deletionTimestamp, no finalizers), admission, RBAC enforcement (requests are only recorded in
+What it deliberately does not model: finalizers (a Foreground owner does not wait for its
+terminating dependents), admission, RBAC enforcement (requests are only recorded in
 ``audit_log``), namespaces as objects (every namespace exists), server-side apply and
 managedFields, strategic-merge list semantics, dry runs, watch bookmarks, and every controller
-(nothing runs a pod: tests do, through the ``on_create``/``on_delete`` hooks, which run outside
-the lock in the thread that made the write).
+(nothing runs a pod: tests do, through the ``on_create``/``on_terminate``/``on_delete`` hooks,
+which run outside the lock in the thread that made the write).
+
+Direct calls validate as ``fieldValidation=Strict`` (a test's typo is an error); over HTTP the
+default is the apiserver's, Warn.
 """
 
 from __future__ import annotations
@@ -40,28 +54,32 @@ from collections.abc import Callable
 from typing import Any
 
 from rlm_orchestrator.testing import fake_kube_selectors as sel
-from rlm_orchestrator.testing.fake_kube_audit import AuditEntry, Instrumentation
+from rlm_orchestrator.testing.fake_kube_audit import AuditEntry
 from rlm_orchestrator.testing.fake_kube_audit import Hook as Hook  # re-exported: public here
+from rlm_orchestrator.testing.fake_kube_deletion import Deletion, Dicts, Objects, key
 from rlm_orchestrator.testing.fake_kube_objects import (
-    IMMUTABLE,
     KINDS,
     ApiError,
     JsonDict,
     Kind,
     bad_request,
-    initialize,
-    keep_meta,
     kind_of,
-    new_object,
     no_such_resource,
-    pod_status_defaults,
-    updated,
 )
 from rlm_orchestrator.testing.fake_kube_patch import (
     JSON_PATCH,
     MERGE_PATCH,
     STRATEGIC_MERGE_PATCH,
     patcher,
+)
+from rlm_orchestrator.testing.fake_kube_schema import decode
+from rlm_orchestrator.testing.fake_kube_strategy import (
+    IMMUTABLE,
+    initialize,
+    keep_meta,
+    new_object,
+    pod_status_defaults,
+    updated,
 )
 from rlm_orchestrator.testing.fake_kube_watch import Event, EventHistory, Watch
 
@@ -78,30 +96,21 @@ __all__ = [
     "kind_of",
 ]
 
-# Aliases: inside the store, `list` is a method's name.
-_Objects = list[tuple[Kind, JsonDict]]
-_Dicts = list[JsonDict]
-
-_POLICIES = ("Background", "Foreground", "Orphan")
 _SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the apiserver's: no vowels, no words
 
 
-def _key(obj: JsonDict) -> tuple[str, str]:
-    return obj["metadata"]["namespace"], obj["metadata"]["name"]
+# An alias: inside the store, `list` is a method's name.
+Warnings = list[str]
 
 
-def _owner_refs(obj: JsonDict) -> list[Any]:
-    meta = obj.get("metadata")
-    return (meta.get("ownerReferences") if isinstance(meta, dict) else None) or []
+def _sink(warnings: list[str] | None) -> list[str]:
+    return warnings if warnings is not None else []
 
 
-def _owner_uids(obj: JsonDict) -> list[str]:
-    return [str(ref.get("uid")) for ref in _owner_refs(obj) if isinstance(ref, dict)]
-
-
-class FakeKubeApiServer(Instrumentation):
-    """The store: objects, the resourceVersion counter, event history and watches (hooks,
-    audit log and fault injection: ``Instrumentation``)."""
+class FakeKubeApiServer(Deletion):
+    """The store: objects, the resourceVersion counter, event history and watches (deletion
+    and the garbage collector: ``Deletion``; hooks, audit log and fault injection:
+    ``Instrumentation``)."""
 
     def __init__(self, *, history_limit: int = 1000) -> None:
         if history_limit < 1:
@@ -128,7 +137,7 @@ class FakeKubeApiServer(Instrumentation):
         namespace: str | None = None,
         label_selector: str | None = None,
         field_selector: str | None = None,
-    ) -> tuple[_Dicts, str]:
+    ) -> tuple[Dicts, str]:
         """(items, the list's resourceVersion): every namespace when `namespace` is None."""
         k = kind_of(kind)
         flt = sel.Selection(k, namespace, label_selector, field_selector)
@@ -157,9 +166,18 @@ class FakeKubeApiServer(Instrumentation):
             self._history.close_all()
 
     # ------------------------------------------------------------------ writes
-    def create(self, kind: str | Kind, namespace: str, obj: JsonDict) -> JsonDict:
+    # `field_validation` and `warnings` (appended to) as in fake_kube_schema.decode.
+    def create(
+        self,
+        kind: str | Kind,
+        namespace: str,
+        obj: JsonDict,
+        *,
+        field_validation: str = "Strict",
+        warnings: Warnings | None = None,
+    ) -> JsonDict:
         k = kind_of(kind)
-        body = new_object(k, namespace, obj)
+        body = new_object(k, namespace, decode(k, obj, field_validation, _sink(warnings)))
         meta = body["metadata"]
         with self._lock:
             name = meta.get("name") or ""
@@ -182,13 +200,16 @@ class FakeKubeApiServer(Instrumentation):
         content_type: str = MERGE_PATCH,
         *,
         subresource: str | None = None,
+        field_validation: str = "Strict",
+        warnings: Warnings | None = None,
     ) -> JsonDict:
         k = kind_of(kind)
         self._check_subresource(k, subresource)
         apply = patcher(patch, content_type)
         with self._lock:
             current = self._require(k, namespace, name)
-            return self._write(k, updated(k, current, apply(current), subresource), current)
+            result = decode(k, apply(current), field_validation, _sink(warnings))
+            return self._write(k, updated(k, current, result, subresource), current)
 
     def replace(
         self,
@@ -198,12 +219,15 @@ class FakeKubeApiServer(Instrumentation):
         obj: JsonDict,
         *,
         subresource: str | None = None,
+        field_validation: str = "Strict",
+        warnings: Warnings | None = None,
     ) -> JsonDict:
         """PUT: the whole object; its resourceVersion, when set, is a precondition."""
         k = kind_of(kind)
         self._check_subresource(k, subresource)
         if not isinstance(obj, dict):
             raise bad_request("the object must be a JSON object")
+        obj = decode(k, obj, field_validation, _sink(warnings))
         meta = obj.get("metadata")
         meta = meta if isinstance(meta, dict) else {}
         if meta.get("name", name) != name:
@@ -242,51 +266,6 @@ class FakeKubeApiServer(Instrumentation):
                 keep_meta(result.setdefault("metadata", {}), stored, kept)
                 return self._write(k, result, stored)
 
-    def delete(
-        self,
-        kind: str | Kind,
-        namespace: str,
-        name: str,
-        *,
-        propagation_policy: str | None = None,
-        preconditions: JsonDict | None = None,
-    ) -> JsonDict:
-        """Removes the object at once and cascades to its dependents; returns its last state."""
-        k, policy = kind_of(kind), self._policy(propagation_policy)
-        deleted: _Objects = []
-        with self._lock:
-            current = self._require(k, namespace, name)
-            meta = current["metadata"]
-            for field, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
-                wanted = (preconditions or {}).get(field)
-                if wanted and wanted != meta.get(field):
-                    why = (
-                        f"{label} in precondition: {wanted}, {label} in object meta: {meta[field]}"
-                    )
-                    raise k.conflict(name, f"Precondition failed: {why}")
-            last = self._delete_locked(k, current, policy, deleted, set())
-        self._run_hooks("delete", deleted)
-        return last
-
-    def delete_collection(
-        self,
-        kind: str | Kind,
-        namespace: str | None,
-        label_selector: str | None = None,
-        field_selector: str | None = None,
-        *,
-        propagation_policy: str | None = None,
-    ) -> _Dicts:
-        k, policy = kind_of(kind), self._policy(propagation_policy)
-        flt = sel.Selection(k, namespace, label_selector, field_selector)
-        deleted: _Objects = []
-        with self._lock:
-            for obj in self._all(k):  # skipping any a cascade has deleted or changed since
-                if flt.matches(obj) and self._objects[k.plural].get(_key(obj)) is obj:
-                    self._delete_locked(k, obj, policy, deleted, set())
-        self._run_hooks("delete", deleted)
-        return [obj for dk, obj in deleted if dk is k and flt.matches(obj)]
-
     # ------------------------------------------------------------------ internals (lock held)
     def _commit(self, k: Kind, event_type: str, obj: JsonDict, prev: JsonDict | None) -> JsonDict:
         """Stores (or, for DELETED, removes) `obj` at a new resourceVersion, and tells watches."""
@@ -294,9 +273,9 @@ class FakeKubeApiServer(Instrumentation):
         obj = copy.deepcopy(obj)  # stored objects are never mutated: events share them
         obj["metadata"]["resourceVersion"] = str(self._rv)
         if event_type == "DELETED":
-            self._objects[k.plural].pop(_key(obj), None)
+            self._objects[k.plural].pop(key(obj), None)
         else:
-            self._objects[k.plural][_key(obj)] = obj
+            self._objects[k.plural][key(obj)] = obj
         self._history.publish(Event(self._rv, k, event_type, obj, prev))
         return copy.deepcopy(obj)
 
@@ -307,66 +286,13 @@ class FakeKubeApiServer(Instrumentation):
             return copy.deepcopy(current)
         return self._commit(k, "MODIFIED", result, current)
 
-    def _delete_locked(
-        self,
-        k: Kind,
-        obj: JsonDict,
-        policy: str,
-        deleted: _Objects,
-        going: set[str],
-    ) -> JsonDict:
-        """Deletes `obj` and, as the garbage collector would, its dependents (uids in `going`
-        are being deleted further up: no cycles, and they count as gone)."""
-        uid, namespace = obj["metadata"]["uid"], obj["metadata"]["namespace"]
-        going.add(uid)
-        dependents = [(dk, d) for dk, d in self._in_namespace(namespace) if uid in _owner_uids(d)]
-        if policy == "Foreground":
-            self._release(dependents, uid, policy, deleted, going)
-        last = self._commit(k, "DELETED", obj, obj)
-        deleted.append((k, last))
-        if policy == "Background":
-            self._release(dependents, uid, policy, deleted, going)
-        if policy == "Orphan":
-            for dk, dependent in dependents:
-                self._drop_owner(dk, self._objects[dk.plural].get(_key(dependent)), uid)
-        return last
-
-    def _release(
-        self,
-        dependents: _Objects,
-        owner_uid: str,
-        policy: str,
-        deleted: _Objects,
-        going: set[str],
-    ) -> None:
-        for dk, dependent in dependents:
-            current = self._objects[dk.plural].get(_key(dependent))
-            if current is None or current["metadata"]["uid"] in going:
-                continue
-            live = {o["metadata"]["uid"] for _, o in self._in_namespace(_key(current)[0])}
-            others = [u for u in _owner_uids(current) if u != owner_uid and u not in going]
-            if any(u in live for u in others):
-                self._drop_owner(dk, current, owner_uid)
-            else:
-                self._delete_locked(dk, current, policy, deleted, going)
-
-    def _drop_owner(self, k: Kind, obj: JsonDict | None, owner_uid: str) -> None:
-        if obj is None:
-            return
-        result = copy.deepcopy(obj)
-        refs = [r for r in _owner_refs(obj) if r.get("uid") != owner_uid]
-        result["metadata"].pop("ownerReferences", None)
-        if refs:
-            result["metadata"]["ownerReferences"] = refs
-        self._commit(k, "MODIFIED", result, obj)
-
-    def _all(self, k: Kind) -> _Dicts:
+    def _all(self, k: Kind) -> Dicts:
         """Every stored object of kind `k`, by namespace and name."""
         return [obj for _, obj in sorted(self._objects[k.plural].items())]
 
-    def _in_namespace(self, namespace: str) -> _Objects:
+    def _in_namespace(self, namespace: str) -> Objects:
         return [
-            (k, obj) for k in KINDS.values() for obj in self._all(k) if _key(obj)[0] == namespace
+            (k, obj) for k in KINDS.values() for obj in self._all(k) if key(obj)[0] == namespace
         ]
 
     def _require(self, k: Kind, namespace: str, name: str) -> JsonDict:
@@ -379,9 +305,3 @@ class FakeKubeApiServer(Instrumentation):
     def _check_subresource(k: Kind, subresource: str | None) -> None:
         if subresource not in (None, "status") or (subresource and k.plural != "pods"):
             raise no_such_resource()
-
-    @staticmethod
-    def _policy(policy: str | None) -> str:
-        if policy not in (None, "", *_POLICIES):
-            raise bad_request(f"unsupported propagationPolicy {policy!r}")
-        return policy or "Background"

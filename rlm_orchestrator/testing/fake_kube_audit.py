@@ -1,8 +1,9 @@
 """What tests observe and steer of the fake Kubernetes API server, beside the API itself.
 
-``FakeKubeApiServer`` inherits ``Instrumentation``: hooks run after a create or delete (outside
-the lock, in the thread that made the write: this is how tests play the controllers), the
-audit log of the requests the HTTP layer handled, and faults injected into the next request.
+``FakeKubeApiServer`` inherits ``Instrumentation``: hooks run after a create, the start of a
+graceful deletion, or a removal (outside the lock, in the thread that made the write: this is
+how tests and the fake kubelet play the controllers), the audit log of the requests the HTTP
+layer handled, and faults injected into the next request.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ class Instrumentation:
         with self._lock:
             self._hooks["create", kind_of(kind).plural].append(callback)
 
+    def on_terminate(self, kind: str | Kind, callback: Hook) -> None:
+        """`callback` gets each object marked for graceful deletion (a pod a node runs): the
+        node's cue to stop it and then delete it with grace 0."""
+        with self._lock:
+            self._hooks["terminate", kind_of(kind).plural].append(callback)
+
     def on_delete(self, kind: str | Kind, callback: Hook) -> None:
+        """`callback` gets each object as it was when it was removed."""
         with self._lock:
             self._hooks["delete", kind_of(kind).plural].append(callback)
 

@@ -72,10 +72,10 @@ def fake_kube_transport(
         response = router.handle(
             request.method, request.url.path, request.url.params, request.headers, request.content
         )
-        headers = {"Content-Type": response.content_type}
+        headers = response.headers()
         if response.watch is None:
             return httpx2.Response(response.status, headers=headers, content=response.body)
-        headers["Transfer-Encoding"] = "chunked"
+        headers.append(("Transfer-Encoding", "chunked"))
         return httpx2.Response(
             response.status, headers=headers, stream=_WatchStream(response.watch)
         )

@@ -103,7 +103,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path, headers = urllib.parse.unquote(split.path), dict(self.headers.items())
         response = self.server.router.handle(self.command, path, query, headers, body)
         self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
+        for header, value in response.headers():
+            self.send_header(header, value)
         if response.watch is None:
             self.send_header("Content-Length", str(len(response.body)))
             self.end_headers()

@@ -15,21 +15,23 @@
 Every authenticated request is recorded in the store's ``audit_log`` as (RBAC verb, group,
 resource, namespace, name), then may hit a fault from ``fail_next``. What lightkube 1.0.1
 sends, which this layer accepts: delete as ``DELETE`` with query parameters
-``propagationPolicy``, ``gracePeriodSeconds`` (ignored: no graceful deletion) and ``dryRun``,
-and no body (a ``DeleteOptions`` body with ``preconditions`` is honoured too); patch as
-``PATCH`` with the ``lightkube.types.PatchType`` value as Content-Type and ``fieldManager``
-(ignored); watch as ``GET`` on the collection with ``watch=true``, ``resourceVersion``,
-``timeoutSeconds``, ``labelSelector``, ``fieldSelector``, reading one JSON event per line.
-Errors are ``Status`` bodies with Content-Type exactly ``application/json`` (otherwise
-lightkube raises a bare httpx error instead of ``ApiError``). Not modelled: ``dryRun`` (400),
-paging (``limit`` is ignored), authentication other than one bearer token.
+``propagationPolicy``, ``gracePeriodSeconds`` and ``dryRun``, and no body (a ``DeleteOptions``
+body with ``preconditions``, ``propagationPolicy`` or ``gracePeriodSeconds`` is honoured
+instead); create, update and patch with ``fieldValidation`` (Ignore, Warn, the default, or
+Strict; each warning a ``Warning: 299 - "..."`` header) and ``fieldManager`` (ignored); patch
+with the ``lightkube.types.PatchType`` value as Content-Type; watch as ``GET`` on the
+collection with ``watch=true``, ``resourceVersion``, ``timeoutSeconds``, ``labelSelector``,
+``fieldSelector``, reading one JSON event per line. Errors are ``Status`` bodies with
+Content-Type exactly ``application/json`` (otherwise lightkube raises a bare httpx error
+instead of ``ApiError``). Not modelled: ``dryRun`` (400), paging (``limit`` is ignored),
+authentication other than one bearer token.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlm_orchestrator.testing.fake_kube import AuditEntry, FakeKubeApiServer, Watch
@@ -64,14 +66,21 @@ class KubeResponse:
     body: bytes = b""
     watch: Watch | None = None  # when set, the body is this watch's events, one JSON per line
     content_type: str = "application/json"
+    warnings: list[str] = field(default_factory=list)
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Content-Type, and one Warning header per warning (as the apiserver quotes them)."""
+        quoted = [w.replace("\\", "\\\\").replace('"', '\\"') for w in self.warnings]
+        warnings = [("Warning", f'299 - "{text}"') for text in quoted]
+        return [("Content-Type", self.content_type), *warnings]
 
 
 def _compact(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def _json(status: int, obj: Any) -> KubeResponse:
-    return KubeResponse(status, _compact(obj))
+def _json(status: int, obj: Any, warnings: list[str] | None = None) -> KubeResponse:
+    return KubeResponse(status, _compact(obj), warnings=list(warnings or []))
 
 
 def encode_event(event: JsonDict) -> bytes:
@@ -127,35 +136,77 @@ class KubeRouter:
             watch = store.watch(kind, namespace, labels, fields, since, timeout)
             return KubeResponse(200, watch=watch)
         assert namespace is not None  # _verb allows nothing else across namespaces
-        if verb == "create":
-            return _json(201, store.create(kind, namespace, _decode(body)))
-        if verb == "deletecollection" or name is None:
-            policy = _propagation(query, {})
-            gone = store.delete_collection(
-                kind, namespace, labels, fields, propagation_policy=policy
-            )
-            return _json(200, _listing(kind, gone, store.resource_version))
         if verb == "get":  # for .../status too: the apiserver answers with the whole pod
+            assert name is not None
             return _json(200, store.get(kind, namespace, name))
-        if verb == "patch":
+        if verb in ("create", "patch", "update"):
+            # The apiserver's default: unknown fields are dropped, each with a warning.
+            mode = query.get("fieldValidation") or "Warn"
             content_type = headers.get("content-type", "")
-            patched = store.patch(
-                kind, namespace, name, _decode(body), content_type, subresource=sub
-            )
-            return _json(200, patched)
-        if verb == "update":
-            return _json(200, store.replace(kind, namespace, name, _decode(body), subresource=sub))
+            return self._write(verb, kind, namespace, name, sub, mode, content_type, _decode(body))
         options = _decode(body) if body.strip() else {}
         if not isinstance(options, dict):
             raise bad_request("DeleteOptions must be a JSON object")
+        policy, grace = _propagation(query, options), _grace(query, options)
+        if verb == "deletecollection" or name is None:
+            gone = store.delete_collection(
+                kind,
+                namespace,
+                labels,
+                fields,
+                propagation_policy=policy,
+                grace_period_seconds=grace,
+            )
+            return _json(200, _listing(kind, gone, store.resource_version))
         deleted = store.delete(
             kind,
             namespace,
             name,
-            propagation_policy=_propagation(query, options),
+            propagation_policy=policy,
             preconditions=options.get("preconditions"),
+            grace_period_seconds=grace,
         )
         return _json(200, deleted)
+
+    def _write(
+        self,
+        verb: str,
+        kind: Kind,
+        namespace: str,
+        name: str | None,
+        sub: str | None,
+        mode: str,
+        content_type: str,
+        obj: Any,
+    ) -> KubeResponse:
+        """A create, patch or update, its body decoded as `mode` (fieldValidation) says."""
+        store, warnings = self.server, list[str]()
+        if verb == "create":
+            created = store.create(kind, namespace, obj, field_validation=mode, warnings=warnings)
+            return _json(201, created, warnings)
+        assert name is not None
+        if verb == "patch":
+            written = store.patch(
+                kind,
+                namespace,
+                name,
+                obj,
+                content_type,
+                subresource=sub,
+                field_validation=mode,
+                warnings=warnings,
+            )
+        else:
+            written = store.replace(
+                kind,
+                namespace,
+                name,
+                obj,
+                subresource=sub,
+                field_validation=mode,
+                warnings=warnings,
+            )
+        return _json(200, written, warnings)
 
 
 def _listing(kind: Kind, items: list[JsonDict], rv: str) -> JsonDict:
@@ -223,6 +274,18 @@ def _number(query: Mapping[str, str], key: str) -> float | None:
         return float(value)
     except ValueError:
         raise bad_request(f"{key}: not a number: {value!r}") from None
+
+
+def _grace(query: Mapping[str, str], options: JsonDict) -> int | None:
+    """DeleteOptions.gracePeriodSeconds: from the body when it has one, else the query."""
+    value: Any = options.get("gracePeriodSeconds", query.get("gracePeriodSeconds"))
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    raise bad_request(f"gracePeriodSeconds: not an integer: {value!r}")
 
 
 def _propagation(query: Mapping[str, str], options: JsonDict) -> str | None:

@@ -7,8 +7,13 @@ real gRPC probe of the container's health port, Failed with DeadlineExceeded or 
 exit code), env from Secrets (a missing one is CreateContainerConfigError), secret and
 emptyDir volumes (written to a directory per pod; container paths in the args are mapped to
 them), images (unknown: ErrImagePull, then ImagePullBackOff; "never-ready": stuck in
-ContainerCreating), and deletion (SIGTERM, the grace period, SIGKILL). Not modelled:
-restarts, resource limits, the security context (the process runs as the test's user).
+ContainerCreating), and graceful deletion: each pod is bound to the kubelet's node at once
+(``spec.nodeName``), so the API server only marks a deleted pod (deletionTimestamp); the
+kubelet then sends SIGTERM, SIGKILL after the pod's deletionGracePeriodSeconds, reports the
+container's exit, and deletes the pod for good (grace 0). ``hold_terminations`` keeps deleted
+pods running and Terminating, as a slow kubelet or a node that stopped answering does. Not
+modelled: restarts, resource limits, the security context (the process runs as the test's
+user).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,12 @@ from rlm_orchestrator.testing.fake_kube import ApiError, FakeKubeApiServer
 
 JsonObject = dict[str, Any]
 AGENT, NEVER_READY, CRASHES = "agent", "never-ready", "crashes"
+STUBBORN = "stubborn"  # a container that ignores SIGTERM (it only goes at SIGKILL)
+_COMMANDS = {
+    CRASHES: "raise SystemExit(3)",
+    STUBBORN: "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "time.sleep(3600)",
+}
 
 
 def _now() -> str:
@@ -51,31 +63,86 @@ class FakeKubelet:
         self.server = server
         self.root = root
         # image -> what runs: AGENT (python -m sandbox_agent + the args), NEVER_READY, or
-        # CRASHES (a container that exits with code 3 as soon as it starts).
+        # CRASHES (a container that exits with code 3 as soon as it starts), or STUBBORN.
         self.images = images if images is not None else {"rlm-sandbox:latest": AGENT}
         self.probe_period_seconds = probe_period_seconds
+        self.node_name = "fake-node"
         self._addresses = (f"127.77.{n // 250}.{n % 250 + 1}" for n in itertools.count())
-        self._pods: dict[str, _RunningPod] = {}
+        self._pods: dict[str, _RunningPod] = {}  # by uid, until their processes are stopped
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
+        self._proceed = threading.Event()  # cleared: deleted pods are left Terminating
+        self._proceed.set()
         self.started = 0  # how many agent processes it has started (for tests)
         server.on_create("Pod", self._on_create)
+        server.on_terminate("Pod", self._on_terminate)
         server.on_delete("Pod", self._on_delete)
 
     def _on_create(self, pod: JsonObject) -> None:
+        meta = pod["metadata"]
+        try:  # scheduled here at once (the scheduler's binding): its deletion is graceful now
+            pod = self.server.update(
+                "Pod",
+                meta["namespace"],
+                meta["name"],
+                lambda p: p["spec"].update(nodeName=self.node_name),
+            )
+        except ApiError:
+            return  # deleted meanwhile
         running = _RunningPod(self, pod, next(self._addresses))
         with self._lock:
-            self._pods[pod["metadata"]["uid"]] = running
+            self._pods[meta["uid"]] = running
         running.thread.start()
+
+    def _on_terminate(self, pod: JsonObject) -> None:
+        with self._lock:
+            running = self._pods.get(pod["metadata"]["uid"])
+            if running is None or running.terminating:
+                return  # not ours, or a shortened grace: the stop under way stands
+            running.terminating = True
+        self._in_background(self._terminate, running, pod["metadata"]["deletionGracePeriodSeconds"])
+
+    def _terminate(self, running: _RunningPod, grace: float) -> None:
+        """A graceful deletion, as the kubelet does it: the container stopped (SIGTERM, SIGKILL
+        after the grace), its exit reported, then the pod deleted for good."""
+        self._proceed.wait()
+        running.stop(grace)
+        running.report_exit()
+        with contextlib.suppress(ApiError):  # force-deleted meanwhile
+            self.server.delete(
+                "Pod",
+                running.namespace,
+                running.name,
+                grace_period_seconds=0,
+                preconditions={"uid": running.uid},
+            )
+        with self._lock:
+            self._pods.pop(running.uid, None)
 
     def _on_delete(self, pod: JsonObject) -> None:
         with self._lock:
-            running = self._pods.pop(pod["metadata"]["uid"], None)
-        if running is not None:
-            # The API answers at once; the kubelet stops the container in its own time.
-            stopper = threading.Thread(target=running.stop, daemon=True)
-            self._stoppers.append(stopper)
-            stopper.start()
+            running = self._pods.get(pod["metadata"]["uid"])
+            if running is None or running.terminating:
+                return  # not ours, or its termination deleted it (or will stop it)
+            del self._pods[running.uid]
+        # Gone without a graceful deletion (forced, or not running): stopped in the background.
+        self._in_background(running.stop, running.grace_seconds)
+
+    def _in_background(self, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._stoppers.append(thread)
+        thread.start()
+
+    @contextlib.contextmanager
+    def hold_terminations(self) -> Iterator[None]:
+        """Pods deleted meanwhile keep running and stay Terminating (deletionTimestamp set)
+        until the block ends, as with a slow kubelet or a node that stopped answering."""
+        self._proceed.clear()
+        try:
+            yield
+        finally:
+            self._proceed.set()
 
     def running_processes(self) -> int:
         with self._lock:
@@ -86,12 +153,17 @@ class FakeKubelet:
             )
 
     def close(self) -> None:
+        self._proceed.set()
         with self._lock:
-            pods, self._pods = list(self._pods.values()), {}
+            pods = list(self._pods.values())
         for running in pods:
-            running.stop()
-        for stopper in self._stoppers:
+            running.stop(running.grace_seconds)
+        with self._lock:
+            stoppers = list(self._stoppers)
+        for stopper in stoppers:
             stopper.join()
+        with self._lock:
+            self._pods.clear()
 
 
 class _RunningPod:
@@ -101,15 +173,24 @@ class _RunningPod:
         self.ip = ip
         self.namespace = pod["metadata"]["namespace"]
         self.name = pod["metadata"]["name"]
-        self.dir = kubelet.root / pod["metadata"]["uid"]
+        self.uid = pod["metadata"]["uid"]
+        self.dir = kubelet.root / self.uid
+        self.grace_seconds = float(pod["spec"].get("terminationGracePeriodSeconds", 30))
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
+        self.terminating = False  # a graceful deletion is under way (the kubelet's lock)
+        self._stop_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"kubelet-{self.name}", daemon=True)
 
     # -- status -------------------------------------------------------------------------
 
     def _status(
-        self, phase: str, container_state: JsonObject, ready: bool = False, **extra: Any
+        self,
+        phase: str,
+        container_state: JsonObject,
+        ready: bool = False,
+        final: bool = False,  # the exit of a stopped container (reported after stopping)
+        **extra: Any,
     ) -> None:
         status: JsonObject = {
             "phase": phase,
@@ -132,7 +213,7 @@ class _RunningPod:
             ],
             **extra,
         }
-        if self.stopping.is_set():
+        if self.stopping.is_set() and not final:
             return
         with contextlib.suppress(ApiError):  # deleted meanwhile
             self.kubelet.server.set_pod_status(self.namespace, self.name, status)
@@ -162,15 +243,19 @@ class _RunningPod:
             reason, message = exc.args
             self._waiting(reason, message)
             return
-        self._start(container, env, mounts, crash=behaviour == CRASHES)
+        self._start(container, env, mounts, _COMMANDS.get(behaviour))
 
     def _start(
-        self, container: JsonObject, env: dict[str, str], mounts: dict[str, Path], crash: bool
+        self,
+        container: JsonObject,
+        env: dict[str, str],
+        mounts: dict[str, Path],
+        replacement: str | None,  # Python code that runs instead of the agent
     ) -> None:
         args = [self._map(arg, mounts) for arg in container.get("args", [])]
         command = [sys.executable, "-m", "sandbox_agent", *args]
-        if crash:
-            command = [sys.executable, "-c", "raise SystemExit(3)"]
+        if replacement is not None:
+            command = [sys.executable, "-c", replacement]
         # Only what the pod spec gives, plus the test run's owner label (its leak checks).
         base = {key: os.environ[key] for key in ("PATH", "RLM_SANDBOX_OWNER") if key in os.environ}
         log = (self.dir / "agent.log").open("wb")
@@ -278,8 +363,18 @@ class _RunningPod:
             self.process.kill()
             self.process.wait()
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join()
-        self._kill(grace=float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def stop(self, grace: float) -> None:
+        with self._stop_lock:
+            self.stopping.set()
+            self.thread.join()
+            self._kill(grace)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def report_exit(self) -> None:
+        """The container's end, after it was stopped: terminated, not ready."""
+        code = self.process.poll() if self.process is not None else None
+        if code is None:
+            return  # it never ran
+        code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
+        state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
+        self._status("Succeeded" if code == 0 else "Failed", state, final=True)

@@ -96,9 +96,11 @@ class LightkubeApi:
         self._kinds: dict[str, Any] = {"Pod": Pod, "Lease": Lease}
 
     async def create(self, kind: Kind, obj: JsonObject) -> JsonObject:
+        resource = self._kinds[kind].from_dict(obj)
+        _keep_micro_times(resource, obj)
         with _translated("create", kind):
             # The client's namespace applies (the manifests carry none).
-            created = await self._client.create(self._kinds[kind].from_dict(obj))
+            created = await self._client.create(resource)
         return _as_dict(created)
 
     async def get(self, kind: Kind, name: str) -> JsonObject:
@@ -152,6 +154,21 @@ class LightkubeApi:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+# A Lease's MicroTimes: the API server parses them with exactly six fractional digits.
+_MICRO_TIMES = ("acquireTime", "renewTime")
+
+
+def _keep_micro_times(resource: Any, obj: JsonObject) -> None:
+    """Sends the caller's MicroTime strings as they are: the typed model holds a datetime,
+    which msgspec writes without a fraction when its microseconds are 0 (a 400 then)."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict) or getattr(resource, "spec", None) is None:
+        return
+    for field in _MICRO_TIMES:
+        if isinstance(spec.get(field), str) and hasattr(resource.spec, field):
+            setattr(resource.spec, field, spec[field])  # msgspec does not check a set
 
 
 def _as_dict(obj: Any) -> JsonObject:
