@@ -109,6 +109,9 @@ async def test_cancel_stops_one_completion_and_its_sandbox_only(
         completion_id = next(e for e in events if isinstance(e, ev.CompletionStarted)).completion_id
         assert completion_id in [c.completion_id for c in await client.list_completions()]
         assert (await client.get_completion(completion_id)).iterations == 1
+        # Each turn says the time left (the server's default limit is 3600 s).
+        turn = next(e for e in events if isinstance(e, ev.TurnStarted))
+        assert turn.seconds_left is not None and 3000 < turn.seconds_left <= 3600
         await client.cancel(completion_id)
         await asyncio.wait_for(slow_task, 30)
         assert isinstance(events[-1], ev.CompletionFailed) and events[-1].kind == "cancelled"
