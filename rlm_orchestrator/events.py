@@ -12,6 +12,7 @@ from rlm_orchestrator.types import REPLResult, RLMChatCompletion, UsageSummary
 class TurnStarted:
     depth: int
     iteration: int
+    seconds_left: float | None = None  # before this completion's timeout; None: it has none
 
 
 @dataclass(frozen=True)

@@ -129,15 +129,20 @@ class CompletionLoop:
             return None
         return max(0.0, self._deadline - asyncio.get_running_loop().time())
 
-    async def run(self, context: Any, root_prompt: str | None) -> RLMChatCompletion:
+    async def run(
+        self, context: Any, root_prompt: str | None, *, started_at: float | None = None
+    ) -> RLMChatCompletion:
+        """One completion. `started_at` (event-loop clock): when its time began, if not now."""
+        clock = asyncio.get_running_loop()
         started = time.perf_counter()
+        begun = clock.time() if started_at is None else started_at
         if self.settings.timeout_seconds is not None:
-            self._deadline = asyncio.get_running_loop().time() + self.settings.timeout_seconds
+            self._deadline = begun + self.settings.timeout_seconds
         try:
-            async with asyncio.timeout(self.settings.timeout_seconds):
+            async with asyncio.timeout_at(self._deadline):
                 answer = await self._run(context, root_prompt)
         except TimeoutError as exc:
-            elapsed = time.perf_counter() - started
+            elapsed = clock.time() - begun
             raise CompletionTimeoutError(
                 f"completion exceeded its timeout of {self.settings.timeout_seconds:g}s "
                 f"after {self.iterations} iteration(s)",
@@ -229,7 +234,7 @@ class CompletionLoop:
             )
 
     async def _root_call(self, prompt: list[dict[str, Any]], iteration: int) -> str:
-        self.emit(ev.TurnStarted(self.settings.depth, iteration))
+        self.emit(ev.TurnStarted(self.settings.depth, iteration, self.remaining_seconds()))
         answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
         self.emit(ev.RootResponse(self.settings.depth, iteration, answer.text, answer.duration))
         self.emit(ev.UsageUpdated(self.settings.depth, self.tracker.summary()))

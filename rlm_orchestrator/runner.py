@@ -4,11 +4,13 @@ A CompletionRunner owns nothing long-lived of its own: it borrows a router (LM c
 provider (sandboxes). For each completion it takes a sandbox (or uses a session's), runs the
 loop, and gives the sandbox back, whatever happens. Child RLMs (`rlm_query` when depth
 allows) are completions of the same runner one level deeper, with the time left to their
-parent and a usage tracker that reports to the parent's, so budgets count the whole tree.
+parent at the call (their sandbox start included) and a usage tracker that reports to the
+parent's, so budgets count the whole tree.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import time
@@ -144,6 +146,8 @@ class CompletionRunner:
     ) -> RLMChatCompletion:
         if depth >= self.settings.max_depth:
             return await self._plain_lm(context, root_model, tracker, depth)
+        # A child's time left runs from its parent's call: starting its sandbox uses it too.
+        called_at = asyncio.get_running_loop().time()
         top_level = depth == self.settings.depth
         if timeout_seconds is None and top_level:
             timeout_seconds = self.settings.timeout_seconds
@@ -176,7 +180,9 @@ class CompletionRunner:
 
             if depth + 1 < self.settings.max_depth:
                 loop.spawn_child = spawn_child
-            result = await loop.run(context, root_prompt)
+            result = await loop.run(
+                context, root_prompt, started_at=None if top_level else called_at
+            )
             if not own_session:
                 await active.add_history(loop.messages)
             return result

@@ -40,37 +40,45 @@ class Fleet:
         return {"agents": self.addresses, "tls_ca_file": str(self.pki.ca_cert), **extra}
 
 
+def start_agent(
+    directory: Path, pki: TestPKI, listen: str = "127.0.0.1:0"
+) -> tuple[subprocess.Popen[str], str]:
+    """A fleet agent process on 127.0.0.1, and its address once it listens."""
+    command = [
+        sys.executable,
+        "-m",
+        "sandbox_agent",
+        "--fleet",
+        "--lease-ttl",
+        "3",
+        "--listen",
+        listen,
+        "--workdir",
+        str(directory / "work"),
+        "--state-dir",
+        str(directory / "state"),
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+    ]
+    env = {**os.environ, "RLM_AGENT_TOKEN": TOKEN}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    return process, f"localhost:{process.stdout.readline().split()[-1]}"
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     pki = make_test_pki(tmp_path / "pki")
     monkeypatch.setenv("RLM_FLEET_TOKEN", TOKEN)
     processes, addresses = [], []
     for n in range(3):
-        command = [
-            sys.executable,
-            "-m",
-            "sandbox_agent",
-            "--fleet",
-            "--lease-ttl",
-            "3",
-            "--listen",
-            "127.0.0.1:0",
-            "--workdir",
-            str(tmp_path / f"a{n}" / "work"),
-            "--state-dir",
-            str(tmp_path / f"a{n}" / "state"),
-            "--tls-cert",
-            str(pki.server_cert),
-            "--tls-key",
-            str(pki.server_key),
-        ]
-        env = {**os.environ, "RLM_AGENT_TOKEN": TOKEN}
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
-        assert process.stdout is not None
-        addresses.append(f"localhost:{process.stdout.readline().split()[-1]}")
+        process, address = start_agent(tmp_path / f"a{n}", pki)
+        addresses.append(address)
         processes.append(process)
     yield Fleet(pki, addresses, processes)
-    for process in processes:
+    for process in processes:  # with any a test started in place of one
         process.terminate()
         process.wait(10)
         if process.stdout:
@@ -217,16 +225,40 @@ def test_an_agent_lost_mid_session_moves_the_session_to_another(
     assert sum(p.poll() is not None for p in fleet.processes) == 1  # the one that was killed
 
 
-async def test_an_unreachable_agent_is_set_aside_until_it_comes_back(fleet: Fleet) -> None:
-    provider = FleetProvider(FleetOptions.model_validate(fleet.options(unhealthy_seconds=30.0)))
+async def test_an_unreachable_agent_is_set_aside_until_it_comes_back(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    set_aside = 6.0  # covers the failed attempt, the agent's restart and 3 leases
+    options = fleet.options(unhealthy_seconds=set_aside, connect_timeout_seconds=1.0)
+    provider = FleetProvider(FleetOptions.model_validate(options))
     dead = fleet.addresses[0]
     fleet.processes[0].kill()
     fleet.processes[0].wait()
-    try:
-        sandboxes = [await provider.acquire(SandboxSpec(session_id=f"s{n}")) for n in range(2)]
-        assert dead not in {s.provider_state for s in sandboxes}
-        assert provider.is_unhealthy(dead)
-        for sandbox in sandboxes:
+
+    async def lease_each_turn() -> list[str]:
+        """One lease and release per starting point of the rotation: every agent is first once."""
+        leased = []
+        for n in range(len(fleet.addresses)):
+            sandbox = await provider.acquire(SandboxSpec(session_id=f"s{n}"))
+            leased.append(sandbox.provider_state)
             await provider.release(sandbox)
+        return leased
+
+    try:
+        tried = time.monotonic()  # it is set aside from a moment after this until + set_aside
+        assert dead not in await lease_each_turn()  # the first turn tried it: set aside
+        assert provider.is_unhealthy(dead)
+        # Back on its address, it is still set aside: nobody else is leased it meanwhile.
+        port = dead.rsplit(":", 1)[1]
+        restarted, address = start_agent(tmp_path / "a0-again", fleet.pki, f"127.0.0.1:{port}")
+        fleet.processes.append(restarted)
+        assert address == dead
+        while_aside = await lease_each_turn()
+        assert time.monotonic() - tried < set_aside, "too slow to test the set-aside window"
+        assert dead not in while_aside, "a set-aside agent was leased again"
+        deadline = time.monotonic() + set_aside + 5
+        while provider.is_unhealthy(dead) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        assert dead in await lease_each_turn(), "the agent was not leased again after its set-aside"
     finally:
         await provider.aclose()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 from conftest import ROOT_MODEL, SUB_MODEL, backend_kwargs, repl
 
-from rlm_orchestrator import RLM, CostLimitExceededError
+from rlm_orchestrator import RLM, CompletionTimeoutError, CostLimitExceededError
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
 
@@ -87,12 +88,30 @@ def test_child_failure_comes_back_as_an_error_string(
 
 
 def test_child_inherits_the_time_left(make_rlm: MakeRLM, lm: ScriptedLMServer) -> None:
-    # The child sleeps past the parent's deadline: the whole completion stops in time.
+    """The child's own deadline is its parent's: its time left counts from the call (its
+    sandbox start included), so it never outlives the parent, whatever cancels what."""
     lm.add_rule(Rule(repl("import time; time.sleep(30)"), model=SUB_MODEL))
-    rlm = make_rlm(
-        root=[repl("ans = rlm_query('slow')"), "FINAL(x)"], max_depth=2, timeout_seconds=2
-    )
-    from rlm_orchestrator import CompletionTimeoutError
+    deadlines: dict[int, float | None] = {}
 
-    with pytest.raises(CompletionTimeoutError):
+    def record(event: ev.Event) -> None:
+        # The first turn of each depth: when its completion's time runs out (loop clock).
+        if isinstance(event, ev.TurnStarted) and event.depth not in deadlines:
+            left = event.seconds_left
+            deadlines[event.depth] = None if left is None else time.monotonic() + left
+
+    rlm = make_rlm(
+        root=[repl("ans = rlm_query('slow')"), "FINAL(x)"],
+        max_depth=2,
+        timeout_seconds=3,
+        on_event=record,
+    )
+    with pytest.raises(CompletionTimeoutError):  # the child sleeps past the parent's deadline
         rlm.completion("ctx")
+    assert 1 in deadlines, "the child RLM never started a turn"
+    parent, child = deadlines[0], deadlines[1]
+    assert parent is not None
+    assert child is not None, "the child RLM was given no time limit"
+    # Its clock started at the call, not once its sandbox was up (that takes ~0.2 s or more).
+    assert child <= parent + 0.05, (
+        f"the child RLM's deadline is {child - parent:.2f}s past its parent's"
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import resource
+import ctypes
+import gc
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 from conftest import ROOT_MODEL, repl
 
@@ -46,9 +49,33 @@ def test_worker_suicide_is_reported_and_the_model_is_told_variables_are_lost(
     assert "False 3" in root_messages(lm, 3)  # variables gone, context reloaded
 
 
+def _memory_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in MB."""
+    found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    assert found, f"no {field} in /proc/self/status"
+    return int(found.group(1)) / 1024
+
+
+def _resident_mb(lm: ScriptedLMServer) -> float:
+    """What this process holds now: the LM server's records (in this process) are dropped,
+    and memory freed but kept by malloc goes back to the system (else it looks like growth)."""
+    lm.clear()
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc
+        libc.malloc_trim(0)
+    return _memory_mb("VmRSS")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+
+
 def test_printing_200_mb_is_capped_and_memory_stays_bounded(
     make_rlm: Callable[..., RLM], lm: ScriptedLMServer
 ) -> None:
+    """The orchestrator is this process: its peak stays far below the 200 MB printed, and
+    blocks printing past the cap, over and over, leave nothing behind."""
     received = 0
 
     def count(event: ev.Event) -> None:
@@ -58,18 +85,42 @@ def test_printing_200_mb_is_capped_and_memory_stays_bounded(
 
     import litellm  # noqa: F401  # its ~200 MB must not count as growth
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _resident_mb(lm)
+    _reset_peak()
     rlm = make_rlm(
         root=[repl("for _ in range(200):\n    print('x' * 1_000_000)\nprint('END')"), "FINAL(ok)"],
         on_event=count,
     )
     assert rlm.completion("ctx").response == "ok"
-    growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    peak_growth = _memory_mb("VmHWM") - before
     shown = root_messages(lm, 1)
     assert "the sandbox also dropped" in shown
     assert "chars...]" in shown  # the 20,000-character cut of what the model sees
     assert received < 1_100_000  # the default cap: 1,000,000 characters per stream
-    assert growth_mb < 150, f"orchestrator peak RSS grew by {growth_mb:.0f} MB"
+    assert peak_growth < 150, f"the orchestrator's peak RSS grew by {peak_growth:.0f} MB"
+
+    # Repeated: 30 blocks bring in 2 MB each (1 MB per stream, the cap), 60 MB in all; none
+    # may stay (up to ~15 MB seem to: allocator slack). The worker (the blocks' own process)
+    # measures itself the same way, from its first block to its last.
+    capped = "print('y' * 3_000_000)\nprint('z' * 3_000_000, file=sys.stderr)"
+    first = repl(f"{WORKER_RSS}\n{capped}\nfirst = rss()")
+    last = repl("print(f'worker RSS grew by {rss() - first:.0f} MB')")
+    before = _resident_mb(lm)
+    rlm = make_rlm(root=[first, *[repl(capped)] * 29, last, "FINAL(ok)"], max_iterations=32)
+    assert rlm.completion("ctx").response == "ok"
+    worker = re.search(r"worker RSS grew by (-?\d+) MB", root_messages(lm, -1))
+    growth = _resident_mb(lm) - before
+    assert growth < 30, f"RSS grew by {growth:.0f} MB over 30 blocks of capped output"
+    assert worker is not None, "the worker did not report its RSS"
+    assert int(worker.group(1)) < 20, worker.group(0)
+
+
+WORKER_RSS = """import ctypes, gc, re, sys
+def rss():
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    status = open('/proc/self/status').read()
+    return int(re.search(r'VmRSS:\\s+(\\d+) kB', status).group(1)) / 1024"""
 
 
 def test_output_streams_to_events_before_the_block_ends(make_rlm: Callable[..., RLM]) -> None:

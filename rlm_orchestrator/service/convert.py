@@ -37,8 +37,10 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
         return excerpt(text, excerpt_chars)
 
     match event:
-        case ev.TurnStarted(depth=d, iteration=i):
-            return pb.CompletionEvent(turn_started=pb.TurnStarted(depth=d, iteration=i))
+        case ev.TurnStarted(depth=d, iteration=i, seconds_left=left):
+            return pb.CompletionEvent(
+                turn_started=pb.TurnStarted(depth=d, iteration=i, seconds_left=left)
+            )
         case ev.RootResponse(depth=d, iteration=i, text=text, duration=duration):
             text, cut = short(text)
             return pb.CompletionEvent(
@@ -145,7 +147,8 @@ def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:
     kind = message.WhichOneof("kind")
     if kind == "turn_started":
         m1 = message.turn_started
-        return ev.TurnStarted(m1.depth, m1.iteration)
+        left = m1.seconds_left if m1.HasField("seconds_left") else None
+        return ev.TurnStarted(m1.depth, m1.iteration, left)
     if kind == "root_response":
         m2 = message.root_response
         return ev.RootResponse(m2.depth, m2.iteration, m2.text, m2.duration_seconds)
