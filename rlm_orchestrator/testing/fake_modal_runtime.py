@@ -49,6 +49,12 @@ __all__ = ["Container", "SandboxRuntime"]
 OnExit = Callable[[str, int, str], None]
 
 
+# One sequence for every runtime in the process: a sandbox of an earlier fake may still be
+# exiting on its address, and a new one there would fail to bind while its tunnel reached the
+# old agent (seen as UNAUTHENTICATED: the old agent's token).
+_ADDRESSES = (f"127.78.{n // 250 % 250}.{n % 250 + 1}" for n in itertools.count())
+
+
 @dataclasses.dataclass
 class Container:
     sandbox_id: str
@@ -89,7 +95,7 @@ class SandboxRuntime:
         self.extra_env = dict(extra_env or {})
         self.stop_grace_seconds = stop_grace_seconds
         self.containers: dict[str, Container] = {}
-        self._addresses = (f"127.78.{n // 250}.{n % 250 + 1}" for n in itertools.count())
+        self._addresses = _ADDRESSES
         self._tls: ssl.SSLContext | None = None
         if tls_cert is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
