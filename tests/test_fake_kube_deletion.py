@@ -125,6 +125,7 @@ def test_the_kubelet_sends_sigterm_then_sigkill_after_the_grace_then_deletes_the
     try:
         created = api.create("Pod", NS, pod("p", node=None, terminationGracePeriodSeconds=1))
         wait_for(lambda: kubelet.running_processes() == 1)
+        wait_for(lambda: any(tmp_path.rglob("ignoring-sigterm")))  # SIGTERM is ignored from now
         bound = api.get("Pod", NS, "p")
         assert bound["spec"]["nodeName"] == kubelet.node_name  # scheduled: deleted gracefully
         watch = api.watch("Pod", NS, resource_version=created["metadata"]["resourceVersion"])
@@ -154,6 +155,7 @@ def test_held_terminations_leave_the_pod_terminating_and_running(tmp_path: Path)
     try:
         api.create("Pod", NS, pod("p", node=None, terminationGracePeriodSeconds=1))
         wait_for(lambda: kubelet.running_processes() == 1)
+        wait_for(lambda: any(tmp_path.rglob("ignoring-sigterm")))  # SIGTERM is ignored from now
         with kubelet.hold_terminations():
             api.delete("Pod", NS, "p")
             time.sleep(0.3)

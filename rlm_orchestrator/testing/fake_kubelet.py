@@ -38,9 +38,14 @@ AGENT, NEVER_READY, CRASHES = "agent", "never-ready", "crashes"
 STUBBORN = "stubborn"  # a container that ignores SIGTERM (it only goes at SIGKILL)
 _COMMANDS = {
     CRASHES: "raise SystemExit(3)",
+    # It says when SIGTERM is ignored (a file in its directory): a SIGTERM before that kills it.
     STUBBORN: "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "time.sleep(3600)",
+    "open('ignoring-sigterm', 'w').close(); time.sleep(3600)",
 }
+
+# One sequence for every kubelet in the process: a pod of an earlier kubelet may still be
+# exiting on its address, and a new agent there would fail to bind.
+_ADDRESSES = (f"127.77.{n // 250 % 250}.{n % 250 + 1}" for n in itertools.count())
 
 
 def _now() -> str:
@@ -67,7 +72,7 @@ class FakeKubelet:
         self.images = images if images is not None else {"rlm-sandbox:latest": AGENT}
         self.probe_period_seconds = probe_period_seconds
         self.node_name = "fake-node"
-        self._addresses = (f"127.77.{n // 250}.{n % 250 + 1}" for n in itertools.count())
+        self._addresses = _ADDRESSES
         self._pods: dict[str, _RunningPod] = {}  # by uid, until their processes are stopped
         self._lock = threading.Lock()
         self._stoppers: list[threading.Thread] = []
