@@ -6,7 +6,8 @@
 #
 # Cached, so that a rerun with nothing changed takes seconds:
 #   - the image carries the label rlm.content-hash: a sha256 over the Dockerfile, the files of
-#     sandbox_agent/ and the requirement list; an image with the same hash is not rebuilt;
+#     sandbox_agent/ and of rlm_wire/ it copies, and the requirement list; an image with the
+#     same hash is not rebuilt;
 #   - wheels in .cache/wheels/<key of the requirement list>/;
 #   - the self-built base image is built once (remove it to rebuild: docker rmi BASE).
 #
@@ -95,10 +96,20 @@ print("\n".join(found[name] for name in wanted))
 EOF
 )
 
-# The files copied into the image: sandbox_agent/ without bytecode, in a stable order.
-mapfile -t AGENT_FILES < <(cd "$REPO" && find sandbox_agent -type f \
-    ! -path '*/__pycache__/*' ! -name '*.py[co]' | LC_ALL=C sort)
+# The files copied into the image, in a stable order: sandbox_agent/ without bytecode, and of
+# the wire (rlm_wire/) only what the agent imports (rlm_wire.AGENT_FILES: its own service's
+# generated code and the shared auth, not the orchestrator's or the router's).
+wire_files=$(cd "$REPO" && python3 -B -c \
+    'import rlm_wire; print("\n".join(f"rlm_wire/{f}" for f in rlm_wire.AGENT_FILES))') ||
+    die "cannot read rlm_wire.AGENT_FILES"
+mapfile -t AGENT_FILES < <(cd "$REPO" && {
+    find sandbox_agent -type f ! -path '*/__pycache__/*' ! -name '*.py[co]'
+    printf '%s\n' "$wire_files"
+} | LC_ALL=C sort)
 [[ ${#AGENT_FILES[@]} -gt 0 ]] || die "no files in $REPO/sandbox_agent"
+for file in "${AGENT_FILES[@]}"; do
+    [[ -f $REPO/$file ]] || die "$file (rlm_wire.AGENT_FILES) does not exist"
+done
 
 content_hash() {
     local file

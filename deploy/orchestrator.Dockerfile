@@ -37,6 +37,7 @@ RUN python3 -m venv /opt/rlm
 WORKDIR /tmp/src
 COPY pyproject.toml README.md ./
 COPY rlm_orchestrator/ rlm_orchestrator/
+COPY rlm_wire/ rlm_wire/
 COPY sandbox_agent/ sandbox_agent/
 RUN /opt/rlm/bin/pip install . \
     && /opt/rlm/bin/rlm-orchestrator --help >/dev/null

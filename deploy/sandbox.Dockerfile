@@ -2,8 +2,9 @@
 # grpcio-reflection and protobuf; nothing of the orchestrator (no litellm).
 #
 # Built by `make sandbox-image` (deploy/build-sandbox-image.sh), which assembles the build
-# context: this file, `wheels/` (cp311 manylinux wheels downloaded on the host) and
-# `sandbox_agent/`. The build needs no network: wheels are installed with --no-index.
+# context: this file, `wheels/` (cp311 manylinux wheels downloaded on the host), `sandbox_agent/`
+# and the agent's part of `rlm_wire/`. The build needs no network: wheels are installed with
+# --no-index.
 #
 # BASE_IMAGE is the official python:3.11-slim where a registry is reachable, otherwise a
 # Debian bookworm image built with debootstrap (rlm-sandbox-base:bookworm). Both have Python
@@ -58,15 +59,18 @@ ENV PYTHONPATH=/opt/rlm/lib \
     PYTHONUNBUFFERED=1
 ENTRYPOINT ["python3", "-m", "sandbox_agent"]
 CMD ["--help"]
-# The agent's own code comes last: changing it leaves every layer above cached.
+# The agent's own code comes last: changing it leaves every layer above cached. With it, the
+# part of the wire it imports (rlm_wire.AGENT_FILES; the context holds no other file of it).
+COPY rlm_wire/ /opt/rlm/lib/rlm_wire/
 COPY sandbox_agent/ /opt/rlm/lib/sandbox_agent/
 RUN set -eu; \
-    chmod -R u=rwX,go=rX /opt/rlm/lib/sandbox_agent; \
-    python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/rlm/lib/sandbox_agent; \
-    python3 -c 'import sandbox_agent.server, sandbox_agent.worker'
+    chmod -R u=rwX,go=rX /opt/rlm/lib/rlm_wire /opt/rlm/lib/sandbox_agent; \
+    python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash \
+        /opt/rlm/lib/rlm_wire /opt/rlm/lib/sandbox_agent; \
+    python3 -c 'import sandbox_agent.__main__, sandbox_agent.server, sandbox_agent.worker'
 USER 65534:65534
 
-# Set by build-sandbox-image.sh: a hash of this file, sandbox_agent/ and the requirement list.
+# Set by build-sandbox-image.sh: a hash of this file, the files copied and the requirement list.
 ARG CONTENT_HASH=unknown
 LABEL org.opencontainers.image.title="rlm-sandbox" \
       org.opencontainers.image.description="RLM sandbox agent (python3 -m sandbox_agent)" \

@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
-from sandbox_agent.auth import BearerTokenInterceptor, server_credentials
-from sandbox_agent.decoding import InvalidMessageInterceptor
+from rlm_wire.auth import BearerTokenInterceptor, server_credentials
+from rlm_wire.decoding import InvalidMessageInterceptor
+from rlm_wire.v1 import sandbox_pb2, sandbox_pb2_grpc
 from sandbox_agent.executor import Executor, ExecutorConfig
 from sandbox_agent.lease import LeaseKeeper
 from sandbox_agent.orphan import OrphanWatch

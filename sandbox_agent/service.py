@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
+from rlm_wire.v1 import sandbox_pb2 as pb
+from rlm_wire.v1 import sandbox_pb2_grpc
 from sandbox_agent import __version__
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
 from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
 from sandbox_agent.frames import Kind
 from sandbox_agent.lease import LeaseError, LeaseKeeper

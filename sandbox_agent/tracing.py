@@ -13,8 +13,8 @@ import re
 import socket
 import time
 
+from rlm_wire.v1 import sandbox_pb2 as pb
 from sandbox_agent import __version__
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 

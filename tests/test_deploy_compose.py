@@ -225,3 +225,16 @@ def test_dockerfile_matches_compose() -> None:
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in text
     user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert user and user[-1] not in ("root", "0", "0:0")
+
+
+def test_dockerfile_copies_every_package_of_the_wheel() -> None:
+    """`pip install .` in the image builds the wheel from what was copied: a package missing
+    from the COPY lines (say, a new top-level one) would be missing from the image."""
+    import tomllib
+
+    with (REPO / "pyproject.toml").open("rb") as f:
+        packages = tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    text = DOCKERFILE.read_text()
+    assert packages
+    for package in packages:
+        assert f"COPY {package}/ {package}/" in text, package

@@ -26,6 +26,7 @@ from conftest import (
     server_config,
 )
 
+import rlm_wire
 from rlm_orchestrator import RLM, SandboxError
 from rlm_orchestrator.client import AsyncClient
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
@@ -126,6 +127,22 @@ async def test_fork_bomb_and_huge_allocation_are_stopped_and_reported(sandbox: S
     assert allocation.status in ("error", "worker_died")
     assert "MemoryError" in allocation.stderr or allocation.worker_restarted
     assert (await run(sandbox, "print('still going')")).stdout == "still going\n"
+
+
+async def test_the_image_carries_the_agent_and_only_its_part_of_the_wire(sandbox: Sandbox) -> None:
+    listing = textwrap.dedent("""
+        import os
+        lib = '/opt/rlm/lib'
+        print(sorted(os.listdir(lib)))
+        for root, _, files in os.walk(f'{lib}/rlm_wire'):
+            for name in files:
+                if name.endswith('.py'):
+                    print(os.path.relpath(os.path.join(root, name), f'{lib}/rlm_wire'))
+    """)
+    first, *wire = (await run(sandbox, listing)).stdout.splitlines()
+    assert sorted(wire) == sorted(rlm_wire.AGENT_FILES)  # not the orchestrator's generated code
+    for absent in ("rlm_orchestrator", "pydantic", "litellm"):
+        assert absent not in first
 
 
 def test_reconcile_removes_the_containers_of_a_killed_orchestrator() -> None:

@@ -25,7 +25,7 @@ from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.fleet import FleetOptions, FleetProvider
 from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
-from sandbox_agent.auth import bearer_metadata, channel_credentials
+from rlm_wire.auth import bearer_metadata, channel_credentials
 
 TOKEN = "fleet-token-for-tests"
 

@@ -23,7 +23,7 @@ from rlm_orchestrator import RLM
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
-from sandbox_agent.auth import bearer_metadata, channel_credentials
+from rlm_wire.auth import bearer_metadata, channel_credentials
 
 pytestmark = pytest.mark.docker
 

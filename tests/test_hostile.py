@@ -54,11 +54,11 @@ from rlm_orchestrator.sandbox import (
     SubCallOutcome,
 )
 from rlm_orchestrator.sandbox.agent_client import AgentClient
-from rlm_orchestrator.service.security import bearer_metadata
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc, sandbox_pb2_grpc
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as sandbox_pb
+from rlm_wire.auth import bearer_metadata
+from rlm_wire.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2_grpc, sandbox_pb2_grpc
+from rlm_wire.v1 import sandbox_pb2 as sandbox_pb
 from sandbox_agent.limits import (
     MAX_PENDING_PROMPTS,
     MAX_PENDING_REQUESTS,

@@ -31,7 +31,7 @@ from hostile_support import (
 
 from rlm_orchestrator import RLM
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
+from rlm_wire.v1 import sandbox_pb2_grpc
 
 # -- finding 2: local sandboxes isolate nothing ------------------------------------------------
 
@@ -165,7 +165,7 @@ def _unauthenticated(socket_path: Path) -> bool:
 
     import grpc
 
-    from sandbox_agent._proto.rlm.v1 import sandbox_pb2
+    from rlm_wire.v1 import sandbox_pb2
 
     async def call() -> grpc.StatusCode:
         async with grpc.aio.insecure_channel(f"unix:{socket_path}") as channel:

@@ -51,10 +51,10 @@ from rlm_orchestrator.sandbox import (
     SandboxSpec,
     create_provider,
 )
-from rlm_orchestrator.service.security import bearer_metadata
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+from rlm_wire.auth import bearer_metadata
+from rlm_wire.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2_grpc
 
 # -- finding 4: server limits hold against one token holder --------------------------------------
 
@@ -238,7 +238,7 @@ def test_anonymous_16_mib_messages_cost_the_server_nothing_and_are_unauthenticat
 ) -> None:
     """40 anonymous calls (streams and unary), each sending a 16 MiB message, at once. The
     sync gRPC client reports the status the server sent (grpc.aio's may mask it when its own
-    write races the refusal: see sandbox_agent/auth.py)."""
+    write races the refusal: see rlm_wire/auth.py)."""
     payload = b"\x0a" + b"\xff" * (16 * MB - 64)
     codes: collections.Counter[str] = collections.Counter()
     with grpc.insecure_channel(orchestrator_server.address) as channel:

@@ -21,6 +21,7 @@ from grpclib.exceptions import GRPCError
 from modal_proto import api_pb2
 from modal_support import ModalAgents, _free_port, close_modal_client
 
+import rlm_wire
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
@@ -79,7 +80,7 @@ async def test_calls_without_the_sandbox_token_are_refused(
     modal_agents: ModalAgents,
 ) -> None:
     from rlm_orchestrator.sandbox.agent_client import AgentClient
-    from sandbox_agent.auth import channel_credentials
+    from rlm_wire.auth import channel_credentials
 
     provider = provider_for(modal_agents)
     try:
@@ -261,6 +262,13 @@ async def test_the_image_pins_the_agent_wheels_and_adds_its_source(
     assert "litellm" not in steps
     (create,) = fake_modal.requests_for("SandboxCreateV2")[-1:]
     assert "mo-agent" in create.definition.mount_ids  # sandbox_agent's source, as a mount
+    # The mounts carry the agent and, of the wire, only what it imports (not the orchestrator's
+    # or the router's generated code).
+    mounts = fake_modal.requests_for("MountGetOrCreate")
+    mounted = {file.filename for mount in mounts for file in mount.files}
+    wire = {name for name in mounted if name.startswith("/root/rlm_wire/")}
+    assert wire == {f"/root/rlm_wire/{name}" for name in rlm_wire.AGENT_FILES}
+    assert {"/root/sandbox_agent/__main__.py", "/root/sandbox_agent/server.py"} <= mounted
 
 
 async def test_orphans_of_a_dead_orchestrator_are_swept(

@@ -10,13 +10,13 @@ import grpc
 import pytest
 from conftest import API_KEY, backend_kwargs
 
+from rlm_orchestrator.convert.usage import usage_from_proto, usage_to_proto
 from rlm_orchestrator.router import LMClientConfig, LMRouter
-from rlm_orchestrator.service.convert_usage import usage_from_proto, usage_to_proto
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.testing.scripted_lm import Rule, ScriptedLMServer
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
-from sandbox_agent._proto.rlm.v1 import lm_router_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import lm_router_pb2_grpc
+from rlm_wire.v1 import lm_router_pb2 as pb
+from rlm_wire.v1 import lm_router_pb2_grpc
 
 IN_PRICE, OUT_PRICE = 0.001, 0.002
 

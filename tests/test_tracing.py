@@ -24,10 +24,10 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from typer.testing import CliRunner
 
 from rlm_orchestrator.cli import app
-from rlm_orchestrator.service.security import bearer_metadata
 from rlm_orchestrator.testing.scripted_lm import Rule, ScriptedLMServer
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+from rlm_wire.auth import bearer_metadata
+from rlm_wire.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2_grpc
 
 
 @dataclass

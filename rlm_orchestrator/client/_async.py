@@ -18,6 +18,8 @@ import grpc
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.convert.events import SHUTDOWN_METADATA_KEY, event_from_proto
+from rlm_orchestrator.convert.usage import usage_from_proto
 from rlm_orchestrator.exceptions import (
     AuthenticationError,
     ClientError,
@@ -32,12 +34,10 @@ from rlm_orchestrator.exceptions import (
     ServerShutdownError,
     ServerUnavailableError,
 )
-from rlm_orchestrator.service.convert import SHUTDOWN_METADATA_KEY, event_from_proto
-from rlm_orchestrator.service.convert_usage import usage_from_proto
-from rlm_orchestrator.service.security import bearer_metadata, channel_credentials
 from rlm_orchestrator.types import RLMChatCompletion
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+from rlm_wire.auth import bearer_metadata, channel_credentials
+from rlm_wire.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024
 CHANNEL_OPTIONS = [

@@ -27,8 +27,8 @@ from rlm_orchestrator.sandbox.execution_stream import (
     OutputHandler,
     SubCallHandler,
 )
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2_grpc
+from rlm_wire.v1 import sandbox_pb2 as pb
+from rlm_wire.v1 import sandbox_pb2_grpc
 from sandbox_agent.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
     MAX_FRAME_BYTES,

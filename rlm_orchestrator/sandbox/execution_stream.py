@@ -19,7 +19,7 @@ from opentelemetry import context as otel_context
 
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as pb
+from rlm_wire.v1 import sandbox_pb2 as pb
 from sandbox_agent.limits import (
     DEFAULT_MAX_OUTPUT_CHARS,
     MAX_ERROR_CHARS,

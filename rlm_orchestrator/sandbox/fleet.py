@@ -80,7 +80,7 @@ class FleetProvider:
     def _client(self, address: str) -> AgentClient:
         o = self.options
         token = os.environ.get(o.token_env, "")
-        from sandbox_agent.auth import bearer_metadata, channel_credentials
+        from rlm_wire.auth import bearer_metadata, channel_credentials
 
         metadata = bearer_metadata(token) if token else ()
         if o.insecure:

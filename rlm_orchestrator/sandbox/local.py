@@ -89,14 +89,17 @@ def _tail(path: Path, chars: int = 2000) -> str:
 
 def _compile_agent() -> None:
     """Agents and workers run with PYTHONDONTWRITEBYTECODE (sandboxed code must not write into
-    the venv): compile the agent's modules once here, or every worker compiles its modules
-    (the jail's included) again at each start. Only stale files; nothing where read-only."""
+    the venv): compile the agent's modules and the wire's once here, or every agent and worker
+    compiles them (the jail's included) again at each start. Only stale files; nothing where
+    read-only."""
     import compileall
 
+    import rlm_wire
     import sandbox_agent
 
-    with contextlib.suppress(OSError):
-        compileall.compile_dir(Path(sandbox_agent.__file__).parent, quiet=2)
+    for init in (sandbox_agent.__file__, rlm_wire.__file__):
+        with contextlib.suppress(OSError):
+            compileall.compile_dir(Path(init).parent, quiet=2)
 
 
 def _token_pipe(token: str) -> int:
@@ -175,7 +178,7 @@ class LocalProvider:
                 os.close(token_fd)
             state = _LocalState(root, process, token=token)
             await self._wait_listening(process, log_path, spec.startup_timeout_seconds)
-            from sandbox_agent.auth import bearer_metadata
+            from rlm_wire.auth import bearer_metadata
 
             client = AgentClient(f"unix:{socket_path}", metadata=bearer_metadata(token))
             await client.wait_ready(spec.startup_timeout_seconds)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+import rlm_wire
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
@@ -38,6 +39,11 @@ UNREACHABLE_HELP = (
     "check MODAL_TOKEN_ID / MODAL_TOKEN_SECRET (`modal token new`), MODAL_SERVER_URL and the "
     "network; `environment='local'` or `'docker'` need no Modal account"
 )
+
+
+def _not_for_the_agent(path: Path) -> bool:
+    """Modal's filter of rlm_wire's files (`path` relative to the package): all but the agent's."""
+    return path.as_posix() not in rlm_wire.AGENT_FILES
 
 
 class ModalOptions(BaseModel):
@@ -124,13 +130,15 @@ class ModalProvider:
         return self._app
 
     def image(self) -> Any:
-        """A slim Debian with the agent's pinned wheels and our agent's source."""
+        """A slim Debian with the agent's pinned wheels, our agent's source and, of the wire,
+        only the files the agent imports (rlm_wire.AGENT_FILES)."""
         import modal
 
         return (
             modal.Image.debian_slim(python_version="3.11")
             .pip_install(*AGENT_WHEELS)
             .add_local_python_source("sandbox_agent")
+            .add_local_python_source("rlm_wire", ignore=_not_for_the_agent)
         )
 
     def create_kwargs(self, spec: SandboxSpec, token: str) -> dict[str, Any]:
@@ -249,7 +257,7 @@ class ModalProvider:
                     ) from None
 
     def _agent_client(self, tunnel: Any, token: str) -> AgentClient:
-        from sandbox_agent.auth import bearer_metadata, channel_credentials
+        from rlm_wire.auth import bearer_metadata, channel_credentials
 
         if self.options.tunnel_mode == "h2":
             host, port = tunnel.host, tunnel.port

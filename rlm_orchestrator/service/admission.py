@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
 from rlm_orchestrator.service.tenants import Tenant
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2 as pb
 
 
 class RequestRefused(ValueError):

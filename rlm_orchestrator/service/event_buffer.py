@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2 as pb
 
 # What a queued message costs beyond its encoded size (the Python objects around it).
 MESSAGE_OVERHEAD_BYTES = 256

@@ -22,6 +22,11 @@ from typing import Any
 import grpc
 
 from rlm_orchestrator import events as ev
+from rlm_orchestrator.convert.events import (
+    SHUTDOWN_METADATA_KEY,
+    event_to_proto,
+    output_pieces,
+)
 from rlm_orchestrator.exceptions import LMError, SandboxError
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import LoopSettings
@@ -38,19 +43,14 @@ from rlm_orchestrator.service.admission import (
     Ticket,
     request_limits,
 )
-from rlm_orchestrator.service.convert import (
-    SHUTDOWN_METADATA_KEY,
-    event_to_proto,
-    output_pieces,
-)
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
 from rlm_orchestrator.service.run_input import Context, merged_options, read_context, read_start
 from rlm_orchestrator.service.settings import ServerSettings
 from rlm_orchestrator.service.tenants import Tenant, Tenants
 from rlm_orchestrator.session import SessionState
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2_grpc
+from rlm_wire.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2_grpc
 
 log = logging.getLogger("rlm_orchestrator.service")
 SHUTTING_DOWN = "the server is shutting down"

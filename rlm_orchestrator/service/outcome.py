@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlm_orchestrator.convert.events import answer_parts, excerpt, in_parts
+from rlm_orchestrator.convert.usage import usage_to_proto
 from rlm_orchestrator.exceptions import (
     CompletionTimeoutError,
     CostLimitExceededError,
@@ -20,11 +22,9 @@ from rlm_orchestrator.exceptions import (
     SandboxError,
 )
 from rlm_orchestrator.router import UsageTracker
-from rlm_orchestrator.service.convert import answer_parts, excerpt, in_parts
-from rlm_orchestrator.service.convert_usage import usage_to_proto
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.types import RLMChatCompletion
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger("rlm_orchestrator.service")
 _FAILURES: list[tuple[type[BaseException], pb.FailureKind.ValueType]] = [

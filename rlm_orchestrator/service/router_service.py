@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from rlm_orchestrator.convert.usage import model_usage_to_proto, usage_to_proto
 from rlm_orchestrator.exceptions import LMError
 from rlm_orchestrator.router import LMAnswer, LMRouter, Messages
-from rlm_orchestrator.service.convert_usage import model_usage_to_proto, usage_to_proto
 from rlm_orchestrator.types import UsageSummary
-from sandbox_agent._proto.rlm.v1 import lm_router_pb2 as pb
-from sandbox_agent._proto.rlm.v1 import lm_router_pb2_grpc
+from rlm_wire.v1 import lm_router_pb2 as pb
+from rlm_wire.v1 import lm_router_pb2_grpc
 
 _ROLES = frozenset({"system", "user", "assistant"})
 _T = TypeVar("_T")

@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2 as pb
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 

@@ -32,11 +32,11 @@ from rlm_orchestrator.sandbox import (
 from rlm_orchestrator.sandbox.limits import SandboxPool
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
-from rlm_orchestrator.service.security import BearerTokenInterceptor, server_credentials
 from rlm_orchestrator.service.settings import ServerSettings
 from rlm_orchestrator.service.tenants import Tenants
-from sandbox_agent._proto.rlm.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from sandbox_agent.decoding import InvalidMessageInterceptor
+from rlm_wire.auth import BearerTokenInterceptor, server_credentials
+from rlm_wire.decoding import InvalidMessageInterceptor
+from rlm_wire.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
 log = logging.getLogger("rlm_orchestrator.service")
 

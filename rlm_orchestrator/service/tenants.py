@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlm_orchestrator.service.settings import ServerSettings
-from sandbox_agent.auth import bearer_token, matches_any
+from rlm_wire.auth import bearer_token, matches_any
 
 
 @dataclass(frozen=True)

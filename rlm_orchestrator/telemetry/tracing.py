@@ -22,7 +22,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2
+from rlm_wire.v1 import sandbox_pb2
 
 TRACER_NAME = "rlm_orchestrator"
 CONTENT_ENV = "RLM_TRACE_CONTENT"

@@ -249,7 +249,7 @@ class KubernetesProvider:
             ) from None
 
     def _client(self, ip: str) -> AgentClient:
-        from sandbox_agent.auth import bearer_metadata, channel_credentials
+        from rlm_wire.auth import bearer_metadata, channel_credentials
 
         o = self.options
         address = f"[{ip}]:{o.port}" if ":" in ip else f"{ip}:{o.port}"

@@ -11,7 +11,7 @@ answers come back on that same stream. That is what lets a sandbox run with no n
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from sandbox_agent._proto.rlm.v1 import sandbox_pb2 as _sandbox_pb2
+from rlm_wire.v1 import sandbox_pb2 as _sandbox_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

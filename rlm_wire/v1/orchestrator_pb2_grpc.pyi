@@ -11,7 +11,7 @@ by name and never send API keys.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as _orchestrator_pb2
+from rlm_wire.v1 import orchestrator_pb2 as _orchestrator_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -9,9 +9,9 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.service.convert_usage import usage_from_proto, usage_to_proto
+from rlm_orchestrator.convert.usage import usage_from_proto, usage_to_proto
 from rlm_orchestrator.types import REPLResult
-from sandbox_agent._proto.rlm.v1 import orchestrator_pb2 as pb
+from rlm_wire.v1 import orchestrator_pb2 as pb
 
 # Trailing metadata of an UNAVAILABLE status caused by a server shutdown (a refused or cut call),
 # so that the SDK can raise ServerShutdownError without parsing the message.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
-from sandbox_agent._proto.rlm.v1 import usage_pb2
+from rlm_wire.v1 import usage_pb2
 
 
 def model_usage_to_proto(name: str, usage: ModelUsageSummary) -> usage_pb2.ModelUsage:

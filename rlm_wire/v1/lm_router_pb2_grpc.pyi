@@ -11,7 +11,7 @@ llm_query calls use this same router inside the orchestrator. API keys never lea
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from sandbox_agent._proto.rlm.v1 import lm_router_pb2 as _lm_router_pb2
+from rlm_wire.v1 import lm_router_pb2 as _lm_router_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
