@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import OWNER, SANDBOX_IMAGE, require_docker
 
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
+from tests.fakes.certs import TestPKI, make_test_pki
 
 TOKEN = "docker-fleet-token"
 

@@ -23,9 +23,9 @@ from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.fleet import FleetOptions, FleetProvider
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 from sandbox_agent.auth import bearer_metadata, channel_credentials
+from tests.fakes.certs import TestPKI, make_test_pki
 
 TOKEN = "fleet-token-for-tests"
 

@@ -24,7 +24,7 @@ from modal_support import ModalAgents, _free_port, close_modal_client
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
-from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client
+from tests.fakes.fake_modal import FakeModal, reset_modal_client
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,9 +23,9 @@ from rlm_orchestrator.service.security import (
     channel_credentials,
     server_credentials,
 )
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from sandbox_agent._proto.rlm.v1 import sandbox_pb2, sandbox_pb2_grpc
 from sandbox_agent.decoding import InvalidMessageInterceptor
+from tests.fakes.certs import TestPKI, make_test_pki
 
 TOKEN = "test-token-not-a-secret"
 TIMEOUT = 10.0

@@ -14,10 +14,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
-from rlm_orchestrator.testing.fake_kube import FakeKubeApiServer
-from rlm_orchestrator.testing.fake_kube_http import FakeKubeHttpServer
-from rlm_orchestrator.testing.fake_kubelet import AGENT, CRASHES, NEVER_READY, FakeKubelet
+from tests.fakes.certs import TestPKI, make_test_pki
+from tests.fakes.fake_kube import FakeKubeApiServer
+from tests.fakes.fake_kube_http import FakeKubeHttpServer
+from tests.fakes.fake_kubelet import AGENT, CRASHES, NEVER_READY, FakeKubelet
 
 NAMESPACE = "rlm-sandboxes"
 AGENT_NAME = "rlm-agent.rlm-sandboxes.svc"  # the name the agents' certificate carries
