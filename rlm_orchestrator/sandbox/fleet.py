@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV
 from rlm_orchestrator.sandbox.owner import orchestrator_id
 
 log = logging.getLogger("rlm_orchestrator.sandbox.fleet")
@@ -42,7 +43,7 @@ class FleetOptions(BaseModel):
     # The name the agents' certificate carries (they are dialled by address).
     tls_server_name: str | None = None
     insecure: bool = False  # plaintext: for a private network of your own only
-    token_env: str = "RLM_FLEET_TOKEN"
+    token_env: str = TOKEN_ENV  # the agents' token (the same variable the agents read)
     lease_ttl_seconds: float = Field(default=30.0, gt=1)
     unhealthy_seconds: float = Field(default=15.0, ge=0)
     connect_timeout_seconds: float = Field(default=3.0, gt=0)

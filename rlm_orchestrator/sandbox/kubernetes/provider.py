@@ -44,6 +44,7 @@ from rlm_orchestrator.sandbox.kubernetes.pods import (
     sandbox_pod,
     template_hash,
 )
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV
 from rlm_orchestrator.sandbox.owner import orchestrator_id
 
 log = logging.getLogger("rlm_orchestrator.sandbox.kubernetes")
@@ -67,7 +68,7 @@ class KubernetesOptions(PodOptions):
     tls_ca_file: Path | None = None
     # The name the agents' certificate carries (they are dialled by pod IP).
     tls_server_name: str | None = "rlm-agent.rlm-sandboxes.svc"
-    token_env: str = "RLM_SANDBOX_TOKEN"
+    token_env: str = TOKEN_ENV  # the agents' token (the same variable the agents read)
 
 
 class KubernetesProvider:
