@@ -20,15 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from rlm_orchestrator.sandbox.launch import (
-    CONTAINER_STATE_DIR,
-    CONTAINER_WORKDIR,
-    MOUNTED_TLS_CERT,
-    MOUNTED_TLS_KEY,
-    TLS_MOUNT,
-    TOKEN_ENV,
-    AgentLaunch,
-)
+from rlm_orchestrator.sandbox import launch
+from rlm_orchestrator.sandbox.launch import TLS_MOUNT, TOKEN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -200,18 +193,16 @@ def test_agent_command_listens_with_tls_in_fleet_mode() -> None:
     them (the flags the providers pass, the container layout of the sandbox pods)."""
     (container,) = agent_deployment(render(KUBERNETES))["spec"]["template"]["spec"]["containers"]
     assert container["image"].startswith("rlm-sandbox:")
-    assert (
-        container["args"]
-        == AgentLaunch(
-            listen=f"0.0.0.0:{PORT}",
-            workdir=CONTAINER_WORKDIR,
-            state_dir=CONTAINER_STATE_DIR,
-            tls_cert=MOUNTED_TLS_CERT,
-            tls_key=MOUNTED_TLS_KEY,
-            fleet=True,
-            lease_ttl_seconds=30,
-        ).args()
+    fleet_agent = launch.AgentLaunch(
+        listen=f"0.0.0.0:{PORT}",
+        workdir=launch.CONTAINER_WORKDIR,
+        state_dir=launch.CONTAINER_STATE_DIR,
+        tls_cert=launch.MOUNTED_TLS_CERT,
+        tls_key=launch.MOUNTED_TLS_KEY,
+        fleet=True,
+        lease_ttl_seconds=30,
     )
+    assert container["args"] == fleet_agent.args()
     assert "command" not in container  # the image's entrypoint: python3 -m sandbox_agent
 
 

@@ -11,16 +11,20 @@ sandbox image): tests/test_launch.py, test_kubernetes_manifests.py, test_deploy_
   (the fleet and Kubernetes providers read the token they send from it).
 - `agent_wheels()` are the agent's runtime dependencies, pinned: the `agent` extra of
   pyproject.toml, which deploy/build-sandbox-image.sh reads too.
+- `dial()` reaches an agent launched with a token and TLS (fleet, Kubernetes, Modal).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import SandboxSpec
 from sandbox_agent import TOKEN_ENV
 
@@ -34,7 +38,9 @@ __all__ = [
     "TOKEN_ENV",
     "AgentLaunch",
     "agent_wheels",
+    "dial",
     "token_environment",
+    "token_from_environment",
 ]
 
 AGENT_MODULE = "sandbox_agent"  # `python -m sandbox_agent`, the sandbox image's entrypoint
@@ -141,6 +147,34 @@ def _optional(value: float | None) -> str | None:
 def token_environment(token: str) -> dict[str, str]:
     """The agent's environment entry for its bearer token."""
     return {TOKEN_ENV: token}
+
+
+def token_from_environment(token_env: str = TOKEN_ENV) -> str | None:
+    """The agents' token as this orchestrator holds it (fleet, Kubernetes): never a sandbox's."""
+    return os.environ.get(token_env) or None
+
+
+def dial(
+    address: str,
+    *,
+    token: str | None,
+    tls: bool,
+    ca_file: Path | None = None,
+    server_name: str | None = None,
+) -> AgentClient:
+    """A client of an agent that requires `token` (None: send none) and, with `tls`, serves a
+    certificate checked against `ca_file` (None: the system roots) under `server_name`."""
+    from sandbox_agent.auth import bearer_metadata, channel_credentials
+
+    metadata = bearer_metadata(token) if token else ()
+    if not tls:
+        return AgentClient(address, metadata=metadata)
+    return AgentClient(
+        address,
+        credentials=channel_credentials(ca_file),
+        metadata=metadata,
+        tls_server_name=server_name,
+    )
 
 
 @functools.cache

@@ -29,6 +29,7 @@ from rlm_orchestrator.sandbox.launch import (
     AGENT_MODULE,
     AgentLaunch,
     agent_wheels,
+    dial,
     token_environment,
 )
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
@@ -240,16 +241,10 @@ class ModalProvider:
                     ) from None
 
     def _agent_client(self, tunnel: Any, token: str) -> AgentClient:
-        from sandbox_agent.auth import bearer_metadata, channel_credentials
-
-        if self.options.tunnel_mode == "h2":
-            host, port = tunnel.host, tunnel.port
-            credentials = channel_credentials(self.options.tls_ca_file)
-            return AgentClient(
-                f"{host}:{port}", credentials=credentials, metadata=bearer_metadata(token)
-            )
-        host, port = tunnel.tcp_socket
-        return AgentClient(f"{host}:{port}", metadata=bearer_metadata(token))
+        # The h2 tunnel is TLS (Modal's edge terminates it); the tcp one relays plaintext.
+        h2 = self.options.tunnel_mode == "h2"
+        host, port = (tunnel.host, tunnel.port) if h2 else tunnel.tcp_socket
+        return dial(f"{host}:{port}", token=token, tls=h2, ca_file=self.options.tls_ca_file)
 
     async def release(self, sandbox: Sandbox) -> None:
         modal_sandbox = self._live.pop(sandbox.sandbox_id, None)
