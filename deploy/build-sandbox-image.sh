@@ -2,7 +2,11 @@
 # Builds the sandbox agent's image (`make sandbox-image`): deploy/sandbox.Dockerfile on
 # python:3.11-slim, or on a Debian bookworm base built here with debootstrap when that image
 # cannot be pulled (no registry). The build itself needs no network: the wheels are
-# downloaded on the host (PyPI) and installed in the image with --no-index.
+# downloaded on the host (PyPI) and installed in the image with --no-index. They are the
+# agent's pinned runtime, the `agent` extra of pyproject.toml (the Modal image installs the
+# same: rlm_orchestrator/sandbox/launch.py).
+#
+# `build-sandbox-image.sh --print-requirements` prints them and exits (no Docker needed).
 #
 # Cached, so that a rerun with nothing changed takes seconds:
 #   - the image carries the label rlm.content-hash: a sha256 over the Dockerfile, the files of
@@ -29,8 +33,6 @@ DEBIAN_SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-se
 CACHE_DIR=$REPO/.cache
 PULL_TIMEOUT=20
 HASH_LABEL=rlm.content-hash
-# The agent's runtime dependencies (their minimum versions are read from pyproject.toml).
-PACKAGES=(grpcio grpcio-health-checking grpcio-reflection protobuf)
 # Wheels for the image's interpreter: CPython 3.11 on x86_64 glibc (both bases).
 PIP_TARGET=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
@@ -41,6 +43,7 @@ die() {
     log "error: $*"
     exit 1
 }
+command -v python3 >/dev/null 2>&1 || die "python3 (3.11+) is needed on the host"
 
 # Temp dirs, removed on exit. A failed chroot step may leave mounts inside a rootfs:
 # unmount them first, and never let rm cross into another file system.
@@ -69,32 +72,33 @@ quietly() {
     rm -f "$out"
 }
 
+# The agent's pinned runtime dependencies: the `agent` extra of pyproject.toml, one a line.
+REQUIREMENTS=$(python3 - "$REPO/pyproject.toml" <<'EOF'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as f:
+    project = tomllib.load(f)["project"]
+wheels = project.get("optional-dependencies", {}).get("agent")
+if not wheels:
+    sys.exit("pyproject.toml has no [project.optional-dependencies] agent = [...]")
+unpinned = [w for w in wheels if "==" not in w]
+if unpinned:
+    sys.exit(f"the agent's wheels must be pinned (==): {', '.join(unpinned)}")
+print("\n".join(w.replace(" ", "") for w in wheels))
+EOF
+)
+if [[ ${1:-} == --print-requirements ]]; then
+    printf '%s\n' "$REQUIREMENTS"
+    exit 0
+fi
+
 command -v docker >/dev/null 2>&1 ||
     die "docker is not installed (the sandbox image needs the Docker CLI and engine)"
 docker version --format '{{.Server.Version}}' >/dev/null 2>&1 ||
     die "the Docker engine is not reachable (try: docker info)"
-command -v python3 >/dev/null 2>&1 || die "python3 (3.11+) is needed on the host"
 
 # --- What the image is made of, and its hash ---------------------------------------------
-
-REQUIREMENTS=$(python3 - "$REPO/pyproject.toml" "${PACKAGES[@]}" <<'EOF'
-import re
-import sys
-import tomllib
-
-path, *wanted = sys.argv[1:]
-with open(path, "rb") as f:
-    dependencies = tomllib.load(f)["project"]["dependencies"]
-found = {}
-for dependency in dependencies:
-    name = re.match(r"[A-Za-z0-9._-]+", dependency).group(0)
-    found[re.sub(r"[-_.]+", "-", name).lower()] = dependency.replace(" ", "")
-missing = [name for name in wanted if name not in found]
-if missing:
-    sys.exit(f"pyproject.toml does not list {', '.join(missing)}")
-print("\n".join(found[name] for name in wanted))
-EOF
-)
 
 # The files copied into the image, in a stable order: sandbox_agent/ without bytecode, and of
 # the wire (rlm_wire/) only what the agent imports (rlm_wire.AGENT_FILES: its own service's

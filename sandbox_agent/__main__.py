@@ -12,10 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sandbox_agent import TOKEN_ENV
 from sandbox_agent.executor import ExecutorConfig, WorkerError
 from sandbox_agent.server import AgentConfig, run_until_signalled
-
-TOKEN_ENV = "RLM_AGENT_TOKEN"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]:

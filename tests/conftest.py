@@ -43,6 +43,7 @@ from skip_policy import pytest_configure  # noqa: E402, F401  (in CI a skip fail
 
 from rlm_orchestrator import RLM  # noqa: E402
 from rlm_orchestrator.client import Client  # noqa: E402
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV  # noqa: E402
 from rlm_orchestrator.testing.scripted_lm import Script, ScriptedLMServer  # noqa: E402
 
 ROOT_MODEL, SUB_MODEL, OTHER_MODEL = "root", "sub", "other"
@@ -222,7 +223,7 @@ def make_rlm(
         if via == "fleet":
             require_docker()
             fleet = request.getfixturevalue("docker_fleet")
-            request.getfixturevalue("monkeypatch").setenv("RLM_FLEET_TOKEN", fleet_token)
+            request.getfixturevalue("monkeypatch").setenv(TOKEN_ENV, fleet_token)
             environment_kwargs = {**kwargs.pop("environment_kwargs", {}), **fleet.options()}
             return RLM(
                 **{

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 from conftest import OWNER, SANDBOX_IMAGE, require_docker
 
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
+from rlm_orchestrator.sandbox.launch import (
+    CONTAINER_STATE_DIR,
+    CONTAINER_WORKDIR,
+    TLS_MOUNT,
+    AgentLaunch,
+    token_environment,
+)
+from tests.fakes.certs import TestPKI, make_test_pki
 
 TOKEN = "docker-fleet-token"
 
@@ -65,25 +72,19 @@ def docker_fleet() -> Iterator[DockerFleet]:
             containers.append(
                 client.containers.run(
                     SANDBOX_IMAGE,
-                    [
-                        "--fleet",
-                        "--lease-ttl",
-                        "3",
-                        "--listen",
-                        "0.0.0.0:50051",
-                        "--workdir",
-                        "/work/code",
-                        "--state-dir",
-                        "/work/.state",
-                        "--tls-cert",
-                        f"/tls/{pki.server_cert.name}",
-                        "--tls-key",
-                        f"/tls/{pki.server_key.name}",
-                    ],
+                    AgentLaunch(
+                        listen="0.0.0.0:50051",
+                        workdir=CONTAINER_WORKDIR,
+                        state_dir=CONTAINER_STATE_DIR,
+                        tls_cert=f"{TLS_MOUNT}/{pki.server_cert.name}",
+                        tls_key=f"{TLS_MOUNT}/{pki.server_key.name}",
+                        fleet=True,
+                        lease_ttl_seconds=3,
+                    ).args(),
                     detach=True,
                     name=f"rlm-fleet-agent-{n}-{uuid.uuid4().hex[:6]}",
                     network=network.name,
-                    environment={"RLM_AGENT_TOKEN": TOKEN},
+                    environment=token_environment(TOKEN),
                     labels=labels,
                     read_only=True,
                     tmpfs={"/work": "rw,size=64m,mode=1777"},
@@ -93,7 +94,7 @@ def docker_fleet() -> Iterator[DockerFleet]:
                     pids_limit=128,
                     mem_limit="256m",
                     init=True,
-                    volumes={str(tls_dir): {"bind": "/tls", "mode": "ro"}},
+                    volumes={str(tls_dir): {"bind": TLS_MOUNT, "mode": "ro"}},
                 )
             )
         addresses = [f"{_address_of(container, network.name)}:50051" for container in containers]

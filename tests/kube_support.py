@@ -1,4 +1,4 @@
-"""The fake cluster (rlm_orchestrator.testing.fake_cluster) as a fixture, one per test, and
+"""The fake cluster (tests.fakes.fake_cluster) as a fixture, one per test, and
 what the provider's tests share."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from rlm_orchestrator.sandbox import SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
-from rlm_orchestrator.testing.fake_cluster import (
+from tests.fakes.certs import TestPKI, make_test_pki
+from tests.fakes.fake_cluster import (
     AGENT_NAME,
     CRASHING_IMAGE,
     NAMESPACE,

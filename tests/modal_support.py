@@ -18,8 +18,8 @@ import modal
 import pytest
 from modal_proto import api_pb2
 
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
-from rlm_orchestrator.testing.fake_modal import FakeModal, SandboxRuntime, reset_modal_client
+from tests.fakes.certs import TestPKI, make_test_pki
+from tests.fakes.fake_modal import FakeModal, SandboxRuntime, reset_modal_client
 
 
 def _free_port() -> int:

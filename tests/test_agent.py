@@ -20,10 +20,10 @@ from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient, ExecutionReport
 from rlm_orchestrator.sandbox.local import LocalProvider
-from rlm_orchestrator.testing.certs import make_test_pki
 from rlm_wire.auth import bearer_metadata, channel_credentials
 from rlm_wire.v1 import sandbox_pb2 as pb
 from rlm_wire.v1 import sandbox_pb2_grpc
+from tests.fakes.certs import make_test_pki
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ present.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -238,3 +239,39 @@ def test_dockerfile_copies_every_package_of_the_wheel() -> None:
     assert packages
     for package in packages:
         assert f"COPY {package}/ {package}/" in text, package
+
+
+# -- the agent's launch: deploy/ agrees with rlm_orchestrator/sandbox/launch.py -------------
+
+
+def test_deploy_files_name_one_agent_token_variable() -> None:
+    """Every token variable in deploy/ is the server's or the agents' (the one the agent reads
+    and the fleet / Kubernetes providers send from): no second name for the same secret."""
+    from rlm_orchestrator.sandbox.launch import TOKEN_ENV
+
+    named = {
+        name
+        for path in DEPLOY.rglob("*")
+        if path.is_file()
+        for name in re.findall(r"\bRLM_[A-Z_]*TOKEN[A-Z_]*\b", path.read_text(errors="replace"))
+    }
+    assert named == {"RLM_SERVER_AUTH_TOKEN", TOKEN_ENV}
+
+
+@needs_yaml
+def test_compose_gives_the_orchestrator_no_agent_token(resolved: str) -> None:
+    """Its sandboxes are local (or Docker) agents: each gets a token of its own through a pipe
+    (or none, behind a unix socket); no agent token belongs in the orchestrator's environment."""
+    from rlm_orchestrator.sandbox.launch import TOKEN_ENV
+
+    orchestrator = yaml.safe_load(resolved)["services"]["orchestrator"]
+    assert TOKEN_ENV not in _environment(orchestrator)
+
+
+def test_the_sandbox_image_runs_the_agent_the_providers_pass_flags_to() -> None:
+    from rlm_orchestrator.sandbox.launch import AGENT_MODULE, CONTAINER_WORKDIR
+
+    text = (DEPLOY / "sandbox.Dockerfile").read_text()
+    assert f'ENTRYPOINT ["python3", "-m", "{AGENT_MODULE}"]' in text
+    # Its only writable place is the tmpfs the providers mount and the launch's workdir is in.
+    assert "mkdir -p -m 1777 /work" in text and CONTAINER_WORKDIR.startswith("/work/")

@@ -27,24 +27,24 @@ from lightkube.resources.coordination_v1 import Lease  # noqa: E402
 from lightkube.resources.core_v1 import Pod, PodStatus, Secret  # noqa: E402
 from lightkube.types import CascadeType, PatchType  # noqa: E402
 
-from rlm_orchestrator.testing.fake_kube import (  # noqa: E402
+from tests.fakes.fake_kube import (  # noqa: E402
     JSON_PATCH,
     ApiError,
     AuditEntry,
     FakeKubeApiServer,
 )
-from rlm_orchestrator.testing.fake_kube_http import (  # noqa: E402
+from tests.fakes.fake_kube_http import (  # noqa: E402
     FakeKubeHttpServer,
     KubeRouter,
     fake_kube_config,
     fake_kube_transport,
 )
-from rlm_orchestrator.testing.fake_kube_patch import (  # noqa: E402
+from tests.fakes.fake_kube_patch import (  # noqa: E402
     PatchTestFailed,
     json_patch,
     merge_patch,
 )
-from rlm_orchestrator.testing.fake_kube_selectors import FieldSelector, LabelSelector  # noqa: E402
+from tests.fakes.fake_kube_selectors import FieldSelector, LabelSelector  # noqa: E402
 
 pytestmark = pytest.mark.timeout(30)
 

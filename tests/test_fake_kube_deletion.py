@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from rlm_orchestrator.testing.fake_kube import ApiError, FakeKubeApiServer
-from rlm_orchestrator.testing.fake_kube_http import KubeRouter
-from rlm_orchestrator.testing.fake_kubelet import STUBBORN, FakeKubelet
+from tests.fakes.fake_kube import ApiError, FakeKubeApiServer
+from tests.fakes.fake_kube_http import KubeRouter
+from tests.fakes.fake_kubelet import STUBBORN, FakeKubelet
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,8 +15,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from rlm_orchestrator.testing.fake_kube import ApiError, FakeKubeApiServer
-from rlm_orchestrator.testing.fake_kube_http import FakeKubeHttpServer
+from tests.fakes.fake_kube import ApiError, FakeKubeApiServer
+from tests.fakes.fake_kube_http import FakeKubeHttpServer
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,7 @@ import modal
 import pytest
 from modal_proto import api_pb2
 
-from rlm_orchestrator.testing.fake_modal import FakeModal, SandboxRuntime
+from tests.fakes.fake_modal import FakeModal, SandboxRuntime
 
 pytestmark = pytest.mark.timeout(30)
 

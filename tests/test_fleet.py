@@ -23,9 +23,10 @@ from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.fleet import FleetOptions, FleetProvider
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV, AgentLaunch, token_environment
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 from rlm_wire.auth import bearer_metadata, channel_credentials
+from tests.fakes.certs import TestPKI, make_test_pki
 
 TOKEN = "fleet-token-for-tests"
 
@@ -44,25 +45,16 @@ def start_agent(
     directory: Path, pki: TestPKI, listen: str = "127.0.0.1:0"
 ) -> tuple[subprocess.Popen[str], str]:
     """A fleet agent process on 127.0.0.1, and its address once it listens."""
-    command = [
-        sys.executable,
-        "-m",
-        "sandbox_agent",
-        "--fleet",
-        "--lease-ttl",
-        "3",
-        "--listen",
-        listen,
-        "--workdir",
-        str(directory / "work"),
-        "--state-dir",
-        str(directory / "state"),
-        "--tls-cert",
-        str(pki.server_cert),
-        "--tls-key",
-        str(pki.server_key),
-    ]
-    env = {**os.environ, "RLM_AGENT_TOKEN": TOKEN}
+    command = AgentLaunch(
+        listen=listen,
+        workdir=str(directory / "work"),
+        state_dir=str(directory / "state"),
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        fleet=True,
+        lease_ttl_seconds=3,
+    ).argv(sys.executable)
+    env = {**os.environ, **token_environment(TOKEN)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     return process, f"localhost:{process.stdout.readline().split()[-1]}"
@@ -71,7 +63,7 @@ def start_agent(
 @pytest.fixture
 def fleet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     pki = make_test_pki(tmp_path / "pki")
-    monkeypatch.setenv("RLM_FLEET_TOKEN", TOKEN)
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
     processes, addresses = [], []
     for n in range(3):
         process, address = start_agent(tmp_path / f"a{n}", pki)

@@ -22,6 +22,7 @@ from fleet_support import TOKEN, DockerFleet, _address_of
 from rlm_orchestrator import RLM
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.sandbox.agent_client import AgentClient
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
 from rlm_wire.auth import bearer_metadata, channel_credentials
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.docker
 
 @pytest.fixture
 def fleet_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RLM_FLEET_TOKEN", TOKEN)
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
 
 
 def isolation_reply(request: RecordedRequest) -> str:

@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from rlm_orchestrator.sandbox import launch
+from rlm_orchestrator.sandbox.launch import TLS_MOUNT, TOKEN_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 KUBERNETES = REPO / "deploy" / "kubernetes"
 GVISOR = KUBERNETES / "overlays" / "gvisor"
@@ -186,34 +189,38 @@ def test_agent_work_is_a_capped_memory_volume() -> None:
 
 
 def test_agent_command_listens_with_tls_in_fleet_mode() -> None:
+    """The fleet's agents are launched by hand here: exactly as the launch description renders
+    them (the flags the providers pass, the container layout of the sandbox pods)."""
     (container,) = agent_deployment(render(KUBERNETES))["spec"]["template"]["spec"]["containers"]
-    args = container["args"]
     assert container["image"].startswith("rlm-sandbox:")
-    assert "--fleet" in args
-    for flag, value in {
-        "--listen": f"0.0.0.0:{PORT}",
-        "--workdir": "/work/code",
-        "--state-dir": "/work/.state",
-        "--tls-cert": "/tls/tls.crt",
-        "--tls-key": "/tls/tls.key",
-    }.items():
-        assert args[args.index(flag) + 1] == value
+    fleet_agent = launch.AgentLaunch(
+        listen=f"0.0.0.0:{PORT}",
+        workdir=launch.CONTAINER_WORKDIR,
+        state_dir=launch.CONTAINER_STATE_DIR,
+        tls_cert=launch.MOUNTED_TLS_CERT,
+        tls_key=launch.MOUNTED_TLS_KEY,
+        fleet=True,
+        lease_ttl_seconds=30,
+    )
+    assert container["args"] == fleet_agent.args()
+    assert "command" not in container  # the image's entrypoint: python3 -m sandbox_agent
 
 
 def test_agent_token_and_tls_come_from_secrets() -> None:
     pod = agent_deployment(render(KUBERNETES))["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
-    token = env["RLM_AGENT_TOKEN"]
+    assert set(env) == {TOKEN_ENV}  # the variable the agent reads (sandbox_agent.TOKEN_ENV)
+    token = env[TOKEN_ENV]
     assert "value" not in token
     assert token["valueFrom"]["secretKeyRef"]["name"] == "rlm-agent-token"
     assert not token["valueFrom"]["secretKeyRef"].get("optional", False)
     assert all("value" not in e for e in container["env"]), "no literal env in a sandbox"
     assert not container.get("envFrom")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts["/tls"]["readOnly"] is True
+    assert mounts[TLS_MOUNT]["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
-    tls = volumes[mounts["/tls"]["name"]]["secret"]
+    tls = volumes[mounts[TLS_MOUNT]["name"]]["secret"]
     assert tls["secretName"] == "rlm-agent-tls"
     assert {i["path"] for i in tls["items"]} >= {"tls.crt", "tls.key"}
     assert tls["defaultMode"] & 0o007 == 0, "TLS key readable by others"
@@ -360,7 +367,7 @@ def test_orchestrator_deployment() -> None:
             assert item["name"] in {"PYTHONUNBUFFERED", "LITELLM_LOCAL_MODEL_COST_MAP"}
     assert refs <= SECRETS and "rlm-orchestrator" in refs
     env = {e["name"] for e in container["env"]}
-    assert {"RLM_SERVER_AUTH_TOKEN", "RLM_FLEET_TOKEN", "OPENAI_API_KEY"} <= env
+    assert {"RLM_SERVER_AUTH_TOKEN", TOKEN_ENV, "OPENAI_API_KEY"} <= env
     # The config: the generated ConfigMap at /etc/rlm, holding rlm.toml in fleet mode.
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -386,6 +393,9 @@ def test_orchestrator_config_loads() -> None:
     fleet = FleetOptions.model_validate(settings.environment_kwargs)
     assert fleet.dns == "rlm-agent.rlm-sandboxes.svc.cluster.local:50051"
     assert not fleet.insecure and fleet.tls_ca_file and fleet.tls_server_name
+    # The fleet's token: read from the variable the agents read theirs from, which the
+    # orchestrator's Deployment sets (from the Secret whose value the agents' Secret holds).
+    assert fleet.token_env == TOKEN_ENV
 
 
 # -- the gVisor overlay ----------------------------------------------------------------------
@@ -478,6 +488,7 @@ def test_pod_per_session_config_loads() -> None:
     # The token variable it reads is one the orchestrator's Deployment sets from a Secret.
     deployment = find(render(PER_SESSION), "Deployment", "rlm-orchestrator", ORCHESTRATOR_NS)
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert options.token_env == TOKEN_ENV
     assert options.token_env in {e["name"] for e in container["env"] if "valueFrom" in e}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert str(options.tls_ca_file.parent) in mounts

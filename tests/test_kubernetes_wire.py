@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from rlm_orchestrator.sandbox.kubernetes.api import KubeApiError, LightkubeApi
-from rlm_orchestrator.testing.fake_kube import FakeKubeApiServer
-from rlm_orchestrator.testing.fake_kube_http import fake_kube_transport, kubeconfig_dict
+from tests.fakes.fake_kube import FakeKubeApiServer
+from tests.fakes.fake_kube_http import fake_kube_transport, kubeconfig_dict
 
 NS = "sandboxes"
 PODS = f"/api/v1/namespaces/{NS}/pods"

@@ -10,6 +10,7 @@ in front of it, as Modal's edge does: everything after the control plane is the 
 from __future__ import annotations
 
 import inspect
+import shlex
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -24,8 +25,9 @@ from modal_support import ModalAgents, _free_port, close_modal_client
 import rlm_wire
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
+from rlm_orchestrator.sandbox.launch import agent_wheels
 from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
-from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client
+from tests.fakes.fake_modal import FakeModal, reset_modal_client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -257,8 +259,9 @@ async def test_the_image_pins_the_agent_wheels_and_adds_its_source(
     steps = "\n".join(
         command for image in fake_modal.images.values() for command in image.dockerfile_commands
     )
-    for wheel in ("grpcio==", "grpcio-health-checking==", "protobuf=="):
-        assert wheel in steps
+    # The agent's pinned wheels, the list the sandbox image's build installs too (launch.py).
+    (install,) = {line for line in steps.splitlines() if "pip install" in line and "==" in line}
+    assert set(agent_wheels()) == {w for w in shlex.split(install) if "==" in w}, install
     assert "litellm" not in steps
     (create,) = fake_modal.requests_for("SandboxCreateV2")[-1:]
     assert "mo-agent" in create.definition.mount_ids  # sandbox_agent's source, as a mount

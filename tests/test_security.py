@@ -16,7 +16,6 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
 from rlm_wire.auth import (
     INVALID_TOKEN,
     BearerTokenInterceptor,
@@ -26,6 +25,7 @@ from rlm_wire.auth import (
 )
 from rlm_wire.decoding import InvalidMessageInterceptor
 from rlm_wire.v1 import sandbox_pb2, sandbox_pb2_grpc
+from tests.fakes.certs import TestPKI, make_test_pki
 
 TOKEN = "test-token-not-a-secret"
 TIMEOUT = 10.0

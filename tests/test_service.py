@@ -45,11 +45,11 @@ from rlm_orchestrator.service.admission import RequestRefused, request_limits
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.server import OrchestratorServer
 from rlm_orchestrator.service.settings import ServerSettings, load_server_settings
-from rlm_orchestrator.testing.certs import make_test_pki
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, ScriptedLMServer
 from rlm_wire.auth import bearer_metadata
 from rlm_wire.v1 import orchestrator_pb2 as pb
 from rlm_wire.v1 import orchestrator_pb2_grpc, usage_pb2
+from tests.fakes.certs import make_test_pki
 
 ANSWER_IN_CODE = repl("answer = context.upper()\nFINAL_VAR('answer')")
 

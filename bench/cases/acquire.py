@@ -17,7 +17,7 @@ from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
 from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
 from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
-from rlm_orchestrator.testing.fake_cluster import TOKEN_ENV, FakeCluster
+from tests.fakes.fake_cluster import TOKEN_ENV, FakeCluster
 
 NAME = "acquire"
 DESCRIPTION = "sandbox acquisition: local, Docker and Kubernetes (fake cluster), cold and warm"

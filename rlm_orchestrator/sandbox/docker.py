@@ -32,6 +32,7 @@ from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.launch import CONTAINER_STATE_DIR, CONTAINER_WORKDIR, AgentLaunch
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 
 log = logging.getLogger("rlm_orchestrator.sandbox.docker")
@@ -182,6 +183,19 @@ class DockerProvider:
             "rlm.expires": str(int(time.time() + self.options.container_ttl_seconds)),
         }
 
+    def command(self, spec: SandboxSpec) -> list[str]:
+        """The agent's flags: the image's entrypoint is `python3 -m sandbox_agent`."""
+        return (
+            AgentLaunch(
+                listen="unix:/sock/agent.sock",
+                workdir=CONTAINER_WORKDIR,
+                state_dir=CONTAINER_STATE_DIR,
+                orphan_timeout_seconds=self.options.orphan_timeout_seconds,
+            )
+            .for_session(spec, self.options.memory_mb)
+            .args()
+        )
+
     async def _start(self, spec: SandboxSpec, session: str) -> tuple[_Container, AgentClient]:
         docker = await self._docker()
         o = self.options
@@ -194,22 +208,6 @@ class DockerProvider:
             # Until the agent has bound (_lock_socket_dir); root stays 0o700: no other user
             # of this host can reach the socket.
             sock_dir.chmod(0o777)
-        command = [
-            "--listen",
-            "unix:/sock/agent.sock",
-            "--workdir",
-            "/work/code",
-            "--state-dir",
-            "/work/.state",
-            "--exec-timeout",
-            str(spec.exec_timeout_seconds),
-            "--max-output-chars",
-            str(spec.max_output_chars),
-            "--memory-limit-mb",
-            str(spec.memory_limit_mb or o.memory_mb),
-            "--orphan-timeout",
-            str(o.orphan_timeout_seconds),
-        ]
         work_tmpfs = f"rw,size={o.work_tmpfs_mb}m,mode=1777,uid={NOBODY},gid={NOBODY}"
         entry: _Container | None = None
         client: AgentClient | None = None
@@ -218,7 +216,7 @@ class DockerProvider:
                 container = await _uncancellable(
                     docker.containers.run,
                     o.image,
-                    command,
+                    self.command(spec),
                     detach=True,
                     init=True,
                     name=f"rlm-sbx-{uuid.uuid4().hex[:12]}",

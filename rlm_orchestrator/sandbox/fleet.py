@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV, dial, token_from_environment
 from rlm_orchestrator.sandbox.owner import orchestrator_id
 
 log = logging.getLogger("rlm_orchestrator.sandbox.fleet")
@@ -42,7 +42,7 @@ class FleetOptions(BaseModel):
     # The name the agents' certificate carries (they are dialled by address).
     tls_server_name: str | None = None
     insecure: bool = False  # plaintext: for a private network of your own only
-    token_env: str = "RLM_FLEET_TOKEN"
+    token_env: str = TOKEN_ENV  # the agents' token (the same variable the agents read)
     lease_ttl_seconds: float = Field(default=30.0, gt=1)
     unhealthy_seconds: float = Field(default=15.0, ge=0)
     connect_timeout_seconds: float = Field(default=3.0, gt=0)
@@ -79,17 +79,12 @@ class FleetProvider:
 
     def _client(self, address: str) -> AgentClient:
         o = self.options
-        token = os.environ.get(o.token_env, "")
-        from rlm_wire.auth import bearer_metadata, channel_credentials
-
-        metadata = bearer_metadata(token) if token else ()
-        if o.insecure:
-            return AgentClient(address, metadata=metadata)
-        return AgentClient(
+        return dial(
             address,
-            credentials=channel_credentials(o.tls_ca_file),
-            metadata=metadata,
-            tls_server_name=o.tls_server_name,
+            token=token_from_environment(o.token_env),
+            tls=not o.insecure,
+            ca_file=o.tls_ca_file,
+            server_name=o.tls_server_name,
         )
 
     async def acquire(self, spec: SandboxSpec) -> Sandbox:

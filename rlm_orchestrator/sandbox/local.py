@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.launch import AgentLaunch
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 
 log = logging.getLogger("rlm_orchestrator.sandbox.local")
@@ -199,19 +200,21 @@ class LocalProvider:
         self, spec: SandboxSpec, root: Path, socket_path: Path, token_fd: int
     ) -> list[str]:
         o = self.options
-        return [
-            *(o.python, "-m", "sandbox_agent", "--listen", f"unix:{socket_path}"),
-            *("--workdir", str(root / "work"), "--state-dir", str(root / "state")),
-            *("--exec-timeout", str(spec.exec_timeout_seconds)),
-            *("--max-output-chars", str(spec.max_output_chars)),
-            *("--memory-limit-mb", str(spec.memory_limit_mb or o.memory_limit_mb)),
-            *("--isolation", o.isolation, "--max-processes", str(o.max_processes)),
-            *("--tmp-size-mb", str(o.tmp_size_mb), "--sandbox-uid", str(o.sandbox_uid)),
+        launch = AgentLaunch(
+            listen=f"unix:{socket_path}",
+            workdir=str(root / "work"),
+            state_dir=str(root / "state"),
+            isolation=o.isolation,
+            max_processes=o.max_processes,
+            tmp_size_mb=o.tmp_size_mb,
+            sandbox_uid=o.sandbox_uid,
             # Only the orchestrator's user may connect (the directory is 0700 too), and each
             # call carries this sandbox's token, which came through a pipe, not the environment.
-            *("--socket-mode", "600", "--token-fd", str(token_fd)),
-            *("--parent-pid", str(os.getpid())),
-        ]
+            socket_mode=0o600,
+            token_fd=token_fd,
+            parent_pid=os.getpid(),
+        )
+        return launch.for_session(spec, o.memory_limit_mb).argv(o.python)
 
     def _check_isolation(self, isolation: str) -> None:
         if isolation == ISOLATED or self.options.isolation == "off":

@@ -26,15 +26,15 @@ from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.sandbox.launch import (
+    AGENT_MODULE,
+    AgentLaunch,
+    agent_wheels,
+    dial,
+    token_environment,
+)
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 
-TOKEN_ENV = "RLM_AGENT_TOKEN"
-AGENT_WHEELS = (
-    "grpcio==1.85.3",
-    "grpcio-health-checking==1.85.1",
-    "grpcio-reflection==1.85.1",
-    "protobuf==7.36.2",
-)
 UNREACHABLE_HELP = (
     "check MODAL_TOKEN_ID / MODAL_TOKEN_SECRET (`modal token new`), MODAL_SERVER_URL and the "
     "network; `environment='local'` or `'docker'` need no Modal account"
@@ -136,8 +136,8 @@ class ModalProvider:
 
         return (
             modal.Image.debian_slim(python_version="3.11")
-            .pip_install(*AGENT_WHEELS)
-            .add_local_python_source("sandbox_agent")
+            .pip_install(*agent_wheels())
+            .add_local_python_source(AGENT_MODULE)
             .add_local_python_source("rlm_wire", ignore=_not_for_the_agent)
         )
 
@@ -149,9 +149,10 @@ class ModalProvider:
         ports: dict[str, list[int]] = (
             {"h2_ports": [o.port]} if o.tunnel_mode == "h2" else {"unencrypted_ports": [o.port]}
         )
+        secret: dict[str, str | None] = {**token_environment(token)}
         return {
             "image": self.image(),
-            "secrets": [modal.Secret.from_dict({TOKEN_ENV: token})],
+            "secrets": [modal.Secret.from_dict(secret)],
             "timeout": o.timeout_seconds,
             "idle_timeout": o.idle_timeout_seconds,
             "cpu": o.cpu,
@@ -164,23 +165,14 @@ class ModalProvider:
         }
 
     def command(self, spec: SandboxSpec) -> list[str]:
-        return [
-            "python",
-            "-m",
-            "sandbox_agent",
-            "--listen",
-            f"0.0.0.0:{self.options.port}",
-            "--workdir",
-            "/tmp/rlm/work",
-            "--state-dir",
-            "/tmp/rlm/state",
-            "--exec-timeout",
-            str(spec.exec_timeout_seconds),
-            "--max-output-chars",
-            str(spec.max_output_chars),
-            "--orphan-timeout",
-            str(self.options.orphan_timeout_seconds),
-        ]
+        # Modal's root file system is writable: no /work mount, the agent's dirs go in /tmp.
+        launch = AgentLaunch(
+            listen=f"0.0.0.0:{self.options.port}",
+            workdir="/tmp/rlm/work",
+            state_dir="/tmp/rlm/state",
+            orphan_timeout_seconds=self.options.orphan_timeout_seconds,
+        )
+        return launch.for_session(spec).argv("python")
 
     async def _create(self, spec: SandboxSpec, token: str) -> Any:
         import modal
@@ -257,16 +249,10 @@ class ModalProvider:
                     ) from None
 
     def _agent_client(self, tunnel: Any, token: str) -> AgentClient:
-        from rlm_wire.auth import bearer_metadata, channel_credentials
-
-        if self.options.tunnel_mode == "h2":
-            host, port = tunnel.host, tunnel.port
-            credentials = channel_credentials(self.options.tls_ca_file)
-            return AgentClient(
-                f"{host}:{port}", credentials=credentials, metadata=bearer_metadata(token)
-            )
-        host, port = tunnel.tcp_socket
-        return AgentClient(f"{host}:{port}", metadata=bearer_metadata(token))
+        # The h2 tunnel is TLS (Modal's edge terminates it); the tcp one relays plaintext.
+        h2 = self.options.tunnel_mode == "h2"
+        host, port = (tunnel.host, tunnel.port) if h2 else tunnel.tcp_socket
+        return dial(f"{host}:{port}", token=token, tls=h2, ca_file=self.options.tls_ca_file)
 
     async def release(self, sandbox: Sandbox) -> None:
         modal_sandbox = self._live.pop(sandbox.sandbox_id, None)

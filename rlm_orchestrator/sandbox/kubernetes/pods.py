@@ -17,6 +17,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlm_orchestrator.sandbox.kubernetes.api import JsonObject
+from rlm_orchestrator.sandbox.launch import (
+    CONTAINER_STATE_DIR,
+    CONTAINER_WORKDIR,
+    MOUNTED_TLS_CERT,
+    MOUNTED_TLS_KEY,
+    TLS_MOUNT,
+    TOKEN_ENV,
+    AgentLaunch,
+)
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 NAME = "app.kubernetes.io/name"
@@ -80,21 +89,16 @@ def restricted_security_context() -> JsonObject:
 
 
 def agent_args(options: PodOptions, memory_limit_mb: int = 0) -> list[str]:
-    args = [
-        "--listen",
-        f"0.0.0.0:{options.port}",
-        "--health-listen",
-        f"0.0.0.0:{options.health_port}",
-        "--workdir",
-        "/work/code",
-        "--state-dir",
-        "/work/.state",
-    ]
-    if options.tls_secret:
-        args += ["--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key"]
-    if memory_limit_mb:
-        args += ["--memory-limit-mb", str(memory_limit_mb)]
-    return args
+    tls = bool(options.tls_secret)
+    return AgentLaunch(
+        listen=f"0.0.0.0:{options.port}",
+        health_listen=f"0.0.0.0:{options.health_port}",
+        workdir=CONTAINER_WORKDIR,
+        state_dir=CONTAINER_STATE_DIR,
+        tls_cert=MOUNTED_TLS_CERT if tls else None,
+        tls_key=MOUNTED_TLS_KEY if tls else None,
+        memory_limit_mb=memory_limit_mb,
+    ).args()
 
 
 def pod_spec(options: PodOptions, memory_limit_mb: int = 0) -> JsonObject:
@@ -128,14 +132,14 @@ def pod_spec(options: PodOptions, memory_limit_mb: int = 0) -> JsonObject:
         # The agent reads it, then removes it from its environment before user code runs.
         container["env"] = [
             {
-                "name": "RLM_AGENT_TOKEN",
+                "name": TOKEN_ENV,
                 "valueFrom": {
                     "secretKeyRef": {"name": options.token_secret, "key": options.token_secret_key}
                 },
             }
         ]
     if options.tls_secret:
-        container["volumeMounts"].append({"name": "tls", "mountPath": "/tls", "readOnly": True})
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
         volumes.append(
             {
                 "name": "tls",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +43,7 @@ from rlm_orchestrator.sandbox.kubernetes.pods import (
     sandbox_pod,
     template_hash,
 )
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV, dial, token_from_environment
 from rlm_orchestrator.sandbox.owner import orchestrator_id
 
 log = logging.getLogger("rlm_orchestrator.sandbox.kubernetes")
@@ -67,7 +67,7 @@ class KubernetesOptions(PodOptions):
     tls_ca_file: Path | None = None
     # The name the agents' certificate carries (they are dialled by pod IP).
     tls_server_name: str | None = "rlm-agent.rlm-sandboxes.svc"
-    token_env: str = "RLM_SANDBOX_TOKEN"
+    token_env: str = TOKEN_ENV  # the agents' token (the same variable the agents read)
 
 
 class KubernetesProvider:
@@ -249,19 +249,13 @@ class KubernetesProvider:
             ) from None
 
     def _client(self, ip: str) -> AgentClient:
-        from rlm_wire.auth import bearer_metadata, channel_credentials
-
         o = self.options
-        address = f"[{ip}]:{o.port}" if ":" in ip else f"{ip}:{o.port}"
-        token = os.environ.get(o.token_env, "")
-        metadata = bearer_metadata(token) if token else ()
-        if not o.tls_secret:
-            return AgentClient(address, metadata=metadata)
-        return AgentClient(
-            address,
-            credentials=channel_credentials(o.tls_ca_file),
-            metadata=metadata,
-            tls_server_name=o.tls_server_name,
+        return dial(
+            f"[{ip}]:{o.port}" if ":" in ip else f"{ip}:{o.port}",
+            token=token_from_environment(o.token_env),
+            tls=bool(o.tls_secret),
+            ca_file=o.tls_ca_file,
+            server_name=o.tls_server_name,
         )
 
     async def release(self, sandbox: Sandbox) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube import ApiError, FakeKubeApiServer
+from tests.fakes.fake_kube import ApiError, FakeKubeApiServer
 
 JsonObject = dict[str, Any]
 AGENT, NEVER_READY, CRASHES = "agent", "never-ready", "crashes"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import httpx2
 
-from rlm_orchestrator.testing.fake_kube import (  # noqa: F401 (re-exported: KINDS to Kind)
+from tests.fakes.fake_kube import (  # noqa: F401 (re-exported: KINDS to Kind)
     KINDS,
     ApiError,
     AuditEntry,
@@ -26,9 +26,9 @@ from rlm_orchestrator.testing.fake_kube import (  # noqa: F401 (re-exported: KIN
     Kind,
     Watch,
 )
-from rlm_orchestrator.testing.fake_kube_httpd import KubeHttpd
-from rlm_orchestrator.testing.fake_kube_objects import JsonDict
-from rlm_orchestrator.testing.fake_kube_router import KubeResponse, KubeRouter, encode_event
+from tests.fakes.fake_kube_httpd import KubeHttpd
+from tests.fakes.fake_kube_objects import JsonDict
+from tests.fakes.fake_kube_router import KubeResponse, KubeRouter, encode_event
 
 if TYPE_CHECKING:
     from lightkube import KubeConfig

@@ -14,17 +14,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rlm_orchestrator.testing.certs import TestPKI, make_test_pki
-from rlm_orchestrator.testing.fake_kube import FakeKubeApiServer
-from rlm_orchestrator.testing.fake_kube_http import FakeKubeHttpServer
-from rlm_orchestrator.testing.fake_kubelet import AGENT, CRASHES, NEVER_READY, FakeKubelet
+from rlm_orchestrator.sandbox.launch import TOKEN_ENV as TOKEN_ENV  # re-exported for tests
+from tests.fakes.certs import TestPKI, make_test_pki
+from tests.fakes.fake_kube import FakeKubeApiServer
+from tests.fakes.fake_kube_http import FakeKubeHttpServer
+from tests.fakes.fake_kubelet import AGENT, CRASHES, NEVER_READY, FakeKubelet
 
 NAMESPACE = "rlm-sandboxes"
 AGENT_NAME = "rlm-agent.rlm-sandboxes.svc"  # the name the agents' certificate carries
 IMAGE = "rlm-sandbox:latest"
 STUCK_IMAGE = "rlm-sandbox:stuck"  # "pulled", but its container never gets created
 CRASHING_IMAGE = "rlm-sandbox:crashing"  # its container exits at once (code 3)
-TOKEN_ENV = "RLM_SANDBOX_TOKEN"
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ Credentials are checked as Modal checks them: every RPC must carry the token id 
 client raises as ``modal.exception.AuthError``; ``fake.refused`` lists the RPCs refused so.
 
 Sandboxes are records only, unless ``fake.runtime`` is a
-:class:`~rlm_orchestrator.testing.fake_modal_runtime.SandboxRuntime`: then each sandbox's
+:class:`~tests.fakes.fake_modal_runtime.SandboxRuntime`: then each sandbox's
 entrypoint runs, verbatim, as a process, and its tunnels lead to it. The RPC handlers are in
 :mod:`.fake_modal_rpcs`.
 
@@ -58,8 +58,8 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 from modal_proto import api_grpc, api_pb2
 
-from rlm_orchestrator.testing.fake_modal_rpcs import FakeSandbox, ModalRpcs
-from rlm_orchestrator.testing.fake_modal_runtime import SandboxRuntime
+from tests.fakes.fake_modal_rpcs import FakeSandbox, ModalRpcs
+from tests.fakes.fake_modal_runtime import SandboxRuntime
 
 __all__ = ["FakeModal", "FakeSandbox", "SandboxRuntime", "reset_modal_client"]
 

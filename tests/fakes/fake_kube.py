@@ -53,11 +53,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from rlm_orchestrator.testing import fake_kube_selectors as sel
-from rlm_orchestrator.testing.fake_kube_audit import AuditEntry
-from rlm_orchestrator.testing.fake_kube_audit import Hook as Hook  # re-exported: public here
-from rlm_orchestrator.testing.fake_kube_deletion import Deletion, Dicts, Objects, key
-from rlm_orchestrator.testing.fake_kube_objects import (
+from tests.fakes import fake_kube_selectors as sel
+from tests.fakes.fake_kube_audit import AuditEntry
+from tests.fakes.fake_kube_audit import Hook as Hook  # re-exported: public here
+from tests.fakes.fake_kube_deletion import Deletion, Dicts, Objects, key
+from tests.fakes.fake_kube_objects import (
     KINDS,
     ApiError,
     JsonDict,
@@ -66,14 +66,14 @@ from rlm_orchestrator.testing.fake_kube_objects import (
     kind_of,
     no_such_resource,
 )
-from rlm_orchestrator.testing.fake_kube_patch import (
+from tests.fakes.fake_kube_patch import (
     JSON_PATCH,
     MERGE_PATCH,
     STRATEGIC_MERGE_PATCH,
     patcher,
 )
-from rlm_orchestrator.testing.fake_kube_schema import decode
-from rlm_orchestrator.testing.fake_kube_strategy import (
+from tests.fakes.fake_kube_schema import decode
+from tests.fakes.fake_kube_strategy import (
     IMMUTABLE,
     initialize,
     keep_meta,
@@ -81,7 +81,7 @@ from rlm_orchestrator.testing.fake_kube_strategy import (
     pod_status_defaults,
     updated,
 )
-from rlm_orchestrator.testing.fake_kube_watch import Event, EventHistory, Watch
+from tests.fakes.fake_kube_watch import Event, EventHistory, Watch
 
 __all__ = [
     "JSON_PATCH",

@@ -21,7 +21,7 @@ import copy
 import re
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube_objects import FieldError, JsonDict, Kind
+from tests.fakes.fake_kube_objects import FieldError, JsonDict, Kind
 
 __all__ = [
     "create_errors",

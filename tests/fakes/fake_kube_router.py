@@ -34,8 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube import AuditEntry, FakeKubeApiServer, Watch
-from rlm_orchestrator.testing.fake_kube_objects import (
+from tests.fakes.fake_kube import AuditEntry, FakeKubeApiServer, Watch
+from tests.fakes.fake_kube_objects import (
     KINDS,
     ApiError,
     JsonDict,

@@ -16,8 +16,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube_objects import JsonDict, Kind, bad_request
-from rlm_orchestrator.testing.fake_kube_validation import (
+from tests.fakes.fake_kube_objects import JsonDict, Kind, bad_request
+from tests.fakes.fake_kube_validation import (
     create_errors,
     label_errors,
     owner_reference_errors,

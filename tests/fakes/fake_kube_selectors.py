@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube_objects import JsonDict, Kind, bad_request
+from tests.fakes.fake_kube_objects import JsonDict, Kind, bad_request
 
 __all__ = ["FieldSelector", "LabelSelector", "Selection", "field_value"]
 

@@ -16,10 +16,10 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube_audit import Instrumentation
-from rlm_orchestrator.testing.fake_kube_objects import JsonDict, Kind, bad_request, kind_of
-from rlm_orchestrator.testing.fake_kube_selectors import Selection
-from rlm_orchestrator.testing.fake_kube_strategy import deletion_grace, mark_terminating
+from tests.fakes.fake_kube_audit import Instrumentation
+from tests.fakes.fake_kube_objects import JsonDict, Kind, bad_request, kind_of
+from tests.fakes.fake_kube_selectors import Selection
+from tests.fakes.fake_kube_strategy import deletion_grace, mark_terminating
 
 __all__ = ["Deletion", "Dicts", "Objects", "key"]
 

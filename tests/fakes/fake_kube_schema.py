@@ -29,7 +29,7 @@ import json
 import re
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube_objects import JsonDict, Kind, bad_request
+from tests.fakes.fake_kube_objects import JsonDict, Kind, bad_request
 
 __all__ = ["FIELD_VALIDATION", "decode", "go_time_error", "quantity_error"]
 

@@ -15,7 +15,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube_objects import ApiError, JsonDict, bad_request
+from tests.fakes.fake_kube_objects import ApiError, JsonDict, bad_request
 
 __all__ = [
     "JSON_PATCH",

@@ -19,7 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from modal_proto import api_pb2
 
-from rlm_orchestrator.testing.fake_modal_runtime import SandboxRuntime
+from tests.fakes.fake_modal_runtime import SandboxRuntime
 
 _SUCCESS = api_pb2.GenericResult.GENERIC_STATUS_SUCCESS
 _TERMINATED = api_pb2.GenericResult.GENERIC_STATUS_TERMINATED

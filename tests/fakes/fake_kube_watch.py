@@ -17,8 +17,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
-from rlm_orchestrator.testing.fake_kube_objects import ApiError, JsonDict, Kind, bad_request
-from rlm_orchestrator.testing.fake_kube_selectors import Selection
+from tests.fakes.fake_kube_objects import ApiError, JsonDict, Kind, bad_request
+from tests.fakes.fake_kube_selectors import Selection
 
 __all__ = ["Event", "EventHistory", "Watch"]
 

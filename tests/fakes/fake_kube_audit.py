@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import NamedTuple
 
-from rlm_orchestrator.testing.fake_kube_objects import ApiError, JsonDict, Kind, kind_of
+from tests.fakes.fake_kube_objects import ApiError, JsonDict, Kind, kind_of
 
 __all__ = ["AuditEntry", "Hook", "Instrumentation"]
 

@@ -18,8 +18,8 @@ import time
 import urllib.parse
 from typing import Any
 
-from rlm_orchestrator.testing.fake_kube import Watch
-from rlm_orchestrator.testing.fake_kube_router import KubeRouter, encode_event
+from tests.fakes.fake_kube import Watch
+from tests.fakes.fake_kube_router import KubeRouter, encode_event
 
 __all__ = ["KubeHttpd"]
 
