@@ -1,30 +1,32 @@
 """The exception tree. Everything we raise derives from RLMError.
 
-Every exception carries `code`, the gRPC status (by name) a server answers with when it ends a
-call (`service/status.py`; on a ClientError, the status the server answered with), and
-`failure_kind`, the proto's FailureKind (by the name of `events.CompletionFailed.kind`) of the
-`failed` event a completion ends with when it stops the completion (`failures.py`).
+Every exception carries `code`, the gRPC status (by name) a server ends a call with when the
+exception stops it (`service/status.py`; on a ClientError, the status the server answered
+with), and `failure_kind`, the proto's FailureKind (as `events.CompletionFailed.kind` names
+it) of the `failed` event a completion ends with when the exception stops it (`failures.py`);
+"internal" (a bug on our side) where none is given.
 
-                                code                    failure_kind
-RLMError                        INTERNAL                internal
-├── ConfigurationError          INVALID_ARGUMENT        bad arguments (unknown backend...)
-├── SandboxError                UNAVAILABLE             sandbox_error: not started, or lost
-├── LMError                     by the HTTP status      lm_error: the LM failed (after retries)
-├── CompletionCancelledError    CANCELLED               cancelled: a client cancelled it
-├── TraceStoreError             NOT_FOUND               the trace store, or a trace, is not there
-├── ClientError                 (the status received)   the orchestrator server refused a call
+                                code                  failure_kind       what
+RLMError                        INTERNAL              internal           base
+├── ConfigurationError          INVALID_ARGUMENT                         bad arguments
+├── SandboxError                UNAVAILABLE           sandbox_error      not started, or lost
+├── LMError                     from the HTTP status  lm_error           failed after retries
+├── CompletionCancelledError    CANCELLED             cancelled          a client cancelled it
+├── TraceStoreError             NOT_FOUND                                no store, no such trace
+├── ClientError                 the status received                      the server refused
 │   ├── AuthenticationError     UNAUTHENTICATED, PERMISSION_DENIED
 │   ├── InvalidRequestError     INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE
-│   ├── ResourceExhaustedError  RESOURCE_EXHAUSTED (too large, too many)
-│   └── ServerUnavailableError  UNAVAILABLE, DEADLINE_EXCEEDED (retryable)
-│       └── ServerShutdownError UNAVAILABLE             server_shutdown (retryable)
-└── LimitExceededError          RESOURCE_EXHAUSTED      a limit stopped the run; the partial answer
-    ├── CompletionTimeoutError  DEADLINE_EXCEEDED       timeout
-    ├── CostLimitExceededError  RESOURCE_EXHAUSTED      cost_limit
-    └── AnswerTooLargeError     RESOURCE_EXHAUSTED      answer_too_large: over max_answer_chars
+│   ├── ResourceExhaustedError  RESOURCE_EXHAUSTED                       too large, too many
+│   └── ServerUnavailableError  UNAVAILABLE, DEADLINE_EXCEEDED           retryable
+│       └── ServerShutdownError UNAVAILABLE           server_shutdown    retryable
+└── LimitExceededError          RESOURCE_EXHAUSTED                       carries the partial answer
+    ├── CompletionTimeoutError  DEADLINE_EXCEEDED     timeout            timeout_seconds...
+    ├── CostLimitExceededError  RESOURCE_EXHAUSTED    cost_limit         max_cost
+    └── AnswerTooLargeError     RESOURCE_EXHAUSTED    answer_too_large   over max_answer_chars
 
-A server's handlers refuse a call by raising a ClientError subclass with the status it stands
-for (e.g. `InvalidRequestError(..., code="NOT_FOUND")`); the SDK raises the same class for it.
+A server's handlers refuse a call by raising the ClientError subclass for the status (the
+first of its `codes` unless given, e.g. `InvalidRequestError(..., code="NOT_FOUND")`); the SDK
+raises the same class for it.
 """
 
 from __future__ import annotations
