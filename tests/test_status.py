@@ -8,7 +8,7 @@ messages were sent too. The failure-kind table covers every FailureKind of the p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -38,52 +38,44 @@ from sandbox_agent.status import Aborted, InvalidArgument, NotFound, maps_errors
 TIMEOUT = 10
 
 
-class _Refusing(sandbox_pb2_grpc.SandboxServicer):
-    """Each RPC raises `self.error` (after one message, for the streams that send)."""
+def _refusing(decorate: Callable[[type[Any]], type[Any]]) -> type[Any]:
+    """A Sandbox servicer, mapped by `decorate`, whose RPCs raise the error it is given (after
+    one message, for the streams that send)."""
 
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+    @decorate
+    class Refusing(sandbox_pb2_grpc.SandboxServicer):
+        def __init__(self, error: BaseException) -> None:
+            self.error = error
 
-    async def GetInfo(self, request: Any, context: Any) -> sandbox_pb2.GetInfoResponse:
-        raise self.error  # unary-unary
+        async def GetInfo(self, request: Any, context: Any) -> sandbox_pb2.GetInfoResponse:
+            raise self.error  # unary-unary
 
-    async def Attach(self, request: Any, context: Any) -> AsyncIterator[sandbox_pb2.AttachEvent]:
-        yield sandbox_pb2.AttachEvent(attachments=1)  # unary-stream, an async generator
-        raise self.error
-
-    async def Execute(
-        self, request_iterator: Any, context: Any
-    ) -> AsyncIterator[sandbox_pb2.ExecuteResponse]:
-        async for _ in request_iterator:  # stream-stream, an async generator
-            yield sandbox_pb2.ExecuteResponse()
+        async def Attach(
+            self, request: Any, context: Any
+        ) -> AsyncIterator[sandbox_pb2.AttachEvent]:
+            yield sandbox_pb2.AttachEvent(attachments=1)  # unary-stream, an async generator
             raise self.error
 
-    async def LoadValue(self, request_iterator: Any, context: Any) -> Any:
-        async for _ in request_iterator:  # stream-unary
+        async def Execute(
+            self, request_iterator: Any, context: Any
+        ) -> AsyncIterator[sandbox_pb2.ExecuteResponse]:
+            async for _ in request_iterator:  # stream-stream, an async generator
+                yield sandbox_pb2.ExecuteResponse()
+                raise self.error
+
+        async def LoadValue(self, request_iterator: Any, context: Any) -> Any:
+            async for _ in request_iterator:  # stream-unary
+                raise self.error
+
+        async def GetVariable(self, request: Any, context: Any) -> None:
+            await context.write(sandbox_pb2.GetVariableResponse())  # streamed by context.write
             raise self.error
-        raise AssertionError("the test sends one chunk")
 
-    async def GetVariable(self, request: Any, context: Any) -> None:
-        await context.write(sandbox_pb2.GetVariableResponse())  # unary-stream by context.write
-        raise self.error
+    return Refusing
 
 
-@maps_errors()
-class _AgentRefusing(_Refusing):
-    GetInfo = _Refusing.GetInfo
-    Attach = _Refusing.Attach
-    Execute = _Refusing.Execute
-    LoadValue = _Refusing.LoadValue
-    GetVariable = _Refusing.GetVariable
-
-
-@maps_rlm_errors
-class _OrchestratorRefusing(_Refusing):
-    GetInfo = _Refusing.GetInfo
-    Attach = _Refusing.Attach
-    Execute = _Refusing.Execute
-    LoadValue = _Refusing.LoadValue
-    GetVariable = _Refusing.GetVariable
+_AgentRefusing = _refusing(maps_errors())
+_OrchestratorRefusing = _refusing(maps_rlm_errors)
 
 
 async def _calls(stub: Any) -> dict[str, Awaitable[Any]]:
