@@ -1,8 +1,9 @@
 """The wire between the orchestrator, its client SDK and the sandbox agents.
 
 `rlm_wire.v1`: the code generated from protos/rlm/v1 (`make proto`), every service's.
-`rlm_wire.auth`, `rlm_wire.decoding`: what every gRPC server and client of ours shares (bearer
-token and TLS; INVALID_ARGUMENT for undecodable requests).
+`rlm_wire.auth`, `rlm_wire.decoding`, `rlm_wire.status`: what every gRPC server and client of
+ours shares (bearer token and TLS; INVALID_ARGUMENT for undecodable requests; handlers' errors
+ending calls with their status).
 
 Public, so that each side imports it by name and none imports another's package: the agent,
 the orchestrator server and the SDK all depend on this one. grpc, protobuf and the standard
@@ -17,6 +18,7 @@ AGENT_FILES = (
     "__init__.py",
     "auth.py",
     "decoding.py",
+    "status.py",
     "v1/__init__.py",
     "v1/sandbox_pb2.py",
     "v1/sandbox_pb2_grpc.py",

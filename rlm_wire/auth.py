@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 
+from rlm_wire.status import Unauthenticated, abort
+
 log = logging.getLogger("rlm.auth")
 
 AUTHORIZATION = "authorization"
@@ -61,7 +63,7 @@ def _refusal(message: str) -> grpc.RpcMethodHandler:
     """
 
     async def refuse(_requests: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, Unauthenticated(message).status())
 
     return grpc.stream_stream_rpc_method_handler(refuse)
 

@@ -4,10 +4,14 @@ grpc-python deserializes requests itself, before or while a servicer runs; when 
 not a valid message the exception escapes its machinery and the caller gets UNKNOWN
 ("Unexpected <class 'google.protobuf.message.DecodeError'>..."), as if the server had a bug.
 This interceptor swaps each handler's deserializer for one that never raises: undecodable
-bytes become an `Undecodable` marker, and the wrapped behaviour aborts the call with
-INVALID_ARGUMENT the moment it meets one, whether the request came as the unary argument, from
-the request iterator, or from `context.read()`. Shared by the sandbox agent and the
-orchestrator server; grpc and the standard library only.
+bytes become an `Undecodable` marker, and the wrapped behaviour ends the call with
+INVALID_ARGUMENT (`status.abort`) the moment it meets one, whether the request came as the
+unary argument, from the request iterator, or from `context.read()`. Shared by the sandbox
+agent and the orchestrator server; grpc and the standard library only.
+
+It aborts rather than raising `InvalidArgument`: a request iterator may be read by a task of
+the servicer's own (the agent's answers to sub-calls), where an exception would never reach
+the handler's status mapping.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+from rlm_wire.status import InvalidArgument, abort
 
 log = logging.getLogger("rlm.decoding")
 
@@ -61,7 +67,7 @@ class _CheckingContext:
 async def _checked(request: Any, context: Any, method: str) -> Any:
     if isinstance(request, Undecodable):
         log.warning("refused %s: undecodable request (%d bytes)", method, request.size)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details(method))
+        await abort(context, InvalidArgument(request.details(method)).status())
     return request
 
 

@@ -1,4 +1,8 @@
-"""The gRPC face of the agent: a thin adapter from rlm.v1.Sandbox onto the Executor."""
+"""The gRPC face of the agent: a thin adapter from rlm.v1.Sandbox onto the Executor.
+
+Handlers refuse a call by raising the agent's status exceptions; `@maps_errors()` ends the
+call with their status (`status.py`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,13 @@ from typing import Any
 
 import grpc
 
+from rlm_wire.status import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    maps_errors,
+)
 from rlm_wire.v1 import sandbox_pb2 as pb
 from rlm_wire.v1 import sandbox_pb2_grpc
 from sandbox_agent import __version__
@@ -91,6 +102,7 @@ def _result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
     return result
 
 
+@maps_errors()
 class SandboxService(sandbox_pb2_grpc.SandboxServicer):
     def __init__(
         self,
@@ -110,13 +122,10 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request_iterator: AsyncIterator[pb.ExecuteRequest],
         context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
     ) -> None:
-        await self._require_lease(context)
+        self._require_lease(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "start":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`"
-            )
-            return
+            raise InvalidArgument("the first message must be `start`")
         # A cancelled execution may still be stopping: the next one waits for it (bounded by
         # the interrupt grace and a kill). A live one is a caller's bug: refuse.
         for _ in range(BUSY_POLLS):  # a cancel sent just before this call may still be in flight
@@ -124,10 +133,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
                 break
             await asyncio.sleep(BUSY_POLL_SECONDS)
         if self._executor.busy and not self._executor.stopping:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "another execution is running in this sandbox"
-            )
-            return
+            raise FailedPrecondition("another execution is running in this sandbox")
         start = first.start
         span = ExecutionSpan.start(start.traceparent)
         sink = _StreamSink(context, span.traceparent if span else "")
@@ -187,15 +193,14 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         request_iterator: AsyncIterator[pb.LoadValueRequest],
         context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
     ) -> pb.LoadValueResponse:
-        await self._require_lease(context)
+        self._require_lease(context)
         staged = await asyncio.to_thread(self._staging_path)
         try:
-            header, received = await self._receive(request_iterator, staged, context)
+            header, received = await self._receive(request_iterator, staged)
             if header.total_bytes and received != header.total_bytes:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise InvalidArgument(
                     f"received {received} bytes of {header.name!r}, "
-                    f"the header announced {header.total_bytes}",
+                    f"the header announced {header.total_bytes}"
                 )
             target = self._value_dir / f"{header.name}.value"
             await asyncio.to_thread(staged.replace, target)
@@ -207,8 +212,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
                 header.name, header.alias, _ENCODINGS[header.encoding], target
             )
         except WorkerError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+            raise InvalidArgument(str(exc)) from exc
         return pb.LoadValueResponse(type_name=reply["type_name"], length=reply["length"])
 
     def _staging_path(self) -> Path:
@@ -221,7 +225,6 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         self,
         request_iterator: AsyncIterator[pb.LoadValueRequest],
         staged: Path,
-        context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
     ) -> tuple[pb.LoadValueHeader, int]:
         """Streams the chunks to disk (constant memory, whatever the size)."""
         header: pb.LoadValueHeader | None = None
@@ -230,41 +233,31 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
             async for chunk in request_iterator:
                 if header is None:
                     header = chunk.header
-                    await self._check_header(header, context)
+                    self._check_header(header)
                 await asyncio.to_thread(staging.write, chunk.data)
                 received += len(chunk.data)
         if header is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty LoadValue stream")
-            raise AssertionError("unreachable")
+            raise InvalidArgument("empty LoadValue stream")
         return header, received
 
     @staticmethod
-    async def _check_header(
-        header: pb.LoadValueHeader,
-        context: grpc.aio.ServicerContext[pb.LoadValueRequest, pb.LoadValueResponse],
-    ) -> None:
+    def _check_header(header: pb.LoadValueHeader) -> None:
         for name in (header.name, header.alias):
             if name and (
                 not name.isidentifier() or keyword.iskeyword(name) or name in HELPER_NAMES
             ):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"invalid variable name {name!r}"
-                )
+                raise InvalidArgument(f"invalid variable name {name!r}")
         if not header.name:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first chunk needs a header.name"
-            )
+            raise InvalidArgument("the first chunk needs a header.name")
         if header.encoding not in _ENCODINGS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "header.encoding must be TEXT or JSON"
-            )
+            raise InvalidArgument("header.encoding must be TEXT or JSON")
 
     async def GetVariable(  # type: ignore[override]  # writes via context.write
         self,
         request: pb.GetVariableRequest,
         context: grpc.aio.ServicerContext[pb.GetVariableRequest, pb.GetVariableResponse],
     ) -> None:
-        await self._require_lease(context)
+        self._require_lease(context)
 
         async def on_header(header: VariableHeaderFrame) -> None:
             message = pb.VariableHeader(
@@ -287,51 +280,43 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
                 on_chunk=on_chunk,
             )
         except WorkerError as exc:
-            await context.abort(
-                grpc.StatusCode.ABORTED,
-                f"{exc}. A new worker was started: every variable is lost.",
-            )
+            raise Aborted(f"{exc}. A new worker was started: every variable is lost.") from exc
 
-    async def _require_lease(self, context: Any) -> None:
+    def _require_lease(self, context: Any) -> None:
         if self._leases is not None:
             problem = self._leases.check(context.invocation_metadata())
             if problem is not None:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+                raise FailedPrecondition(problem)
 
     async def Lease(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseResponse:
-        leases = await self._fleet(context)
+        leases = self._fleet()
         try:
             lease = await leases.lease(request.session_id, request.holder, request.ttl_seconds)
         except LeaseError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            raise AssertionError("unreachable") from exc
+            raise FailedPrecondition(str(exc)) from exc
         return pb.LeaseResponse(lease_id=lease.lease_id, ttl_seconds=lease.ttl)
 
     async def RenewLease(self, request: pb.RenewLeaseRequest, context: Any) -> pb.LeaseResponse:
-        leases = await self._fleet(context)
+        leases = self._fleet()
         try:
             lease = leases.renew(request.lease_id)
         except LeaseError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise AssertionError("unreachable") from exc
+            raise NotFound(str(exc)) from exc
         return pb.LeaseResponse(lease_id=lease.lease_id, ttl_seconds=lease.ttl)
 
     async def ReleaseLease(
         self, request: pb.ReleaseLeaseRequest, context: Any
     ) -> pb.ReleaseLeaseResponse:
-        leases = await self._fleet(context)
+        leases = self._fleet()
         try:
             await leases.release(request.lease_id)
         except LeaseError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise NotFound(str(exc)) from exc
         return pb.ReleaseLeaseResponse()
 
-    async def _fleet(self, context: Any) -> LeaseKeeper:
+    def _fleet(self) -> LeaseKeeper:
         if self._leases is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "not a fleet agent (started without --fleet)"
-            )
-            raise AssertionError("unreachable")
+            raise FailedPrecondition("not a fleet agent (started without --fleet)")
         return self._leases
 
     async def GetInfo(

@@ -497,3 +497,21 @@ async def test_a_20_million_character_answer_streams_back_whole(
         with pytest.raises(ResourceExhaustedError, match="max_answer_chars=20000000"):
             await client.completion("ctx")
     await still_answers(tenant_server, lm)
+
+
+async def test_out_of_turns_a_final_var_over_the_servers_limit_is_answer_too_large(
+    tenant_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    # The loop's AnswerTooLargeError used to reach the client as kind INTERNAL ("a bug on our
+    # side", logged with a traceback) and a bare RLMError; it is the proto's ANSWER_TOO_LARGE.
+    script = [repl("x = 'a' * 20_000_001"), "FINAL_VAR(x)"]
+    async with AsyncClient(tenant_server.address, token=SERVER_TOKEN) as client:
+        lm.set_sequence("root", script)
+        events = [event async for event in client.stream("ctx", max_iterations=1)]
+        failed = events[-1]
+        assert isinstance(failed, ev.CompletionFailed), failed
+        assert (failed.kind, failed.limit) == ("answer_too_large", 20_000_000)
+        assert "AnswerTooLargeError: completion stopped: out of turns" in failed.message
+        lm.set_sequence("root", script)
+        with pytest.raises(ResourceExhaustedError, match="x has 20000001 characters"):
+            await client.completion("ctx", max_iterations=1)

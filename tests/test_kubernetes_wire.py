@@ -108,7 +108,7 @@ async def test_patch_is_a_merge_patch_guarded_by_resource_version(wire: Any) -> 
     # The same precondition again is stale now: 409, which the provider reads as "taken".
     with pytest.raises(KubeApiError) as stale:
         await api.patch("Pod", "p1", patch)
-    assert stale.value.conflict and stale.value.code == 409
+    assert stale.value.conflict and stale.value.status_code == 409
     with pytest.raises(KubeApiError) as missing:
         await api.patch("Pod", "nope", {"metadata": {"labels": {"x": "y"}}})
     assert missing.value.not_found
@@ -209,7 +209,7 @@ async def test_a_compacted_resource_version_is_a_410(wire: Any) -> None:
         async with contextlib.aclosing(watch):
             async for _ in watch:
                 pass
-    assert expired.value.code == 410
+    assert expired.value.status_code == 410
 
 
 async def test_an_unreachable_api_server_is_a_clear_error(tmp_path: Path) -> None:
@@ -222,6 +222,6 @@ async def test_an_unreachable_api_server_is_a_clear_error(tmp_path: Path) -> Non
     try:
         with pytest.raises(KubeApiError, match=r"list Pod: .*(ConnectError|connect)") as error:
             await api.list("Pod", {})
-        assert error.value.code == 0
+        assert error.value.status_code == 0
     finally:
         await api.aclose()

@@ -174,7 +174,7 @@ async def test_50_mb_context_round_trips(
     assert result.response == f"({len(context)}, 'TAIL!')"
 
 
-async def raw_run(server: ServerProcess, *messages: pb.RunRequest) -> grpc.StatusCode:
+async def raw_run_or_raise(server: ServerProcess, *messages: pb.RunRequest) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
 
@@ -182,11 +182,15 @@ async def raw_run(server: ServerProcess, *messages: pb.RunRequest) -> grpc.Statu
             for message in messages:
                 yield message
 
-        try:
-            async for _ in stub.Run(requests(), metadata=bearer_metadata(SERVER_TOKEN)):
-                pass
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
+        async for _ in stub.Run(requests(), metadata=bearer_metadata(SERVER_TOKEN)):
+            pass
+
+
+async def raw_run(server: ServerProcess, *messages: pb.RunRequest) -> grpc.StatusCode:
+    try:
+        await raw_run_or_raise(server, *messages)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
     return grpc.StatusCode.OK
 
 
@@ -226,6 +230,50 @@ async def test_malformed_and_oversized_requests_are_refused_and_the_server_keeps
             await client.completion("ctx", temperature=0.3)
         lm.add_rule(Rule(ANSWER_IN_CODE, model="root"))
         assert (await client.completion("still serving")).response == "STILL SERVING"
+
+
+async def test_refusals_say_what_was_wrong(orchestrator_server: ServerProcess) -> None:
+    text = pb.CONTEXT_ENCODING_TEXT
+    metadata = bearer_metadata(SERVER_TOKEN)
+
+    async def refused(*messages: pb.RunRequest) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw_run_or_raise(orchestrator_server, *messages)
+        return caught.value.code(), caught.value.details()
+
+    chunk = pb.RunRequest(context_chunk=b"abc")
+    assert await refused(chunk) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the first message must be `start`",
+    )
+    bad_encoding = pb.RunRequest(start=pb.CompletionStart(context_bytes=3))
+    assert await refused(bad_encoding) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "context_encoding must be TEXT or JSON",
+    )
+    short = pb.RunRequest(start=pb.CompletionStart(context_encoding=text, context_bytes=2))
+    assert await refused(short, chunk) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "more context than the 2 bytes announced",
+    )
+    in_session = pb.RunRequest(
+        start=pb.CompletionStart(context_encoding=text, context_bytes=3, session_id="nope")
+    )
+    assert await refused(in_session) == (grpc.StatusCode.NOT_FOUND, "no session 'nope'")
+    async with grpc.aio.insecure_channel(orchestrator_server.address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        # An empty id is no session either (it used to fail an assertion: UNKNOWN).
+        for session_id in ("", "nope"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                request = pb.CloseSessionRequest(session_id=session_id)
+                await stub.CloseSession(request, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert caught.value.details() == f"no session {session_id!r}"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            request = pb.GetCompletionRequest(completion_id="c")
+            await stub.GetCompletion(request, metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert caught.value.details() == "no running completion 'c'"
 
 
 def test_child_rlm_cost_counts_against_max_cost_through_the_server(

@@ -1,8 +1,9 @@
 """AsyncClient: the orchestrator service from asyncio code, shaped like `RLM`.
 
 Contexts of any size are sent in 1 MiB chunks. Every gRPC failure is turned into one of our
-exceptions at one place (`_rpc_error`), and a failed completion raises the same exception
-types as the in-process `RLM` (CompletionTimeoutError, CostLimitExceededError, LMError...).
+exceptions at one place (`_rpc_error`: the ClientError subclass whose `codes` hold the status),
+and a failed completion raises the same exception types as the in-process `RLM`
+(CompletionTimeoutError, CostLimitExceededError, LMError...: `failures.py`).
 """
 
 from __future__ import annotations
@@ -23,17 +24,12 @@ from rlm_orchestrator.convert.usage import usage_from_proto
 from rlm_orchestrator.exceptions import (
     AuthenticationError,
     ClientError,
-    CompletionCancelledError,
-    CompletionTimeoutError,
-    CostLimitExceededError,
     InvalidRequestError,
-    LMError,
     ResourceExhaustedError,
-    RLMError,
-    SandboxError,
     ServerShutdownError,
     ServerUnavailableError,
 )
+from rlm_orchestrator.failures import exception_for, kind_from_proto
 from rlm_orchestrator.types import RLMChatCompletion
 from rlm_wire.auth import bearer_metadata, channel_credentials
 from rlm_wire.v1 import orchestrator_pb2 as pb
@@ -48,26 +44,17 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-_CODE_ERRORS: dict[grpc.StatusCode, type[ClientError]] = {
-    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-    grpc.StatusCode.NOT_FOUND: InvalidRequestError,
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequestError,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.UNAVAILABLE: ServerUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailableError,
-}
-_FAILURE_NAMES = {
-    pb.FAILURE_KIND_TIMEOUT: "timeout",
-    pb.FAILURE_KIND_COST_LIMIT: "cost_limit",
-    pb.FAILURE_KIND_LM_ERROR: "lm_error",
-    pb.FAILURE_KIND_SANDBOX_ERROR: "sandbox_error",
-    pb.FAILURE_KIND_CANCELLED: "cancelled",
-    pb.FAILURE_KIND_INTERNAL: "internal",
-    pb.FAILURE_KIND_SERVER_SHUTDOWN: "server_shutdown",
-    pb.FAILURE_KIND_ANSWER_TOO_LARGE: "answer_too_large",
+# The statuses each ClientError subclass stands for (`codes`): the same the server's
+# handlers raise them with.
+_CODE_ERRORS: dict[str, type[ClientError]] = {
+    code: error
+    for error in (
+        AuthenticationError,
+        InvalidRequestError,
+        ResourceExhaustedError,
+        ServerUnavailableError,
+    )
+    for code in error.codes
 }
 
 
@@ -79,40 +66,8 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> ClientError:
         key == SHUTDOWN_METADATA_KEY for key, _ in trailing
     ):
         return ServerShutdownError(message)
-    error_type = _CODE_ERRORS.get(exc.code(), ClientError)
+    error_type = _CODE_ERRORS.get(exc.code().name, ClientError)
     return error_type(message, code=exc.code().name)
-
-
-def failure_to_exception(failed: ev.CompletionFailed) -> RLMError:
-    """The exception the in-process RLM would have raised for this failure."""
-    common: dict[str, Any] = {
-        "partial_answer": failed.partial_answer,
-        "usage_summary": failed.usage,
-        "iterations": failed.iterations,
-    }
-    if failed.kind == "timeout":
-        return CompletionTimeoutError(
-            failed.message,
-            timeout_seconds=failed.limit,
-            elapsed_seconds=failed.elapsed_seconds,
-            **common,
-        )
-    if failed.kind == "cost_limit":
-        cost = failed.usage.total_cost
-        return CostLimitExceededError(
-            failed.message, current_cost=cost, cost_limit=failed.limit, **common
-        )
-    if failed.kind == "lm_error":
-        return LMError(failed.message, status_code=failed.status_code)
-    if failed.kind == "sandbox_error":
-        return SandboxError(failed.message)
-    if failed.kind == "cancelled":
-        return CompletionCancelledError(failed.message, partial_answer=failed.partial_answer)
-    if failed.kind == "server_shutdown":
-        return ServerShutdownError(failed.message, grace_seconds=failed.limit, **common)
-    if failed.kind == "answer_too_large":
-        return ResourceExhaustedError(failed.message, code="RESOURCE_EXHAUSTED")
-    return RLMError(failed.message)
 
 
 def options_message(options: dict[str, Any]) -> pb.CompletionOptions:
@@ -272,7 +227,7 @@ class AsyncClient:
             if x.partial_answer_in_parts:
                 partial = _joined(parts, None)
             return ev.CompletionFailed(
-                _FAILURE_NAMES.get(x.kind, "internal"),
+                kind_from_proto(x.kind),
                 x.message,
                 partial,
                 usage_from_proto(x.usage),
@@ -301,7 +256,7 @@ class AsyncClient:
                 event.result.prompt = context
                 return event.result
             if isinstance(event, ev.CompletionFailed):
-                raise failure_to_exception(event)
+                raise exception_for(event)
             if on_event is not None and not isinstance(event, ev.CompletionStarted):
                 on_event(event)
         raise ClientError("the completion stream ended without a result")

@@ -1,7 +1,8 @@
 """Typed client of one sandbox agent. The only place that touches the Sandbox stubs.
 
-Every gRPC failure becomes a SandboxError here, with the status code and what we were doing;
-callers never see a raw grpc.aio.AioRpcError.
+Every gRPC failure becomes a SandboxError here, at one place (`_call`, which every call goes
+through), with the status code and what we were doing; callers never see a raw
+grpc.aio.AioRpcError.
 
 The agent is not trusted either (in Docker, user code runs as the agent's own uid): what it
 sends is bounded again here (`sandbox_agent.limits`): output kept per stream, sub-calls in
@@ -78,8 +79,12 @@ class VariableValue:
     too_large: bool = False
 
 
-def _sandbox_error(doing: str, exc: grpc.aio.AioRpcError) -> SandboxError:
-    return SandboxError(f"sandbox agent failed while {doing}: {exc.code().name}: {exc.details()}")
+class _CallFailed(SandboxError):
+    """A call to the agent ended with a status other than OK: `status` says which, and why."""
+
+    def __init__(self, doing: str, status: str) -> None:
+        super().__init__(f"sandbox agent failed while {doing}: {status}")
+        self.status = status
 
 
 def _broken(doing: str, what: str) -> SandboxError:
@@ -110,7 +115,8 @@ class AgentClient:
         self._metadata = tuple(metadata)
         self.lease_id = ""
         self._calls: set[Any] = set()
-        self._abort_reason: str | None = None
+        self._aborted: set[Any] = set()  # the calls `abort` cancelled
+        self._abort_reason = ""
         self._stub = sandbox_pb2_grpc.SandboxStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._attachment: asyncio.Task[None] | None = None
@@ -120,23 +126,26 @@ class AgentClient:
         half-open connection would otherwise hang until keepalive gives up)."""
         self._abort_reason = reason
         for call in list(self._calls):
+            self._aborted.add(call)
             call.cancel()
 
     @contextlib.contextmanager
-    def _tracked(self, call: Any, doing: str) -> Iterator[None]:
-        """A streaming call in flight: `abort` can fail it, and its errors become
-        SandboxError saying what we were doing."""
+    def _call(self, call: Any, doing: str) -> Iterator[None]:
+        """A call in flight, unary or streaming (awaited or read inside the block): `abort` can
+        fail it, and its errors become SandboxError saying what we were doing. Cancelling the
+        task that waits on it stays a cancellation."""
         self._calls.add(call)
         try:
             yield
         except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error(doing, exc) from exc
+            raise _CallFailed(doing, f"{exc.code().name}: {exc.details()}") from exc
         except asyncio.CancelledError:
-            if self._abort_reason is None:
+            if call not in self._aborted:
                 raise
             raise SandboxError(f"the sandbox agent was lost: {self._abort_reason}") from None
         finally:
             self._calls.discard(call)
+            self._aborted.discard(call)
 
     async def close(self) -> None:
         if self._attachment is not None:
@@ -155,14 +164,11 @@ class AgentClient:
     async def _hold(self, holder: str, registered: asyncio.Future[None]) -> None:
         try:
             call = self._stub.Attach(pb.AttachRequest(holder=holder), metadata=self._metadata)
-            async for _ in call:
-                if not registered.done():
-                    registered.set_result(None)
+            with self._call(call, "attaching"):
+                async for _ in call:
+                    if not registered.done():
+                        registered.set_result(None)
             raise SandboxError("the sandbox agent ended its Attach stream")
-        except grpc.aio.AioRpcError as exc:
-            error = _sandbox_error("attaching", exc)
-            if not registered.done():
-                registered.set_exception(error)
         except SandboxError as exc:
             if not registered.done():
                 registered.set_exception(exc)
@@ -173,19 +179,21 @@ class AgentClient:
         deadline = loop.time() + timeout
         last_failure = "no answer"
         while loop.time() < deadline:
+            call = self._health.Check(
+                health_pb2.HealthCheckRequest(),
+                timeout=max(0.1, deadline - loop.time()),
+                wait_for_ready=True,
+                metadata=self._metadata,
+            )
             try:
-                reply = await self._health.Check(
-                    health_pb2.HealthCheckRequest(),
-                    timeout=max(0.1, deadline - loop.time()),
-                    wait_for_ready=True,
-                    metadata=self._metadata,
-                )
+                with self._call(call, "checking its health"):
+                    reply = await call
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
                 last_failure = f"health status {status_name}"
-            except grpc.aio.AioRpcError as exc:
-                last_failure = f"{exc.code().name}: {exc.details()}"
+            except _CallFailed as exc:
+                last_failure = exc.status
             await asyncio.sleep(0.05)
         raise SandboxError(
             f"sandbox agent at {self.target} not ready after {timeout:g}s ({last_failure})"
@@ -196,39 +204,29 @@ class AgentClient:
     async def lease(self, session_id: str, holder: str, ttl_seconds: float) -> str:
         """Take a fleet agent for one session; later calls of this client carry the lease."""
         request = pb.LeaseRequest(session_id=session_id, holder=holder, ttl_seconds=ttl_seconds)
-        try:
-            reply = await self._stub.Lease(request, metadata=self._metadata, timeout=10)
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error("leasing", exc) from exc
+        call = self._stub.Lease(request, metadata=self._metadata, timeout=10)
+        with self._call(call, "leasing"):
+            reply = await call
         self.lease_id = reply.lease_id
         self._metadata = (*self._metadata, (LEASE_METADATA, reply.lease_id))
         return str(reply.lease_id)
 
     async def renew_lease(self, timeout: float = 10.0) -> None:
-        try:
-            await self._stub.RenewLease(
-                pb.RenewLeaseRequest(lease_id=self.lease_id),
-                metadata=self._metadata,
-                timeout=timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error("renewing its lease", exc) from exc
+        request = pb.RenewLeaseRequest(lease_id=self.lease_id)
+        call = self._stub.RenewLease(request, metadata=self._metadata, timeout=timeout)
+        with self._call(call, "renewing its lease"):
+            await call
 
     async def release_lease(self) -> None:
-        try:
-            await self._stub.ReleaseLease(
-                pb.ReleaseLeaseRequest(lease_id=self.lease_id), metadata=self._metadata, timeout=30
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error("releasing its lease", exc) from exc
+        request = pb.ReleaseLeaseRequest(lease_id=self.lease_id)
+        call = self._stub.ReleaseLease(request, metadata=self._metadata, timeout=30)
+        with self._call(call, "releasing its lease"):
+            await call
 
     async def info(self) -> pb.GetInfoResponse:
-        try:
-            reply: pb.GetInfoResponse = await self._stub.GetInfo(
-                pb.GetInfoRequest(), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error("describing itself", exc) from exc
+        call = self._stub.GetInfo(pb.GetInfoRequest(), metadata=self._metadata)
+        with self._call(call, "describing itself"):
+            reply: pb.GetInfoResponse = await call
         return reply
 
     async def load_value(self, name: str, value: Any, alias: str = "") -> pb.LoadValueResponse:
@@ -246,12 +244,9 @@ class AgentClient:
             for offset in range(LOAD_CHUNK_BYTES, len(data), LOAD_CHUNK_BYTES):
                 yield pb.LoadValueRequest(data=data[offset : offset + LOAD_CHUNK_BYTES])
 
-        try:
-            reply: pb.LoadValueResponse = await self._stub.LoadValue(
-                chunks(), metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _sandbox_error(f"loading {name!r}", exc) from exc
+        call = self._stub.LoadValue(chunks(), metadata=self._metadata)
+        with self._call(call, f"loading {name!r}"):
+            reply: pb.LoadValueResponse = await call
         return reply
 
     async def get_variable(
@@ -269,7 +264,7 @@ class AgentClient:
         header: pb.VariableHeader | None = None
         parts: list[str] = []
         received = expected = 0
-        with self._tracked(call, doing):
+        with self._call(call, doing):
             async for message in call:
                 if header is None:
                     if message.WhichOneof("kind") != "header":
@@ -335,7 +330,7 @@ class AgentClient:
         call = self._stub.Execute(requests(), metadata=metadata)
         result: pb.ExecuteResult | None = None
         try:
-            with self._tracked(call, "executing code"):
+            with self._call(call, "executing code"):
                 async for message in call:
                     if (result := await stream.receive(message)) is not None:
                         break

@@ -179,8 +179,11 @@ class ModalProvider:
         from modal.exception import ResourceExhaustedError
 
         app = await self._get_app()
-        delay = 0.5
-        for attempt in range(self.options.create_attempts):
+        attempts, delay = self.options.create_attempts, 0.5
+        for attempt in range(attempts):
+            if attempt:  # throttled: wait longer each time
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
             async with self._creates:
                 # Pace creates: Modal rate-limits them (about 4/s by default).
                 wait = self._next_create - time.monotonic()
@@ -198,15 +201,10 @@ class ModalProvider:
                     )
                     return await self._control("Sandbox.create", create)
                 except ResourceExhaustedError:
-                    if attempt + 1 == self.options.create_attempts:
-                        raise SandboxError(
-                            f"Modal throttled {attempt + 1} sandbox creates in a row"
-                        ) from None
+                    continue
                 except modal.exception.Error as exc:
                     raise SandboxError(f"Modal refused to create the sandbox: {exc}") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 8.0)
-        raise AssertionError("unreachable")
+        raise SandboxError(f"Modal throttled {attempts} sandbox creates in a row")
 
     async def acquire(self, spec: SandboxSpec) -> Sandbox:
         token = secrets.token_urlsafe(32)

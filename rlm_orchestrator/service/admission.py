@@ -17,17 +17,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rlm_orchestrator.exceptions import InvalidRequestError, ResourceExhaustedError
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
 from rlm_orchestrator.service.tenants import Tenant
 from rlm_wire.v1 import orchestrator_pb2 as pb
 
 
-class RequestRefused(ValueError):
+class RequestRefused(InvalidRequestError, ValueError):
     """A request asked for more than the server allows; the message names the ceiling."""
 
 
-class CapacityRefused(Exception):
+class CapacityRefused(ResourceExhaustedError):
     """No capacity left; the message names the setting and its value."""
 
 

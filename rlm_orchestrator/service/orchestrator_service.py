@@ -5,7 +5,8 @@ its slots (completions, sessions, sandboxes) when it is accepted, before any upl
 (`admission.py`). Each completion runs as a task of its own, on the shared router and sandbox
 pool; its events wait for the client's stream in a buffer bounded by bytes (`event_buffer.py`).
 Whatever ends it (its answer, a limit, the client hanging up, CancelCompletion, shutdown), its
-sandbox is released and its slots given back before the RPC ends.
+sandbox is released and its slots given back before the RPC ends. Refusals are raised (an
+RLMError with its status, `status.py`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.convert.events import (
-    SHUTDOWN_METADATA_KEY,
-    event_to_proto,
-    output_pieces,
+from rlm_orchestrator.convert.events import event_to_proto, output_pieces
+from rlm_orchestrator.exceptions import (
+    InvalidRequestError,
+    LMError,
+    SandboxError,
+    ServerShutdownError,
+    ServerUnavailableError,
 )
-from rlm_orchestrator.exceptions import LMError, SandboxError
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
@@ -39,7 +40,6 @@ from rlm_orchestrator.service.admission import (
     Admission,
     CapacityRefused,
     RequestLimits,
-    RequestRefused,
     Ticket,
     request_limits,
 )
@@ -47,6 +47,7 @@ from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
 from rlm_orchestrator.service.run_input import Context, merged_options, read_context, read_start
 from rlm_orchestrator.service.settings import ServerSettings
+from rlm_orchestrator.service.status import maps_rlm_errors
 from rlm_orchestrator.service.tenants import Tenant, Tenants
 from rlm_orchestrator.session import SessionState
 from rlm_wire.v1 import orchestrator_pb2 as pb
@@ -56,7 +57,6 @@ log = logging.getLogger("rlm_orchestrator.service")
 SHUTTING_DOWN = "the server is shutting down"
 # After a shutdown's grace: how long streams get to deliver their last events before the cut.
 SHUTDOWN_FLUSH_SECONDS = 2.0
-SHUTDOWN_METADATA = ((SHUTDOWN_METADATA_KEY, "1"),)
 
 
 @dataclass
@@ -70,6 +70,7 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
 
 
+@maps_rlm_errors
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(
         self, settings: ServerSettings, router: LMRouter, pool: SandboxPool, tenants: Tenants
@@ -96,20 +97,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         # A refusal before any header: the client sees the status with no headers, so it never
         # writes (a grpc.aio client whose write races a status may report INTERNAL instead).
         if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
+            raise ServerShutdownError(SHUTTING_DOWN)
         # Then headers: a client that waits for them before writing (our SDK) always gets the
         # status of a later refusal (limits, capacity).
         await context.send_initial_metadata(())
         tenant = self.tenants.identify(context.invocation_metadata())
-        start = await read_start(request_iterator, context, self.settings.max_context_bytes)
-        session = await self._session_for(start.session_id, tenant, context)
+        start = await read_start(request_iterator, self.settings.max_context_bytes)
+        session = self._session_for(start.session_id, tenant)
         options = merged_options(session.options if session else None, start.options)
-        limits = await self._limits(options, context)
-        router, root_model = await self._router(options, context)
+        limits = request_limits(options, self.settings)
+        router, root_model = self._router(options)
         needs_sandbox = session is None and limits.max_depth > 0
-        ticket = await self._admit(
-            lambda: self.admission.completion(tenant, needs_sandbox=needs_sandbox), context
-        )
+        ticket = self._admit(lambda: self.admission.completion(tenant, needs_sandbox=needs_sandbox))
         # From here the slots are ours: whatever ends the call gives them back.
         stream = asyncio.current_task()
         assert stream is not None
@@ -125,15 +124,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 EventBuffer(self.settings.max_buffered_event_bytes),
                 tenant=tenant.name,
             )
-            async for message in self._stream(
-                runner, running, session, start, request_iterator, context
-            ):
+            async for message in self._stream(runner, running, session, start, request_iterator):
                 yield message
         except asyncio.CancelledError:
             if self._cutting:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, self._cut_message(), SHUTDOWN_METADATA
-                )
+                raise ServerShutdownError(self._cut_message()) from None
             raise
         finally:
             ticket.give_back()
@@ -146,7 +141,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         session: _Session | None,
         start: pb.CompletionStart,
         request_iterator: AsyncIterator[pb.RunRequest],
-        context: Context,
     ) -> AsyncIterator[pb.CompletionEvent]:
         """An admitted completion: `started`, the upload, then its events as it runs."""
         events = running.events
@@ -168,7 +162,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         )
         # `started` doubles as "accepted": the client sends the context only after it, so a
         # refused request (auth, size, options, capacity) costs no upload.
-        value = await read_context(request_iterator, start, context)
+        value = await read_context(request_iterator, start)
         running.task = asyncio.create_task(
             self._complete(runner, running, session, value, start.root_prompt or None)
         )
@@ -231,14 +225,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         finally:
             running.events.close()
 
-    async def _session_for(
-        self, session_id: str, tenant: Tenant, context: Context
-    ) -> _Session | None:
+    def _session_for(self, session_id: str, tenant: Tenant) -> _Session | None:
         if not session_id:
             return None
         session = self.sessions.get(session_id)
         if session is None or session.tenant != tenant.name:  # another's does not exist
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r}")
+            raise InvalidRequestError(f"no session {session_id!r}", code="NOT_FOUND")
         return session
 
     def _own_completion(self, completion_id: str, context: Context) -> RunningCompletion | None:
@@ -246,17 +238,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         tenant = self.tenants.identify(context.invocation_metadata())
         return running if running is not None and running.tenant == tenant.name else None
 
-    async def _limits(self, options: pb.CompletionOptions, context: Context) -> RequestLimits:
-        """The request's limits under the server's ceilings (INVALID_ARGUMENT above one)."""
-        try:
-            return request_limits(options, self.settings)
-        except RequestRefused as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
-
-    async def _router(
-        self, options: pb.CompletionOptions, context: Context
-    ) -> tuple[LMRouter, str]:
+    def _router(self, options: pb.CompletionOptions) -> tuple[LMRouter, str]:
         """The router for these models, and its root model (INVALID_ARGUMENT on unknown names)."""
         try:
             router = self.router.with_roles(
@@ -264,18 +246,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 options.sub_model if options.HasField("sub_model") else None,
             )
         except LMError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            raise AssertionError("unreachable") from exc
+            raise InvalidRequestError(str(exc)) from exc
         return router, router.root.model_name
 
     @staticmethod
-    async def _admit(take: Callable[[], Ticket], context: Context) -> Ticket:
+    def _admit(take: Callable[[], Ticket]) -> Ticket:
         try:
             return take()
         except CapacityRefused as exc:
             log.warning("refused: %s", exc)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            raise AssertionError("unreachable") from exc
+            raise
 
     def _make_runner(
         self,
@@ -308,10 +288,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> pb.CancelCompletionResponse:
         running = self._own_completion(request.completion_id, context)
         if running is None or running.task is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no running completion {request.completion_id!r}"
-            )
-        assert running is not None and running.task is not None
+            raise _no_completion(request.completion_id)
         running.task.cancel()
         return pb.CancelCompletionResponse()
 
@@ -327,21 +304,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> pb.CompletionInfo:
         running = self._own_completion(request.completion_id, context)
         if running is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"no running completion {request.completion_id!r}"
-            )
-        assert running is not None
+            raise _no_completion(request.completion_id)
         return running.info()
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Context
     ) -> pb.SessionInfo:
         if not self.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
-        limits = await self._limits(request.options, context)
-        router, _ = await self._router(request.options, context)
+            raise ServerShutdownError(SHUTTING_DOWN)
+        limits = request_limits(request.options, self.settings)
+        router, _ = self._router(request.options)
         tenant = self.tenants.identify(context.invocation_metadata())
-        ticket = await self._admit(lambda: self.admission.session(tenant), context)
+        ticket = self._admit(lambda: self.admission.session(tenant))
         try:
             provider = self.pool.view(ticket.sandbox_slot)
             runner = self._make_runner(router, limits, request.options, provider)
@@ -349,12 +323,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         except BaseException as exc:
             ticket.give_back()
             if isinstance(exc, SandboxError):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"no sandbox: {exc}")
+                raise ServerUnavailableError(f"no sandbox: {exc}") from exc
             raise
         session = _Session(uuid.uuid4().hex, state, request.options, ticket, tenant.name)
         if not self.accepting:  # the shutdown began while the sandbox was starting
             await self._close(session)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, SHUTDOWN_METADATA)
+            raise ServerShutdownError(SHUTTING_DOWN)
         self.sessions[session.session_id] = session
         return pb.SessionInfo(session_id=session.session_id)
 
@@ -362,8 +336,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         self, request: pb.CloseSessionRequest, context: Context
     ) -> pb.CloseSessionResponse:
         tenant = self.tenants.identify(context.invocation_metadata())
-        session = await self._session_for(request.session_id, tenant, context)
-        assert session is not None
+        session = self._session_for(request.session_id, tenant)
+        if session is None:
+            raise InvalidRequestError(f"no session {request.session_id!r}", code="NOT_FOUND")
         self.sessions.pop(request.session_id, None)
         async with session.lock:  # let a running completion of the session finish first
             await self._close(session)
@@ -416,3 +391,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             f"{SHUTTING_DOWN}: this call was cut after the {self._shutdown_grace or 0:g} s "
             "shutdown grace period; retry it on another server, or on this one once it is back"
         )
+
+
+def _no_completion(completion_id: str) -> InvalidRequestError:
+    """NOT_FOUND: also what another tenant's completion is to the caller."""
+    return InvalidRequestError(f"no running completion {completion_id!r}", code="NOT_FOUND")

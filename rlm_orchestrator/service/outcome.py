@@ -15,24 +15,19 @@ from typing import Any
 from rlm_orchestrator.convert.events import answer_parts, excerpt, in_parts
 from rlm_orchestrator.convert.usage import usage_to_proto
 from rlm_orchestrator.exceptions import (
+    AnswerTooLargeError,
     CompletionTimeoutError,
     CostLimitExceededError,
     LimitExceededError,
     LMError,
-    SandboxError,
 )
+from rlm_orchestrator.failures import INTERNAL, failure_kind, kind_to_proto
 from rlm_orchestrator.router import UsageTracker
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.types import RLMChatCompletion
 from rlm_wire.v1 import orchestrator_pb2 as pb
 
 log = logging.getLogger("rlm_orchestrator.service")
-_FAILURES: list[tuple[type[BaseException], pb.FailureKind.ValueType]] = [
-    (CompletionTimeoutError, pb.FAILURE_KIND_TIMEOUT),
-    (CostLimitExceededError, pb.FAILURE_KIND_COST_LIMIT),
-    (LMError, pb.FAILURE_KIND_LM_ERROR),
-    (SandboxError, pb.FAILURE_KIND_SANDBOX_ERROR),
-]
 
 
 @dataclass
@@ -97,9 +92,9 @@ class Outcome:
         self.running.events.put(pb.CompletionEvent(finished=finished))
 
     def fail_with(self, exc: Exception) -> None:
-        """`failed` for the exception that stopped the completion."""
-        kind = next((k for t, k in _FAILURES if isinstance(exc, t)), pb.FAILURE_KIND_INTERNAL)
-        if kind == pb.FAILURE_KIND_INTERNAL:
+        """`failed` of the kind the exception carries (`failures.py`)."""
+        kind = failure_kind(exc)
+        if kind == INTERNAL:
             log.error("completion %s failed", self.running.completion_id, exc_info=exc)
         partial = exc.partial_answer if isinstance(exc, LimitExceededError) else None
         limit, status_code = 0.0, 0
@@ -107,9 +102,12 @@ class Outcome:
             limit = exc.timeout_seconds
         elif isinstance(exc, CostLimitExceededError):
             limit = exc.cost_limit
+        elif isinstance(exc, AnswerTooLargeError):
+            limit = self.max_answer_chars  # the loop reads answers up to the server's limit
         elif isinstance(exc, LMError) and exc.status_code:
             status_code = exc.status_code
-        self.fail(kind, f"{type(exc).__name__}: {exc}", partial, limit, status_code)
+        message = f"{type(exc).__name__}: {exc}"
+        self.fail(kind_to_proto(kind), message, partial, limit, status_code)
 
     def fail(
         self,

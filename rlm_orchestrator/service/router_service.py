@@ -2,6 +2,8 @@
 
 It wraps the very router instance the loops use, so per-model concurrency caps and retries are
 shared between local calls and gRPC callers. API keys never appear in answers or errors.
+Refusals are raised (an RLMError with its status, `status.py`): an LM's failure ends the call
+with the status its HTTP status stands for (LMError.code).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any, TypeVar
 import grpc
 
 from rlm_orchestrator.convert.usage import model_usage_to_proto, usage_to_proto
-from rlm_orchestrator.exceptions import LMError
+from rlm_orchestrator.exceptions import InvalidRequestError, LMError, ServerUnavailableError
 from rlm_orchestrator.router import LMAnswer, LMRouter, Messages
+from rlm_orchestrator.service.status import maps_rlm_errors
 from rlm_orchestrator.types import UsageSummary
 from rlm_wire.v1 import lm_router_pb2 as pb
 from rlm_wire.v1 import lm_router_pb2_grpc
@@ -24,37 +27,16 @@ _T = TypeVar("_T")
 _DEADLINE_MARGIN = 0.05  # seconds
 
 
-class _Refused(Exception):
-    """A call that cannot be answered: the gRPC status and a readable reason."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _status_for(error: LMError) -> grpc.StatusCode:
-    status = error.status_code
-    if status == 429:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    # 408 is a timeout: as transient as a 5xx, not the caller's fault.
-    if status is not None and 400 <= status < 500 and status != 408:
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.UNAVAILABLE
-
-
 def _messages_of(request: pb.LMRequest) -> Messages:
     if request.WhichOneof("input") == "conversation":
         messages = request.conversation.messages
         if not messages:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the conversation has no messages")
+            raise InvalidRequestError("the conversation has no messages")
         if bad := sorted({m.role for m in messages} - _ROLES):
-            raise _Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown message role(s) {bad}; use one of {sorted(_ROLES)}",
-            )
+            raise InvalidRequestError(f"unknown message role(s) {bad}; use one of {sorted(_ROLES)}")
         return [{"role": m.role, "content": m.content} for m in messages]
     if not request.prompt:  # also the case when neither input is set
-        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt: set prompt or conversation")
+        raise InvalidRequestError("empty prompt: set prompt or conversation")
     return [{"role": "user", "content": request.prompt}]
 
 
@@ -68,6 +50,7 @@ def _response(answer: LMAnswer) -> pb.LMResponse:
     )
 
 
+@maps_rlm_errors
 class LMRouterService(lm_router_pb2_grpc.LMRouterServicer):
     """Complete, CompleteBatch and ListModels over one shared LMRouter."""
 
@@ -85,7 +68,7 @@ class LMRouterService(lm_router_pb2_grpc.LMRouterServicer):
         try:
             self.router.resolve(model or None, depth)
         except LMError as exc:
-            raise _Refused(grpc.StatusCode.NOT_FOUND, self._redact(str(exc))) from exc
+            raise InvalidRequestError(self._redact(str(exc)), code="NOT_FOUND") from exc
 
     async def _within_deadline(self, work: Awaitable[_T], context: Any, what: str) -> _T:
         """`work`, cancelled when the call's deadline passes (no deadline: no limit)."""
@@ -98,25 +81,22 @@ class LMRouterService(lm_router_pb2_grpc.LMRouterServicer):
             async with asyncio.timeout(limit):
                 return await work
         except TimeoutError as exc:
-            raise _Refused(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise ServerUnavailableError(
                 f"{what} did not finish within the call's deadline ({remaining:.3f} s)",
+                code="DEADLINE_EXCEEDED",
             ) from exc
 
     async def Complete(
         self, request: pb.LMRequest, context: grpc.aio.ServicerContext[pb.LMRequest, Any]
     ) -> pb.LMResponse:
+        messages = _messages_of(request)
+        self._check_model(request.model, request.depth)
+        work = self.router.complete(messages, model=request.model or None, depth=request.depth)
         try:
-            messages = _messages_of(request)
-            self._check_model(request.model, request.depth)
-            work = self.router.complete(messages, model=request.model or None, depth=request.depth)
             answer = await self._within_deadline(work, context, "the LM call")
-        except LMError as exc:
-            await context.abort(_status_for(exc), self._redact(str(exc)))
-            raise AssertionError("unreachable") from exc
-        except _Refused as exc:
-            await context.abort(exc.code, str(exc))
-            raise AssertionError("unreachable") from exc
+        except LMError as exc:  # its status follows from the provider's HTTP status
+            redacted = self._redact(str(exc))
+            raise LMError(redacted, model=exc.model, status_code=exc.status_code) from exc
         return _response(answer)
 
     async def _one(self, prompt: str, model: str, depth: int) -> LMAnswer:
@@ -127,17 +107,13 @@ class LMRouterService(lm_router_pb2_grpc.LMRouterServicer):
     async def CompleteBatch(
         self, request: pb.LMBatchRequest, context: grpc.aio.ServicerContext[pb.LMBatchRequest, Any]
     ) -> pb.LMBatchResponse:
-        try:
-            self._check_model(request.model, request.depth)
-            # The router's per-model semaphore caps how many of these run at once.
-            work = asyncio.gather(
-                *(self._one(p, request.model, request.depth) for p in request.prompts),
-                return_exceptions=True,
-            )
-            outcomes = await self._within_deadline(work, context, "the batch")
-        except _Refused as exc:
-            await context.abort(exc.code, str(exc))
-            raise AssertionError("unreachable") from exc
+        self._check_model(request.model, request.depth)
+        # The router's per-model semaphore caps how many of these run at once.
+        work = asyncio.gather(
+            *(self._one(p, request.model, request.depth) for p in request.prompts),
+            return_exceptions=True,
+        )
+        outcomes = await self._within_deadline(work, context, "the batch")
         usage, results = UsageSummary(), []
         for outcome in outcomes:
             if isinstance(outcome, LMAnswer):

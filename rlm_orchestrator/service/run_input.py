@@ -1,4 +1,7 @@
-"""What a client sends on a Run stream: the start message, then the context in chunks."""
+"""What a client sends on a Run stream: the start message, then the context in chunks.
+
+What does not fit raises InvalidRequestError or ResourceExhaustedError: the status the client
+gets (`status.py`)."""
 
 from __future__ import annotations
 
@@ -8,53 +11,44 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from rlm_orchestrator.exceptions import InvalidRequestError, ResourceExhaustedError
 from rlm_wire.v1 import orchestrator_pb2 as pb
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 async def read_start(
-    requests: AsyncIterator[pb.RunRequest], context: Context, max_context_bytes: int
+    requests: AsyncIterator[pb.RunRequest], max_context_bytes: int
 ) -> pb.CompletionStart:
     """The start message, checked (INVALID_ARGUMENT; RESOURCE_EXHAUSTED above the size limit)."""
     first = await anext(aiter(requests), None)
     if first is None or first.WhichOneof("kind") != "start":
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`")
-    assert first is not None
+        raise InvalidRequestError("the first message must be `start`")
     start = first.start
     if start.context_bytes > max_context_bytes:
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        raise ResourceExhaustedError(
             f"a context of {start.context_bytes} bytes exceeds the server's "
-            f"max_context_bytes={max_context_bytes}",
+            f"max_context_bytes={max_context_bytes}"
         )
     if start.context_encoding not in (pb.CONTEXT_ENCODING_TEXT, pb.CONTEXT_ENCODING_JSON):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "context_encoding must be TEXT or JSON"
-        )
+        raise InvalidRequestError("context_encoding must be TEXT or JSON")
     return start
 
 
-async def read_context(
-    requests: AsyncIterator[pb.RunRequest], start: pb.CompletionStart, context: Context
-) -> Any:
+async def read_context(requests: AsyncIterator[pb.RunRequest], start: pb.CompletionStart) -> Any:
     """The context's chunks, decoded (INVALID_ARGUMENT when they do not match the start)."""
     data = bytearray()
     async for message in requests:
         if message.WhichOneof("kind") != "context_chunk":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "only context_chunk may follow `start`"
-            )
+            raise InvalidRequestError("only context_chunk may follow `start`")
         data += message.context_chunk
         if len(data) > start.context_bytes:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"more context than the {start.context_bytes} bytes announced",
+            raise InvalidRequestError(
+                f"more context than the {start.context_bytes} bytes announced"
             )
     if len(data) != start.context_bytes:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"received {len(data)} context bytes, {start.context_bytes} announced",
+        raise InvalidRequestError(
+            f"received {len(data)} context bytes, {start.context_bytes} announced"
         )
     try:
         text = data.decode("utf-8")
@@ -67,8 +61,7 @@ async def read_context(
             return value
         return text
     except ValueError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad context: {exc}")
-        raise AssertionError("unreachable") from exc
+        raise InvalidRequestError(f"bad context: {exc}") from exc
 
 
 def merged_options(

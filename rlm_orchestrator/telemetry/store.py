@@ -21,6 +21,21 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from rlm_orchestrator.exceptions import TraceStoreError
+
+__all__ = [
+    "DEFAULT_STORE_PATH",
+    "STORE_ENV",
+    "SqliteSpanExporter",
+    "StoredSpan",
+    "TraceStore",
+    "TraceStoreError",
+    "TraceSummary",
+    "roots",
+    "store_path",
+    "summarize",
+]
+
 log = logging.getLogger(__name__)
 
 STORE_ENV = "RLM_TRACE_STORE"
@@ -45,10 +60,6 @@ def store_path(explicit: Path | None = None) -> Path:
         return explicit.expanduser()
     env = os.environ.get(STORE_ENV)
     return Path(env).expanduser() if env else DEFAULT_STORE_PATH
-
-
-class TraceStoreError(Exception):
-    """The store is missing or unreadable, or a trace id is unknown or ambiguous."""
 
 
 def _row(span: ReadableSpan) -> tuple[Any, ...] | None:

@@ -20,21 +20,22 @@ JsonObject = dict[str, Any]
 
 
 class KubeApiError(SandboxError):
-    """The API server refused a request (`code` is its HTTP status; 0: not reached at all)."""
+    """The API server refused a request (`status_code` is its HTTP status; 0: not reached at
+    all). `code`, as on every SandboxError, is the gRPC status a server would answer with."""
 
-    def __init__(self, code: int, reason: str, message: str) -> None:
-        super().__init__(f"Kubernetes API: {code} {reason}: {message}")
-        self.code = code
+    def __init__(self, status_code: int, reason: str, message: str) -> None:
+        super().__init__(f"Kubernetes API: {status_code} {reason}: {message}")
+        self.status_code = status_code
         self.reason = reason
 
     @property
     def conflict(self) -> bool:
         """A precondition (resourceVersion) failed, or the name is taken."""
-        return self.code == 409
+        return self.status_code == 409
 
     @property
     def not_found(self) -> bool:
-        return self.code == 404
+        return self.status_code == 404
 
 
 class KubeApi(Protocol):

@@ -237,7 +237,7 @@ class KubernetesProvider:
                                 if (state.ready and state.ip) or state.failure:
                                     break
                     except KubeApiError as exc:
-                        if exc.code != 410:
+                        if exc.status_code != 410:
                             raise
                         # Our resourceVersion was compacted away: read the pod afresh.
                         pod = await self.api.get("Pod", name)
