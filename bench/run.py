@@ -74,6 +74,7 @@ async def main(only: list[str]) -> int:
         all_metrics.extend(metrics)
     report["metrics"] = [m.as_dict() for m in all_metrics]
     report["seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    report["loadavg_end"] = list(os.getloadavg())  # was the machine shared during the run?
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(report, indent=2)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")

@@ -63,9 +63,11 @@ def render(path: Path) -> str:
         shown = path.resolve().relative_to(ROOT)
     except ValueError:
         shown = path
-    load = machine.get("loadavg")
-    load_text = (
-        f"; load average at its start {' / '.join(f'{x:.2f}' for x in load)}" if load else ""
+    loads = (("start", machine.get("loadavg")), ("end", report.get("loadavg_end")))
+    load_text = "".join(
+        f"; load average (1 / 5 / 15 min) at its {when}: {' / '.join(f'{x:.2f}' for x in load)}"
+        for when, load in loads
+        if load
     )
     header = (
         f"From `{shown}` (one run of `bench.run`: {', '.join(report['benchmarks'])}; "
