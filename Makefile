@@ -62,7 +62,8 @@ run: setup
 sandbox-image:
 	deploy/build-sandbox-image.sh
 
-# Benchmarks (not tests): JSON in bench/results/, a table on stdout; non-zero on a missed target.
+# Benchmarks (not tests): JSON in bench/results/, a table on stdout; exit 1 on a missed target,
+# 3 when a row that applies here was not measured or a benchmark crashed (bench/README.md).
 # One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup).
 bench: setup
 	uv pip install --quiet --python $(PY) -e '.[dev,bench]'

@@ -1,9 +1,13 @@
-"""Shared helpers: metrics with targets, statistics, a silent sandbox handler, the machine."""
+"""Shared helpers: metrics with targets, statistics, a silent sandbox handler, the machine,
+and what a row needs (a row whose requirement is absent here is not applicable; any other
+row without a value fails the run)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,12 +41,14 @@ class Metric:
     miss: str = ""
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # False only when what the row needs is absent on this machine (no Docker engine, ...).
+    applicable: bool = True
 
     def check(self) -> Metric:
         if self.target_op is None or self.target is None:
             return self
         if self.value is None:
-            self.passed = None  # not measured: neither a pass nor a miss
+            self.passed = None  # no value: not applicable, or the run fails (bench.run)
             return self
         self.passed = OPS[self.target_op](self.value, self.target)
         if not self.passed:
@@ -90,7 +96,55 @@ def timing(
 
 
 def not_measured(bench: str, name: str, unit: str, reason: str, **target: Any) -> Metric:
+    """A row that should have been measured here and was not: it fails the run."""
     return Metric(bench, name, unit, None, note=f"not measured: {reason}", **target).check()
+
+
+def not_applicable(bench: str, name: str, unit: str, reason: str, **target: Any) -> Metric:
+    """A row whose requirement is absent on this machine: neither a pass nor a failure."""
+    note = f"not applicable: {reason}"
+    return Metric(bench, name, unit, None, note=note, applicable=False, **target).check()
+
+
+def unmeasured(
+    bench: str, name: str, unit: str, error: object, absent: str | None, **target: Any
+) -> Metric:
+    """A row that failed to measure: not applicable when `absent` names a missing
+    requirement, else not measured (the run fails) with the error as the reason."""
+    if absent is not None:
+        return not_applicable(bench, name, unit, absent, **target)
+    return not_measured(bench, name, unit, str(error)[:300] or type(error).__name__, **target)
+
+
+# The image `make sandbox-image` builds (SANDBOX_IMAGE there too).
+SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "rlm-sandbox:latest")
+
+
+@functools.cache
+def docker_absent() -> str | None:
+    """Why there is no Docker engine here (None: there is one). Asked as our provider asks:
+    the Docker SDK, from the environment (DOCKER_HOST, ...)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return f"no Docker engine ({type(exc).__name__}: {str(exc)[:150]})"
+    return None
+
+
+def openssl_absent() -> str | None:
+    """The fake cluster's PKI is made with the openssl command."""
+    return None if shutil.which("openssl") else "no openssl command (the fake cluster's PKI)"
+
+
+def absent(*reasons: str | None) -> str | None:
+    """The first missing requirement among several, if any."""
+    return next((r for r in reasons if r is not None), None)
 
 
 async def discard_output(stream: str, text: str) -> None:
@@ -98,7 +152,7 @@ async def discard_output(stream: str, text: str) -> None:
 
 
 async def instant_answers(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
-    """An LM that answers at once: what remains is the transport."""
+    """Sub-calls answered at the agent client: no loop, no router, no LM."""
     return [SubCallOutcome(text="y") for _ in prompts]
 
 
@@ -114,6 +168,7 @@ def machine() -> dict[str, Any]:
     import grpc
 
     return {
+        "loadavg": list(os.getloadavg()),
         "cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),

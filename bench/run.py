@@ -1,7 +1,10 @@
 """Run the benchmarks: `python -m bench.run [--only NAME ...]` (or `make bench [BENCH=NAME]`).
 
-Writes bench/results/<timestamp>.json and bench/results/latest.json, prints a markdown table,
-and exits 1 when a target is missed (saying by how much), 0 otherwise.
+Writes bench/results/<timestamp>.json and bench/results/latest.json and prints a markdown
+table. Exits 3 when the run is incomplete: a benchmark crashed, or a row that applies here has
+no value (its reason on stderr; a row whose requirement is absent here, such as Docker rows
+without an engine, says "not applicable" and does not count); else 1 when a target is missed
+(saying by how much); else 0.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from bench.common import Metric, machine
 from bench.plot import plot
+from bench.table import fmt, rows
 
 CASES = {
     "exec": "bench.cases.exec_roundtrip",
@@ -30,36 +34,7 @@ CASES = {
     "scale": "bench.cases.scale",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    if abs(value) >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
-def table(metrics: list[Metric]) -> str:
-    lines = [
-        "| bench | metric | p50 / value | p99 | unit | n | target | result |",
-        "|---|---|---:|---:|---|---:|---|---|",
-    ]
-    for m in metrics:
-        target = f"{m.target_op} {_fmt(m.target)}" if m.target_op else ""
-        if m.passed is None:
-            result = "not measured" if m.value is None and m.target_op else ""
-        else:
-            result = "pass" if m.passed else f"**MISS** ({m.miss})"
-        if m.value is None:
-            result = (result + " " + m.note).strip()
-        lines.append(
-            f"| {m.bench} | {m.name} | {_fmt(m.value)} | {_fmt(m.p99)} | {m.unit} | "
-            f"{m.n or ''} | {target} | {result} |"
-        )
-    return "\n".join(lines)
+INCOMPLETE = 3
 
 
 async def run_case(name: str) -> tuple[list[Metric], float, str]:
@@ -99,6 +74,7 @@ async def main(only: list[str]) -> int:
         all_metrics.extend(metrics)
     report["metrics"] = [m.as_dict() for m in all_metrics]
     report["seconds"] = round((datetime.now(UTC) - started).total_seconds(), 1)
+    report["loadavg_end"] = list(os.getloadavg())  # was the machine shared during the run?
     RESULTS.mkdir(exist_ok=True)
     text = json.dumps(report, indent=2)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
@@ -111,23 +87,39 @@ async def main(only: list[str]) -> int:
         (RESULTS / "latest.png").write_bytes(chart.read_bytes())
 
     print()
-    print(table(all_metrics))
+    print(rows(report["metrics"]))
     print()
     print(
         f"{m['cores']} cores, Python {m['python']}, grpcio {m['grpcio']}, "
         f"Docker {m['docker_server']}; {report['seconds']}s; "
         f"results in bench/results/{stamp}{suffix}.json"
     )
-    missed = [x for x in all_metrics if x.passed is False]
-    crashed = [n for n, b in report["benchmarks"].items() if b["error"]]
+    return verdict(all_metrics, report["benchmarks"])
+
+
+def verdict(metrics: list[Metric], benchmarks: dict[str, Any]) -> int:
+    """The exit status, with every reason on stderr."""
+    missed = [x for x in metrics if x.passed is False]
+    unmeasured = [x for x in metrics if x.value is None and x.applicable]
+    crashed = [n for n, b in benchmarks.items() if b["error"]]
+    for x in metrics:
+        if not x.applicable:
+            reason = x.note.removeprefix("not applicable: ")
+            print(f"NOT APPLICABLE: {x.bench} / {x.name}: {reason}", file=sys.stderr)
     for x in missed:
         print(
-            f"MISSED: {x.bench} / {x.name}: {_fmt(x.value)} {x.unit}, "
-            f"target {x.target_op} {_fmt(x.target)} {x.unit}: {x.miss}"
+            f"MISSED: {x.bench} / {x.name}: {fmt(x.value)} {x.unit}, "
+            f"target {x.target_op} {fmt(x.target)} {x.unit}: {x.miss}",
+            file=sys.stderr,
         )
+    for x in unmeasured:
+        reason = x.note.removeprefix("not measured: ")
+        print(f"NOT MEASURED: {x.bench} / {x.name}: {reason}", file=sys.stderr)
     for n in crashed:
-        print(f"CRASHED: {n} (traceback above)")
-    return 1 if missed or crashed else 0
+        print(f"CRASHED: {n} (traceback above)", file=sys.stderr)
+    if unmeasured or crashed:
+        return INCOMPLETE
+    return 1 if missed else 0
 
 
 def cli() -> None:

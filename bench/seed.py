@@ -2,7 +2,8 @@
 
 The wheel is fetched once with `pip download --no-deps` into bench/.seed/ (or taken from
 RLM_BENCH_SEED_WHEEL). Only the stdlib-only modules we compare against are imported
-(comms_utils, lm_handler, local_repl, docker_repl and what they import): the package's
+(comms_utils, lm_handler, local_repl, docker_repl and what they import; its LiteLLM client,
+whose only other import is litellm, which is ours too): the package's
 `__init__` files, which pull in the seed's whole dependency tree, are bypassed with namespace
 stubs, so the code that runs is the seed's own.
 """
@@ -63,7 +64,8 @@ _loaded: dict[str, Any] | None = None
 
 
 def load() -> dict[str, Any]:
-    """The seed's modules by short name: comms_utils, lm_handler, types, local_repl, docker_repl."""
+    """The seed's modules by short name: comms_utils, lm_handler, types, base_lm,
+    litellm_client, local_repl, docker_repl."""
     global _loaded
     if _loaded is not None:
         return _loaded
@@ -82,30 +84,20 @@ def load() -> dict[str, Any]:
         "types": importlib.import_module("groknroll.core.types"),
         "lm_handler": importlib.import_module("groknroll.core.lm_handler"),
         "base_lm": importlib.import_module("groknroll.clients.base_lm"),
+        "litellm_client": importlib.import_module("groknroll.clients.litellm"),
         "local_repl": importlib.import_module("groknroll.environments.local_repl"),
         "docker_repl": importlib.import_module("groknroll.environments.docker_repl"),
     }
     return _loaded
 
 
-def instant_client() -> Any:
-    """A seed BaseLM that answers at once (usage reported as zero)."""
-    seed = load()
-    base_lm, seed_types = seed["base_lm"], seed["types"]
-
-    class InstantLM(base_lm.BaseLM):  # type: ignore[name-defined, misc]
-        def completion(self, prompt: Any) -> str:
-            return "y"
-
-        async def acompletion(self, prompt: Any) -> str:
-            return "y"
-
-        def get_usage_summary(self) -> Any:
-            return seed_types.UsageSummary(model_usage_summaries={})
-
-        def get_last_usage(self) -> Any:
-            return seed_types.ModelUsageSummary(
-                total_calls=1, total_input_tokens=0, total_output_tokens=0
-            )
-
-    return InstantLM(model_name="instant")
+def absent() -> str | None:
+    """Why the seed cannot be had here (its wheel could not be fetched), else None. Any other
+    failure to load it is the measurement's: that row is then not measured (a failed run)."""
+    try:
+        load()
+    except SeedUnavailable as exc:
+        return str(exc)[:300]
+    except Exception:
+        return None
+    return None

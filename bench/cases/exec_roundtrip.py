@@ -11,7 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Metric, discard_output, instant_answers, not_measured, timing
+from bench.common import (
+    SANDBOX_IMAGE,
+    Metric,
+    absent,
+    discard_output,
+    docker_absent,
+    instant_answers,
+    not_applicable,
+    timing,
+    unmeasured,
+)
 from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
 from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
@@ -23,7 +33,27 @@ LOCAL_N = 1500
 DOCKER_N = 500
 SEED_LOCAL_N = 2000
 SEED_DOCKER_N = 20
-SEED_DOCKER_IMAGE = os.environ.get("RLM_BENCH_SEED_IMAGE", "rlm-sandbox-base:bookworm")
+# The seed's DockerREPL needs an image with python3: the sandbox image's base (self-built
+# without a registry, else python:3.11-slim), whichever is here.
+SEED_DOCKER_IMAGES = ("rlm-sandbox-base:bookworm", "python:3.11-slim")
+
+
+def _seed_docker_image() -> str:
+    if explicit := os.environ.get("RLM_BENCH_SEED_IMAGE"):
+        return explicit
+    import docker
+
+    client = docker.from_env()
+    try:
+        for image in SEED_DOCKER_IMAGES:
+            try:
+                client.images.get(image)
+                return image
+            except docker.errors.ImageNotFound:
+                continue
+    finally:
+        client.close()
+    raise RuntimeError(f"none of {SEED_DOCKER_IMAGES} is here (`make sandbox-image` makes one)")
 
 
 async def _ours(provider: Any, n: int) -> list[float]:
@@ -60,7 +90,7 @@ def _seed_local(n: int) -> list[float]:
         repl.cleanup()
 
 
-def _seed_docker(n: int) -> list[float]:
+def _seed_docker(image: str, n: int) -> list[float]:
     """The seed's DockerREPL, unchanged but for its container start (see `SeedDockerREPL`)."""
     import subprocess
 
@@ -111,7 +141,7 @@ def _seed_docker(n: int) -> list[float]:
     previous = os.environ.get("RLM_DOCKER_WORKSPACE_DIR")
     os.environ["RLM_DOCKER_WORKSPACE_DIR"] = workspace  # the seed's default is ./.rlm_workspace
     try:
-        repl = SeedDockerREPL(image=SEED_DOCKER_IMAGE)
+        repl = SeedDockerREPL(image=image)
     finally:
         if previous is None:
             os.environ.pop("RLM_DOCKER_WORKSPACE_DIR", None)
@@ -134,6 +164,8 @@ def _seed_docker(n: int) -> list[float]:
 
 
 async def run() -> list[Metric]:
+    from bench import seed
+
     metrics: list[Metric] = []
     local = await _ours(LocalProvider(), LOCAL_N)  # jailed where the kernel allows it
     metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", 1.0))
@@ -141,40 +173,43 @@ async def run() -> list[Metric]:
     metrics.append(
         timing(NAME, "ours, local agent, isolation off", unjailed, "ms", note="reference")
     )
+    no_docker = await asyncio.to_thread(docker_absent)
+    no_seed = await asyncio.to_thread(seed.absent)
     docker: list[float] | None = None
-    try:
-        docker = await _ours(DockerProvider(DockerOptions()), DOCKER_N)
-        metrics.append(timing(NAME, "ours, Docker agent", docker, "ms"))
-    except Exception as exc:  # no engine or no image
-        metrics.append(not_measured(NAME, "ours, Docker agent", "ms", str(exc)[:200]))
+    label = f"ours, Docker agent ({SANDBOX_IMAGE})"
+    if no_docker:
+        metrics.append(not_applicable(NAME, label, "ms", no_docker))
+    else:
+        try:
+            docker = await _ours(DockerProvider(DockerOptions(image=SANDBOX_IMAGE)), DOCKER_N)
+            metrics.append(timing(NAME, label, docker, "ms"))
+        except Exception as exc:
+            metrics.append(unmeasured(NAME, label, "ms", exc, None))
+    label = "seed LocalREPL (in-process exec)"
     try:
         seed_local = await asyncio.to_thread(_seed_local, SEED_LOCAL_N)
-        metrics.append(
-            timing(NAME, "seed LocalREPL (in-process exec)", seed_local, "ms", note="reference")
-        )
+        metrics.append(timing(NAME, label, seed_local, "ms", note="reference"))
     except Exception as exc:
-        metrics.append(not_measured(NAME, "seed LocalREPL (in-process exec)", "ms", str(exc)))
+        metrics.append(unmeasured(NAME, label, "ms", exc, no_seed))
     seed_docker: list[float] | None = None
-    try:
-        seed_docker = await asyncio.to_thread(_seed_docker, SEED_DOCKER_N)
-        metrics.append(
-            timing(
-                NAME,
-                "seed DockerREPL (docker exec per block)",
-                seed_docker,
-                "ms",
-                note=f"image {SEED_DOCKER_IMAGE}, pickle instead of dill (not in the image)",
-            )
-        )
-    except Exception as exc:
-        reason = str(exc)[:200]
-        metrics.append(not_measured(NAME, "seed DockerREPL (docker exec per block)", "ms", reason))
+    label = "seed DockerREPL (docker exec per block)"
+    if why := absent(no_docker, no_seed):
+        metrics.append(not_applicable(NAME, label, "ms", why))
+    else:
+        try:
+            image = await asyncio.to_thread(_seed_docker_image)
+            seed_docker = await asyncio.to_thread(_seed_docker, image, SEED_DOCKER_N)
+            note = f"image {image}, pickle instead of dill (not in the image)"
+            metrics.append(timing(NAME, label, seed_docker, "ms", note=note))
+        except Exception as exc:
+            metrics.append(unmeasured(NAME, label, "ms", exc, None))
     name = "speed-up, our Docker agent vs seed DockerREPL (p50)"
     if docker and seed_docker:
         ratio = statistics.median(seed_docker) / statistics.median(docker)
         metrics.append(Metric(NAME, name, "x", ratio, target_op=">=", target=50.0).check())
     else:
+        why = absent(no_docker, no_seed)
         metrics.append(
-            not_measured(NAME, name, "x", "a side is missing", target_op=">=", target=50.0)
+            unmeasured(NAME, name, "x", "a side was not measured", why, target_op=">=", target=50.0)
         )
     return metrics
