@@ -21,16 +21,17 @@ from grpclib.exceptions import GRPCError
 from modal_proto import api_pb2
 from modal_support import ModalAgents, _free_port, close_modal_client
 
+from rlm_orchestrator.config import ModalConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
-from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
+from rlm_orchestrator.sandbox.modal_provider import ModalProvider
 from rlm_orchestrator.testing.fake_modal import FakeModal, reset_modal_client
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def provider_for(modal_agents: ModalAgents, **options: Any) -> ModalProvider:
-    return ModalProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert, **options))
+    return ModalProvider(ModalConfig(tls_ca_file=modal_agents.pki.ca_cert, **options))
 
 
 async def no_output(stream: str, text: str) -> None:
@@ -98,7 +99,7 @@ async def test_calls_without_the_sandbox_token_are_refused(
 
 
 async def test_the_tcp_tunnel_mode_reaches_the_agent(modal_agents: ModalAgents) -> None:
-    provider = ModalProvider(ModalOptions(tunnel_mode="tcp"))
+    provider = ModalProvider(ModalConfig(tunnel_mode="tcp"))
     try:
         sandbox = await provider.acquire(SandboxSpec(session_id="s-tcp"))
         report = await sandbox.client.execute(
@@ -121,7 +122,7 @@ class BadFlagProvider(ModalProvider):
 async def test_an_agent_that_exits_at_start_fails_the_acquire_at_once(
     modal_agents: ModalAgents,
 ) -> None:
-    provider = BadFlagProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert))
+    provider = BadFlagProvider(ModalConfig(tls_ca_file=modal_agents.pki.ca_cert))
     try:
         with pytest.raises(SandboxError, match="exited at start with code 2"):
             await provider.acquire(SandboxSpec(session_id="s-bad", startup_timeout_seconds=60))
@@ -210,7 +211,7 @@ async def test_an_unreachable_control_plane_fails_fast_with_the_fix(
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-fake")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-fake")
     reset_modal_client()
-    provider = ModalProvider(ModalOptions(control_timeout_seconds=2.0))
+    provider = ModalProvider(ModalConfig(control_timeout_seconds=2.0))
     try:
         with pytest.raises(SandboxError, match="MODAL_TOKEN_ID"):
             await provider.acquire(SandboxSpec(session_id="s-4"))

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from bench.common import Metric, not_measured, timing
+from rlm_orchestrator.config import DockerConfig, KubernetesConfig, LocalConfig
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
-from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
+from rlm_orchestrator.sandbox.docker import DockerProvider
+from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
 from rlm_orchestrator.testing.fake_cluster import TOKEN_ENV, FakeCluster
 
 NAME = "acquire"
@@ -30,9 +31,7 @@ WARM_N = 7
 async def _local(isolations: tuple[str, ...]) -> dict[str, list[float]]:
     """Cold starts with the jail (the default) and without, alternated so that both see the
     same machine load."""
-    providers = {
-        i: LocalProvider(LocalOptions.model_validate({"isolation": i})) for i in isolations
-    }
+    providers = {i: LocalProvider(LocalConfig.model_validate({"isolation": i})) for i in isolations}
     samples: dict[str, list[float]] = {i: [] for i in isolations}
     try:
         for i in range(LOCAL_N + 1):
@@ -80,7 +79,7 @@ def _jail_setup() -> list[float]:
 
 
 async def _docker_cold() -> list[float]:
-    provider = DockerProvider(DockerOptions())
+    provider = DockerProvider(DockerConfig())
     samples = []
     try:
         for i in range(DOCKER_N + 1):
@@ -96,7 +95,7 @@ async def _docker_cold() -> list[float]:
 
 
 async def _docker_warm() -> list[float]:
-    provider = DockerProvider(DockerOptions(warm_pool_size=1))
+    provider = DockerProvider(DockerConfig(warm_pool_size=1))
     samples = []
     try:
         for i in range(WARM_N):
@@ -126,7 +125,7 @@ async def _kubernetes(pool_size: int) -> list[float]:
     ):
         os.environ[TOKEN_ENV] = cluster.token
         options = cluster.options(pool_size=pool_size, pool_check_seconds=0.1)
-        provider = KubernetesProvider(KubernetesOptions.model_validate(options))
+        provider = KubernetesProvider(KubernetesConfig.model_validate(options))
         samples = []
         try:
             await provider.warm_up()

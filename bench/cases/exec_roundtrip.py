@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Metric, discard_output, instant_answers, not_measured, timing
+from rlm_orchestrator.config import DockerConfig, LocalConfig
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
+from rlm_orchestrator.sandbox.docker import DockerProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
 
 NAME = "exec"
 DESCRIPTION = "execution round trip of `x = 1` on a warm sandbox"
@@ -137,13 +138,13 @@ async def run() -> list[Metric]:
     metrics: list[Metric] = []
     local = await _ours(LocalProvider(), LOCAL_N)  # jailed where the kernel allows it
     metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", 1.0))
-    unjailed = await _ours(LocalProvider(LocalOptions(isolation="off")), LOCAL_N)
+    unjailed = await _ours(LocalProvider(LocalConfig(isolation="off")), LOCAL_N)
     metrics.append(
         timing(NAME, "ours, local agent, isolation off", unjailed, "ms", note="reference")
     )
     docker: list[float] | None = None
     try:
-        docker = await _ours(DockerProvider(DockerOptions()), DOCKER_N)
+        docker = await _ours(DockerProvider(DockerConfig()), DOCKER_N)
         metrics.append(timing(NAME, "ours, Docker agent", docker, "ms"))
     except Exception as exc:  # no engine or no image
         metrics.append(not_measured(NAME, "ours, Docker agent", "ms", str(exc)[:200]))

@@ -21,15 +21,12 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from rlm_orchestrator.config.backends import LOCAL_MEMORY_LIMIT_MB, LocalConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
@@ -44,26 +41,6 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "SYSTEMR
 STOP_GRACE_SECONDS = 3.0
 OWNER_ENV = "RLM_SANDBOX_OWNER"
 OWNER_FILE = "owner"
-
-
-class LocalOptions(BaseModel):
-    """environment_kwargs understood by the local provider."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    python: str = sys.executable
-    temp_dir: str | None = None
-    # "auto": jail the worker where the kernel allows it, and warn on every acquire where it
-    # does not; "required": SandboxError where it does not; "off": never (trusted code only).
-    isolation: Literal["auto", "required", "off"] = "auto"
-    # Processes and threads of one sandbox, all included (RLIMIT_NPROC of its user namespace).
-    max_processes: int = Field(default=128, ge=8)
-    # Address space per process when the session sets none (RLIMIT_AS); 0 = no limit.
-    memory_limit_mb: int = Field(default=2048, ge=0)
-    # The jail's /tmp (a tmpfs: it counts as memory).
-    tmp_size_mb: int = Field(default=256, ge=1)
-    # Who user code is outside the jail when the orchestrator runs as root (nobody).
-    sandbox_uid: int = Field(default=65534, ge=1)
 
 
 @dataclass
@@ -118,14 +95,10 @@ class LocalProvider:
 
     name = "local"
 
-    def __init__(self, options: LocalOptions | None = None) -> None:
-        self.options = options or LocalOptions()
+    def __init__(self, options: LocalConfig | None = None) -> None:
+        self.options = options or LocalConfig()
         self._live: dict[str, Sandbox] = {}
         self._reconciled = False
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> LocalProvider:
-        return cls(LocalOptions.model_validate(options))
 
     async def reconcile(self) -> int:
         """Remove the sandbox dirs of orchestrators that died (their agents stopped with them:
@@ -199,9 +172,8 @@ class LocalProvider:
         return [
             *(o.python, "-m", "sandbox_agent", "--listen", f"unix:{socket_path}"),
             *("--workdir", str(root / "work"), "--state-dir", str(root / "state")),
-            *("--exec-timeout", str(spec.exec_timeout_seconds)),
             *("--max-output-chars", str(spec.max_output_chars)),
-            *("--memory-limit-mb", str(spec.memory_limit_mb or o.memory_limit_mb)),
+            *("--memory-limit-mb", str(spec.memory_limit_or(LOCAL_MEMORY_LIMIT_MB))),
             *("--isolation", o.isolation, "--max-processes", str(o.max_processes)),
             *("--tmp-size-mb", str(o.tmp_size_mb), "--sandbox-uid", str(o.sandbox_uid)),
             # Only the orchestrator's user may connect (the directory is 0700 too), and each
