@@ -19,7 +19,7 @@ from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ITERATIONS,
     CompletionLimits,
 )
-from rlm_orchestrator.config.sandbox import SandboxConfig
+from rlm_orchestrator.config.sandbox import rlm_environment
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
 from rlm_orchestrator.loop import LoopSettings
@@ -65,14 +65,9 @@ class RLM:
         self.backend_kwargs = dict(backend_kwargs or {})
         self.environment = environment
         self.environment_kwargs = dict(environment_kwargs or {})
-        # The original's environment_kwargs also carry `setup_code`, run in every new sandbox.
-        sandbox_kwargs = dict(self.environment_kwargs)
-        self.setup_code = sandbox_kwargs.pop("setup_code", None)
-        if self.setup_code is not None and not isinstance(self.setup_code, str):
-            raise ConfigurationError("RLM argument environment_kwargs.setup_code: must be a str")
         with refusing(_argument):
             # Checked now (unknown keys, types, ranges), not when the first sandbox starts.
-            self.sandbox = SandboxConfig.from_kwargs(environment, sandbox_kwargs)
+            self.sandbox, self.setup_code = rlm_environment(environment, self.environment_kwargs)
             self.limits = CompletionLimits(
                 max_iterations=max_iterations,
                 max_depth=max_depth,

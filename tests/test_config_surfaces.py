@@ -167,6 +167,8 @@ def test_run_table_of_rlm_toml(tmp_path: Path) -> None:
     ):
         path.write_text(text)
         refused(lambda: load_run_settings({}), named)
+    path.write_text('[run.environment_kwargs]\nsetup_code = "import math"\nmemory_limit_mb = 0\n')
+    assert load_run_settings({}).sandbox.limits.memory_limit_mb == 0  # as RLM takes them
 
 
 def test_run_never_reads_a_server_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

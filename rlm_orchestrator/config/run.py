@@ -34,7 +34,7 @@ from rlm_orchestrator.config.loading import (
     load,
     read_toml,
 )
-from rlm_orchestrator.config.sandbox import SandboxConfig
+from rlm_orchestrator.config.sandbox import SandboxConfig, rlm_environment
 from rlm_orchestrator.exceptions import ConfigurationError
 
 CONFIG_ENV = "RLM_RUN_CONFIG"
@@ -68,7 +68,7 @@ class RunSettings(LayeredSettings):
     sub_model: str | None = None
     api_base: str | None = None
     environment: BackendName = "local"
-    # As RLM's environment_kwargs: the backend's keys and the sandbox limits.
+    # As RLM's environment_kwargs: the backend's keys, the sandbox limits, setup_code.
     environment_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_iterations: MaxIterations = DEFAULT_MAX_ITERATIONS
     max_depth: MaxDepth = DEFAULT_MAX_DEPTH
@@ -82,7 +82,7 @@ class RunSettings(LayeredSettings):
 
     @model_validator(mode="after")
     def _check_sandbox(self) -> RunSettings:
-        self._sandbox = SandboxConfig.from_kwargs(self.environment, self.environment_kwargs)
+        self._sandbox, _ = rlm_environment(self.environment, self.environment_kwargs)
         return self
 
     @property

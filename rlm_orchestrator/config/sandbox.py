@@ -78,6 +78,18 @@ class SandboxConfig(BaseModel):
         return cls(backend=backend, limits=limits)
 
 
+def rlm_environment(
+    environment: str, kwargs: Mapping[str, Any]
+) -> tuple[SandboxConfig, str | None]:
+    """RLM's environment_kwargs (and `run`'s): a SandboxConfig, and the original library's
+    `setup_code` (code run in every new sandbox), which is no backend's key."""
+    rest = dict(kwargs) if isinstance(kwargs, Mapping) else kwargs
+    setup_code = rest.pop("setup_code", None) if isinstance(rest, dict) else None
+    if setup_code is not None and not isinstance(setup_code, str):
+        raise _invalid(("environment_kwargs", "setup_code"), setup_code, "must be a str of code")
+    return SandboxConfig.from_kwargs(environment, rest), setup_code
+
+
 def _known_keys(environment: str) -> str:
     own = [k for k in BACKENDS[environment].model_fields if k != "type"]
     return f"{environment} sandboxes take {', '.join(own)}; every sandbox {', '.join(LIMIT_KEYS)}"
