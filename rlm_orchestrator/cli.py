@@ -6,13 +6,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from rlm_orchestrator.telemetry.trace_cli import trace_app
+
+if TYPE_CHECKING:
+    from rlm_orchestrator.config.run import RunSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(trace_app, name="trace", help="Read the local trace store (RLM_TRACE_STORE).")
@@ -158,7 +161,7 @@ def _configuration_error(exc: Exception) -> NoReturn:
     raise typer.Exit(2) from None
 
 
-def _run_local(settings: Any, context: Any, query: str, quiet: bool, as_json: bool) -> None:
+def _run_local(settings: RunSettings, context: Any, query: str, quiet: bool, as_json: bool) -> None:
     from rlm_orchestrator import RLM, RLMError, RLMLogger
     from rlm_orchestrator.console import EventPrinter
 

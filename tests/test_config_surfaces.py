@@ -193,6 +193,9 @@ def test_run_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
         refused(lambda: load_run_settings({}), name, named)
         monkeypatch.delenv(name)
+    monkeypatch.setenv("RLM_MAX_ITERATIONS", "3")  # its name before RLM_RUN_
+    refused(lambda: load_run_settings({}), "RLM_MAX_ITERATIONS", "RLM_RUN_MAX_ITERATIONS")
+    monkeypatch.delenv("RLM_MAX_ITERATIONS")
     # Flags win over variables, variables over the file.
     (Path("rlm.toml")).write_text('[run]\nmodel = "from-file"\nmax_depth = 2\n')
     monkeypatch.setenv("RLM_RUN_MODEL", "from-env")

@@ -38,6 +38,9 @@ from rlm_orchestrator.config.sandbox import SandboxConfig, rlm_environment
 from rlm_orchestrator.exceptions import ConfigurationError
 
 CONFIG_ENV = "RLM_RUN_CONFIG"
+# What run's variables were called before they had a prefix of their own (RLM_ is shared by
+# every variable of the project): refused with the new name rather than silently unread.
+RENAMED = {"RLM_CONFIG_FILE": CONFIG_ENV, "RLM_EXEC_TIMEOUT_SECONDS": "RLM_RUN_ENVIRONMENT_KWARGS"}
 DEFAULT_FILE = Path("rlm.toml")
 TABLE = "run"
 # The flag that sets each setting, for messages ("--max-iterations: ...").
@@ -102,6 +105,7 @@ def load_run_settings(
     layers = [flag_layer(flags, FLAGS)]
     unread: Path | None = None
     if read_sources:
+        _refuse_renamed_variables()
         layers.append(env_layer(RunSettings, allowed={CONFIG_ENV}))
         layer, unread = _file_layer(config_file)
         if layer is not None:
@@ -109,6 +113,14 @@ def load_run_settings(
     settings = load(RunSettings, layers)
     settings._unread_file = unread
     return settings
+
+
+def _refuse_renamed_variables() -> None:
+    fields = [field.upper() for field in RunSettings.model_fields]
+    renamed = {f"RLM_{field}": f"RLM_RUN_{field}" for field in fields}
+    for old, new in {**renamed, **RENAMED}.items():
+        if old in os.environ:
+            raise ConfigurationError(f"{old}: run's variables are RLM_RUN_* now: use {new}")
 
 
 def _file_layer(config_file: Path | None) -> tuple[Layer | None, Path | None]:
