@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import PrivateAttr
 from pydantic_settings import SettingsConfigDict
 
-from rlm_orchestrator.config.backends import BackendName
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_DEPTH,
     DEFAULT_MAX_ITERATIONS,
@@ -27,14 +26,13 @@ from rlm_orchestrator.config.limits import (
 )
 from rlm_orchestrator.config.loading import (
     Layer,
-    LayeredSettings,
     env_layer,
     file_layer,
     flag_layer,
     load,
     read_toml,
 )
-from rlm_orchestrator.config.sandbox import SandboxConfig, rlm_environment
+from rlm_orchestrator.config.sandbox import SandboxSettings
 from rlm_orchestrator.exceptions import ConfigurationError
 
 CONFIG_ENV = "RLM_RUN_CONFIG"
@@ -59,8 +57,9 @@ FLAGS = {
 }
 
 
-class RunSettings(LayeredSettings):
-    """What `rlm-orchestrator run` runs with; the same names and types as RLM's arguments."""
+class RunSettings(SandboxSettings):
+    """What `rlm-orchestrator run` runs with; the same names and types as RLM's arguments
+    (environment_kwargs: the backend's keys, the sandbox limits, setup_code)."""
 
     model_config = SettingsConfigDict(
         env_prefix="RLM_RUN_", env_nested_delimiter="__", extra="forbid"
@@ -70,27 +69,14 @@ class RunSettings(LayeredSettings):
     model: str = "gpt-4o-mini"
     sub_model: str | None = None
     api_base: str | None = None
-    environment: BackendName = "local"
-    # As RLM's environment_kwargs: the backend's keys, the sandbox limits, setup_code.
-    environment_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_iterations: MaxIterations = DEFAULT_MAX_ITERATIONS
     max_depth: MaxDepth = DEFAULT_MAX_DEPTH
     timeout_seconds: Seconds | None = None
     max_cost: Usd | None = None
     log_dir: Path | None = None
 
-    _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
     # ./rlm.toml when it was there but had no [run] table (so it was not read).
     _unread_file: Path | None = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _check_sandbox(self) -> RunSettings:
-        self._sandbox, _ = rlm_environment(self.environment, self.environment_kwargs)
-        return self
-
-    @property
-    def sandbox(self) -> SandboxConfig:
-        return self._sandbox
 
     @property
     def unread_file(self) -> Path | None:

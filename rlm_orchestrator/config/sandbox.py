@@ -9,13 +9,22 @@ own path.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from rlm_orchestrator.config.backends import BACKENDS, LocalConfig, SandboxBackend
+from rlm_orchestrator.config.backends import BACKENDS, BackendName, LocalConfig, SandboxBackend
 from rlm_orchestrator.config.limits import SandboxLimits
+from rlm_orchestrator.config.loading import LayeredSettings
 
 LIMIT_KEYS = tuple(SandboxLimits.model_fields)
 _BACKEND: TypeAdapter[SandboxBackend] = TypeAdapter(SandboxBackend)
@@ -88,6 +97,33 @@ def rlm_environment(
     if setup_code is not None and not isinstance(setup_code, str):
         raise _invalid(("environment_kwargs", "setup_code"), setup_code, "must be a str of code")
     return SandboxConfig.from_kwargs(environment, rest), setup_code
+
+
+class SandboxSettings(LayeredSettings):
+    """Settings that choose a sandbox backend as RLM's arguments do: `environment` and a flat
+    `environment_kwargs`, validated into `sandbox` (a SandboxConfig)."""
+
+    environment: BackendName = "local"
+    environment_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    # Whether environment_kwargs may carry RLM's `setup_code`; keys refused here, and why.
+    takes_setup_code: ClassVar[bool] = True
+    refused_sandbox_keys: ClassVar[Mapping[str, str]] = {}
+    _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
+
+    @model_validator(mode="after")
+    def _check_sandbox(self) -> SandboxSettings:
+        if self.takes_setup_code:
+            self._sandbox, _ = rlm_environment(self.environment, self.environment_kwargs)
+        else:
+            self._sandbox = SandboxConfig.from_kwargs(
+                self.environment, self.environment_kwargs, refused=self.refused_sandbox_keys
+            )
+        return self
+
+    @property
+    def sandbox(self) -> SandboxConfig:
+        return self._sandbox
 
 
 def _known_keys(environment: str) -> str:

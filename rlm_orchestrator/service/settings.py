@@ -17,10 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from rlm_orchestrator.config.backends import BackendName
 from rlm_orchestrator.config.limits import (
     DEFAULT_EXEC_TIMEOUT_SECONDS,
     DEFAULT_MAX_ANSWER_CHARS,
@@ -32,14 +31,13 @@ from rlm_orchestrator.config.limits import (
     Usd,
 )
 from rlm_orchestrator.config.loading import (
-    LayeredSettings,
     env_layer,
     file_layer,
     flag_layer,
     load,
     read_toml,
 )
-from rlm_orchestrator.config.sandbox import SandboxConfig
+from rlm_orchestrator.config.sandbox import SandboxSettings
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMClientConfig
 
@@ -145,7 +143,11 @@ class TLSSettings(BaseModel):
     client_ca_file: Path | None = None
 
 
-class ServerSettings(LayeredSettings):
+class ServerSettings(SandboxSettings):
+    """The server's settings. `environment_kwargs` as RLM's (the backend's keys and the limits
+    of its sandboxes: startup_timeout_seconds, max_output_chars, memory_limit_mb), but for
+    exec_timeout_seconds (top level: the ceiling of the requests') and setup_code."""
+
     model_config = SettingsConfigDict(
         env_prefix="RLM_SERVER_", env_nested_delimiter="__", extra="forbid"
     )
@@ -160,10 +162,6 @@ class ServerSettings(LayeredSettings):
     # Which models serve depth 0 and depth >= 1 when a request names none (default: first).
     root_model: str | None = None
     sub_model: str | None = None
-    environment: BackendName = "local"
-    # As RLM's (the backend's keys and the sandbox limits: startup_timeout_seconds,
-    # max_output_chars, memory_limit_mb), but for exec_timeout_seconds (top level).
-    environment_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Sandboxed code is a tenant's, written by a model: by default the server refuses to start
     # sandboxes that would run it with the server's privileges (`local` where the kernel has
     # no user namespaces, or with isolation = "off"). True accepts that risk.
@@ -215,19 +213,8 @@ class ServerSettings(LayeredSettings):
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
 
-    _sandbox: SandboxConfig = PrivateAttr(default_factory=SandboxConfig)
-
-    @model_validator(mode="after")
-    def _check_sandbox(self) -> ServerSettings:
-        self._sandbox = SandboxConfig.from_kwargs(
-            self.environment, self.environment_kwargs, refused=REFUSED_SANDBOX_KEYS
-        )
-        return self
-
-    @property
-    def sandbox(self) -> SandboxConfig:
-        """The backend and the limits of every sandbox (exec_timeout_seconds: the request's)."""
-        return self._sandbox
+    takes_setup_code = False
+    refused_sandbox_keys = REFUSED_SANDBOX_KEYS
 
     @model_validator(mode="after")
     def _check_tenants(self) -> ServerSettings:
