@@ -6,13 +6,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from rlm_orchestrator.config import load_run_settings
 from rlm_orchestrator.telemetry.trace_cli import trace_app
+
+if TYPE_CHECKING:
+    from rlm_orchestrator.config.run import RunSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(trace_app, name="trace", help="Read the local trace store (RLM_TRACE_STORE).")
@@ -29,11 +32,24 @@ def _read_context(source: str, context_format: str) -> Any:
     return text
 
 
+# Flags that only `run` on this machine uses: the server's own config decides them.
+LOCAL_ONLY = {
+    "backend": "--backend",
+    "api_base": "--api-base",
+    "environment": "--environment",
+    "log_dir": "--log-dir",
+    "config": "--config",
+}
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     context: Annotated[str, typer.Option("--context", "-c", help="Context file, or - for stdin.")],
     query: Annotated[str, typer.Option("--query", "-q", help="The question (root prompt).")],
-    model: Annotated[str | None, typer.Option(help="Root model name [env RLM_MODEL].")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Root model name (a server's model with --server).")
+    ] = None,
     sub_model: Annotated[
         str | None, typer.Option(help="Model for llm_query (default: the root model).")
     ] = None,
@@ -42,13 +58,20 @@ def run(
     ] = None,
     api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
     environment: Annotated[str | None, typer.Option(help="Sandbox backend.")] = None,
-    max_iterations: Annotated[int | None, typer.Option(min=1)] = None,
-    max_depth: Annotated[int | None, typer.Option(min=0)] = None,
+    exec_timeout: Annotated[
+        float | None, typer.Option(help="Seconds per code block [default 300].")
+    ] = None,
+    max_iterations: Annotated[int | None, typer.Option(help="[default 30]")] = None,
+    max_depth: Annotated[int | None, typer.Option(help="[default 1]")] = None,
     timeout: Annotated[float | None, typer.Option(help="Total seconds for the completion.")] = None,
     max_cost: Annotated[
         float | None, typer.Option(help="Stop when spend exceeds this (USD).")
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Settings file: its [run] table [default ./rlm.toml; RLM_RUN_CONFIG]."),
+    ] = None,
     server: Annotated[
         str | None, typer.Option(help="Run on an orchestrator server (HOST:PORT) instead.")
     ] = None,
@@ -67,23 +90,32 @@ def run(
     ] = False,
 ) -> None:
     """Answer QUERY about the CONTEXT file with an RLM. API keys come from the environment
-    (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...) and never reach the sandbox."""
-    settings = load_run_settings(
-        model=model,
-        sub_model=sub_model,
-        backend=backend,
-        api_base=api_base,
-        environment=environment,
-        max_iterations=max_iterations,
-        max_depth=max_depth,
-        timeout_seconds=timeout,
-        max_cost=max_cost,
-        log_dir=log_dir,
-    )
-    loaded = _read_context(context, context_format)
-    from rlm_orchestrator import RLM, RLMError, RLMLogger
-    from rlm_orchestrator.console import EventPrinter
+    (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...) and never reach the sandbox. Settings not given
+    as flags come from RLM_RUN_* variables and the [run] table of ./rlm.toml; with --server,
+    only the flags count (the server's config decides the rest)."""
+    from rlm_orchestrator.config.run import load_run_settings
+    from rlm_orchestrator.exceptions import ConfigurationError
 
+    flags: dict[str, Any] = {
+        "model": model,
+        "sub_model": sub_model,
+        "backend": backend,
+        "api_base": api_base,
+        "environment": environment,
+        "environment_kwargs": {"exec_timeout_seconds": exec_timeout},
+        "max_iterations": max_iterations,
+        "max_depth": max_depth,
+        "timeout_seconds": timeout,
+        "max_cost": max_cost,
+        "log_dir": log_dir,
+    }
+    try:
+        token_flag = getattr(ctx.get_parameter_source("token"), "name", "") == "COMMANDLINE"
+        _check_flags({**flags, "config": config}, server, tls_ca, token_flag)
+        settings = load_run_settings(flags, config, read_sources=server is None)
+    except ConfigurationError as exc:
+        _configuration_error(exc)
+    loaded = _read_context(context, context_format)
     if server is not None:
         # Only what the user said: the server's own defaults (and models) apply otherwise.
         options = {
@@ -91,32 +123,68 @@ def run(
             "sub_model": sub_model,
             "max_iterations": max_iterations,
             "max_depth": max_depth,
+            "exec_timeout_seconds": exec_timeout,
             "timeout_seconds": timeout,
             "max_cost": max_cost,
         }
         _run_remote(server, token, tls_ca, loaded, query, options, quiet, as_json)
         return
+    if settings.unread_file is not None and not quiet:
+        stderr.print(
+            f"[dim]note: {settings.unread_file} has no [run] table: not read (run's settings "
+            "go under [run]; a server's config is for `serve --config`)[/]"
+        )
+    _run_local(settings, loaded, query, quiet, as_json)
+
+
+def _check_flags(
+    flags: dict[str, Any], server: str | None, tls_ca: Path | None, token_flag: bool
+) -> None:
+    """A flag that means nothing in this mode is refused, not ignored."""
+    from rlm_orchestrator.exceptions import ConfigurationError
+
+    if server is not None:
+        for name, flag in LOCAL_ONLY.items():
+            if flags[name] is not None:
+                raise ConfigurationError(
+                    f"{flag} means nothing with --server: the server's own config decides it"
+                )
+        return
+    for flag, given in (("--tls-ca", tls_ca is not None), ("--token", token_flag)):
+        if given:
+            raise ConfigurationError(f"{flag} means nothing without --server")
+
+
+def _configuration_error(exc: Exception) -> NoReturn:
+    """One line on stderr (as it is: no markup, no wrapping), and exit code 2."""
+    stderr.print("[bold red]configuration error:[/]", escape(str(exc)), soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
+def _run_local(settings: RunSettings, context: Any, query: str, quiet: bool, as_json: bool) -> None:
+    from rlm_orchestrator import RLM, RLMError, RLMLogger
+    from rlm_orchestrator.console import EventPrinter
 
     lm_kwargs: dict[str, Any] = {"model_name": settings.model}
     if settings.api_base:
         lm_kwargs["api_base"] = settings.api_base
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
-    rlm = RLM(
-        backend=settings.backend,
-        backend_kwargs=lm_kwargs,
-        environment=settings.environment,
-        environment_kwargs={"exec_timeout_seconds": settings.exec_timeout_seconds},
-        max_depth=settings.max_depth,
-        max_iterations=settings.max_iterations,
-        other_backends=[settings.backend] if sub_kwargs else None,
-        other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
-        logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
-        max_cost=settings.max_cost,
-        timeout_seconds=settings.timeout_seconds,
-        on_event=None if quiet else EventPrinter(stderr),
-    )
     try:
-        result = rlm.completion(loaded, root_prompt=query)
+        rlm = RLM(
+            backend=settings.backend,
+            backend_kwargs=lm_kwargs,
+            environment=settings.environment,
+            environment_kwargs=settings.environment_kwargs,
+            max_depth=settings.max_depth,
+            max_iterations=settings.max_iterations,
+            other_backends=[settings.backend] if sub_kwargs else None,
+            other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
+            logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
+            max_cost=settings.max_cost,
+            timeout_seconds=settings.timeout_seconds,
+            on_event=None if quiet else EventPrinter(stderr),
+        )
+        result = rlm.completion(context, root_prompt=query)
     except RLMError as exc:
         raise _fail(exc) from exc
     _print_result(result, quiet, as_json)
@@ -217,13 +285,11 @@ def serve(
     try:
         settings = load_server_settings(config, listen=listen)
     except (ConfigurationError, ValueError) as exc:
-        stderr.print(f"[bold red]configuration error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        _configuration_error(exc)
     try:
         asyncio.run(run_server(settings))
     except ConfigurationError as exc:
-        stderr.print(f"[bold red]configuration error:[/] {exc}")
-        raise typer.Exit(2) from exc
+        _configuration_error(exc)
     # Every sandbox is released and the server stopped: skip the interpreter's teardown of
     # litellm's module graph (~1.2 s here), which would stretch the shutdown past its grace.
     from rlm_orchestrator import telemetry

@@ -19,6 +19,12 @@ from opentelemetry.trace import Status, StatusCode
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.answers import AnswerRead, read_answer
+from rlm_orchestrator.config.limits import (
+    DEFAULT_MAX_ANSWER_CHARS,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ITERATIONS,
+    SandboxLimits,
+)
 from rlm_orchestrator.exceptions import (
     AnswerTooLargeError,
     CompletionTimeoutError,
@@ -51,7 +57,7 @@ from rlm_orchestrator.types import (
     RLMIteration,
     UsageSummary,
 )
-from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS, cut_middle
+from sandbox_agent.limits import cut_middle
 
 # Not listed as "REPL variables" to the model: what we loaded (it knows), and code.
 _LOADED_NAME = re.compile(r"^(context|history)(_\d+)?$")
@@ -70,14 +76,16 @@ ChildSpawner = Callable[[str, float | None], Awaitable[RLMChatCompletion]]
 
 @dataclass(frozen=True)
 class LoopSettings:
+    """One completion's settings, validated where they were given (config/limits.py)."""
+
     depth: int = 0
-    max_depth: int = 1
-    max_iterations: int = 30
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     timeout_seconds: float | None = None
     iteration_timeout_seconds: float | None = None
-    exec_timeout_seconds: float = 300.0
-    max_output_chars: int = 1_000_000
+    # The limits of its sandboxes (each block's timeout and output cap come from here).
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
     # What the root LM sees of one block's output.
     max_block_chars: int = 20_000
     max_concurrent_sub_calls: int = 16
@@ -308,8 +316,8 @@ class CompletionLoop:
                     code,
                     on_output=on_output,
                     on_sub_call=on_sub_call,
-                    timeout_seconds=self.settings.exec_timeout_seconds,
-                    max_output_chars=self.settings.max_output_chars,
+                    timeout_seconds=self.settings.sandbox.exec_timeout_seconds,
+                    max_output_chars=self.settings.sandbox.max_output_chars,
                     execution_id=f"{iteration}.{index}",
                     traceparent=telemetry.traceparent(span),
                 )

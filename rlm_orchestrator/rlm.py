@@ -12,25 +12,27 @@ from typing import Any
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.config.errors import Loc, dotted, refusing
+from rlm_orchestrator.config.limits import (
+    DEFAULT_MAX_ANSWER_CHARS,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ITERATIONS,
+    CompletionLimits,
+)
+from rlm_orchestrator.config.sandbox import rlm_environment
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
 from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner, LazyProvider
-from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec, create_provider
+from rlm_orchestrator.sandbox import SandboxProvider, create_provider
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.types import RLMChatCompletion, RLMMetadata
-from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
 
-# environment_kwargs keys that shape the sandbox; the rest go to the provider.
-_SPEC_KEYS = (
-    "exec_timeout_seconds",
-    "max_output_chars",
-    "memory_limit_mb",
-    "startup_timeout_seconds",
-)
-_LOOP_KEYS = ("setup_code",)
+
+def _argument(loc: Loc) -> str:
+    return f"RLM argument {dotted(loc)}"
 
 
 class RLM:
@@ -43,8 +45,8 @@ class RLM:
         environment: str = "local",
         environment_kwargs: dict[str, Any] | None = None,
         depth: int = 0,
-        max_depth: int = 1,
-        max_iterations: int = 30,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
         custom_system_prompt: str | None = None,
         other_backends: list[str] | None = None,
         other_backend_kwargs: list[dict[str, Any]] | None = None,
@@ -63,6 +65,17 @@ class RLM:
         self.backend_kwargs = dict(backend_kwargs or {})
         self.environment = environment
         self.environment_kwargs = dict(environment_kwargs or {})
+        with refusing(_argument):
+            # Checked now (unknown keys, types, ranges), not when the first sandbox starts.
+            self.sandbox, self.setup_code = rlm_environment(environment, self.environment_kwargs)
+            self.limits = CompletionLimits(
+                max_iterations=max_iterations,
+                max_depth=max_depth,
+                timeout_seconds=timeout_seconds,
+                iteration_timeout_seconds=iteration_timeout_seconds,
+                max_cost=max_cost,
+                max_answer_chars=max_answer_chars,
+            )
         if other_backends and len(other_backends) != len(other_backend_kwargs or []):
             raise ConfigurationError(
                 "other_backends and other_backend_kwargs must have the same length"
@@ -73,21 +86,21 @@ class RLM:
             for b, k in zip(other_backends or [], other_backend_kwargs or [], strict=True)
         ]
         self.other_backends = other_backends
-        if max_iterations < 1 or max_depth < 0 or depth < 0:
-            raise ConfigurationError("max_iterations must be >= 1; depth and max_depth >= 0")
+        if not isinstance(depth, int) or depth < 0:
+            raise ConfigurationError(f"RLM argument depth: must be an int >= 0 (got {depth!r})")
         self.depth = depth
-        self.max_depth = max_depth
-        self.max_iterations = max_iterations
+        self.max_depth = self.limits.max_depth
+        self.max_iterations = self.limits.max_iterations
         self.system_prompt = custom_system_prompt or DEFAULT_SYSTEM_PROMPT
         self.logger = logger
         self.verbose = verbose
         self.persistent = persistent
-        self.max_cost = max_cost
-        self.timeout_seconds = timeout_seconds
-        self.iteration_timeout_seconds = iteration_timeout_seconds
+        self.max_cost = self.limits.max_cost
+        self.timeout_seconds = self.limits.timeout_seconds
+        self.iteration_timeout_seconds = self.limits.iteration_timeout_seconds
         self.final_with_code = final_with_code
         # FINAL_VAR answers up to this many characters come back whole; longer ones are refused.
-        self.max_answer_chars = max_answer_chars
+        self.max_answer_chars = self.limits.max_answer_chars
         self._on_event = on_event or ev.ignore_event
         if verbose:
             from rlm_orchestrator.console import EventPrinter
@@ -100,12 +113,6 @@ class RLM:
                 user_handler(event)
 
             self._on_event = both
-        self._spec_options = {
-            k: self.environment_kwargs[k] for k in _SPEC_KEYS if k in self.environment_kwargs
-        }
-        self._provider_options = {
-            k: v for k, v in self.environment_kwargs.items() if k not in _SPEC_KEYS + _LOOP_KEYS
-        }
         self._provider: SandboxProvider | None = None
         self._session: SessionState | None = None
         self._runner: asyncio.Runner | None = None
@@ -132,8 +139,7 @@ class RLM:
             system_prompt=self.system_prompt,
             timeout_seconds=self.timeout_seconds,
             iteration_timeout_seconds=self.iteration_timeout_seconds,
-            exec_timeout_seconds=float(self._spec_options.get("exec_timeout_seconds", 300.0)),
-            max_output_chars=int(self._spec_options.get("max_output_chars", 1_000_000)),
+            sandbox=self.sandbox.limits,
             final_with_code=self.final_with_code,
             max_answer_chars=self.max_answer_chars,
         )
@@ -171,17 +177,14 @@ class RLM:
         router = LMRouter(self.root_config, self.other_configs)
         await router.prepare()
         # Created on first use: a plain LM call (depth >= max_depth) never makes one.
-        provider = self._provider or LazyProvider(
-            lambda: create_provider(self.environment, self._provider_options)
-        )
+        provider = self._provider or LazyProvider(lambda: create_provider(self.sandbox.backend))
         runner = CompletionRunner(
             router,
             provider,
             self._settings(),
-            SandboxSpec(session_id="", **self._spec_options),
             emit=self._on_event,
             logger=self.logger,
-            setup_code=self.environment_kwargs.get("setup_code"),
+            setup_code=self.setup_code,
         )
         tracker = UsageTracker(self.max_cost)
         root_model = self.root_config.model_name

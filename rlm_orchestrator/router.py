@@ -100,9 +100,9 @@ class LMClientConfig:
             api_base=api_base,
             api_key=kwargs.get("api_key"),
             extra={k: v for k, v in kwargs.items() if k not in _OWN_KEYS},
-            max_retries=int(kwargs.get("max_retries", 3)),
-            retry_initial_delay=float(kwargs.get("retry_initial_delay", 0.5)),
-            max_concurrency=int(kwargs.get("max_concurrency", 16)),
+            max_retries=int(kwargs.get("max_retries", cls.max_retries)),
+            retry_initial_delay=float(kwargs.get("retry_initial_delay", cls.retry_initial_delay)),
+            max_concurrency=int(kwargs.get("max_concurrency", cls.max_concurrency)),
             **costs,  # type: ignore[arg-type]
         )
 

@@ -65,7 +65,6 @@ class CompletionRunner:
         router: LMRouter,
         provider: SandboxProvider,
         settings: LoopSettings,
-        spec: SandboxSpec,
         *,
         emit: ev.EventHandler = ev.ignore_event,
         logger: RLMLogger | None = None,
@@ -75,7 +74,6 @@ class CompletionRunner:
         self.router = router
         self.provider = provider
         self.settings = settings
-        self.spec = spec
         self.emit = emit
         self.logger = logger
 
@@ -84,7 +82,7 @@ class CompletionRunner:
         return self.router.resolve(None, depth).model_name
 
     async def new_session(self) -> SessionState:
-        spec = dataclasses.replace(self.spec, session_id=uuid.uuid4().hex)
+        spec = SandboxSpec.of(uuid.uuid4().hex, self.settings.sandbox)
         attributes = {"rlm.sandbox.provider": self.provider.name}
         with telemetry.tracer().start_as_current_span("rlm.sandbox.create", attributes=attributes):
             sandbox = await self.provider.acquire(spec)

@@ -14,6 +14,12 @@ from pathlib import Path
 
 from sandbox_agent import TOKEN_ENV
 from sandbox_agent.executor import ExecutorConfig, WorkerError
+from sandbox_agent.limits import (
+    DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_MAX_PROCESSES,
+    DEFAULT_TMP_SIZE_MB,
+    NOBODY_UID,
+)
 from sandbox_agent.server import AgentConfig, run_until_signalled
 
 
@@ -27,11 +33,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     )
     parser.add_argument("--workdir", type=Path, help="working directory of user code")
     parser.add_argument("--state-dir", type=Path, help="where loaded values are kept")
+    # No --exec-timeout: every Execute call carries its block's timeout (the orchestrator's
+    # exec_timeout_seconds); a call that sets none gets DEFAULT_EXEC_TIMEOUT_SECONDS.
     parser.add_argument(
-        "--exec-timeout", type=float, default=300.0, help="default seconds per block"
-    )
-    parser.add_argument(
-        "--max-output-chars", type=int, default=1_000_000, help="per stream, per block"
+        "--max-output-chars",
+        type=int,
+        default=DEFAULT_MAX_OUTPUT_CHARS,
+        help="per stream, per block, when a call sets none",
     )
     parser.add_argument("--memory-limit-mb", type=int, default=0, help="worker address-space limit")
     parser.add_argument(
@@ -42,13 +50,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         "auto = when the kernel allows it, required = fail without",
     )
     parser.add_argument(
-        "--max-processes", type=int, default=128, help="processes (and threads) in the jail"
+        "--max-processes",
+        type=int,
+        default=DEFAULT_MAX_PROCESSES,
+        help="processes (and threads) in the jail",
     )
-    parser.add_argument("--tmp-size-mb", type=int, default=256, help="size of the jail's /tmp")
+    parser.add_argument(
+        "--tmp-size-mb", type=int, default=DEFAULT_TMP_SIZE_MB, help="size of the jail's /tmp"
+    )
     parser.add_argument(
         "--sandbox-uid",
         type=int,
-        default=65534,
+        default=NOBODY_UID,
         help="uid (and gid) of user code outside the jail when the agent runs as root",
     )
     parser.add_argument(
@@ -72,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     parser.add_argument(
         "--orphan-timeout",
         type=float,
-        default=0.0,
+        default=AgentConfig.orphan_timeout_seconds,
         help="stop once no orchestrator has held an Attach stream for this many seconds (0: never)",
     )
     parser.add_argument(
@@ -81,7 +94,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
     parser.add_argument(
         "--fleet", action="store_true", help="fleet mode: leased by one session at a time"
     )
-    parser.add_argument("--lease-ttl", type=float, default=60.0, help="fleet lease TTL (s)")
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=AgentConfig.lease_ttl_seconds,
+        help="fleet lease TTL (s)",
+    )
     parser.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     parser.add_argument(
@@ -97,7 +115,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
         executor=ExecutorConfig(
             workdir=workdir,
             state_dir=state_dir,
-            exec_timeout_seconds=args.exec_timeout,
             max_output_chars=args.max_output_chars,
             memory_limit_mb=args.memory_limit_mb,
             isolation=args.isolation,

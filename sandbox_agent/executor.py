@@ -40,6 +40,13 @@ from sandbox_agent.execution import (
 from sandbox_agent.frames import HEADER, Kind, encode_json
 from sandbox_agent.inbox import Inbox
 from sandbox_agent.ledger import REFUSED_ENDED, ExecutionLedger
+from sandbox_agent.limits import (
+    DEFAULT_EXEC_TIMEOUT_SECONDS,
+    DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_MAX_PROCESSES,
+    DEFAULT_TMP_SIZE_MB,
+    NOBODY_UID,
+)
 from sandbox_agent.protocol import (
     DoneFrame,
     ProtocolError,
@@ -61,18 +68,19 @@ class ExecutorConfig:
     workdir: Path
     # Loaded values (contexts, histories) are kept here, to load them again into a new worker.
     state_dir: Path
-    exec_timeout_seconds: float = 300.0
-    max_output_chars: int = 1_000_000
-    memory_limit_mb: int = 0
+    # For an Execute call that sets no timeout or output cap (the orchestrator sets both).
+    exec_timeout_seconds: float = DEFAULT_EXEC_TIMEOUT_SECONDS
+    max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
+    memory_limit_mb: int = 0  # the worker's address space (RLIMIT_AS); 0: none
     # How long interrupted code gets to stop before its process group is killed.
     interrupt_grace_seconds: float = 2.0
     python: str = sys.executable
     # Local sandboxes only: the worker in a jail of namespaces (jail.py). "off"; "auto" (when
     # the kernel allows it, else the worker runs as without); "required" (else it fails).
     isolation: str = "off"
-    max_processes: int = 128  # in the jail (RLIMIT_NPROC of its user namespace)
-    tmp_size_mb: int = 256  # the jail's /tmp
-    sandbox_uid: int = 65534  # who user code is outside the jail when the agent runs as root
+    max_processes: int = DEFAULT_MAX_PROCESSES  # in the jail (RLIMIT_NPROC of its user namespace)
+    tmp_size_mb: int = DEFAULT_TMP_SIZE_MB  # the jail's /tmp
+    sandbox_uid: int = NOBODY_UID  # who user code is outside the jail when the agent runs as root
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import NamedTuple, NoReturn
 
 from sandbox_agent import jail_fs
 from sandbox_agent import syscalls as sc
+from sandbox_agent.limits import DEFAULT_MAX_PROCESSES, DEFAULT_TMP_SIZE_MB, NOBODY_UID
 
 ISOLATED = "namespaces"
 SANDBOX_UID = 1000  # the uid (and gid) user code sees inside
@@ -53,13 +54,13 @@ class JailUnavailable(Exception):
 class JailConfig(NamedTuple):
     workdir: Path
     state_dir: Path
-    max_processes: int = 128
-    tmp_size_mb: int = 256
+    max_processes: int = DEFAULT_MAX_PROCESSES
+    tmp_size_mb: int = DEFAULT_TMP_SIZE_MB
     # Largest file user code may write (RLIMIT_FSIZE): the work dir is on the host's disk.
     max_file_mb: int = 1024
     # Who user code is outside, when the agent runs as root (otherwise: the agent's own uid).
-    sandbox_uid: int = 65534
-    sandbox_gid: int = 65534
+    sandbox_uid: int = NOBODY_UID
+    sandbox_gid: int = NOBODY_UID
     # Descriptors the worker keeps (its pipes to the agent).
     keep_fds: tuple[int, ...] = ()
 

@@ -17,7 +17,19 @@ from dataclasses import dataclass, field
 
 MIB = 1024 * 1024
 
+# -- defaults of the agent's settings ---------------------------------------------------------
+# Written once here: the agent's flags, its dataclasses and the orchestrator's configuration
+# models (rlm_orchestrator/config/) all take them from this module.
+# A block's time, when its Execute call sets none (the orchestrator always sets one).
+DEFAULT_EXEC_TIMEOUT_SECONDS = 300.0
+# Characters kept per stream of one block (head and tail), when the call sets none.
 DEFAULT_MAX_OUTPUT_CHARS = 1_000_000
+# The local jail: processes and threads of one sandbox; size of its /tmp.
+DEFAULT_MAX_PROCESSES = 128
+DEFAULT_TMP_SIZE_MB = 256
+# Who user code is outside the jail when the agent runs as root, and who a container's agent
+# runs as: nobody.
+NOBODY_UID = 65534
 # The worker's cut marker ("\n... [N characters of output truncated] ...\n") comes on top of
 # max_output_chars (head + tail); 256 characters covers it with room to spare.
 OUTPUT_MARKER_SLACK = 256

@@ -29,9 +29,13 @@ from sandbox_agent.capture import STDERR, STDOUT, CaptureStream, OutputCapture
 from sandbox_agent.fd_capture import FdCapture
 from sandbox_agent.frames import BlockingChannel, Kind
 from sandbox_agent.limits import (
+    DEFAULT_MAX_OUTPUT_CHARS,
+    DEFAULT_MAX_PROCESSES,
+    DEFAULT_TMP_SIZE_MB,
     MAX_ERROR_CHARS,
     MAX_NAME_CHARS,
     MAX_VARIABLES,
+    NOBODY_UID,
     VALUE_CHUNK_CHARS,
     cut_middle,
 )
@@ -255,15 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="rlm sandbox worker (started by the agent)")
     parser.add_argument("--command-fd", type=int, required=True)
     parser.add_argument("--frame-fd", type=int, required=True)
-    parser.add_argument("--max-output-chars", type=int, default=1_000_000)
+    parser.add_argument("--max-output-chars", type=int, default=DEFAULT_MAX_OUTPUT_CHARS)
     parser.add_argument("--memory-limit-mb", type=int, default=0)
     # Local sandboxes: a jail of namespaces (jail.py) around this worker.
     parser.add_argument("--isolation", choices=("off", "auto", "required"), default="off")
     parser.add_argument("--workdir", type=Path, default=Path("."))
     parser.add_argument("--state-dir", type=Path, default=Path("."))
-    parser.add_argument("--max-processes", type=int, default=128)
-    parser.add_argument("--tmp-size-mb", type=int, default=256)
-    parser.add_argument("--sandbox-uid", type=int, default=65534)
+    parser.add_argument("--max-processes", type=int, default=DEFAULT_MAX_PROCESSES)
+    parser.add_argument("--tmp-size-mb", type=int, default=DEFAULT_TMP_SIZE_MB)
+    parser.add_argument("--sandbox-uid", type=int, default=NOBODY_UID)
     args = parser.parse_args(argv)
     _die_with_parent()
     isolation = "off"

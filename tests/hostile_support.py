@@ -153,13 +153,15 @@ async def acquired(
     provider: SandboxProvider
     if backend == "docker":
         require_docker()
-        from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+        from rlm_orchestrator.config import DockerConfig
+        from rlm_orchestrator.sandbox.docker import DockerProvider
 
-        provider = DockerProvider(DockerOptions(image=SANDBOX_IMAGE, **(options or {})))
+        provider = DockerProvider(DockerConfig(image=SANDBOX_IMAGE, **(options or {})))
     else:
-        from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
+        from rlm_orchestrator.config import LocalConfig
+        from rlm_orchestrator.sandbox.local import LocalProvider
 
-        provider = LocalProvider(LocalOptions(**(options or {})))
+        provider = LocalProvider(LocalConfig(**(options or {})))
     try:
         box = await provider.acquire(SandboxSpec(session_id="hostile", **spec))
         try:

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from rlm_orchestrator.config import KubernetesConfig
 from rlm_orchestrator.sandbox import SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient
-from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
+from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
 from tests.fakes.certs import TestPKI, make_test_pki
 from tests.fakes.fake_cluster import (
     AGENT_NAME,
@@ -56,7 +57,7 @@ def fake_cluster(
 
 
 def provider(cluster: FakeCluster, **options: Any) -> KubernetesProvider:
-    return KubernetesProvider(KubernetesOptions.model_validate(cluster.options(**options)))
+    return KubernetesProvider(KubernetesConfig.model_validate(cluster.options(**options)))
 
 
 async def run(agent: AgentClient, code: str) -> str:

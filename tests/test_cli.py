@@ -83,7 +83,7 @@ def test_run_reports_lm_failure_clearly(
 ) -> None:
     context_file = tmp_path / "c.txt"
     context_file.write_text("x")
-    monkeypatch.setenv("RLM_MAX_ITERATIONS", "2")
+    monkeypatch.setenv("RLM_RUN_MAX_ITERATIONS", "2")
     # Nothing scripted: the server answers 500 to every attempt.
     code, stdout, stderr = run_in_process(
         "run", "-c", str(context_file), "-q", "?", "--model", "cli-root", "--api-base", lm.base_url

@@ -29,9 +29,10 @@ from conftest import (
 import rlm_wire
 from rlm_orchestrator import RLM, SandboxError
 from rlm_orchestrator.client import AsyncClient
+from rlm_orchestrator.config import DockerConfig
 from rlm_orchestrator.sandbox import Sandbox, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import ExecutionReport
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+from rlm_orchestrator.sandbox.docker import DockerProvider
 from rlm_orchestrator.service.server import OrchestratorServer
 from rlm_orchestrator.service.settings import load_server_settings
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
@@ -47,7 +48,7 @@ def docker_required() -> None:
 @pytest.fixture
 async def provider() -> AsyncIterator[DockerProvider]:
     docker_provider = DockerProvider(
-        DockerOptions(image=SANDBOX_IMAGE, memory_mb=256, pids_limit=64)
+        DockerConfig(image=SANDBOX_IMAGE, memory_mb=256, pids_limit=64)
     )
     try:
         yield docker_provider
@@ -149,9 +150,10 @@ def test_reconcile_removes_the_containers_of_a_killed_orchestrator() -> None:
     script = textwrap.dedent(f"""
         import asyncio, sys
         from rlm_orchestrator.sandbox import SandboxSpec
-        from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+        from rlm_orchestrator.config import DockerConfig
+        from rlm_orchestrator.sandbox.docker import DockerProvider
         async def main():
-            provider = DockerProvider(DockerOptions(image={SANDBOX_IMAGE!r}))
+            provider = DockerProvider(DockerConfig(image={SANDBOX_IMAGE!r}))
             await provider.acquire(SandboxSpec(session_id="doomed"))
             print("ACQUIRED", flush=True)
             await asyncio.sleep(600)
@@ -170,12 +172,12 @@ def test_reconcile_removes_the_containers_of_a_killed_orchestrator() -> None:
             doomed.stdout.close()
     assert _our_containers() - before == orphans  # nothing removed it: its owner died hard
     # A new orchestrator's reconcile pass finds the orphan (its owner's pid is gone).
-    assert asyncio.run(DockerProvider(DockerOptions(image=SANDBOX_IMAGE)).reconcile()) >= 1
+    assert asyncio.run(DockerProvider(DockerConfig(image=SANDBOX_IMAGE)).reconcile()) >= 1
     assert not (_our_containers() & orphans)
 
 
 async def test_warm_pool_acquire_starts_no_container() -> None:
-    provider = DockerProvider(DockerOptions(image=SANDBOX_IMAGE, warm_pool_size=1))
+    provider = DockerProvider(DockerConfig(image=SANDBOX_IMAGE, warm_pool_size=1))
     try:
         await provider.warm_up()
         pooled = _our_containers()
@@ -206,7 +208,7 @@ def test_rlm_runs_in_docker_and_cleans_up(
 
 
 async def test_a_failed_start_is_a_clear_error_and_leaves_nothing() -> None:
-    provider = DockerProvider(DockerOptions(image="rlm-sandbox:no-such-tag"))
+    provider = DockerProvider(DockerConfig(image="rlm-sandbox:no-such-tag"))
     try:
         with pytest.raises(SandboxError, match="could not start a sandbox container"):
             await provider.acquire(SandboxSpec(session_id="broken"))

@@ -19,10 +19,11 @@ import pytest
 from conftest import ROOT_MODEL, repl
 
 from rlm_orchestrator import RLM
+from rlm_orchestrator.config import FleetConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.agent_client import AgentClient
-from rlm_orchestrator.sandbox.fleet import FleetOptions, FleetProvider
+from rlm_orchestrator.sandbox.fleet import FleetProvider
 from rlm_orchestrator.sandbox.launch import TOKEN_ENV, AgentLaunch, token_environment
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 from rlm_wire.auth import bearer_metadata, channel_credentials
@@ -162,7 +163,7 @@ async def test_a_lease_that_is_not_renewed_expires(fleet: Fleet) -> None:
 
 
 async def test_sessions_spread_over_the_fleet(fleet: Fleet) -> None:
-    provider = FleetProvider(FleetOptions.model_validate(fleet.options()))
+    provider = FleetProvider(FleetConfig.model_validate(fleet.options()))
     try:
         sandboxes = [await provider.acquire(SandboxSpec(session_id=f"s{n}")) for n in range(3)]
         assert len({s.provider_state for s in sandboxes}) == 3
@@ -222,7 +223,7 @@ async def test_an_unreachable_agent_is_set_aside_until_it_comes_back(
 ) -> None:
     set_aside = 6.0  # covers the failed attempt, the agent's restart and 3 leases
     options = fleet.options(unhealthy_seconds=set_aside, connect_timeout_seconds=1.0)
-    provider = FleetProvider(FleetOptions.model_validate(options))
+    provider = FleetProvider(FleetConfig.model_validate(options))
     dead = fleet.addresses[0]
     fleet.processes[0].kill()
     fleet.processes[0].wait()

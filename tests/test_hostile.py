@@ -229,8 +229,8 @@ print(all(results[i] == f"T{i}" for i in range(1_000)))
     # 1,000 threads are more than a local sandbox allows by default (128 processes and threads;
     # 8 MiB of address space per thread stack against 2 GB per process): this code is granted
     # them, so that the sub-call bound is what it meets.
-    granted = {"max_processes": 2048, "memory_limit_mb": 0}
-    async with acquired("local", granted, exec_timeout_seconds=60) as box:
+    granted = {"max_processes": 2048}
+    async with acquired("local", granted, exec_timeout_seconds=60, memory_limit_mb=0) as box:
         report = await run_block(box, code, slow)
     assert report.status == "ok" and report.stdout == "True\nTrue\n", report
     assert peak_prompts <= MAX_PENDING_PROMPTS and peak_requests <= MAX_PENDING_REQUESTS

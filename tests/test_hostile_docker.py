@@ -32,10 +32,11 @@ from hostile_support import (
 )
 
 from rlm_orchestrator import RLM
+from rlm_orchestrator.config import DockerConfig
 from rlm_orchestrator.sandbox import (
     SandboxSpec,
 )
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+from rlm_orchestrator.sandbox.docker import DockerProvider
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 # -- finding 6: the Docker socket directory and orphaned containers ---------------------------
@@ -66,7 +67,8 @@ NON_ROOT_ORCHESTRATOR = textwrap.dedent("""
     import asyncio, json, os, sys
     from pathlib import Path
     from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
-    from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+    from rlm_orchestrator.config import DockerConfig
+    from rlm_orchestrator.sandbox.docker import DockerProvider
 
     async def ignore(stream, text):
         return None
@@ -75,7 +77,7 @@ NON_ROOT_ORCHESTRATOR = textwrap.dedent("""
         return [SubCallOutcome(error="none") for _ in prompts]
 
     async def main():
-        provider = DockerProvider(DockerOptions(image=sys.argv[1]))
+        provider = DockerProvider(DockerConfig(image=sys.argv[1]))
         box = await provider.acquire(SandboxSpec(session_id="non-root"))
         try:
             sock_dir = box.provider_state.root / "sock"
@@ -112,7 +114,7 @@ def _check_socket_dir_attack(attack_stdout: str, after_stdout: str) -> None:
 @pytest.mark.docker
 async def test_docker_socket_dir_is_locked_after_the_agent_binds() -> None:
     require_docker()
-    provider = DockerProvider(DockerOptions(image=SANDBOX_IMAGE))
+    provider = DockerProvider(DockerConfig(image=SANDBOX_IMAGE))
     try:
         box = await provider.acquire(SandboxSpec(session_id="socket-dir-attack"))
         try:
@@ -191,10 +193,11 @@ def test_docker_socket_dir_is_locked_for_a_non_root_orchestrator() -> None:
 ORPHANED_ORCHESTRATOR = textwrap.dedent("""
     import asyncio, sys
     from rlm_orchestrator.sandbox import SandboxSpec
-    from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
+    from rlm_orchestrator.config import DockerConfig
+    from rlm_orchestrator.sandbox.docker import DockerProvider
 
     async def main():
-        options = DockerOptions(image=sys.argv[1], orphan_timeout_seconds=float(sys.argv[2]))
+        options = DockerConfig(image=sys.argv[1], orphan_timeout_seconds=float(sys.argv[2]))
         box = await DockerProvider(options).acquire(SandboxSpec(session_id="orphan"))
         print(box.provider_state.container.id, flush=True)
         await asyncio.sleep(600)
@@ -238,7 +241,7 @@ def test_an_orphaned_docker_sandbox_stops_by_itself() -> None:
             owner.stdout.close()
         client.close()
     # What is left (a stopped container, its socket dir) goes with the next reconcile.
-    assert asyncio.run(DockerProvider(DockerOptions(image=SANDBOX_IMAGE)).reconcile()) >= 1
+    assert asyncio.run(DockerProvider(DockerConfig(image=SANDBOX_IMAGE)).reconcile()) >= 1
     assert not (_our_containers() - before)
 
 

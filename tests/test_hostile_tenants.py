@@ -41,6 +41,7 @@ from hostile_support import (
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.client import AsyncClient
+from rlm_orchestrator.config import DockerConfig, LocalConfig
 from rlm_orchestrator.exceptions import (
     AuthenticationError,
     InvalidRequestError,
@@ -311,8 +312,8 @@ async def test_garbage_bytes_get_invalid_argument_from_the_server(
 async def test_garbage_bytes_get_invalid_argument_from_a_sandbox_agent(environment: str) -> None:
     if environment == "docker":
         require_docker()
-    options = {"image": SANDBOX_IMAGE} if environment == "docker" else {}
-    provider = create_provider(environment, options)
+    config = DockerConfig(image=SANDBOX_IMAGE) if environment == "docker" else LocalConfig()
+    provider = create_provider(config)
     try:
         box = await provider.acquire(SandboxSpec(session_id="garbage", exec_timeout_seconds=5.0))
         channel, metadata = box.client._channel, box.client._metadata

@@ -36,9 +36,9 @@ from kube_support import (
 )
 
 from rlm_orchestrator.client import AsyncClient
+from rlm_orchestrator.config import KubernetesConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions
 from rlm_orchestrator.sandbox.kubernetes.ownership import LEASE_LABELS, micro_time
 from rlm_orchestrator.sandbox.kubernetes.pods import (
     STATE,
@@ -258,7 +258,7 @@ def test_every_pod_the_provider_builds_validates_strictly() -> None:
     ]
     owner = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "name": "l", "uid": "u"}
     for variant in variants:
-        options = KubernetesOptions.model_validate(variant)
+        options = KubernetesConfig.model_validate(variant)
         for memory in (0, 512):
             for state in ("idle", "leased"):
                 pod = sandbox_pod(

@@ -384,13 +384,13 @@ def test_orchestrator_deployment() -> None:
 
 
 def test_orchestrator_config_loads() -> None:
-    from rlm_orchestrator.sandbox.fleet import FleetOptions
+    from rlm_orchestrator.config import FleetConfig
     from rlm_orchestrator.service.settings import load_server_settings
 
     settings = load_server_settings(KUBERNETES / "base" / "orchestrator-config" / "rlm.toml")
     assert settings.environment == "fleet"
     assert settings.tls is None  # plaintext: the kubelet's gRPC probes cannot do TLS
-    fleet = FleetOptions.model_validate(settings.environment_kwargs)
+    fleet = FleetConfig.model_validate(settings.environment_kwargs)
     assert fleet.dns == "rlm-agent.rlm-sandboxes.svc.cluster.local:50051"
     assert not fleet.insecure and fleet.tls_ca_file and fleet.tls_server_name
     # The fleet's token: read from the variable the agents read theirs from, which the
@@ -477,12 +477,12 @@ def test_pod_per_session_network_policies_cover_the_sandbox_pods() -> None:
 
 
 def test_pod_per_session_config_loads() -> None:
-    from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions
+    from rlm_orchestrator.config import KubernetesConfig
     from rlm_orchestrator.service.settings import load_server_settings
 
     settings = load_server_settings(PER_SESSION / "rlm.toml")
     assert settings.environment == "kubernetes"
-    options = KubernetesOptions.model_validate(settings.environment_kwargs)
+    options = KubernetesConfig.model_validate(settings.environment_kwargs)
     assert options.namespace == SANDBOXES and options.kubeconfig is None  # in-cluster
     assert options.pool_size > 0 and options.tls_ca_file and options.tls_secret
     # The token variable it reads is one the orchestrator's Deployment sets from a Secret.

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from rlm_orchestrator.config import DockerConfig, FleetConfig, LocalConfig, ModalConfig, PodConfig
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.sandbox.fleet import FleetOptions
-from rlm_orchestrator.sandbox.kubernetes.pods import PodOptions, agent_args, pod_spec
-from rlm_orchestrator.sandbox.kubernetes.provider import KubernetesOptions
+from rlm_orchestrator.sandbox.docker import DockerProvider
+from rlm_orchestrator.sandbox.kubernetes.pods import agent_args, pod_spec
+from rlm_orchestrator.sandbox.kubernetes.provider import KubernetesConfig
 from rlm_orchestrator.sandbox.launch import (
     AGENT_MODULE,
     TOKEN_ENV,
@@ -27,8 +27,8 @@ from rlm_orchestrator.sandbox.launch import (
     agent_wheels,
     token_environment,
 )
-from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
-from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
+from rlm_orchestrator.sandbox.modal_provider import ModalProvider
 from sandbox_agent import __main__ as agent_main
 from sandbox_agent.server import AgentConfig
 
@@ -62,7 +62,6 @@ def test_every_field_reaches_the_agent_as_set(tmp_path: Path) -> None:
         listen="127.0.0.1:0",
         workdir=str(tmp_path / "w"),
         state_dir=str(tmp_path / "s"),
-        exec_timeout_seconds=0.5,
         max_output_chars=10**12,
         memory_limit_mb=300,
         isolation="auto",
@@ -84,7 +83,7 @@ def test_every_field_reaches_the_agent_as_set(tmp_path: Path) -> None:
     executor = config.executor
     assert (config.listen, config.health_listen) == ("127.0.0.1:0", "127.0.0.1:0")
     assert (executor.workdir, executor.state_dir) == (tmp_path / "w", tmp_path / "s")
-    assert (executor.exec_timeout_seconds, executor.max_output_chars) == (0.5, 10**12)
+    assert executor.max_output_chars == 10**12
     assert executor.memory_limit_mb == 300
     assert (executor.isolation, executor.max_processes, executor.tmp_size_mb) == ("auto", 64, 32)
     assert executor.sandbox_uid == 1234
@@ -121,14 +120,13 @@ def test_a_session_sets_its_limits_and_the_backend_its_default_memory() -> None:
 
 
 def test_local_sandboxes_launch_a_jailed_agent_the_agent_understands(tmp_path: Path) -> None:
-    provider = LocalProvider(LocalOptions(isolation="required", max_processes=99))
+    provider = LocalProvider(LocalConfig(isolation="required", max_processes=99))
     fd = token_pipe("t")
     argv = provider._agent_command(SPEC, tmp_path, tmp_path / "agent.sock", fd)
     assert argv[0] == sys.executable
     config = parsed(flags_of(argv))
     assert config.listen == f"unix:{tmp_path / 'agent.sock'}"
     assert config.executor.workdir == tmp_path / "work"
-    assert config.executor.exec_timeout_seconds == SPEC.exec_timeout_seconds
     assert config.executor.max_output_chars == SPEC.max_output_chars
     assert config.executor.memory_limit_mb == SPEC.memory_limit_mb
     assert (config.executor.isolation, config.executor.max_processes) == ("required", 99)
@@ -137,7 +135,7 @@ def test_local_sandboxes_launch_a_jailed_agent_the_agent_understands(tmp_path: P
 
 
 def test_docker_sandboxes_pass_flags_to_the_images_entrypoint() -> None:
-    provider = DockerProvider(DockerOptions(memory_mb=777, orphan_timeout_seconds=9))
+    provider = DockerProvider(DockerConfig(memory_mb=777, orphan_timeout_seconds=9))
     config = parsed(provider.command(SandboxSpec(session_id="s")))
     assert config.listen == "unix:/sock/agent.sock"
     assert config.executor.workdir == Path("/work/code")
@@ -146,21 +144,20 @@ def test_docker_sandboxes_pass_flags_to_the_images_entrypoint() -> None:
 
 
 def test_modal_sandboxes_launch_the_agent_with_the_sessions_limits() -> None:
-    provider = ModalProvider(ModalOptions(port=6000, orphan_timeout_seconds=5))
+    provider = ModalProvider(ModalConfig(port=6000, orphan_timeout_seconds=5))
     config = parsed(flags_of(provider.command(SPEC)))
     assert config.listen == "0.0.0.0:6000"
-    assert config.executor.exec_timeout_seconds == SPEC.exec_timeout_seconds
     assert config.executor.memory_limit_mb == SPEC.memory_limit_mb
     assert config.orphan_timeout_seconds == 5 and config.token is None  # the token: a secret
 
 
 def test_kubernetes_pods_launch_the_agent_with_tls_and_a_health_port() -> None:
-    options = PodOptions(port=7000, health_port=7001)
+    options = PodConfig(port=7000, health_port=7001)
     config = parsed(agent_args(options, memory_limit_mb=512))
     assert (config.listen, config.health_listen) == ("0.0.0.0:7000", "0.0.0.0:7001")
     assert (config.tls_cert, config.tls_key) == (Path("/tls/tls.crt"), Path("/tls/tls.key"))
     assert config.executor.memory_limit_mb == 512
-    plain = parsed(agent_args(PodOptions(tls_secret=None)))
+    plain = parsed(agent_args(PodConfig(tls_secret=None)))
     assert plain.tls_cert is None and plain.executor.memory_limit_mb == 0
     (container,) = pod_spec(options)["containers"]
     (env,) = container["env"]
@@ -172,7 +169,7 @@ def test_kubernetes_pods_launch_the_agent_with_tls_and_a_health_port() -> None:
 def test_one_token_variable_for_the_agent_and_the_orchestrator() -> None:
     assert TOKEN_ENV == "RLM_AGENT_TOKEN"
     assert agent_main.TOKEN_ENV is TOKEN_ENV  # what the agent reads
-    assert FleetOptions().token_env == KubernetesOptions().token_env == TOKEN_ENV
+    assert FleetConfig().token_env == KubernetesConfig().token_env == TOKEN_ENV
     assert token_environment("t") == {TOKEN_ENV: "t"}
 
 

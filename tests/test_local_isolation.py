@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import SANDBOX_IMAGE, require_docker
 
+from rlm_orchestrator.config import LocalConfig
 from rlm_orchestrator.exceptions import ConfigurationError, SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
 from rlm_orchestrator.service.server import _sandbox_provider
 from rlm_orchestrator.service.settings import ServerSettings
 
@@ -30,7 +31,7 @@ REFUSED = "none: new namespaces refused: user namespaces are disabled"
 
 @pytest.fixture
 def no_user_namespaces(tmp_path: Path) -> Iterator[str]:
-    """A `python` for LocalOptions that runs in a user namespace where no new one can be made."""
+    """A `python` for LocalConfig that runs in a user namespace where no new one can be made."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare")
     wrapper = tmp_path / "python-without-userns"
@@ -73,7 +74,7 @@ def test_without_user_namespaces_auto_runs_unisolated_and_warns_on_every_acquire
     no_user_namespaces: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "rlm_orchestrator.sandbox.local")
-    provider = LocalProvider(LocalOptions(python=no_user_namespaces))
+    provider = LocalProvider(LocalConfig(python=no_user_namespaces))
     for _ in range(2):
         assert asyncio.run(_isolation_of(provider)).startswith(REFUSED)
     warnings = [r.getMessage() for r in caplog.records if "NOT isolated" in r.getMessage()]
@@ -81,14 +82,14 @@ def test_without_user_namespaces_auto_runs_unisolated_and_warns_on_every_acquire
 
 
 def test_without_user_namespaces_required_refuses_to_start(no_user_namespaces: str) -> None:
-    provider = LocalProvider(LocalOptions(python=no_user_namespaces, isolation="required"))
+    provider = LocalProvider(LocalConfig(python=no_user_namespaces, isolation="required"))
     with pytest.raises(SandboxError, match="isolation is required but unavailable"):
         asyncio.run(_isolation_of(provider))
     assert asyncio.run(provider.check_isolation()).startswith(REFUSED)
 
 
 def test_off_runs_without_a_jail() -> None:
-    provider = LocalProvider(LocalOptions(isolation="off"))
+    provider = LocalProvider(LocalConfig(isolation="off"))
     assert asyncio.run(_isolation_of(provider)) == "off"
 
 

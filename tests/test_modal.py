@@ -23,17 +23,18 @@ from modal_proto import api_pb2
 from modal_support import ModalAgents, _free_port, close_modal_client
 
 import rlm_wire
+from rlm_orchestrator.config import ModalConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
 from rlm_orchestrator.sandbox.launch import agent_wheels
-from rlm_orchestrator.sandbox.modal_provider import ModalOptions, ModalProvider
+from rlm_orchestrator.sandbox.modal_provider import ModalProvider
 from tests.fakes.fake_modal import FakeModal, reset_modal_client
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def provider_for(modal_agents: ModalAgents, **options: Any) -> ModalProvider:
-    return ModalProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert, **options))
+    return ModalProvider(ModalConfig(tls_ca_file=modal_agents.pki.ca_cert, **options))
 
 
 async def no_output(stream: str, text: str) -> None:
@@ -101,7 +102,7 @@ async def test_calls_without_the_sandbox_token_are_refused(
 
 
 async def test_the_tcp_tunnel_mode_reaches_the_agent(modal_agents: ModalAgents) -> None:
-    provider = ModalProvider(ModalOptions(tunnel_mode="tcp"))
+    provider = ModalProvider(ModalConfig(tunnel_mode="tcp"))
     try:
         sandbox = await provider.acquire(SandboxSpec(session_id="s-tcp"))
         report = await sandbox.client.execute(
@@ -124,7 +125,7 @@ class BadFlagProvider(ModalProvider):
 async def test_an_agent_that_exits_at_start_fails_the_acquire_at_once(
     modal_agents: ModalAgents,
 ) -> None:
-    provider = BadFlagProvider(ModalOptions(tls_ca_file=modal_agents.pki.ca_cert))
+    provider = BadFlagProvider(ModalConfig(tls_ca_file=modal_agents.pki.ca_cert))
     try:
         with pytest.raises(SandboxError, match="exited at start with code 2"):
             await provider.acquire(SandboxSpec(session_id="s-bad", startup_timeout_seconds=60))
@@ -213,7 +214,7 @@ async def test_an_unreachable_control_plane_fails_fast_with_the_fix(
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-fake")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-fake")
     reset_modal_client()
-    provider = ModalProvider(ModalOptions(control_timeout_seconds=2.0))
+    provider = ModalProvider(ModalConfig(control_timeout_seconds=2.0))
     try:
         with pytest.raises(SandboxError, match="MODAL_TOKEN_ID"):
             await provider.acquire(SandboxSpec(session_id="s-4"))

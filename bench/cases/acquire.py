@@ -21,10 +21,11 @@ from bench.common import (
     timing,
     unmeasured,
 )
+from rlm_orchestrator.config import DockerConfig, KubernetesConfig, LocalConfig
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.sandbox.kubernetes import KubernetesOptions, KubernetesProvider
-from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
+from rlm_orchestrator.sandbox.docker import DockerProvider
+from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
 from tests.fakes.fake_cluster import TOKEN_ENV, FakeCluster
 
 NAME = "acquire"
@@ -38,9 +39,7 @@ WARM_N = 7
 async def _local(isolations: tuple[str, ...]) -> dict[str, list[float]]:
     """Cold starts with the jail (the default) and without, alternated so that both see the
     same machine load."""
-    providers = {
-        i: LocalProvider(LocalOptions.model_validate({"isolation": i})) for i in isolations
-    }
+    providers = {i: LocalProvider(LocalConfig.model_validate({"isolation": i})) for i in isolations}
     samples: dict[str, list[float]] = {i: [] for i in isolations}
     try:
         for i in range(LOCAL_N + 1):
@@ -88,7 +87,7 @@ def _jail_setup() -> list[float]:
 
 
 async def _docker_cold() -> list[float]:
-    provider = DockerProvider(DockerOptions(image=SANDBOX_IMAGE))
+    provider = DockerProvider(DockerConfig(image=SANDBOX_IMAGE))
     samples = []
     try:
         for i in range(DOCKER_N + 1):
@@ -104,7 +103,7 @@ async def _docker_cold() -> list[float]:
 
 
 async def _docker_warm() -> list[float]:
-    provider = DockerProvider(DockerOptions(image=SANDBOX_IMAGE, warm_pool_size=1))
+    provider = DockerProvider(DockerConfig(image=SANDBOX_IMAGE, warm_pool_size=1))
     samples = []
     try:
         for i in range(WARM_N):
@@ -134,7 +133,7 @@ async def _kubernetes(pool_size: int) -> list[float]:
     ):
         os.environ[TOKEN_ENV] = cluster.token
         options = cluster.options(pool_size=pool_size, pool_check_seconds=0.1)
-        provider = KubernetesProvider(KubernetesOptions.model_validate(options))
+        provider = KubernetesProvider(KubernetesConfig.model_validate(options))
         samples = []
         try:
             await provider.warm_up()

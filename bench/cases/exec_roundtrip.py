@@ -22,9 +22,10 @@ from bench.common import (
     timing,
     unmeasured,
 )
+from rlm_orchestrator.config import DockerConfig, LocalConfig
 from rlm_orchestrator.sandbox import SandboxSpec
-from rlm_orchestrator.sandbox.docker import DockerOptions, DockerProvider
-from rlm_orchestrator.sandbox.local import LocalOptions, LocalProvider
+from rlm_orchestrator.sandbox.docker import DockerProvider
+from rlm_orchestrator.sandbox.local import LocalProvider
 
 NAME = "exec"
 DESCRIPTION = "execution round trip of `x = 1` on a warm sandbox"
@@ -169,7 +170,7 @@ async def run() -> list[Metric]:
     metrics: list[Metric] = []
     local = await _ours(LocalProvider(), LOCAL_N)  # jailed where the kernel allows it
     metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", 1.0))
-    unjailed = await _ours(LocalProvider(LocalOptions(isolation="off")), LOCAL_N)
+    unjailed = await _ours(LocalProvider(LocalConfig(isolation="off")), LOCAL_N)
     metrics.append(
         timing(NAME, "ours, local agent, isolation off", unjailed, "ms", note="reference")
     )
@@ -181,7 +182,7 @@ async def run() -> list[Metric]:
         metrics.append(not_applicable(NAME, label, "ms", no_docker))
     else:
         try:
-            docker = await _ours(DockerProvider(DockerOptions(image=SANDBOX_IMAGE)), DOCKER_N)
+            docker = await _ours(DockerProvider(DockerConfig(image=SANDBOX_IMAGE)), DOCKER_N)
             metrics.append(timing(NAME, label, docker, "ms"))
         except Exception as exc:
             metrics.append(unmeasured(NAME, label, "ms", exc, None))

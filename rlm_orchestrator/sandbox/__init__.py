@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from rlm_orchestrator.exceptions import ConfigurationError
+from rlm_orchestrator.config.backends import (
+    DockerConfig,
+    FleetConfig,
+    LocalConfig,
+    ModalConfig,
+    SandboxBackend,
+)
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import (
     Sandbox,
@@ -28,30 +32,24 @@ __all__ = [
 ]
 
 
-def create_provider(environment: str, options: dict[str, Any] | None = None) -> SandboxProvider:
-    """The provider for `environment`, configured from its part of environment_kwargs."""
-    options = options or {}
-    if environment == "local":
+def create_provider(config: SandboxBackend) -> SandboxProvider:
+    """The provider for a backend's config (its module imported only now)."""
+    if isinstance(config, LocalConfig):
         from rlm_orchestrator.sandbox.local import LocalProvider
 
-        return LocalProvider.from_options(options)
-    if environment == "docker":
+        return LocalProvider(config)
+    if isinstance(config, DockerConfig):
         from rlm_orchestrator.sandbox.docker import DockerProvider
 
-        return DockerProvider.from_options(options)
-    if environment == "fleet":
+        return DockerProvider(config)
+    if isinstance(config, FleetConfig):
         from rlm_orchestrator.sandbox.fleet import FleetProvider
 
-        return FleetProvider.from_options(options)
-    if environment == "modal":
+        return FleetProvider(config)
+    if isinstance(config, ModalConfig):
         from rlm_orchestrator.sandbox.modal_provider import ModalProvider
 
-        return ModalProvider.from_options(options)
-    if environment == "kubernetes":
-        from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
+        return ModalProvider(config)
+    from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
 
-        return KubernetesProvider.from_options(options)
-    raise ConfigurationError(
-        f"unknown environment {environment!r}; available: 'local', 'docker', 'modal', 'fleet', "
-        "'kubernetes'"
-    )
+    return KubernetesProvider(config)

@@ -10,18 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from rlm_orchestrator.config.limits import SandboxLimits
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 
 
-@dataclass(frozen=True)
-class SandboxSpec:
-    """What the orchestrator needs from one sandbox."""
+class SandboxSpec(SandboxLimits):
+    """What the orchestrator needs from one sandbox: its session, and its limits (defined,
+    with their defaults and bounds, by SandboxLimits)."""
 
     session_id: str
-    exec_timeout_seconds: float = 300.0
-    max_output_chars: int = 1_000_000
-    memory_limit_mb: int = 0
-    startup_timeout_seconds: float = 30.0
+
+    @classmethod
+    def of(cls, session_id: str, limits: SandboxLimits) -> SandboxSpec:
+        return cls(session_id=session_id, **limits.model_dump())
 
 
 @dataclass

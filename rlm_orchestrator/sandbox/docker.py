@@ -26,41 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.config.backends import DockerConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
 from rlm_orchestrator.sandbox.launch import CONTAINER_STATE_DIR, CONTAINER_WORKDIR, AgentLaunch
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
+from sandbox_agent.limits import NOBODY_UID
 
 log = logging.getLogger("rlm_orchestrator.sandbox.docker")
 MANAGED = "rlm.managed"
-NOBODY = 65534
+NOBODY = NOBODY_UID
 OWNER_ENV = "RLM_SANDBOX_OWNER"
-
-
-class DockerOptions(BaseModel):
-    """environment_kwargs understood by the Docker provider."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    image: str = "rlm-sandbox:latest"
-    memory_mb: int = Field(default=512, ge=64)
-    cpus: float = Field(default=1.0, gt=0)
-    pids_limit: int = Field(default=128, ge=8)
-    work_tmpfs_mb: int = Field(default=256, ge=16)
-    max_concurrent_starts: int = Field(default=4, ge=1)
-    # Containers kept started and idle, so that acquiring one does not pay the start.
-    warm_pool_size: int = Field(default=0, ge=0)
-    warm_max_idle_seconds: float = Field(default=300.0, gt=0)
-    # A container older than this is removed by any orchestrator's reconcile pass.
-    container_ttl_seconds: float = Field(default=6 * 3600.0, gt=0)
-    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
-    # The agent stops by itself (and its container with it) once this orchestrator has been
-    # gone for this long; 0 = only reconcile passes remove orphans.
-    orphan_timeout_seconds: float = Field(default=60.0, ge=0)
 
 
 async def _uncancellable(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -99,8 +77,8 @@ class DockerProvider:
 
     name = "docker"
 
-    def __init__(self, options: DockerOptions | None = None, client: Any = None) -> None:
-        self.options = options or DockerOptions()
+    def __init__(self, options: DockerConfig | None = None, client: Any = None) -> None:
+        self.options = options or DockerConfig()
         self._client = client
         self.host = socket.gethostname()
         self.orchestrator_id = orchestrator_id()
@@ -109,10 +87,6 @@ class DockerProvider:
         self._pool: list[_Container] = []
         self._maintenance: asyncio.Task[None] | None = None
         self._refilling = asyncio.Lock()
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> DockerProvider:
-        return cls(DockerOptions.model_validate(options))
 
     async def _docker(self) -> Any:
         if self._client is None:

@@ -16,52 +16,27 @@ import itertools
 import logging
 import socket
 import time
-from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from rlm_orchestrator.config.backends import FleetConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
-from rlm_orchestrator.sandbox.launch import TOKEN_ENV, dial, token_from_environment
+from rlm_orchestrator.sandbox.launch import dial, token_from_environment
 from rlm_orchestrator.sandbox.owner import orchestrator_id
 
 log = logging.getLogger("rlm_orchestrator.sandbox.fleet")
 
 
-class FleetOptions(BaseModel):
-    """environment_kwargs understood by the fleet provider."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    # host:port of each agent, and/or a DNS name:port resolving to all of them.
-    agents: list[str] = Field(default_factory=list)
-    dns: str | None = None
-    tls_ca_file: Path | None = None
-    # The name the agents' certificate carries (they are dialled by address).
-    tls_server_name: str | None = None
-    insecure: bool = False  # plaintext: for a private network of your own only
-    token_env: str = TOKEN_ENV  # the agents' token (the same variable the agents read)
-    lease_ttl_seconds: float = Field(default=30.0, gt=1)
-    unhealthy_seconds: float = Field(default=15.0, ge=0)
-    connect_timeout_seconds: float = Field(default=3.0, gt=0)
-
-
 class FleetProvider:
     name = "fleet"
 
-    def __init__(self, options: FleetOptions | None = None) -> None:
-        self.options = options or FleetOptions()
+    def __init__(self, options: FleetConfig | None = None) -> None:
+        self.options = options or FleetConfig()
         self.holder = orchestrator_id()
         self._turn = itertools.count()
         self._unhealthy: dict[str, float] = {}
         self._renewals: dict[str, asyncio.Task[None]] = {}
         self._live: dict[str, Sandbox] = {}
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> FleetProvider:
-        return cls(FleetOptions.model_validate(options))
 
     async def addresses(self) -> list[str]:
         found = list(self.options.agents)

@@ -70,8 +70,7 @@ class AgentLaunch:
     listen: str  # unix:/path or HOST:PORT
     workdir: str | None = None
     state_dir: str | None = None
-    # A session's defaults (each Execute call carries its own timeout and output cap).
-    exec_timeout_seconds: float | None = None
+    # A session's default output cap (each Execute call carries its own cap and timeout).
     max_output_chars: int | None = None
     memory_limit_mb: int = 0  # 0: no address-space limit (the flag is not passed)
     # The worker's jail of namespaces (local sandboxes; a container needs none).
@@ -98,12 +97,11 @@ class AgentLaunch:
             raise ValueError("tls_cert and tls_key go together")
 
     def for_session(self, spec: SandboxSpec, default_memory_limit_mb: int = 0) -> AgentLaunch:
-        """With a session's limits; its memory limit, else the backend's default."""
+        """With a session's limits; its memory limit (0: none), else the backend's default."""
         return replace(
             self,
-            exec_timeout_seconds=spec.exec_timeout_seconds,
             max_output_chars=spec.max_output_chars,
-            memory_limit_mb=spec.memory_limit_mb or default_memory_limit_mb,
+            memory_limit_mb=spec.memory_limit_or(default_memory_limit_mb),
         )
 
     def args(self) -> list[str]:
@@ -116,7 +114,6 @@ class AgentLaunch:
             ("--state-dir", self.state_dir),
             ("--tls-cert", self.tls_cert),
             ("--tls-key", self.tls_key),
-            ("--exec-timeout", _optional(self.exec_timeout_seconds)),
             ("--max-output-chars", _optional(self.max_output_chars)),
             ("--memory-limit-mb", _optional(self.memory_limit_mb or None)),
             ("--isolation", self.isolation),

@@ -21,15 +21,12 @@ import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from rlm_orchestrator.config.backends import LOCAL_MEMORY_LIMIT_MB, LocalConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
@@ -45,26 +42,6 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "SYSTEMR
 STOP_GRACE_SECONDS = 3.0
 OWNER_ENV = "RLM_SANDBOX_OWNER"
 OWNER_FILE = "owner"
-
-
-class LocalOptions(BaseModel):
-    """environment_kwargs understood by the local provider."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    python: str = sys.executable
-    temp_dir: str | None = None
-    # "auto": jail the worker where the kernel allows it, and warn on every acquire where it
-    # does not; "required": SandboxError where it does not; "off": never (trusted code only).
-    isolation: Literal["auto", "required", "off"] = "auto"
-    # Processes and threads of one sandbox, all included (RLIMIT_NPROC of its user namespace).
-    max_processes: int = Field(default=128, ge=8)
-    # Address space per process when the session sets none (RLIMIT_AS); 0 = no limit.
-    memory_limit_mb: int = Field(default=2048, ge=0)
-    # The jail's /tmp (a tmpfs: it counts as memory).
-    tmp_size_mb: int = Field(default=256, ge=1)
-    # Who user code is outside the jail when the orchestrator runs as root (nobody).
-    sandbox_uid: int = Field(default=65534, ge=1)
 
 
 @dataclass
@@ -122,14 +99,10 @@ class LocalProvider:
 
     name = "local"
 
-    def __init__(self, options: LocalOptions | None = None) -> None:
-        self.options = options or LocalOptions()
+    def __init__(self, options: LocalConfig | None = None) -> None:
+        self.options = options or LocalConfig()
         self._live: dict[str, Sandbox] = {}
         self._reconciled = False
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> LocalProvider:
-        return cls(LocalOptions.model_validate(options))
 
     async def reconcile(self) -> int:
         """Remove the sandbox dirs of orchestrators that died (their agents stopped with them:
@@ -214,7 +187,7 @@ class LocalProvider:
             token_fd=token_fd,
             parent_pid=os.getpid(),
         )
-        return launch.for_session(spec, o.memory_limit_mb).argv(o.python)
+        return launch.for_session(spec, LOCAL_MEMORY_LIMIT_MB).argv(o.python)
 
     def _check_isolation(self, isolation: str) -> None:
         if isolation == ISOLATED or self.options.isolation == "off":

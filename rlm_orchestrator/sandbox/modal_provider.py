@@ -17,12 +17,11 @@ import contextlib
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 import rlm_wire
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.config.backends import ModalConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
@@ -46,49 +45,19 @@ def _not_for_the_agent(path: Path) -> bool:
     return path.as_posix() not in rlm_wire.AGENT_FILES
 
 
-class ModalOptions(BaseModel):
-    """environment_kwargs understood by the Modal provider."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    app_name: str = "rlm-sandboxes"
-    port: int = 50051
-    tunnel_mode: Literal["h2", "tcp"] = "h2"
-    timeout_seconds: int = Field(default=3600, ge=10)
-    # An open tunnel connection keeps a sandbox alive: an orphan is reaped after this.
-    idle_timeout_seconds: int = Field(default=300, ge=10)
-    # Sooner than that, our agent stops by itself once this orchestrator's Attach stream has
-    # been gone this long (0 = rely on idle_timeout_seconds alone).
-    orphan_timeout_seconds: float = Field(default=60.0, ge=0)
-    cpu: float = Field(default=1.0, gt=0)
-    memory_mb: int = Field(default=1024, ge=128)
-    region: str | None = None
-    max_concurrent_creates: int = Field(default=4, ge=1)
-    creates_per_second: float = Field(default=4.0, gt=0)
-    create_attempts: int = Field(default=5, ge=1)
-    # Bound on each control-plane call (Modal's client would otherwise retry for a minute).
-    control_timeout_seconds: float = Field(default=20.0, gt=0)
-    # CA for the tunnel's TLS (default: the system roots); tests use their own CA.
-    tls_ca_file: Path | None = None
-
-
 class ModalProvider:
     """Creates a Modal Sandbox per session and dials its agent through the tunnel."""
 
     name = "modal"
 
-    def __init__(self, options: ModalOptions | None = None) -> None:
-        self.options = options or ModalOptions()
+    def __init__(self, options: ModalConfig | None = None) -> None:
+        self.options = options or ModalConfig()
         self.orchestrator_id = orchestrator_id()
         self._app: Any = None
         self._client: Any = None
         self._creates = asyncio.Semaphore(self.options.max_concurrent_creates)
         self._next_create = 0.0
         self._live: dict[str, Any] = {}
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> ModalProvider:
-        return cls(ModalOptions.model_validate(options))
 
     async def _control(self, what: str, call: Any) -> Any:
         """One control-plane call, bounded in time, failing with what to fix."""

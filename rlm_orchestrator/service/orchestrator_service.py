@@ -34,7 +34,7 @@ from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
-from rlm_orchestrator.sandbox import SandboxProvider, SandboxSpec
+from rlm_orchestrator.sandbox import SandboxProvider
 from rlm_orchestrator.sandbox.limits import SandboxPool
 from rlm_orchestrator.service.admission import (
     Admission,
@@ -272,14 +272,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             max_iterations=limits.max_iterations,
             timeout_seconds=limits.timeout_seconds,
             iteration_timeout_seconds=limits.iteration_timeout_seconds,
-            exec_timeout_seconds=limits.exec_timeout_seconds,
+            # The server's sandbox limits, with the request's block timeout.
+            sandbox=self.settings.sandbox.limits.model_copy(
+                update={"exec_timeout_seconds": limits.exec_timeout_seconds}
+            ),
             final_with_code=option("final_with_code", False),
             system_prompt=option("system_prompt", DEFAULT_SYSTEM_PROMPT),
             # FINAL_VAR answers are read from the sandbox up to the size the server may send.
             max_answer_chars=self.settings.max_answer_chars,
         )
-        spec = SandboxSpec(session_id="", exec_timeout_seconds=loop_settings.exec_timeout_seconds)
-        return CompletionRunner(router, provider, loop_settings, spec, logger=self._logger)
+        return CompletionRunner(router, provider, loop_settings, logger=self._logger)
 
     # -- management ----------------------------------------------------------------------------
 

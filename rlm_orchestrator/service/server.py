@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.config.backends import LocalConfig
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
 from rlm_orchestrator.sandbox import (
@@ -116,18 +117,18 @@ def check_authentication(settings: ServerSettings) -> None:
 async def _sandbox_provider(settings: ServerSettings) -> SandboxProvider:
     """The configured provider; `local` sandboxes must isolate their code unless the operator
     opted out (then every acquire that cannot isolate logs a warning)."""
-    options = dict(settings.environment_kwargs)
-    if settings.environment != "local":
-        return create_provider(settings.environment, options)
+    backend = settings.sandbox.backend
+    if not isinstance(backend, LocalConfig):
+        return create_provider(backend)
     from rlm_orchestrator.sandbox.local import ISOLATED, LocalProvider
 
     guarded = not settings.allow_unisolated_sandboxes
     if guarded:
-        if options.get("isolation") == "off":
+        if backend.isolation == "off":
             raise ConfigurationError(UNISOLATED.format(why='environment_kwargs isolation = "off"'))
-        options["isolation"] = "required"  # every sandbox fails closed, not only the first
-    provider = create_provider("local", options)
-    assert isinstance(provider, LocalProvider)
+        # Every sandbox fails closed, not only the first.
+        backend = backend.model_copy(update={"isolation": "required"})
+    provider = LocalProvider(backend)
     isolation = await provider.check_isolation()
     if isolation != ISOLATED:
         if guarded:

@@ -1,4 +1,10 @@
-"""Server configuration: a TOML file (`--config`, or RLM_SERVER_CONFIG), then RLM_SERVER_* env.
+"""Server configuration: flags > RLM_SERVER_* variables > a TOML file (`--config`, or
+RLM_SERVER_CONFIG).
+
+The server's file is its own: a `[run]` table (`rlm-orchestrator run`'s settings) is refused,
+as is any unknown key or RLM_SERVER_* variable. `environment` + `environment_kwargs` validate
+into the same SandboxConfig as RLM's, with one exception: `exec_timeout_seconds` is set at the
+top level (the ceiling of what a request may ask for), never in environment_kwargs.
 
 Secrets: a model's key is read from the environment variable it names (`api_key_env`), so
 config files can be committed. The bearer token may come from the environment
@@ -8,23 +14,44 @@ config files can be committed. The bearer token may come from the environment
 from __future__ import annotations
 
 import os
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import SettingsConfigDict
 
+from rlm_orchestrator.config.limits import (
+    DEFAULT_EXEC_TIMEOUT_SECONDS,
+    DEFAULT_MAX_ANSWER_CHARS,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_ITERATIONS,
+    MaxDepth,
+    MaxIterations,
+    Seconds,
+    Usd,
+)
+from rlm_orchestrator.config.loading import (
+    env_layer,
+    file_layer,
+    flag_layer,
+    load,
+    read_toml,
+)
+from rlm_orchestrator.config.sandbox import SandboxSettings
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMClientConfig
-from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
 
 CONFIG_ENV = "RLM_SERVER_CONFIG"
+# RLM_SERVER_* variables that are no setting: the file's name, and the token `run --server`
+# sends (a client's, which may well be set where a server runs).
+OTHER_VARIABLES = {CONFIG_ENV, "RLM_SERVER_TOKEN"}
+# environment_kwargs the server does not take, and where they go instead.
+REFUSED_SANDBOX_KEYS = {
+    "exec_timeout_seconds": (
+        "set it at the top level: exec_timeout_seconds is the ceiling a request may ask for, "
+        "default_exec_timeout_seconds what a request that sets none gets"
+    )
+}
 # The CompletionOptions that are limits: each has a ceiling and a default_ setting.
 LIMIT_OPTIONS = (
     "max_iterations",
@@ -34,8 +61,6 @@ LIMIT_OPTIONS = (
     "iteration_timeout_seconds",
     "max_cost",
 )
-# The file given on the command line, for settings_customise_sources (a classmethod).
-_config_file: ContextVar[str | None] = ContextVar("rlm_server_config_file", default=None)
 
 
 class ModelSettings(BaseModel):
@@ -51,9 +76,9 @@ class ModelSettings(BaseModel):
     # Name of the environment variable holding the key (preferred over `api_key`).
     api_key_env: str | None = None
     api_key: SecretStr | None = None
-    max_concurrency: int = Field(16, ge=1)
-    max_retries: int = Field(3, ge=0)
-    retry_initial_delay: float = Field(0.5, ge=0)
+    max_concurrency: int = Field(LMClientConfig.max_concurrency, ge=1)
+    max_retries: int = Field(LMClientConfig.max_retries, ge=0)
+    retry_initial_delay: float = Field(LMClientConfig.retry_initial_delay, ge=0)
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
     # Anything else litellm takes (temperature, api_version, ...).
@@ -118,7 +143,11 @@ class TLSSettings(BaseModel):
     client_ca_file: Path | None = None
 
 
-class ServerSettings(BaseSettings):
+class ServerSettings(SandboxSettings):
+    """The server's settings. `environment_kwargs` as RLM's (the backend's keys and the limits
+    of its sandboxes: startup_timeout_seconds, max_output_chars, memory_limit_mb), but for
+    exec_timeout_seconds (top level: the ceiling of the requests') and setup_code."""
+
     model_config = SettingsConfigDict(
         env_prefix="RLM_SERVER_", env_nested_delimiter="__", extra="forbid"
     )
@@ -133,8 +162,6 @@ class ServerSettings(BaseSettings):
     # Which models serve depth 0 and depth >= 1 when a request names none (default: first).
     root_model: str | None = None
     sub_model: str | None = None
-    environment: str = "local"
-    environment_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Sandboxed code is a tenant's, written by a model: by default the server refuses to start
     # sandboxes that would run it with the server's privileges (`local` where the kernel has
     # no user namespaces, or with isolation = "off"). True accepts that risk.
@@ -145,19 +172,19 @@ class ServerSettings(BaseSettings):
     allow_unauthenticated: bool = False
     # Ceilings of the limits a request may set (CompletionOptions of the same names): a request
     # may ask for less, never more (INVALID_ARGUMENT names the ceiling). None: no ceiling.
-    max_iterations: int = Field(30, ge=1)
-    max_depth: int = Field(1, ge=0)
-    exec_timeout_seconds: float = Field(300.0, gt=0)
-    timeout_seconds: float = Field(3600.0, gt=0)
-    iteration_timeout_seconds: float | None = Field(None, gt=0)
-    max_cost: float | None = Field(None, gt=0)
+    max_iterations: MaxIterations = DEFAULT_MAX_ITERATIONS
+    max_depth: MaxDepth = DEFAULT_MAX_DEPTH
+    exec_timeout_seconds: Seconds = DEFAULT_EXEC_TIMEOUT_SECONDS
+    timeout_seconds: Seconds = 3600.0
+    iteration_timeout_seconds: Seconds | None = None
+    max_cost: Usd | None = None
     # What a request that sets none of these gets (None: the ceiling).
-    default_max_iterations: int | None = Field(None, ge=1)
-    default_max_depth: int | None = Field(None, ge=0)
-    default_exec_timeout_seconds: float | None = Field(None, gt=0)
-    default_timeout_seconds: float | None = Field(None, gt=0)
-    default_iteration_timeout_seconds: float | None = Field(None, gt=0)
-    default_max_cost: float | None = Field(None, gt=0)
+    default_max_iterations: MaxIterations | None = None
+    default_max_depth: MaxDepth | None = None
+    default_exec_timeout_seconds: Seconds | None = None
+    default_timeout_seconds: Seconds | None = None
+    default_iteration_timeout_seconds: Seconds | None = None
+    default_max_cost: Usd | None = None
     # Admission, counted when a call is accepted (RESOURCE_EXHAUSTED names the limit): running
     # (or uploading) completions; open sessions; live sandboxes (sessions', completions' and
     # rlm_query children's: a child refused one fails as a sub-call error).
@@ -185,6 +212,9 @@ class ServerSettings(BaseSettings):
     # On SIGTERM: how long running completions may go on before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
+
+    takes_setup_code = False
+    refused_sandbox_keys = REFUSED_SANDBOX_KEYS
 
     @model_validator(mode="after")
     def _check_tenants(self) -> ServerSettings:
@@ -216,28 +246,22 @@ class ServerSettings(BaseSettings):
         default = getattr(self, f"default_{name}")
         return getattr(self, name) if default is None else default
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = _config_file.get() or os.environ.get(CONFIG_ENV)
-        if config_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
-        return tuple(sources)
 
-
-def load_server_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
-    """Settings from the file (flag or RLM_SERVER_CONFIG), env vars, and explicit overrides."""
-    if config_file is not None and not config_file.is_file():
-        raise ConfigurationError(f"config file {config_file} does not exist")
-    token = _config_file.set(str(config_file) if config_file else None)
-    try:
-        return ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _config_file.reset(token)
+def load_server_settings(config_file: Path | None = None, **flags: Any) -> ServerSettings:
+    """Settings from the flags given (None: not given), RLM_SERVER_* variables, and the file
+    (`config_file`, else RLM_SERVER_CONFIG); a one-line ConfigurationError naming the key and
+    where it came from when one is wrong."""
+    layers = [
+        flag_layer(flags, {name: f"--{name.replace('_', '-')}" for name in flags}),
+        env_layer(ServerSettings, allowed=OTHER_VARIABLES),
+    ]
+    named = config_file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if named is not None:
+        values = read_toml(named)
+        if "run" in values:
+            raise ConfigurationError(
+                f"{named}: run: a [run] table holds `rlm-orchestrator run`'s settings; the "
+                "server's file is its own (top-level keys)"
+            )
+        layers.append(file_layer(named, values))
+    return load(ServerSettings, layers)

@@ -5,6 +5,6 @@ ownership.py the orchestrator Leases that own the pods, provider.py the provider
 warm pool.
 """
 
-from rlm_orchestrator.sandbox.kubernetes.provider import KubernetesOptions, KubernetesProvider
+from rlm_orchestrator.sandbox.kubernetes.provider import KubernetesProvider
 
-__all__ = ["KubernetesOptions", "KubernetesProvider"]
+__all__ = ["KubernetesProvider"]

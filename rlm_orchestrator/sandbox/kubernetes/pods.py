@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from rlm_orchestrator.config.backends import PodConfig
 from rlm_orchestrator.sandbox.kubernetes.api import JsonObject
 from rlm_orchestrator.sandbox.launch import (
     CONTAINER_STATE_DIR,
@@ -48,33 +46,6 @@ FATAL_WAITING = {
 }
 
 
-class PodOptions(BaseModel):
-    """What the sandbox pods look like (part of the provider's environment_kwargs)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    image: str = "rlm-sandbox:latest"
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    # E.g. "gvisor" (deploy/kubernetes/overlays/gvisor); None: the cluster's default runtime.
-    runtime_class: str | None = None
-    service_account: str = "rlm-agent"
-    port: int = Field(default=50051, gt=0, lt=65536)
-    health_port: int = Field(default=50052, gt=0, lt=65536)
-    cpu_request: str = "250m"
-    cpu_limit: str = "1"
-    memory_request: str = "256Mi"
-    memory_limit: str = "1Gi"
-    work_size_limit: str = "256Mi"
-    # No pod outlives this, whatever happens to its orchestrator.
-    active_deadline_seconds: int = Field(default=6 * 3600, ge=60)
-    # Secrets the kubelet mounts (the orchestrator never reads or creates Secrets).
-    tls_secret: str | None = "rlm-agent-tls"
-    token_secret: str | None = "rlm-agent-token"
-    token_secret_key: str = "token"
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-
-
 def restricted_security_context() -> JsonObject:
     return {
         "runAsNonRoot": True,
@@ -88,7 +59,7 @@ def restricted_security_context() -> JsonObject:
     }
 
 
-def agent_args(options: PodOptions, memory_limit_mb: int = 0) -> list[str]:
+def agent_args(options: PodConfig, memory_limit_mb: int = 0) -> list[str]:
     tls = bool(options.tls_secret)
     return AgentLaunch(
         listen=f"0.0.0.0:{options.port}",
@@ -101,7 +72,7 @@ def agent_args(options: PodOptions, memory_limit_mb: int = 0) -> list[str]:
     ).args()
 
 
-def pod_spec(options: PodOptions, memory_limit_mb: int = 0) -> JsonObject:
+def pod_spec(options: PodConfig, memory_limit_mb: int = 0) -> JsonObject:
     container: JsonObject = {
         "name": "agent",
         "image": options.image,

@@ -16,12 +16,9 @@ import contextlib
 import logging
 import random
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
-
-from pydantic import Field
 
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.config.backends import KubernetesConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
@@ -37,46 +34,22 @@ from rlm_orchestrator.sandbox.kubernetes.pods import (
     SESSION,
     STATE,
     TEMPLATE,
-    PodOptions,
     pod_spec,
     readiness,
     sandbox_pod,
     template_hash,
 )
-from rlm_orchestrator.sandbox.launch import TOKEN_ENV, dial, token_from_environment
+from rlm_orchestrator.sandbox.launch import dial, token_from_environment
 from rlm_orchestrator.sandbox.owner import orchestrator_id
 
 log = logging.getLogger("rlm_orchestrator.sandbox.kubernetes")
 
 
-class KubernetesOptions(PodOptions):
-    """environment_kwargs understood by the Kubernetes provider."""
-
-    namespace: str = "rlm-sandboxes"
-    # None: the pod's service account in the cluster, else KUBECONFIG or ~/.kube/config.
-    kubeconfig: Path | None = None
-    context: str | None = None
-    # Idle pods kept ready in the namespace (for this pod template), shared by orchestrators.
-    pool_size: int = Field(default=0, ge=0)
-    # An idle pod older than this is replaced (its activeDeadlineSeconds is ticking).
-    pool_max_idle_seconds: float = Field(default=1800.0, gt=0)
-    pool_check_seconds: float = Field(default=10.0, gt=0)
-    lease_duration_seconds: int = Field(default=45, ge=5)
-    # Added to a Lease's duration before another orchestrator may deem it expired (clock skew).
-    sweep_grace_seconds: float = Field(default=30.0, ge=0)
-    tls_ca_file: Path | None = None
-    # The name the agents' certificate carries (they are dialled by pod IP).
-    tls_server_name: str | None = "rlm-agent.rlm-sandboxes.svc"
-    token_env: str = TOKEN_ENV  # the agents' token (the same variable the agents read)
-
-
 class KubernetesProvider:
     name = "kubernetes"
 
-    def __init__(
-        self, options: KubernetesOptions | None = None, api: KubeApi | None = None
-    ) -> None:
-        self.options = options or KubernetesOptions()
+    def __init__(self, options: KubernetesConfig | None = None, api: KubeApi | None = None) -> None:
+        self.options = options or KubernetesConfig()
         self.holder = orchestrator_id()
         self._api = api
         self._owner: OwnerLease | None = None
@@ -86,10 +59,6 @@ class KubernetesProvider:
         self._live: dict[str, Sandbox] = {}
         self._pool_spec = pod_spec(self.options)
         self.pool_template = template_hash(self._pool_spec)
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> KubernetesProvider:
-        return cls(KubernetesOptions.model_validate(options))
 
     @property
     def api(self) -> KubeApi:
@@ -147,7 +116,7 @@ class KubernetesProvider:
             span.set_attribute("rlm.sandbox.pooled", pod is not None)
             if pod is None:
                 pod_manifest = sandbox_pod(
-                    pod_spec(self.options, spec.memory_limit_mb),
+                    pod_spec(self.options, spec.memory_limit_mb or 0),
                     state="leased",
                     owner=owner.owner_reference(),
                     annotations=self._session_annotations(spec),
