@@ -16,14 +16,7 @@ from typing import Any
 from pydantic import PrivateAttr
 from pydantic_settings import SettingsConfigDict
 
-from rlm_orchestrator.config.limits import (
-    DEFAULT_MAX_DEPTH,
-    DEFAULT_MAX_ITERATIONS,
-    MaxDepth,
-    MaxIterations,
-    Seconds,
-    Usd,
-)
+from rlm_orchestrator.config import limits
 from rlm_orchestrator.config.loading import (
     Layer,
     env_layer,
@@ -69,10 +62,10 @@ class RunSettings(SandboxSettings):
     model: str = "gpt-4o-mini"
     sub_model: str | None = None
     api_base: str | None = None
-    max_iterations: MaxIterations = DEFAULT_MAX_ITERATIONS
-    max_depth: MaxDepth = DEFAULT_MAX_DEPTH
-    timeout_seconds: Seconds | None = None
-    max_cost: Usd | None = None
+    max_iterations: limits.MaxIterations = limits.DEFAULT_MAX_ITERATIONS
+    max_depth: limits.MaxDepth = limits.DEFAULT_MAX_DEPTH
+    timeout_seconds: limits.Seconds | None = None
+    max_cost: limits.Usd | None = None
     log_dir: Path | None = None
 
     # ./rlm.toml when it was there but had no [run] table (so it was not read).
