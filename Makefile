@@ -51,7 +51,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check rlm_orchestrator rlm_wire sandbox_agent tests bench
 	$(VENV)/bin/ruff format --check rlm_orchestrator rlm_wire sandbox_agent tests bench
-	$(VENV)/bin/mypy rlm_orchestrator rlm_wire sandbox_agent tests/fakes
+	$(VENV)/bin/mypy rlm_orchestrator rlm_wire sandbox_agent tests/fakes bench
 
 run: setup
 	$(VENV)/bin/rlm-orchestrator demo

@@ -23,10 +23,7 @@ def plot(metrics: list[Metric], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    ratios = [
-        m.value / m.target if m.target_op.startswith("<") else m.target / m.value  # type: ignore[operator]
-        for m in rows
-    ]
+    ratios = [_ratio(m) for m in rows]
     labels = [f"{m.bench}: {m.name}"[:70] for m in rows]
     figure, axes = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.5))
     colors = ["tab:green" if m.passed else "tab:red" for m in rows]
@@ -42,3 +39,9 @@ def plot(metrics: list[Metric], path: Path, title: str) -> Path | None:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _ratio(m: Metric) -> float:
+    """How far from its target a row is (1 = on it; above 1 = worse)."""
+    assert m.value and m.target and m.target_op  # plot() keeps only such rows
+    return m.value / m.target if m.target_op.startswith("<") else m.target / m.value

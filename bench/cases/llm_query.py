@@ -25,6 +25,7 @@ from typing import Any
 from bench import instant_lm
 from bench.common import Metric, discard_output, instant_answers, timing, unmeasured
 from rlm_orchestrator import events as ev
+from rlm_orchestrator.config import SandboxLimits
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
@@ -95,8 +96,7 @@ async def _ours(priced: bool) -> dict[str, list[float]]:
         model |= {"input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}
     config = LMClientConfig.from_backend("litellm", model)
     provider = LocalProvider()
-    runner_settings = LoopSettings(max_iterations=3)
-    spec = SandboxSpec(session_id="bench-llm", max_output_chars=10**7)
+    runner_settings = LoopSettings(max_iterations=3, sandbox=SandboxLimits(max_output_chars=10**7))
     outputs: list[str] = []
 
     def on_event(event: ev.Event) -> None:
@@ -105,7 +105,7 @@ async def _ours(priced: bool) -> dict[str, list[float]]:
                 raise RuntimeError(f"our block failed: {event.result.stderr[-300:]}")
             outputs.append(event.result.stdout)
 
-    runner = CompletionRunner(LMRouter(config), provider, runner_settings, spec, emit=on_event)
+    runner = CompletionRunner(LMRouter(config), provider, runner_settings, emit=on_event)
     try:
         with instant_lm.instant_litellm(_Root()):
             result = await runner.run(
