@@ -6,7 +6,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from conftest import OWNER, SANDBOX_IMAGE, require_docker
 
+from rlm_orchestrator.sandbox import SubCallOutcome
+from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.launch import (
     CONTAINER_STATE_DIR,
     CONTAINER_WORKDIR,
@@ -116,3 +118,13 @@ def _address_of(container: Any, network: str) -> str:
             return str(address)
         time.sleep(0.1)
     raise RuntimeError(f"{container.name} got no address: {container.logs()[-500:]!r}")
+
+
+async def run(agent: AgentClient, code: str) -> str:
+    async def ignore(stream: str, text: str) -> None:
+        return None
+
+    async def none(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
+        return []
+
+    return (await agent.execute(code, on_output=ignore, on_sub_call=none)).stdout

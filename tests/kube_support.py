@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fleet_support import run
 
 from rlm_orchestrator.config import KubernetesConfig
-from rlm_orchestrator.sandbox import SubCallOutcome
-from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.kubernetes import KubernetesProvider
 from tests.fakes.certs import TestPKI, make_test_pki
 from tests.fakes.fake_cluster import (
@@ -58,16 +57,6 @@ def fake_cluster(
 
 def provider(cluster: FakeCluster, **options: Any) -> KubernetesProvider:
     return KubernetesProvider(KubernetesConfig.model_validate(cluster.options(**options)))
-
-
-async def run(agent: AgentClient, code: str) -> str:
-    async def ignore(stream: str, text: str) -> None:
-        return None
-
-    async def none(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
-        return []
-
-    return (await agent.execute(code, on_output=ignore, on_sub_call=none)).stdout
 
 
 async def eventually(check: Any, timeout: float = 10.0) -> None:

@@ -11,17 +11,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ROOT_MODEL, repl
+from fleet_support import run
 
 from rlm_orchestrator import RLM
 from rlm_orchestrator.config import FleetConfig
 from rlm_orchestrator.exceptions import SandboxError
-from rlm_orchestrator.sandbox import SandboxSpec, SubCallOutcome
+from rlm_orchestrator.sandbox import SandboxSpec
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.fleet import FleetProvider
 from rlm_orchestrator.sandbox.launch import TOKEN_ENV, AgentLaunch, token_environment
@@ -83,16 +84,6 @@ def client(fleet: Fleet, address: str, token: str | None = TOKEN) -> AgentClient
     return AgentClient(
         address, credentials=channel_credentials(fleet.pki.ca_cert), metadata=metadata
     )
-
-
-async def run(agent: AgentClient, code: str) -> str:
-    async def ignore(stream: str, text: str) -> None:
-        return None
-
-    async def none(prompts: list[str], model: str, kind: str) -> Sequence[SubCallOutcome]:
-        return []
-
-    return (await agent.execute(code, on_output=ignore, on_sub_call=none)).stdout
 
 
 async def test_an_agent_serves_one_lease_at_a_time_and_refuses_strangers(fleet: Fleet) -> None:
