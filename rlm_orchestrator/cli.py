@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -161,9 +164,57 @@ def _configuration_error(exc: Exception) -> NoReturn:
     raise typer.Exit(2) from None
 
 
+# Seconds of silence after which `run` says what it is waiting for.
+STATUS_AFTER_SECONDS = 0.5
+
+
+class _StartupStatus:
+    """One status line on stderr when the first event is more than STATUS_AFTER_SECONDS
+    away (imports, the sandbox's start, litellm's import): silence would look like a hang."""
+
+    def __init__(self, quiet: bool) -> None:
+        self._timer: threading.Timer | None = None
+        if not quiet:
+            self._timer = threading.Timer(STATUS_AFTER_SECONDS, self._say)
+            self._timer.daemon = True
+            self._timer.start()
+
+    @staticmethod
+    def _say() -> None:
+        stderr.print("[dim]starting: a sandbox, and the LM client (litellm)...[/]")
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 def _run_local(settings: RunSettings, context: Any, query: str, quiet: bool, as_json: bool) -> None:
+    status = _StartupStatus(quiet)
+    try:
+        _run_local_rlm(settings, context, query, quiet, as_json, status)
+    finally:
+        status.done()
+
+
+def _run_local_rlm(
+    settings: RunSettings,
+    context: Any,
+    query: str,
+    quiet: bool,
+    as_json: bool,
+    status: _StartupStatus,
+) -> None:
     from rlm_orchestrator import RLM, RLMError, RLMLogger
     from rlm_orchestrator.console import EventPrinter
+    from rlm_orchestrator.events import Event
+
+    printer = None if quiet else EventPrinter(stderr)
+
+    def on_event(event: Event) -> None:
+        status.done()
+        if printer is not None:
+            printer(event)
 
     lm_kwargs: dict[str, Any] = {"model_name": settings.model}
     if settings.api_base:
@@ -182,7 +233,7 @@ def _run_local(settings: RunSettings, context: Any, query: str, quiet: bool, as_
             logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
             max_cost=settings.max_cost,
             timeout_seconds=settings.timeout_seconds,
-            on_event=None if quiet else EventPrinter(stderr),
+            on_event=on_event,
         )
         result = rlm.completion(context, root_prompt=query)
     except RLMError as exc:
@@ -301,7 +352,35 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The console entry point. Once litellm is loaded, the interpreter's teardown of its module
+    graph takes a second or more after the answer is printed: the process ends without it, after
+    the exit handlers (trace export, ...). Every sandbox is released by then (the completion's
+    own cleanup), so nothing is left behind. Not in `app` itself: CliRunner tests call that."""
+    try:
+        app()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "litellm" not in sys.modules:
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    telemetry = sys.modules.get("rlm_orchestrator.telemetry")
+    if telemetry is not None:
+        telemetry.shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed pipe: nothing more can be said there.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

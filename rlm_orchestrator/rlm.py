@@ -175,7 +175,8 @@ class RLM:
     async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         telemetry.configure()  # from OTEL_* / RLM_TRACE_STORE, once per process; off otherwise
         router = LMRouter(self.root_config, self.other_configs)
-        await router.prepare()
+        # litellm imports while the sandbox starts; the runner waits for it before the loop.
+        router.start_prepare()
         # Created on first use: a plain LM call (depth >= max_depth) never makes one.
         provider = self._provider or LazyProvider(lambda: create_provider(self.sandbox.backend))
         runner = CompletionRunner(

@@ -1,16 +1,19 @@
 """LM routing: which model answers a call, through litellm, with retries, caps and accounting.
 
 litellm is imported on first use only: it costs seconds and ~200 MB, which neither the CLI's
---help nor the sandbox agent should pay.
+--help nor the sandbox agent should pay. The import runs in a background thread
+(`start_litellm_import`), so a completion starts its sandbox and uploads its context meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,6 +132,36 @@ def _litellm() -> Any:
     return litellm
 
 
+_import_lock = threading.Lock()
+_import: concurrent.futures.Future[Any] | None = None
+
+
+def start_litellm_import() -> concurrent.futures.Future[Any]:
+    """litellm's import, started once per process in a daemon thread: the future's result is
+    the module (or the import's error). It holds the GIL for most of its seconds, but what it
+    overlaps with (a sandbox process starting, the context going over gRPC) mostly waits."""
+    global _import
+    with _import_lock:
+        if _import is None:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+            def load() -> None:
+                try:
+                    future.set_result(_litellm())
+                except BaseException as exc:  # the waiter re-raises it
+                    future.set_exception(exc)
+
+            threading.Thread(target=load, name="litellm-import", daemon=True).start()
+            _import = future
+        return _import
+
+
+async def _litellm_loaded() -> Any:
+    """The module once its import is done, waited for without blocking the event loop."""
+    future = start_litellm_import()
+    return future.result() if future.done() else await asyncio.wrap_future(future)
+
+
 def _status_of(exc: BaseException) -> int | None:
     status = getattr(exc, "status_code", None)
     return status if isinstance(status, int) else None
@@ -206,9 +239,14 @@ class LMRouter:
         return view
 
     @staticmethod
+    def start_prepare() -> None:
+        """Start importing litellm in the background; `prepare()` waits for it."""
+        start_litellm_import()
+
+    @staticmethod
     async def prepare() -> None:
         """Import litellm off the event loop (seconds, once), before any deadline runs."""
-        await asyncio.to_thread(_litellm)
+        await _litellm_loaded()
 
     @staticmethod
     async def finish_callbacks(timeout: float = 2.0) -> None:
@@ -254,7 +292,7 @@ class LMRouter:
     ) -> LMAnswer:
         """One call, retried on 429/5xx/timeouts; raises LMError when it fails for good."""
         config = self.resolve(model, depth)
-        litellm = _litellm()
+        litellm = await _litellm_loaded()
         messages = as_messages(prompt)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.max_retries + 1),

@@ -154,6 +154,9 @@ class CompletionRunner:
         active = session or await self.new_session()
         try:
             await active.add_context(context)
+            # The LM client's import (started before the sandbox) ends before the loop's
+            # deadline starts: it delays the first turn, it does not shorten the completion.
+            await self.router.prepare()
             # Children do not write into their parent's trajectory log.
             logger = self.logger if top_level else None
             loop = CompletionLoop(
@@ -193,6 +196,7 @@ class CompletionRunner:
         self, prompt: Any, root_model: str, tracker: UsageTracker, depth: int
     ) -> RLMChatCompletion:
         """At depth >= max_depth an RLM is a plain LM call (same result type)."""
+        await self.router.prepare()
         started = time.perf_counter()
         answer = await self.router.complete(prompt, model=root_model, tracker=tracker)
         self.emit(ev.FinalAnswer(depth, answer.text, "plain_lm", 0))

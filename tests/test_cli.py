@@ -99,6 +99,31 @@ def test_run_rejects_invalid_json_context(tmp_path: Path) -> None:
     assert code == 2 and "not valid JSON" in stderr
 
 
+# Modules that take most of a second or more to import: none may load before `run` has
+# refused its arguments (the refusal comes at once, not after seconds of silence).
+SLOW_IMPORTS = ("litellm", "openai", "httpx", "grpc", "rlm_orchestrator.rlm")
+
+
+def test_run_refuses_a_bad_setting_before_any_slow_import() -> None:
+    probe = (
+        "import sys\n"
+        "from rlm_orchestrator.cli import main\n"
+        "sys.argv = ['rlm-orchestrator', 'run', '-c', '-', '-q', '?', '--max-iterations', '0']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code)\n"
+        "print(*sorted(sys.modules), sep='\\n')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    first, *modules = result.stdout.splitlines()
+    assert first == "exit 2" and "--max-iterations" in result.stderr
+    loaded = [m for m in modules if m in SLOW_IMPORTS or m.split(".")[0] in SLOW_IMPORTS]
+    assert loaded == []
+
+
 def test_demo_finds_the_hidden_fact() -> None:
     code, stdout, stderr = run_in_process("demo", "--size", "200000", "--quiet")
     assert code == 0, stderr

@@ -1,18 +1,54 @@
-"""Traces of completions across the orchestrator, the LM router and the sandbox agents."""
+"""Traces of completions across the orchestrator, the LM router and the sandbox agents.
 
-from rlm_orchestrator.telemetry.tracing import (
-    configure,
-    content,
-    context_from,
-    enabled,
-    export_agent_span,
-    flush,
-    mark_error,
-    record_content,
-    shutdown,
-    traceparent,
-    tracer,
+The functions load with their first use (PEP 562): the CLI imports this package for
+`rlm-orchestrator trace` and must not pay for opentelemetry and protobuf before it has checked
+`run`'s arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlm_orchestrator.telemetry.tracing import (
+        configure,
+        content,
+        context_from,
+        enabled,
+        export_agent_span,
+        flush,
+        mark_error,
+        record_content,
+        shutdown,
+        traceparent,
+        tracer,
+    )
+
+_EXPORTS = frozenset(
+    {
+        "configure",
+        "content",
+        "context_from",
+        "enabled",
+        "export_agent_span",
+        "flush",
+        "mark_error",
+        "record_content",
+        "shutdown",
+        "traceparent",
+        "tracer",
+    }
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.tracing"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
 
 __all__ = [
     "configure",

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from rlm_orchestrator.telemetry.show import (
-    format_cost,
-    format_duration,
-    render_tree,
-    trace_to_json,
-)
-from rlm_orchestrator.telemetry.store import TraceStore, TraceStoreError, store_path
+if TYPE_CHECKING:
+    from rlm_orchestrator.telemetry.store import TraceStore
+
+# The store and the renderers (opentelemetry's SDK, rich's tables) are imported by the
+# commands that use them: `rlm-orchestrator run` registers these commands and never needs them.
 
 trace_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -40,6 +37,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _open(store: Path | None) -> TraceStore:
+    from rlm_orchestrator.telemetry.store import TraceStore, TraceStoreError, store_path
+
     try:
         return TraceStore(store_path(store))
     except TraceStoreError as exc:
@@ -57,6 +56,11 @@ def list_traces(
     store: StoreOption = None,
 ) -> None:
     """The newest traces, newest first."""
+    from rich.table import Table
+
+    from rlm_orchestrator.telemetry.show import format_cost, format_duration
+    from rlm_orchestrator.telemetry.store import TraceStoreError
+
     try:
         summaries = _open(store).traces(limit)
     except TraceStoreError as exc:
@@ -105,6 +109,9 @@ def show(
     store: StoreOption = None,
 ) -> None:
     """One trace as a tree of spans (or nested JSON with --json)."""
+    from rlm_orchestrator.telemetry.show import render_tree, trace_to_json
+    from rlm_orchestrator.telemetry.store import TraceStoreError
+
     if (trace_id is None) == (not last):
         _fail("give a TRACE_ID or --last (not both)" if last else "give a TRACE_ID or --last")
     trace_store = _open(store)

@@ -76,6 +76,9 @@ class RecordedRequest:
     headers: dict[str, str]
     reply: str | None = None
     status: int = 200
+    # time.monotonic() when the request was read: system-wide on Linux, so a benchmark can
+    # compare it with a client process's start.
+    received_at: float = field(default_factory=time.monotonic)
 
     @property
     def last_user_message(self) -> str:
