@@ -25,25 +25,9 @@ if TYPE_CHECKING:
         tracer,
     )
 
-_EXPORTS = frozenset(
-    {
-        "configure",
-        "content",
-        "context_from",
-        "enabled",
-        "export_agent_span",
-        "flush",
-        "mark_error",
-        "record_content",
-        "shutdown",
-        "traceparent",
-        "tracer",
-    }
-)
-
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.tracing"), name)
     globals()[name] = value  # found directly from now on
