@@ -52,7 +52,9 @@ class Metric:
             return self
         self.passed = OPS[self.target_op](self.value, self.target)
         if not self.passed:
-            if self.target_op in ("<", "<="):
+            if self.target_op in ("<", "<=") and not self.target:
+                self.miss = f"{self.value:g} over the target of {self.target:g}"
+            elif self.target_op in ("<", "<="):
                 self.miss = f"{self.value / self.target:.2f}x over the target"
             else:
                 ratio = self.target / self.value if self.value else float("inf")

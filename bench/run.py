@@ -32,6 +32,8 @@ CASES = {
     "acquire": "bench.cases.acquire",
     "startup": "bench.cases.startup",
     "scale": "bench.cases.scale",
+    "recursion": "bench.cases.recursion",
+    "idle": "bench.cases.idle",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3
