@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 
-def config(base_url: str, directory: Path, concurrency: int, name: str = "bench") -> Path:
+def config(
+    base_url: str, directory: Path, concurrency: int, name: str = "bench", *settings: str
+) -> Path:
     """Both models served by the scripted LM at `base_url`, neither capped below
     `concurrency` (the default cap, 16, would queue the LM calls: the benchmarks measure the
-    orchestrator)."""
+    orchestrator); `settings` are more top-level TOML lines."""
     lines = [
+        *settings,
         'listen = "127.0.0.1:0"',
         f"max_concurrent_completions = {2 * concurrency}",
         'root_model = "root"',

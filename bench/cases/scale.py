@@ -1,14 +1,11 @@
 """Scale: 64 concurrent completions on one server (scripted LM, 50 ms per call), its peak RSS,
-and the memory of an idle local sandbox (PSS of the agent and its jailed worker)."""
+and the memory of an idle local sandbox (USS, PSS and RSS of the agent and its jailed worker)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -16,15 +13,17 @@ from pathlib import Path
 
 import psutil
 
+from bench import server
 from bench.common import Metric, percentile, timing
+from bench.sandboxes import Memory, memory, owner_label, processes_of, start_idle
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.client import AsyncClient
-from rlm_orchestrator.sandbox import SandboxSpec
+from rlm_orchestrator.sandbox import Sandbox
 from rlm_orchestrator.sandbox.local import LocalProvider
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, Rule, Script, ScriptedLMServer
 
 NAME = "scale"
-DESCRIPTION = "64 concurrent completions (scripted LM, 50 ms/call): time, peak RSS, idle RSS"
+DESCRIPTION = "64 concurrent completions (scripted LM, 50 ms/call): time, peak RSS; idle memory"
 CONCURRENT = 64
 ROUNDS = 2  # a round takes ~16 s on 2 cores (64 sandbox starts)
 LM_DELAY = 0.05
@@ -42,52 +41,6 @@ def _root_reply(request: RecordedRequest) -> str:
     # Per-request, not a shared sequence: 64 interleaved completions each get turn 1 then 2.
     # Turn 1 is system prompt + context metadata + user prompt; later turns are longer.
     return REPL_TURN if len(request.messages) == 3 else "FINAL_VAR(x)"
-
-
-def _config(base_url: str, directory: Path) -> Path:
-    lines = [
-        'listen = "127.0.0.1:0"',
-        f"max_concurrent_completions = {2 * CONCURRENT}",
-        'root_model = "root"',
-        'sub_model = "sub"',
-    ]
-    for name in ("root", "sub"):
-        lines += [
-            "[[models]]",
-            f'name = "{name}"',
-            f'api_base = "{base_url}"',
-            'api_key_env = "OPENAI_API_KEY"',
-            # The default (16) would queue the LM calls: the bench measures the orchestrator.
-            f"max_concurrency = {CONCURRENT}",
-            "retry_initial_delay = 0.01",
-        ]
-    path = directory / "scale.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _start_server(config: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "OPENAI_API_KEY": "dummy", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    command = [sys.executable, "-m", "rlm_orchestrator.cli", "serve", "--config", str(config)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    assert process.stdout is not None
-    line = process.stdout.readline()  # LISTENING host:port, once the router is ready
-    if not line.startswith("LISTENING"):
-        _stop_server(process)
-        raise RuntimeError(f"the server did not start: {line!r}")
-    return process, line.split()[1]
-
-
-def _stop_server(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    if process.stdout:
-        process.stdout.close()
 
 
 class _RSSSampler:
@@ -146,41 +99,18 @@ async def _round(client: AsyncClient, marks: dict[str, list[float]]) -> float:
     return elapsed
 
 
-async def _idle_sandboxes() -> tuple[
-    list[float], list[float], list[float], list[float], list[float]
-]:
-    """Per idle sandbox: RSS, USS and PSS (the agent and every process under it, MB), and the
-    cold start times (s). PSS splits a shared page between the processes that map it: the
-    jailed worker is three processes (outside, the jail's init, the worker) sharing most
-    pages, which an RSS sum would count three times."""
-    provider = LocalProvider()
-    rss: list[float] = []
-    uss: list[float] = []
-    pss: list[float] = []
-    starts: list[float] = []
-    processes: list[int] = []
-    try:
-        boxes = []
-        for i in range(IDLE_SANDBOXES):
-            start = time.perf_counter()
-            boxes.append(await provider.acquire(SandboxSpec(session_id=f"bench-idle-{i}")))
-            starts.append(time.perf_counter() - start)
-        await asyncio.sleep(IDLE_SECONDS)
-        for box in boxes:
-            agent = psutil.Process(box.provider_state.process.pid)
-            tree = {agent.pid: agent, **{c.pid: c for c in agent.children(recursive=True)}}
-            worker_pid = box.provider_state.worker_pid
-            if worker_pid and worker_pid not in tree:
-                tree[worker_pid] = psutil.Process(worker_pid)
-            processes.append(len(tree))
-            rss.append(sum(p.memory_info().rss for p in tree.values()) / MB)
-            with contextlib.suppress(psutil.AccessDenied, AttributeError):  # no USS here
-                full = [p.memory_full_info() for p in tree.values()]
-                uss.append(sum(m.uss for m in full) / MB)
-                pss.append(sum(m.pss for m in full) / MB)
-        return rss, uss, pss, starts, [float(n) for n in processes]
-    finally:
-        await provider.aclose()
+async def _idle_sandboxes() -> tuple[list[Memory], list[float]]:
+    """Per idle sandbox: the memory of the agent and every process under it (its jailed worker
+    is three processes sharing most pages), and the cold start times (s)."""
+    with owner_label():
+        provider = LocalProvider()
+        boxes: list[Sandbox] = []
+        try:
+            starts = await start_idle(provider, boxes, IDLE_SANDBOXES, 1, "bench-scale-idle")
+            await asyncio.sleep(IDLE_SECONDS)
+            return [memory(processes_of(box).values()) for box in boxes], starts
+        finally:
+            await provider.aclose()
 
 
 def _mb_metric(name: str, values: list[float], **target: object) -> Metric:
@@ -206,7 +136,8 @@ async def run() -> list[Metric]:
     walls: list[float] = []
     marks: dict[str, list[float]] = {"latency": [], "first_block": []}
     with ScriptedLMServer(script) as lm, tempfile.TemporaryDirectory() as tmp:
-        process, target = await asyncio.to_thread(_start_server, _config(lm.base_url, Path(tmp)))
+        config = server.config(lm.base_url, Path(tmp), CONCURRENT, NAME)
+        process, target = await asyncio.to_thread(server.start, config)
         try:
             rest_rss = psutil.Process(process.pid).memory_info().rss
             async with AsyncClient(target) as client:
@@ -215,16 +146,17 @@ async def run() -> list[Metric]:
                         walls.append(await _round(client, marks))
             calls = len(lm.requests)
         finally:
-            await asyncio.to_thread(_stop_server, process)
+            await asyncio.to_thread(server.stop, process)
     expected = ROUNDS * CONCURRENT * LM_CALLS
     assert calls == expected, f"{calls} LM calls, expected {expected}"
 
-    rss, uss, pss, starts, tree_sizes = await _idle_sandboxes()
+    idle, starts = await _idle_sandboxes()
     cold_start = statistics.median(starts)
     ideal = LM_CALLS * LM_DELAY + cold_start
     total = timing(NAME, f"{CONCURRENT} concurrent completions, total wall time", walls, "ms")
     total.extra["rounds"] = [round(w * 1e3, 1) for w in walls]
     total.extra["lm_calls"] = calls
+    idle_label = f"per idle local sandbox (agent + jailed worker, {IDLE_SECONDS:g} s idle)"
     metrics = [
         total,
         Metric(
@@ -234,7 +166,9 @@ async def run() -> list[Metric]:
             ideal * 1e3,
             extra={"lm_ms": LM_CALLS * LM_DELAY * 1e3, "sandbox_start_ms": cold_start * 1e3},
         ),
-        Metric(NAME, "total / ideal", "x", statistics.median(walls) / ideal),
+        Metric(
+            NAME, "total / ideal", "x", statistics.median(walls) / ideal, target_op="<=", target=2.0
+        ).check(),
         timing(NAME, "per completion: start -> first code block (info)", marks["first_block"]),
         timing(NAME, "per completion: start -> answer (info)", marks["latency"]),
         Metric(
@@ -254,17 +188,9 @@ async def run() -> list[Metric]:
             "MB",
             sampler.peak_tree / MB,
         ),
-        _mb_metric(f"RSS sum per idle local sandbox ({IDLE_SECONDS:g} s idle, info)", rss),
+        _mb_metric(f"USS {idle_label}", [m.uss for m in idle], target_op="<", target=10.0),
+        _mb_metric(f"RSS sum {idle_label} (info)", [m.rss for m in idle]),
+        _mb_metric(f"PSS {idle_label} (info)", [m.pss for m in idle]),
     ]
-    metrics[-1].extra["processes_per_sandbox"] = tree_sizes
-    if pss:
-        metrics.append(
-            _mb_metric(
-                f"PSS per idle local sandbox (agent + jailed worker, {IDLE_SECONDS:g} s idle)",
-                pss,
-                target_op="<",
-                target=60.0,
-            )
-        )
-        metrics.append(_mb_metric("USS per idle local sandbox (info)", uss))
+    metrics[-3].extra["processes_per_sandbox"] = [m.processes for m in idle]
     return metrics
