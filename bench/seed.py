@@ -10,13 +10,18 @@ stubs, so the code that runs is the seed's own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import types
 import zipfile
+from collections.abc import Iterator
+from http.server import HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +106,117 @@ def absent() -> str | None:
     except Exception:
         return None
     return None
+
+
+# The seed's DockerREPL needs an image with python3: the sandbox image's base (self-built
+# without a registry, else python:3.11-slim), whichever is here.
+DOCKER_IMAGES = ("rlm-sandbox-base:bookworm", "python:3.11-slim")
+
+
+def docker_image() -> str:
+    """The image the seed's DockerREPL runs on here (RLM_BENCH_SEED_IMAGE overrides)."""
+    if explicit := os.environ.get("RLM_BENCH_SEED_IMAGE"):
+        return explicit
+    import docker
+
+    client = docker.from_env()
+    try:
+        for image in DOCKER_IMAGES:
+            try:
+                client.images.get(image)
+                return image
+            except docker.errors.ImageNotFound:
+                continue
+    finally:
+        client.close()
+    raise RuntimeError(f"none of {DOCKER_IMAGES} is here (`make sandbox-image` makes one)")
+
+
+def _docker_repl_class() -> Any:
+    base = load()["docker_repl"].DockerREPL
+
+    class SeedDockerREPL(base):  # type: ignore[misc, valid-type]
+        """The seed's setup() on an image without network, `python`, dill or requests:
+        its LM proxy thread as it is; its container started as it starts it, but with no
+        network, and a bind-mounted stub dir that adds `python` (-> python3) and an unused
+        `requests` module in place of its `pip install dill requests`; without dill its
+        script falls back to pickle (its own fallback). execute_code (one `docker exec
+        python -c <script>` per block) is the seed's."""
+
+        def setup(self) -> None:
+            handler = type(
+                "Handler",
+                (load()["docker_repl"].LLMProxyHandler,),
+                {
+                    "lm_handler_address": self.lm_handler_address,
+                    "pending_calls": self.pending_calls,
+                    "lock": self._calls_lock,
+                    "depth": self.depth,
+                },
+            )
+            self.proxy_server = HTTPServer(("127.0.0.1", 0), handler)
+            self.proxy_port = self.proxy_server.server_address[1]
+            self.proxy_thread = threading.Thread(
+                target=self.proxy_server.serve_forever, daemon=True
+            )
+            self.proxy_thread.start()
+            stub = Path(self.temp_dir) / ".stub"
+            (stub / "bin").mkdir(parents=True)
+            (stub / "bin" / "python").symlink_to("/usr/bin/python3")
+            (stub / "requests.py").write_text("def post(*a, **k):\n    raise OSError('none')\n")
+            result = subprocess.run(
+                [
+                    "docker",
+                    "run",
+                    "-d",
+                    "--rm",
+                    "--network",
+                    "none",
+                    "-v",
+                    f"{self.temp_dir}:/workspace",
+                    "-e",
+                    "PATH=/workspace/.stub/bin:/usr/local/bin:/usr/bin:/bin",
+                    "-e",
+                    "PYTHONPATH=/workspace/.stub",
+                    "--label",
+                    "rlm.bench=seed-docker-repl",
+                    self.image,
+                    "tail",
+                    "-f",
+                    "/dev/null",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"Failed to start container: {result.stderr}")
+            self.container_id = result.stdout.strip()
+
+    return SeedDockerREPL
+
+
+@contextlib.contextmanager
+def docker_repl(image: str) -> Iterator[Any]:
+    """A started seed DockerREPL on `image` (its constructor starts it), cleaned up after.
+    Its workspace is a temporary directory (the seed's default is ./.rlm_workspace)."""
+    workspace = tempfile.mkdtemp(prefix="rlm-bench-seed-")
+    previous = os.environ.get("RLM_DOCKER_WORKSPACE_DIR")
+    os.environ["RLM_DOCKER_WORKSPACE_DIR"] = workspace
+    try:
+        repl = _docker_repl_class()(image=image)
+    except BaseException:
+        shutil.rmtree(workspace, ignore_errors=True)
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop("RLM_DOCKER_WORKSPACE_DIR", None)
+        else:
+            os.environ["RLM_DOCKER_WORKSPACE_DIR"] = previous
+    try:
+        yield repl
+    finally:
+        if repl.container_id:
+            # Its cleanup's `docker stop` waits 10 s for `tail` (pid 1) to ignore SIGTERM.
+            subprocess.run(["docker", "rm", "-f", repl.container_id], capture_output=True)
+        repl.cleanup()
+        shutil.rmtree(workspace, ignore_errors=True)

@@ -1,11 +1,13 @@
 """Sandbox acquisition: local cold start (isolated, and with isolation off), the jail's own
 set-up, Docker cold start and warm pool, Kubernetes (a fake cluster whose kubelet runs real
-agents: the provider's API round trips, the watch, the probe, TLS) cold pod and warm pool."""
+agents: the provider's API round trips, the watch, the probe, TLS) cold pod and warm pool; the
+seed's side: its LocalREPL's construction (in-process: no sandbox) and its DockerREPL's start."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,8 +17,10 @@ from pathlib import Path
 from bench.common import (
     SANDBOX_IMAGE,
     Metric,
+    absent,
     docker_absent,
     not_applicable,
+    not_measured,
     openssl_absent,
     timing,
     unmeasured,
@@ -34,6 +38,9 @@ LOCAL_N = 15
 JAIL_N = 30
 DOCKER_N = 7
 WARM_N = 7
+SEED_LOCAL_N = 50
+SEED_DOCKER_N = 5
+LOCAL_TARGET_MS = 20.0  # issue 16
 
 
 async def _local(isolations: tuple[str, ...]) -> dict[str, list[float]]:
@@ -102,6 +109,38 @@ async def _docker_cold() -> list[float]:
         await provider.aclose()
 
 
+def _seed_local() -> list[float]:
+    """The seed's LocalREPL constructed (its temp dir, its namespace); cleanup not timed."""
+    from bench import seed
+
+    local_repl = seed.load()["local_repl"]
+    samples = []
+    for i in range(SEED_LOCAL_N + 1):
+        start = time.perf_counter()
+        repl = local_repl.LocalREPL()
+        elapsed = time.perf_counter() - start
+        repl.cleanup()
+        if i:
+            samples.append(elapsed)
+    return samples
+
+
+def _seed_docker() -> list[float]:
+    """The seed's DockerREPL constructed: its LM proxy thread and its `docker run` (its
+    `pip install dill requests` left out: no network here; see `seed.docker_repl`)."""
+    from bench import seed
+
+    image = seed.docker_image()
+    samples = []
+    for i in range(SEED_DOCKER_N + 1):
+        start = time.perf_counter()
+        with seed.docker_repl(image):
+            elapsed = time.perf_counter() - start
+        if i:
+            samples.append(elapsed)
+    return samples
+
+
 async def _docker_warm() -> list[float]:
     provider = DockerProvider(DockerConfig(image=SANDBOX_IMAGE, warm_pool_size=1))
     samples = []
@@ -152,19 +191,28 @@ async def _kubernetes(pool_size: int) -> list[float]:
 
 
 async def run() -> list[Metric]:
+    from bench import seed
+
     jailed = "local cold start (jailed: namespaces)"
     isolation = await LocalProvider().check_isolation()
     # The kernel refuses user namespaces here: the jailed rows do not apply.
     no_jail = None if isolation == "namespaces" else f"no jail on this kernel ({isolation})"
+    target = {"target_op": "<", "target": LOCAL_TARGET_MS}
     metrics: list[Metric] = []
     if no_jail:
         local = await _local(("off",))
-        metrics.append(not_applicable(NAME, jailed, "ms", no_jail, target_op="<", target=500.0))
+        metrics.append(not_applicable(NAME, jailed, "ms", no_jail, **target))
     else:
         local = await _local(("required", "off"))
-        metrics.append(timing(NAME, jailed, local["required"], "ms", "<", 500.0))
+        metrics.append(timing(NAME, jailed, local["required"], "ms", "<", LOCAL_TARGET_MS))
     off = local["off"]
     metrics.append(timing(NAME, "local cold start, isolation off", off, "ms", note="reference"))
+    no_seed = await asyncio.to_thread(seed.absent)
+    label = "seed LocalREPL construction (in-process: no sandbox, info)"
+    try:
+        metrics.append(timing(NAME, label, await asyncio.to_thread(_seed_local), "ms"))
+    except Exception as exc:
+        metrics.append(unmeasured(NAME, label, "ms", exc, no_seed))
     label = "jail set-up in the worker (enter())"
     try:
         if no_jail:
@@ -174,7 +222,8 @@ async def run() -> list[Metric]:
     except Exception as exc:
         metrics.append(unmeasured(NAME, label, "ms", exc, no_jail, target_op="<", target=5.0))
     no_docker = await asyncio.to_thread(docker_absent)
-    for label, measure, target, missing in (
+    measured: dict[str, list[float]] = {}
+    for label, measure, limit, missing in (
         (f"Docker cold start ({SANDBOX_IMAGE})", _docker_cold, 1500.0, no_docker),
         ("Docker warm pool (size 1)", _docker_warm, 5.0, no_docker),
         ("Kubernetes cold pod (fake cluster)", lambda: _kubernetes(0), 1500.0, openssl_absent()),
@@ -188,9 +237,34 @@ async def run() -> list[Metric]:
         try:
             if missing:
                 raise RuntimeError(missing)
-            metrics.append(timing(NAME, label, await measure(), "ms", "<", target))
+            measured[label] = await measure()
+            metrics.append(timing(NAME, label, measured[label], "ms", "<", limit))
         except Exception as exc:
-            metrics.append(
-                unmeasured(NAME, label, "ms", exc, missing, target_op="<", target=target)
-            )
+            metrics.append(unmeasured(NAME, label, "ms", exc, missing, target_op="<", target=limit))
+    metrics.extend(
+        await _seed_docker_rows(
+            measured.get(f"Docker cold start ({SANDBOX_IMAGE})"), absent(no_docker, no_seed)
+        )
+    )
     return metrics
+
+
+async def _seed_docker_rows(ours: list[float] | None, missing: str | None) -> list[Metric]:
+    """The seed's DockerREPL start, and our Docker cold start against it (info)."""
+    label = "seed DockerREPL start (docker run; its pip install left out, info)"
+    ratio = "speed-up, our Docker cold start vs seed DockerREPL start (p50, info)"
+    try:
+        if missing:
+            raise RuntimeError(missing)
+        theirs = await asyncio.to_thread(_seed_docker)
+    except Exception as exc:
+        return [
+            unmeasured(NAME, label, "ms", exc, missing),
+            unmeasured(NAME, ratio, "x", exc, missing),
+        ]
+    rows = [timing(NAME, label, theirs, "ms")]
+    if ours is None:
+        rows.append(not_measured(NAME, ratio, "x", "our Docker cold start was not measured"))
+    else:
+        rows.append(Metric(NAME, ratio, "x", statistics.median(theirs) / statistics.median(ours)))
+    return rows

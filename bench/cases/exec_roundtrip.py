@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -34,27 +30,9 @@ LOCAL_N = 1500
 DOCKER_N = 500
 SEED_LOCAL_N = 2000
 SEED_DOCKER_N = 20
-# The seed's DockerREPL needs an image with python3: the sandbox image's base (self-built
-# without a registry, else python:3.11-slim), whichever is here.
-SEED_DOCKER_IMAGES = ("rlm-sandbox-base:bookworm", "python:3.11-slim")
-
-
-def _seed_docker_image() -> str:
-    if explicit := os.environ.get("RLM_BENCH_SEED_IMAGE"):
-        return explicit
-    import docker
-
-    client = docker.from_env()
-    try:
-        for image in SEED_DOCKER_IMAGES:
-            try:
-                client.images.get(image)
-                return image
-            except docker.errors.ImageNotFound:
-                continue
-    finally:
-        client.close()
-    raise RuntimeError(f"none of {SEED_DOCKER_IMAGES} is here (`make sandbox-image` makes one)")
+# Issue 16's goals.
+LOCAL_TARGET_MS = 0.5
+DOCKER_SPEEDUP = 100.0
 
 
 async def _ours(provider: Any, n: int) -> list[float]:
@@ -92,63 +70,10 @@ def _seed_local(n: int) -> list[float]:
 
 
 def _seed_docker(image: str, n: int) -> list[float]:
-    """The seed's DockerREPL, unchanged but for its container start (see `SeedDockerREPL`)."""
-    import subprocess
-
+    """The seed's DockerREPL, unchanged but for its container start (`seed.docker_repl`)."""
     from bench import seed
 
-    docker_repl = seed.load()["docker_repl"]
-
-    class SeedDockerREPL(docker_repl.DockerREPL):  # type: ignore[name-defined, misc]
-        """The seed's setup() on an image without network, `python`, dill or requests:
-        a bind-mounted stub dir adds `python` (-> python3) and an unused `requests` module;
-        dill is absent, so the seed's script falls back to pickle (its own fallback).
-        execute_code (one `docker exec python -c <script>` per block) is the seed's."""
-
-        def setup(self) -> None:
-            stub = Path(self.temp_dir) / ".stub"
-            (stub / "bin").mkdir(parents=True)
-            (stub / "bin" / "python").symlink_to("/usr/bin/python3")
-            (stub / "requests.py").write_text("def post(*a, **k):\n    raise OSError('none')\n")
-            result = subprocess.run(
-                [
-                    "docker",
-                    "run",
-                    "-d",
-                    "--rm",
-                    "--network",
-                    "none",
-                    "-v",
-                    f"{self.temp_dir}:/workspace",
-                    "-e",
-                    "PATH=/workspace/.stub/bin:/usr/local/bin:/usr/bin:/bin",
-                    "-e",
-                    "PYTHONPATH=/workspace/.stub",
-                    "--label",
-                    "rlm.bench=seed-docker-repl",
-                    self.image,
-                    "tail",
-                    "-f",
-                    "/dev/null",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(f"Failed to start container: {result.stderr}")
-            self.container_id = result.stdout.strip()
-
-    workspace = tempfile.mkdtemp(prefix="rlm-bench-seed-")
-    previous = os.environ.get("RLM_DOCKER_WORKSPACE_DIR")
-    os.environ["RLM_DOCKER_WORKSPACE_DIR"] = workspace  # the seed's default is ./.rlm_workspace
-    try:
-        repl = SeedDockerREPL(image=image)
-    finally:
-        if previous is None:
-            os.environ.pop("RLM_DOCKER_WORKSPACE_DIR", None)
-        else:
-            os.environ["RLM_DOCKER_WORKSPACE_DIR"] = previous
-    try:
+    with seed.docker_repl(image) as repl:
         first = repl.execute_code("x = 1")
         if first.stderr.strip():
             raise RuntimeError(f"the seed's DockerREPL failed: {first.stderr[-300:]}")
@@ -159,9 +84,6 @@ def _seed_docker(image: str, n: int) -> list[float]:
             samples.append(time.perf_counter() - start)
             assert "x" in result.locals, result.stderr
         return samples
-    finally:
-        repl.cleanup()
-        shutil.rmtree(workspace, ignore_errors=True)
 
 
 async def run() -> list[Metric]:
@@ -169,7 +91,7 @@ async def run() -> list[Metric]:
 
     metrics: list[Metric] = []
     local = await _ours(LocalProvider(), LOCAL_N)  # jailed where the kernel allows it
-    metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", 1.0))
+    metrics.append(timing(NAME, "ours, local agent", local, "ms", "<", LOCAL_TARGET_MS))
     unjailed = await _ours(LocalProvider(LocalConfig(isolation="off")), LOCAL_N)
     metrics.append(
         timing(NAME, "ours, local agent, isolation off", unjailed, "ms", note="reference")
@@ -198,19 +120,20 @@ async def run() -> list[Metric]:
         metrics.append(not_applicable(NAME, label, "ms", why))
     else:
         try:
-            image = await asyncio.to_thread(_seed_docker_image)
+            image = await asyncio.to_thread(seed.docker_image)
             seed_docker = await asyncio.to_thread(_seed_docker, image, SEED_DOCKER_N)
             note = f"image {image}, pickle instead of dill (not in the image)"
             metrics.append(timing(NAME, label, seed_docker, "ms", note=note))
         except Exception as exc:
             metrics.append(unmeasured(NAME, label, "ms", exc, None))
     name = "speed-up, our Docker agent vs seed DockerREPL (p50)"
+    speedup = {"target_op": ">=", "target": DOCKER_SPEEDUP}
     if docker and seed_docker:
         ratio = statistics.median(seed_docker) / statistics.median(docker)
-        metrics.append(Metric(NAME, name, "x", ratio, target_op=">=", target=50.0).check())
+        metrics.append(
+            Metric(NAME, name, "x", ratio, target_op=">=", target=DOCKER_SPEEDUP).check()
+        )
     else:
         why = absent(no_docker, no_seed)
-        metrics.append(
-            unmeasured(NAME, name, "x", "a side was not measured", why, target_op=">=", target=50.0)
-        )
+        metrics.append(unmeasured(NAME, name, "x", "a side was not measured", why, **speedup))
     return metrics
