@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def fmt(value: float | None) -> str:
     if value is None:
         return "—"
+    if value == 0:  # a count that must be zero (processes left), not a tiny measurement
+        return "0"
     if abs(value) >= 100:
         return f"{value:,.0f}"
     if abs(value) >= 1:

@@ -49,3 +49,14 @@ def test_a_row_that_applies_but_has_no_value_fails_the_run() -> None:
     assert _run(passed, missed, broken) == INCOMPLETE
     assert _run(passed, crashed=True) == INCOMPLETE
     assert "**not measured: image not found**" in table.rows([broken.as_dict()])
+
+
+def test_a_count_that_must_be_zero_is_missed_by_how_many() -> None:
+    clean = Metric("idle", "processes left", "", 0.0, target_op="<=", target=0.0).check()
+    leaked = Metric("idle", "processes left", "", 3.0, target_op="<=", target=0.0).check()
+    assert _run(clean) == 0
+    assert leaked.miss == "3 over the target of 0"
+    assert _run(clean, leaked) == 1
+    assert "| 0 | — |  |  | <= 0 | pass |" in table.rows([clean.as_dict()])
+    assert "| <= 0 | **MISS** (3 over the target of 0) |" in table.rows([leaked.as_dict()])
+

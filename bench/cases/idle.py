@@ -94,7 +94,7 @@ async def run() -> list[Metric]:
         Metric(NAME, f"{COUNT} idle local sandboxes: total USS (info)", "GB", total.uss / GB),
         Metric(
             NAME,
-            "PSS per sandbox at that count (info)",
+            f"PSS per sandbox: total / {COUNT} (info)",
             "MB",
             per_pss,
             extra={"processes_per_sandbox_p50": statistics.median(per_box)},

@@ -189,8 +189,8 @@ async def run() -> list[Metric]:
             sampler.peak_tree / MB,
         ),
         _mb_metric(f"USS {idle_label}", [m.uss for m in idle], target_op="<", target=10.0),
-        _mb_metric(f"RSS sum {idle_label} (info)", [m.rss for m in idle]),
-        _mb_metric(f"PSS {idle_label} (info)", [m.pss for m in idle]),
+        _mb_metric("RSS sum per idle local sandbox (info)", [m.rss for m in idle]),
+        _mb_metric("PSS per idle local sandbox (info)", [m.pss for m in idle]),
     ]
     metrics[-3].extra["processes_per_sandbox"] = [m.processes for m in idle]
     return metrics
