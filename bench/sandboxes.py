@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -52,26 +53,42 @@ def labelled(label: str) -> dict[int, psutil.Process]:
     return found
 
 
-def _with_descendants(pid: int) -> dict[int, psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return {root.pid: root, **{c.pid: c for c in root.children(recursive=True)}}
-    except psutil.Error:
-        return {}
+def _children_map() -> dict[int, list[int]]:
+    """Every process's children, from one pass over the process table (psutil's
+    `children()` makes a pass per call: too slow for hundreds of sandboxes)."""
+    children: dict[int, list[int]] = {}
+    for process in psutil.process_iter(["ppid"]):
+        children.setdefault(process.info["ppid"], []).append(process.pid)
+    return children
 
 
-def processes_of(box: Sandbox) -> dict[int, psutil.Process]:
-    """The agent and every process under it, and the worker (which leads its own group)
-    with every process under it."""
-    state: Any = box.provider_state
-    found: dict[int, psutil.Process] = {}
-    process = getattr(state, "process", None)
-    for pid in (getattr(process, "pid", 0), getattr(state, "worker_pid", 0)):
-        if pid:
-            found.update(_with_descendants(pid))
-    if not found:
-        raise RuntimeError(f"no process found for sandbox {box.sandbox_id}")
+def processes_of(boxes: list[Sandbox]) -> list[dict[int, psutil.Process]]:
+    """Per sandbox: the agent and every process under it, and the worker (which leads its
+    own group) with every process under it."""
+    children = _children_map()
+    found = []
+    for box in boxes:
+        state: Any = box.provider_state
+        pending = [getattr(getattr(state, "process", None), "pid", 0)]
+        pending.append(getattr(state, "worker_pid", 0))
+        mine: dict[int, psutil.Process] = {}
+        while pending:
+            pid = pending.pop()
+            if not pid or pid in mine:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess):
+                mine[pid] = psutil.Process(pid)
+            pending.extend(children.get(pid, ()))
+        if not mine:
+            raise RuntimeError(f"no process found for sandbox {box.sandbox_id}")
+        found.append(mine)
     return found
+
+
+def directory_of(box: Sandbox) -> Path | None:
+    """The sandbox's own directory on the host (its socket, work dir, log), if it names one."""
+    root = getattr(box.provider_state, "root", None)
+    return root if isinstance(root, Path) else None
 
 
 @dataclass

@@ -9,11 +9,13 @@ import contextlib
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import psutil
 
-from bench.common import Metric, timing
+from bench.common import Metric, not_measured, timing
 from bench.sandboxes import (
+    directory_of,
     labelled,
     memory,
     owner_label,
@@ -49,15 +51,17 @@ async def run() -> list[Metric]:
         provider = LocalProvider()
         seen: list[psutil.Process] = []
         boxes: list[Sandbox] = []
+        roots: list[Path] = []
         try:
             started = time.perf_counter()
             starts = await start_idle(provider, boxes, COUNT, AT_ONCE, "bench-idle")
             all_up = time.perf_counter() - started
+            roots = [root for box in boxes if (root := directory_of(box)) is not None]
             await asyncio.sleep(IDLE_SECONDS)
+            measuring = time.perf_counter()
             found: dict[int, psutil.Process] = {}
             per_box: list[int] = []
-            for box in boxes:
-                mine = processes_of(box)
+            for mine in await asyncio.to_thread(processes_of, boxes):
                 per_box.append(len(mine))
                 found.update(mine)
             # Processes of the sandboxes outside the agents' and workers' trees (a fork
@@ -70,11 +74,13 @@ async def run() -> list[Metric]:
             found.update(outside)
             seen = list(found.values())
             total = await asyncio.to_thread(memory, seen)
+            measure_seconds = time.perf_counter() - measuring
         finally:
             released = time.perf_counter()
             await release_all(provider, boxes, AT_ONCE)
             release_seconds = time.perf_counter() - released
         left = await survivors(label, seen)
+        dirs_left = [str(root) for root in roots if root.exists()]
         for process in left:  # reported below; not left running on the machine
             with contextlib.suppress(psutil.Error):
                 process.kill()
@@ -104,7 +110,7 @@ async def run() -> list[Metric]:
             f"time to start {COUNT} ({AT_ONCE} at a time, info)",
             "s",
             all_up,
-            extra={"release_all_seconds": release_seconds},
+            extra={"release_all_seconds": release_seconds, "measure_seconds": measure_seconds},
         ),
         timing(NAME, f"acquire, {AT_ONCE} starting at a time (info)", starts, "ms"),
         Metric(
@@ -116,4 +122,22 @@ async def run() -> list[Metric]:
             target=0.0,
             extra={"left": [p.pid for p in left][:20]},
         ).check(),
+        _directories_row(roots, dirs_left),
     ]
+
+
+def _directories_row(roots: list[Path], left: list[str]) -> Metric:
+    name = "sandbox directories left after the release"
+    if len(roots) != COUNT:
+        missing = f"{COUNT - len(roots)} sandboxes name no directory"
+        return not_measured(NAME, name, "", missing, target_op="<=", target=0.0)
+    return Metric(
+        NAME,
+        name,
+        "",
+        float(len(left)),
+        n=len(roots),
+        target_op="<=",
+        target=0.0,
+        extra={"left": left[:5]},
+    ).check()

@@ -108,7 +108,7 @@ async def _idle_sandboxes() -> tuple[list[Memory], list[float]]:
         try:
             starts = await start_idle(provider, boxes, IDLE_SANDBOXES, 1, "bench-scale-idle")
             await asyncio.sleep(IDLE_SECONDS)
-            return [memory(processes_of(box).values()) for box in boxes], starts
+            return [memory(mine.values()) for mine in processes_of(boxes)], starts
         finally:
             await provider.aclose()
 
