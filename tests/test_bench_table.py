@@ -59,4 +59,3 @@ def test_a_count_that_must_be_zero_is_missed_by_how_many() -> None:
     assert _run(clean, leaked) == 1
     assert "| 0 | — |  |  | <= 0 | pass |" in table.rows([clean.as_dict()])
     assert "| <= 0 | **MISS** (3 over the target of 0) |" in table.rows([leaked.as_dict()])
-
