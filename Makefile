@@ -64,7 +64,8 @@ sandbox-image:
 
 # Benchmarks (not tests): JSON in bench/results/, a table on stdout; exit 1 on a missed target,
 # 3 when a row that applies here was not measured or a benchmark crashed (bench/README.md).
-# One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup).
+# One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup scale
+# router).
 bench: setup
 	uv pip install --quiet --python $(PY) -e '.[dev,bench]'
 	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; fi

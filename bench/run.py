@@ -32,6 +32,7 @@ CASES = {
     "acquire": "bench.cases.acquire",
     "startup": "bench.cases.startup",
     "scale": "bench.cases.scale",
+    "router": "bench.cases.router",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3
