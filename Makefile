@@ -65,7 +65,7 @@ sandbox-image:
 # Benchmarks (not tests): JSON in bench/results/, a table on stdout; exit 1 on a missed target,
 # 3 when a row that applies here was not measured or a benchmark crashed (bench/README.md).
 # One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup
-# scale recursion idle).
+# scale recursion idle router).
 bench: setup
 	uv pip install --quiet --python $(PY) -e '.[dev,bench]'
 	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; fi

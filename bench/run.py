@@ -34,6 +34,7 @@ CASES = {
     "scale": "bench.cases.scale",
     "recursion": "bench.cases.recursion",
     "idle": "bench.cases.idle",
+    "router": "bench.cases.router",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3

@@ -181,7 +181,7 @@ class _StartupStatus:
 
     @staticmethod
     def _say() -> None:
-        stderr.print("[dim]starting: a sandbox, and the LM client (litellm)...[/]")
+        stderr.print("[dim]starting: a sandbox, and the LM client...[/]")
 
     def done(self) -> None:
         if self._timer is not None:
@@ -219,6 +219,8 @@ def _run_local_rlm(
     lm_kwargs: dict[str, Any] = {"model_name": settings.model}
     if settings.api_base:
         lm_kwargs["api_base"] = settings.api_base
+    if settings.transport != "auto":
+        lm_kwargs["transport"] = settings.transport
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
     try:
         rlm = RLM(

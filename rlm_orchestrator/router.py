@@ -1,19 +1,14 @@
-"""LM routing: which model answers a call, through litellm, with retries, caps and accounting.
+"""LM routing: which model answers a call, with retries, caps, spans and accounting.
 
-litellm is imported on first use only: it costs seconds and ~200 MB, which neither the CLI's
---help nor the sandbox agent should pay. The import runs in a background thread
-(`start_litellm_import`), so a completion starts its sandbox and uploads its context meanwhile.
+Two transports behind the same router (a model's `transport`): a lean HTTP POST for plain
+OpenAI-compatible endpoints (lm_http.py, prices from lm_prices.py), and litellm for every
+other provider (lm_litellm.py, imported in the background and only when a model needs it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import copy
-import os
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +17,8 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from rlm_orchestrator import telemetry
+from rlm_orchestrator import lm_http, lm_litellm, lm_prices, telemetry
+from rlm_orchestrator.config.lm import Transport, transport_of
 from rlm_orchestrator.exceptions import ConfigurationError, LMError
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
 
@@ -51,6 +47,7 @@ _OWN_KEYS = {
     "max_concurrency",
     "input_cost_per_token",
     "output_cost_per_token",
+    "transport",
 }
 MAX_ERROR_CHARS = 600
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -72,6 +69,8 @@ class LMClientConfig:
     max_concurrency: int = 16
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
+    # "auto": the lean HTTP path where it gives what litellm would (lm_http.endpoint_for).
+    transport: Transport = "auto"
 
     @classmethod
     def from_backend(cls, backend: str, kwargs: dict[str, Any] | None) -> LMClientConfig:
@@ -96,7 +95,7 @@ class LMClientConfig:
             for k in ("input_cost_per_token", "output_cost_per_token")
             if k in kwargs
         }
-        return cls(
+        config = cls(
             backend=backend,
             model_name=str(model_name),
             litellm_model=litellm_model,
@@ -106,7 +105,19 @@ class LMClientConfig:
             max_retries=int(kwargs.get("max_retries", cls.max_retries)),
             retry_initial_delay=float(kwargs.get("retry_initial_delay", cls.retry_initial_delay)),
             max_concurrency=int(kwargs.get("max_concurrency", cls.max_concurrency)),
+            transport=transport_of(kwargs.get("transport", cls.transport)),
             **costs,  # type: ignore[arg-type]
+        )
+        if config.transport == "http":
+            lm_http.endpoint_for(config)  # refused now, not at the first call
+        return config
+
+    def configured_cost(self, input_tokens: int, output_tokens: int) -> float | None:
+        """The cost at the prices this config sets, or None when it sets none."""
+        if self.input_cost_per_token is None and self.output_cost_per_token is None:
+            return None
+        return input_tokens * (self.input_cost_per_token or 0.0) + output_tokens * (
+            self.output_cost_per_token or 0.0
         )
 
 
@@ -122,44 +133,6 @@ class LMAnswer:
     attempts: int = 1
     # The model the provider says answered.
     response_model: str = ""
-
-
-def _litellm() -> Any:
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    litellm.suppress_debug_info = True
-    return litellm
-
-
-_import_lock = threading.Lock()
-_import: concurrent.futures.Future[Any] | None = None
-
-
-def start_litellm_import() -> concurrent.futures.Future[Any]:
-    """litellm's import, started once per process in a daemon thread: the future's result is
-    the module (or the import's error). It holds the GIL for most of its seconds, but what it
-    overlaps with (a sandbox process starting, the context going over gRPC) mostly waits."""
-    global _import
-    with _import_lock:
-        if _import is None:
-            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-            def load() -> None:
-                try:
-                    future.set_result(_litellm())
-                except BaseException as exc:  # the waiter re-raises it
-                    future.set_exception(exc)
-
-            threading.Thread(target=load, name="litellm-import", daemon=True).start()
-            _import = future
-        return _import
-
-
-async def _litellm_loaded() -> Any:
-    """The module once its import is done, waited for without blocking the event loop."""
-    future = start_litellm_import()
-    return future.result() if future.done() else await asyncio.wrap_future(future)
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -230,6 +203,9 @@ class LMRouter:
         for other in others:
             self.models.setdefault(other.model_name, other)
         self._semaphores: dict[str, asyncio.Semaphore] = {}
+        # Each model's lean endpoint, or None: through litellm.
+        self.endpoints = {name: lm_http.endpoint_for(c) for name, c in self.models.items()}
+        self._http = lm_http.Sessions()
 
     def with_roles(self, root: str | None = None, sub: str | None = None) -> LMRouter:
         """A view that sends depth 0 / depth >= 1 elsewhere; models and caps are shared."""
@@ -238,34 +214,32 @@ class LMRouter:
         view.sub = self.resolve(sub, 1) if sub else self.sub
         return view
 
-    @staticmethod
-    def start_prepare() -> None:
-        """Start importing litellm in the background; `prepare()` waits for it."""
-        start_litellm_import()
+    @property
+    def needs_litellm(self) -> bool:
+        return any(endpoint is None for endpoint in self.endpoints.values())
 
-    @staticmethod
-    async def prepare() -> None:
-        """Import litellm off the event loop (seconds, once), before any deadline runs."""
-        await _litellm_loaded()
+    def start_prepare(self) -> None:
+        """Start the imports the models need in the background; `prepare()` waits for them."""
+        if self.needs_litellm:
+            lm_litellm.start_import()
+        lean = [self.models[n] for n, e in self.endpoints.items() if e is not None]
+        if lean:
+            lm_http.start_import(any(c.configured_cost(0, 0) is None for c in lean))
 
-    @staticmethod
-    async def finish_callbacks(timeout: float = 2.0) -> None:
-        """Let litellm's background logging worker finish on this event loop, then stop it.
+    async def prepare(self) -> None:
+        """Finish those imports off the event loop (once), before any deadline runs: litellm
+        only when a model goes through it."""
+        self.start_prepare()
+        if self.needs_litellm:
+            await lm_litellm.loaded()
+        if any(endpoint is not None for endpoint in self.endpoints.values()):
+            await lm_http.imported()
 
-        Its worker is global and bound to the loop of the first call; when that loop closes
-        (every `RLM.completion` runs its own `asyncio.run`), recent litellm versions carry
-        already-awaited callbacks onto the next loop and fail there. Stopping it while its
-        loop still runs avoids that.
-        """
-        module = sys.modules.get("litellm.litellm_core_utils.logging_worker")
-        worker = getattr(module, "GLOBAL_LOGGING_WORKER", None)
-        if worker is None:
-            return
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                await worker.flush()
-        with contextlib.suppress(Exception):
-            await worker.stop(discard_pending=True, timeout=timeout)
+    async def finish_callbacks(self, timeout: float = 2.0) -> None:
+        """Before this event loop ends: this router's lean session closed and litellm's
+        logging worker stopped (both belong to the loop)."""
+        await self._http.aclose()
+        await lm_litellm.finish_callbacks(timeout)
 
     def resolve(self, model: str | None, depth: int) -> LMClientConfig:
         if model:
@@ -292,7 +266,8 @@ class LMRouter:
     ) -> LMAnswer:
         """One call, retried on 429/5xx/timeouts; raises LMError when it fails for good."""
         config = self.resolve(model, depth)
-        litellm = await _litellm_loaded()
+        endpoint = self.endpoints.get(config.model_name)
+        litellm = None if endpoint is not None else await lm_litellm.loaded()
         messages = as_messages(prompt)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(config.max_retries + 1),
@@ -315,7 +290,7 @@ class LMRouter:
             if telemetry.record_content():
                 span.set_attribute("gen_ai.prompt", telemetry.content(str(messages[-1]["content"])))
             try:
-                answer = await self._call(config, messages, retrying, litellm, tracker)
+                answer = await self._call(config, endpoint, messages, retrying, litellm, tracker)
             except LMError as exc:
                 telemetry.mark_error(span, exc)
                 raise
@@ -335,6 +310,7 @@ class LMRouter:
     async def _call(
         self,
         config: LMClientConfig,
+        endpoint: lm_http.Endpoint | None,
         messages: Messages,
         retrying: AsyncRetrying,
         litellm: Any,
@@ -345,16 +321,10 @@ class LMRouter:
             async with self._semaphore(config):
                 async for attempt in retrying:
                     with attempt:
-                        response = await litellm.acompletion(
-                            model=config.litellm_model,
-                            messages=messages,
-                            api_base=config.api_base,
-                            api_key=config.api_key,
-                            # Retries are ours (above): no hidden second layer in the SDK.
-                            max_retries=0,
-                            num_retries=0,
-                            **config.extra,
-                        )
+                        if endpoint is not None:
+                            response: Any = await lm_http.post(self._http, endpoint, messages)
+                        else:
+                            response = await lm_litellm.call(litellm, config, messages)
         except Exception as exc:
             status = _status_of(exc)
             http = f" (HTTP {status})" if status else ""
@@ -365,31 +335,51 @@ class LMRouter:
                 model=config.model_name,
                 status_code=status,
             ) from exc
-        usage = self._usage_of(config, response, litellm)
+        if endpoint is not None:
+            text = response["choices"][0]["message"].get("content") or ""
+            served = str(response.get("model") or "")
+            usage = await _lean_usage(config, endpoint, response, served)
+        else:
+            text = response.choices[0].message.content or ""
+            served = str(getattr(response, "model", "") or "")
+            usage = _litellm_usage(config, response, litellm)
         if tracker is not None:
             tracker.record(config.model_name, usage)
-        text = response.choices[0].message.content or ""
         return LMAnswer(
             text=text,
             model=config.model_name,
             usage=usage,
             duration=time.perf_counter() - started,
             attempts=int(retrying.statistics.get("attempt_number", 1)),
-            response_model=str(getattr(response, "model", "") or config.litellm_model),
+            response_model=served or config.litellm_model,
         )
 
-    @staticmethod
-    def _usage_of(config: LMClientConfig, response: Any, litellm: Any) -> ModelUsageSummary:
-        usage = getattr(response, "usage", None)
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        if config.input_cost_per_token is not None or config.output_cost_per_token is not None:
-            cost = input_tokens * (config.input_cost_per_token or 0.0) + output_tokens * (
-                config.output_cost_per_token or 0.0
-            )
-        else:
-            try:
-                cost = float(litellm.completion_cost(completion_response=response) or 0.0)
-            except Exception:  # litellm has no price for this model: count it as free
-                cost = 0.0
-        return ModelUsageSummary(1, input_tokens, output_tokens, cost)
+
+def _litellm_usage(config: LMClientConfig, response: Any, litellm: Any) -> ModelUsageSummary:
+    usage = getattr(response, "usage", None)
+    input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+    output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    cost = config.configured_cost(input_tokens, output_tokens)
+    if cost is None:
+        cost = lm_litellm.cost(litellm, response)
+    return ModelUsageSummary(1, input_tokens, output_tokens, cost)
+
+
+async def _lean_usage(
+    config: LMClientConfig, endpoint: lm_http.Endpoint, reply: dict[str, Any], served: str
+) -> ModelUsageSummary:
+    """Tokens and cost of a lean reply, as litellm counts them for the same JSON."""
+    usage = reply.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    input_tokens = int(usage.get("prompt_tokens") or 0)
+    output_tokens = int(usage.get("completion_tokens") or 0)
+    cost = config.configured_cost(input_tokens, output_tokens)
+    if cost is None:
+        models = (served, endpoint.model)
+        cost = lm_prices.cost(endpoint.provider, models, usage, reply.get("service_tier"))
+    if cost is None:  # usage only litellm prices (service tiers, reasoning or audio prices)
+        litellm = await lm_litellm.loaded()
+        response = litellm.ModelResponse(**reply)
+        response._hidden_params["custom_llm_provider"] = endpoint.provider
+        cost = lm_litellm.cost(litellm, response)
+    return ModelUsageSummary(1, input_tokens, output_tokens, cost)

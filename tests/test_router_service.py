@@ -29,18 +29,24 @@ def litellm_imported() -> Iterator[None]:
     yield
 
 
-@pytest.fixture
-async def stub(lm: ScriptedLMServer) -> AsyncIterator[Any]:
-    """A stub of a fresh server whose router serves "root", "sub" and "priced"."""
+@pytest.fixture(params=["http", "litellm"])
+async def stub(lm: ScriptedLMServer, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A stub of a fresh server whose router serves "root", "sub" and "priced", through
+    either transport (the same tests hold for both)."""
+    via = {"transport": request.param}
     router = LMRouter(
         # One slot only: a call cut off by its deadline must give it back.
-        LMClientConfig.from_backend("openai", backend_kwargs(lm, "root", max_concurrency=1)),
+        LMClientConfig.from_backend("openai", backend_kwargs(lm, "root", max_concurrency=1, **via)),
         [
-            LMClientConfig.from_backend("openai", backend_kwargs(lm, "sub")),
+            LMClientConfig.from_backend("openai", backend_kwargs(lm, "sub", **via)),
             LMClientConfig.from_backend(
                 "openai",
                 backend_kwargs(
-                    lm, "priced", input_cost_per_token=IN_PRICE, output_cost_per_token=OUT_PRICE
+                    lm,
+                    "priced",
+                    input_cost_per_token=IN_PRICE,
+                    output_cost_per_token=OUT_PRICE,
+                    **via,
                 ),
             ),
         ],
@@ -54,6 +60,7 @@ async def stub(lm: ScriptedLMServer) -> AsyncIterator[Any]:
             yield lm_router_pb2_grpc.LMRouterStub(channel)
     finally:
         await server.stop(None)
+        await router.finish_callbacks()
 
 
 async def _error(call: Any) -> grpc.aio.AioRpcError:

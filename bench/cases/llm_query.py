@@ -91,7 +91,12 @@ class _Root:
 
 async def _ours(priced: bool) -> dict[str, list[float]]:
     """One completion whose root model runs CODE; its stdout is read from the block's event."""
-    model: dict[str, Any] = {"model_name": instant_lm.MODEL, "api_key": "unused"}
+    # litellm itself: the instant LM replaces its acompletion.
+    model: dict[str, Any] = {
+        "model_name": instant_lm.MODEL,
+        "api_key": "unused",
+        "transport": "litellm",
+    }
     if priced:
         model |= {"input_cost_per_token": 1.5e-7, "output_cost_per_token": 6e-7}
     config = LMClientConfig.from_backend("litellm", model)

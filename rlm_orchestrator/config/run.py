@@ -17,6 +17,7 @@ from pydantic import PrivateAttr
 from pydantic_settings import SettingsConfigDict
 
 from rlm_orchestrator.config import limits
+from rlm_orchestrator.config.lm import Transport
 from rlm_orchestrator.config.loading import (
     Layer,
     env_layer,
@@ -62,6 +63,8 @@ class RunSettings(SandboxSettings):
     model: str = "gpt-4o-mini"
     sub_model: str | None = None
     api_base: str | None = None
+    # How the models are reached (config/lm.py): "litellm" forces litellm.
+    transport: Transport = "auto"
     max_iterations: limits.MaxIterations = limits.DEFAULT_MAX_ITERATIONS
     max_depth: limits.MaxDepth = limits.DEFAULT_MAX_DEPTH
     timeout_seconds: limits.Seconds | None = None

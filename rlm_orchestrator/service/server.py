@@ -148,6 +148,7 @@ class OrchestratorServer:
         self._provider: SandboxProvider | None = None
         self._service: OrchestratorService | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._router: LMRouter | None = None
 
     async def start(self) -> int:
         telemetry.configure()
@@ -155,7 +156,7 @@ class OrchestratorServer:
         # before seconds of imports.
         check_authentication(self.settings)
         self._provider = await _sandbox_provider(self.settings)
-        router = build_router(self.settings)
+        router = self._router = build_router(self.settings)
         await router.prepare()
         if isinstance(self._provider, SupportsReconcile):
             # What a previous orchestrator on this machine left behind goes first.
@@ -225,6 +226,9 @@ class OrchestratorServer:
         if self._provider is not None:
             await self._provider.aclose()
             self._provider = None
+        if self._router is not None:
+            await self._router.finish_callbacks()  # its HTTP connections
+            self._router = None
 
 
 async def serve(settings: ServerSettings) -> None:

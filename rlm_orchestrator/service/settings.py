@@ -30,6 +30,7 @@ from rlm_orchestrator.config.limits import (
     Seconds,
     Usd,
 )
+from rlm_orchestrator.config.lm import Transport
 from rlm_orchestrator.config.loading import (
     env_layer,
     file_layer,
@@ -83,6 +84,9 @@ class ModelSettings(BaseModel):
     output_cost_per_token: float | None = None
     # Anything else litellm takes (temperature, api_version, ...).
     extra: dict[str, Any] = Field(default_factory=dict)
+    # "auto": OpenAI-compatible models without litellm-only settings skip litellm (a direct
+    # HTTP client); "litellm" forces litellm; "http" forces the direct client.
+    transport: Transport = "auto"
 
     def client_config(self) -> LMClientConfig:
         key = self.api_key.get_secret_value() if self.api_key else None
@@ -97,6 +101,7 @@ class ModelSettings(BaseModel):
             "max_concurrency": self.max_concurrency,
             "max_retries": self.max_retries,
             "retry_initial_delay": self.retry_initial_delay,
+            "transport": self.transport,
             **self.extra,
         }
         for field in ("api_base", "input_cost_per_token", "output_cost_per_token"):
