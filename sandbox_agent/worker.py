@@ -76,7 +76,7 @@ class InterruptGate:
                 raise KeyboardInterrupt
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # If the agent is killed, the worker (and its user code) must not outlive it.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -269,11 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tmp-size-mb", type=int, default=DEFAULT_TMP_SIZE_MB)
     parser.add_argument("--sandbox-uid", type=int, default=NOBODY_UID)
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     isolation = "off"
     if args.isolation != "off":
         isolation = _enter_jail(args)
-    _die_with_parent()  # again: in the jail, this is a new process whose parent is its init
+    die_with_parent()  # again: in the jail, this is a new process whose parent is its init
     if args.memory_limit_mb:
         limit = args.memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
