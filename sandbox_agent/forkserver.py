@@ -306,9 +306,20 @@ class ForkedProcess:
 
     @classmethod
     async def start(
-        cls, template: TemplateClient, target: str, argv: Sequence[str], **how: Any
+        cls,
+        template: TemplateClient,
+        target: str,
+        argv: Sequence[str],
+        *,
+        in_thread: bool = True,
+        **how: Any,
     ) -> ForkedProcess:
-        pid, pidfd = await asyncio.to_thread(template.spawn, target, argv, **how)
+        """`in_thread=False` blocks the event loop for the fork (a few ms): for an agent
+        starting its worker, where a thread would cost more than it saves."""
+        if in_thread:
+            pid, pidfd = await asyncio.to_thread(template.spawn, target, argv, **how)
+        else:
+            pid, pidfd = template.spawn(target, argv, **how)
         return cls(template, pid, pidfd)
 
     async def wait(self) -> int:
@@ -366,6 +377,16 @@ def _run_agent(argv: list[str], inherited: dict[str, int]) -> None:
     agent_main.main(argv, worker_template=workers, parent_pidfd=owner)
 
 
+def _warm_up() -> None:
+    """Once here what every child would do first: argparse compiles its regular expressions
+    on each parser (`re`'s cache is inherited across fork())."""
+    from sandbox_agent import __main__ as agent_main
+    from sandbox_agent import worker
+
+    agent_main.parse_args(["--listen", "unix:/nonexistent", "--workdir", "/nonexistent"])
+    worker.parse_args(["--command-fd", "0", "--frame-fd", "1", "--isolation", "auto"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="fork local sandbox agents from a template")
     parser.add_argument("--socket-fd", type=int, required=True)
@@ -383,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.getppid() != args.parent_pid:
         sys.exit(f"the orchestrator (pid {args.parent_pid}) is gone")
     set_process_name(AGENT_TEMPLATE_NAME)
+    _warm_up()
     sock = socket.socket(fileno=args.socket_fd)
     _send(sock, {"ready": os.getpid()})
     _Template(sock, {"agent": _run_agent}, {"owner_pidfd": owner}).serve(watch=owner)

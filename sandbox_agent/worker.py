@@ -255,7 +255,7 @@ class Worker:
         return piece.encode("utf-8", "replace")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="rlm sandbox worker (started by the agent)")
     parser.add_argument("--command-fd", type=int, required=True)
     parser.add_argument("--frame-fd", type=int, required=True)
@@ -268,7 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-processes", type=int, default=DEFAULT_MAX_PROCESSES)
     parser.add_argument("--tmp-size-mb", type=int, default=DEFAULT_TMP_SIZE_MB)
     parser.add_argument("--sandbox-uid", type=int, default=NOBODY_UID)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     die_with_parent()
     isolation = "off"
     if args.isolation != "off":

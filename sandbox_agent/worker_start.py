@@ -84,6 +84,7 @@ class WorkerStarter:
                 template,
                 "worker",
                 ["--command-fd", FD_PLACEHOLDER % 0, "--frame-fd", FD_PLACEHOLDER % 1, *self.flags],
+                in_thread=False,
                 fds=(command_read, frame_write),
                 stdio=(STDIO_NULL, STDIO_INHERIT, STDIO_INHERIT),
                 cwd=str(self.workdir),
