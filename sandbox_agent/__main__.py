@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sandbox_agent import TOKEN_ENV
 from sandbox_agent.executor import ExecutorConfig, WorkerError
+from sandbox_agent.forkserver import TemplateClient
 from sandbox_agent.limits import (
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_MAX_PROCESSES,
@@ -23,7 +24,9 @@ from sandbox_agent.limits import (
 from sandbox_agent.server import AgentConfig, run_until_signalled
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]:
+def parse_args(
+    argv: list[str] | None = None, worker_template: TemplateClient | None = None
+) -> tuple[AgentConfig, Path | None]:
     """The agent's config, and the temp dir it made for itself (removed at exit), if any."""
     parser = argparse.ArgumentParser(
         prog="rlm-sandbox-agent", description="Serve one RLM sandbox over gRPC."
@@ -121,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[AgentConfig, Path | None]
             max_processes=args.max_processes,
             tmp_size_mb=args.tmp_size_mb,
             sandbox_uid=args.sandbox_uid,
+            worker_template=worker_template,
         ),
         socket_mode=args.socket_mode,
         token=_read_token(args.token_fd) if args.token_fd is not None else None,
@@ -198,16 +202,23 @@ def _hide_environment() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_dumpable, 0)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(
+    argv: list[str] | None = None,
+    worker_template: TemplateClient | None = None,
+    parent_pidfd: int | None = None,
+) -> None:
+    """Also run, with a worker template and the orchestrator's pidfd, in an agent forked from
+    the local fork server (forkserver.py)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s agent %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if "--token-fd" not in argv:
         token_env = argv[argv.index("--token-env") + 1] if "--token-env" in argv else TOKEN_ENV
         _hide_token(argv, token_env)
-    config, own_dir = parse_args(argv)
+    config, own_dir = parse_args(argv, worker_template)
     parent = _flag_value(argv, "--parent-pid")
     try:
-        parent_pidfd = _watch_parent(int(parent)) if parent else None
+        if parent_pidfd is None and parent:
+            parent_pidfd = _watch_parent(int(parent))
         if config.token:
             _hide_environment()
         asyncio.run(_serve(config, parent_pidfd))

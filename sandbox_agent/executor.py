@@ -37,6 +37,7 @@ from sandbox_agent.execution import (
     refusal,
     reply,
 )
+from sandbox_agent.forkserver import TemplateClient
 from sandbox_agent.frames import HEADER, Kind, encode_json
 from sandbox_agent.inbox import Inbox
 from sandbox_agent.ledger import REFUSED_ENDED, ExecutionLedger
@@ -55,6 +56,7 @@ from sandbox_agent.protocol import (
     parse_loaded,
     parse_ready,
 )
+from sandbox_agent.worker_start import WorkerHandle, WorkerStarter
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"
 # Commands and answers written to a worker that does not read them: past this, it is judged
@@ -81,6 +83,9 @@ class ExecutorConfig:
     max_processes: int = DEFAULT_MAX_PROCESSES  # in the jail (RLIMIT_NPROC of its user namespace)
     tmp_size_mb: int = DEFAULT_TMP_SIZE_MB  # the jail's /tmp
     sandbox_uid: int = NOBODY_UID  # who user code is outside the jail when the agent runs as root
+    # Where workers are forked from (an agent forked by the local fork server has one):
+    # milliseconds instead of a Python start-up, for the first worker and every replacement.
+    worker_template: TemplateClient | None = None
 
 
 @dataclass
@@ -94,7 +99,7 @@ class _LoadedValue:
 class _WorkerProcess:
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: WorkerHandle,
         frames: asyncio.StreamReader,
         commands: asyncio.WriteTransport,
     ) -> None:
@@ -110,6 +115,8 @@ class _WorkerProcess:
         # In the local jail, the pid namespace takes everything with the worker; elsewhere what
         # left its process group is killed after it (strays.py).
         self.jailed = False
+        # Children of the agent that are not strays (the worker template).
+        self.spared: frozenset[int] = frozenset()
 
     async def _read_frames(self) -> None:
         try:
@@ -157,7 +164,7 @@ class _WorkerProcess:
         self.commands.close()
         await self.process.wait()
         if not self.jailed:
-            await strays.kill_strays()
+            await strays.kill_strays(spare=self.spared)
         self.reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.reader
@@ -178,6 +185,9 @@ class Executor:
         self.isolation = "off"
         # The running execution's accounting (output, sub-calls in flight).
         self._ledger: ExecutionLedger | None = None
+        self._starter = WorkerStarter(
+            config.python, config.workdir, self._worker_flags(), config.worker_template
+        )
 
     @property
     def busy(self) -> bool:
@@ -210,49 +220,24 @@ class Executor:
             await worker.close()
 
     async def _spawn(self) -> None:
-        command_read, command_write = os.pipe()
-        frame_read, frame_write = os.pipe()
-        try:
-            process = await asyncio.create_subprocess_exec(
-                self.config.python,
-                "-m",
-                "sandbox_agent.worker",
-                "--command-fd",
-                str(command_read),
-                "--frame-fd",
-                str(frame_write),
-                "--max-output-chars",
-                str(self.config.max_output_chars),
-                "--memory-limit-mb",
-                str(self.config.memory_limit_mb),
-                *self._isolation_args(),
-                stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(command_read, frame_write),
-                cwd=self.config.workdir,
-                start_new_session=True,
-            )
-        finally:
-            os.close(command_read)
-            os.close(frame_write)
-        loop = asyncio.get_running_loop()
-        frames = asyncio.StreamReader(limit=2**20)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(frames), os.fdopen(frame_read, "rb", 0)
-        )
-        transport, _ = await loop.connect_write_pipe(
-            asyncio.BaseProtocol, os.fdopen(command_write, "wb", 0)
-        )
-        self._worker = _WorkerProcess(process, frames, transport)
+        started = await self._starter.start()
+        self._worker = _WorkerProcess(started.process, started.frames, started.commands)
+        self._worker.spared = started.spared
         self.workers_started += 1
         ready = await self._reply(self._worker, Kind.READY)
         self.isolation = str(ready.get("isolation", "off"))
         self._worker.jailed = self.isolation == "namespaces"
 
-    def _isolation_args(self) -> list[str]:
+    def _worker_flags(self) -> list[str]:
         config = self.config
+        flags = [
+            *("--max-output-chars", str(config.max_output_chars)),
+            *("--memory-limit-mb", str(config.memory_limit_mb)),
+        ]
         if config.isolation == "off":
-            return []
+            return flags
         return [
+            *flags,
             *("--isolation", config.isolation),
             *("--workdir", str(config.workdir), "--state-dir", str(config.state_dir)),
             *("--max-processes", str(config.max_processes)),

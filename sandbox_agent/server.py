@@ -105,12 +105,16 @@ class Agent:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             if self.health_server.add_insecure_port(self.config.health_listen) == 0:
                 raise OSError(f"could not listen on {self.config.health_listen}")
-        # The worker is up before the server reports SERVING: ready means ready to run code.
-        await self.executor.start()
+        # The worker starts (another process) while the server does; it is up before the server
+        # reports SERVING: ready means ready to run code.
+        worker = asyncio.create_task(self.executor.start(), name="worker-start")
+        try:
+            await self.server.start()
+        finally:
+            await worker
         if self.leases is not None:
             self.leases.start()
         self.orphans.start()
-        await self.server.start()
         if self.health_server is not None:
             await self.health_server.start()
         if self.config.listen.startswith("unix:"):
@@ -138,7 +142,12 @@ async def run_until_signalled(config: AgentConfig) -> None:
     try:
         await agent.start()
         address = config.listen if config.listen.startswith("unix:") else f"port {agent.port}"
-        print(f"LISTENING {address}", flush=True)
+        # Then what a local provider would otherwise ask at once (GetInfo): one call less.
+        executor = agent.executor
+        print(
+            f"LISTENING {address}\nWORKER pid={executor.worker_pid} isolation={executor.isolation}",
+            flush=True,
+        )
         await stop.wait()
     finally:
         await agent.stop()

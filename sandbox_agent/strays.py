@@ -44,12 +44,12 @@ def _children() -> list[int]:
     return found
 
 
-async def kill_strays() -> int:
-    """SIGKILL every child of this process (call it when it should have none) and what they
-    orphan in turn, reaping each; returns how many there were."""
+async def kill_strays(spare: frozenset[int] = frozenset()) -> int:
+    """SIGKILL every child of this process but `spare` (call it when it should have no other)
+    and what they orphan in turn, reaping each; returns how many there were."""
     killed = 0
     for _ in range(_ROUNDS):
-        strays = _children()
+        strays = [pid for pid in _children() if pid not in spare]
         if not strays:
             break
         for pid in strays:

@@ -76,7 +76,7 @@ class InterruptGate:
                 raise KeyboardInterrupt
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # If the agent is killed, the worker (and its user code) must not outlive it.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -255,7 +255,7 @@ class Worker:
         return piece.encode("utf-8", "replace")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="rlm sandbox worker (started by the agent)")
     parser.add_argument("--command-fd", type=int, required=True)
     parser.add_argument("--frame-fd", type=int, required=True)
@@ -268,12 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-processes", type=int, default=DEFAULT_MAX_PROCESSES)
     parser.add_argument("--tmp-size-mb", type=int, default=DEFAULT_TMP_SIZE_MB)
     parser.add_argument("--sandbox-uid", type=int, default=NOBODY_UID)
-    args = parser.parse_args(argv)
-    _die_with_parent()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    die_with_parent()
     isolation = "off"
     if args.isolation != "off":
         isolation = _enter_jail(args)
-    _die_with_parent()  # again: in the jail, this is a new process whose parent is its init
+    die_with_parent()  # again: in the jail, this is a new process whose parent is its init
     if args.memory_limit_mb:
         limit = args.memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

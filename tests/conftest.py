@@ -45,6 +45,7 @@ from rlm_orchestrator import RLM  # noqa: E402
 from rlm_orchestrator.client import Client  # noqa: E402
 from rlm_orchestrator.sandbox.launch import TOKEN_ENV  # noqa: E402
 from rlm_orchestrator.testing.scripted_lm import Script, ScriptedLMServer  # noqa: E402
+from sandbox_agent.forkserver import AGENT_TEMPLATE_NAME  # noqa: E402
 
 ROOT_MODEL, SUB_MODEL, OTHER_MODEL = "root", "sub", "other"
 API_KEY = "sk-scripted-test-key"
@@ -52,9 +53,11 @@ API_KEY = "sk-scripted-test-key"
 
 def _agent_processes() -> set[int]:
     found = set()
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["cmdline", "name", "ppid"]):
         if "sandbox_agent" not in " ".join(process.info["cmdline"] or []):
             continue
+        if process.info["name"] == AGENT_TEMPLATE_NAME and process.info["ppid"] != os.getpid():
+            continue  # a running server's fork server: it lives as long as the server
         try:
             if process.environ().get("RLM_SANDBOX_OWNER") == OWNER:
                 found.add(process.pid)

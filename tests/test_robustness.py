@@ -181,12 +181,13 @@ def test_the_leak_check_sees_a_stray_agent() -> None:
         before_processes, before_dirs = _agent_processes(), _sandbox_dirs()
         sandbox = await provider.acquire(SandboxSpec(session_id="stray"))
         try:
-            # The agent and its worker; jailed, the worker is three: the process the agent
-            # spawned (outside), the jail's init and the worker itself.
+            # The provider's fork server, the agent, its worker template and its worker;
+            # jailed, the worker is three: the process forked outside, the jail's init and the
+            # worker itself.
             jailed = sandbox.provider_state.isolation == "namespaces"
-            assert len(_agent_processes() - before_processes) == (4 if jailed else 2)
+            assert len(_agent_processes() - before_processes) == (6 if jailed else 4)
             assert len(_sandbox_dirs() - before_dirs) == 1
         finally:
-            await provider.release(sandbox)
+            await provider.aclose()
 
     asyncio.run(check())

@@ -43,6 +43,12 @@ class LocalConfig(_Backend):
     tmp_size_mb: int = Field(default=DEFAULT_TMP_SIZE_MB, ge=1)
     # Who user code is outside the jail when the orchestrator runs as root (nobody).
     sandbox_uid: int = Field(default=NOBODY_UID, ge=1)
+    # "fork": agents and workers are forked from a template that has imported them (a few
+    # ms per sandbox); "spawn": a fresh `python -m sandbox_agent` per sandbox (~200 ms).
+    start_method: Literal["fork", "spawn"] = "fork"
+    # Sandboxes kept started and idle (each ~10 MB), so that acquiring one takes no start.
+    warm_pool_size: int = Field(default=0, ge=0)
+    warm_max_idle_seconds: float = Field(default=300.0, gt=0)
 
 
 class DockerConfig(_Backend):

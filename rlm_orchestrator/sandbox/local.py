@@ -23,17 +23,22 @@ import shutil
 import signal
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 from rlm_orchestrator.config.backends import LOCAL_MEMORY_LIMIT_MB, LocalConfig
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
 from rlm_orchestrator.sandbox.launch import AgentLaunch
+from rlm_orchestrator.sandbox.local_template import AgentTemplate
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
+from rlm_orchestrator.sandbox.warm_pool import WarmPool
+from sandbox_agent.forkserver import FD_PLACEHOLDER, STDIO_NULL, ForkedProcess
 
 log = logging.getLogger("rlm_orchestrator.sandbox.local")
+AgentProcess = asyncio.subprocess.Process | ForkedProcess
 
 TEMP_PREFIX = "rlm-sbx-"
 ISOLATED = "namespaces"  # what a jailed agent reports (GetInfo.isolation)
@@ -47,9 +52,10 @@ OWNER_FILE = "owner"
 @dataclass
 class _LocalState:
     root: Path
-    process: asyncio.subprocess.Process
+    process: AgentProcess
     worker_pid: int = 0
     isolation: str = "off"
+    memory_limit_mb: int = 0  # the worker's, fixed at start (a pooled sandbox must match)
     token: str = field(default="", repr=False)  # every call to the agent carries it
 
 
@@ -88,6 +94,13 @@ def _token_pipe(token: str) -> int:
     return read_end
 
 
+def _agent_alive(sandbox: Sandbox) -> bool:
+    process: AgentProcess = sandbox.provider_state.process
+    if isinstance(process, ForkedProcess):
+        return not process.has_ended()
+    return process.returncode is None
+
+
 def _kill_group(pid: int) -> None:
     if pid > 0:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -103,6 +116,15 @@ class LocalProvider:
         self.options = options or LocalConfig()
         self._live: dict[str, Sandbox] = {}
         self._reconciled = False
+        self._template: AgentTemplate | None = None
+        self._starts = 0  # sandbox starts in flight
+        self._pool = WarmPool(
+            self._start_sandbox,
+            self.release,
+            _agent_alive,
+            self.options.warm_pool_size,
+            self.options.warm_max_idle_seconds,
+        )
 
     async def reconcile(self) -> int:
         """Remove the sandbox dirs of orchestrators that died (their agents stopped with them:
@@ -120,6 +142,19 @@ class LocalProvider:
         return removed
 
     async def acquire(self, spec: SandboxSpec) -> Sandbox:
+        memory_limit_mb = spec.memory_limit_or(LOCAL_MEMORY_LIMIT_MB)
+
+        def fits(sandbox: Sandbox) -> bool:
+            state: _LocalState = sandbox.provider_state
+            return state.memory_limit_mb == memory_limit_mb
+
+        return self._pool.take(spec, fits) or await self._start_sandbox(spec)
+
+    async def warm_up(self) -> None:
+        """Fill the warm pool now (a no-op without one); it is kept full from then on."""
+        await self._pool.fill()
+
+    async def _start_sandbox(self, spec: SandboxSpec) -> Sandbox:
         if not self._reconciled:
             self._reconciled = True
             await self.reconcile()
@@ -132,46 +167,109 @@ class LocalProvider:
         socket_path = root / "agent.sock"
         log_path = root / "agent.log"
         token = secrets.token_urlsafe(32)
-        process: asyncio.subprocess.Process | None = None
+        process: AgentProcess | None = None
         client: AgentClient | None = None
+        self._starts += 1
         try:
-            token_fd = _token_pipe(token)
-            try:
-                with await asyncio.to_thread(open, log_path, "wb") as agent_log:
+            process, stdout = await self._start_agent(spec, root, socket_path, log_path, token)
+            state = _LocalState(root, process, token=token)
+            state.memory_limit_mb = spec.memory_limit_or(LOCAL_MEMORY_LIMIT_MB)
+            listening = await self._wait_listening(
+                process, stdout, log_path, spec.startup_timeout_seconds
+            )
+            # LISTENING comes once the worker is up and the server SERVING: no health check.
+            state.worker_pid = int(listening.get("pid", "0"))
+            state.isolation = listening.get("isolation", "unknown")
+            self._check_isolation(state.isolation)
+            from rlm_wire.auth import bearer_metadata
+
+            client = AgentClient(f"unix:{socket_path}", metadata=bearer_metadata(token))
+        except BaseException:
+            # Failed or cancelled start: leave nothing behind (the template neither, when no
+            # sandbox of this provider needs it).
+            if client is not None:
+                await client.close()
+            await self._stop(process, 0, root)
+            if self._starts == 1 and not self._live and self._template is not None:
+                await self._template.aclose()
+            raise
+        finally:
+            self._starts -= 1
+        sandbox = Sandbox(f"local-{uuid.uuid4().hex[:12]}", client, spec, state)
+        self._live[sandbox.sandbox_id] = sandbox
+        return sandbox
+
+    async def _start_agent(
+        self, spec: SandboxSpec, root: Path, socket_path: Path, log_path: Path, token: str
+    ) -> tuple[AgentProcess, asyncio.StreamReader]:
+        """Fork the agent from the template (or spawn `python -m sandbox_agent`); its stdout
+        is where it says LISTENING, its stderr the sandbox's log."""
+        env = sandbox_environment(root)
+        token_fd = _token_pipe(token)
+        try:
+            with await asyncio.to_thread(open, log_path, "wb") as agent_log:
+                if self.options.start_method == "spawn":
                     process = await asyncio.create_subprocess_exec(
                         *self._agent_command(spec, root, socket_path, token_fd),
                         stdin=asyncio.subprocess.DEVNULL,
                         stdout=asyncio.subprocess.PIPE,
                         stderr=agent_log,
-                        env=sandbox_environment(root),
+                        env=env,
                         cwd=root,
                         start_new_session=True,
                         pass_fds=(token_fd,),
                     )
-            finally:
-                os.close(token_fd)
-            state = _LocalState(root, process, token=token)
-            await self._wait_listening(process, log_path, spec.startup_timeout_seconds)
-            from rlm_wire.auth import bearer_metadata
+                    assert process.stdout is not None
+                    return process, process.stdout
+                return await self._fork_agent(spec, root, socket_path, agent_log, token_fd, env)
+        finally:
+            os.close(token_fd)
 
-            client = AgentClient(f"unix:{socket_path}", metadata=bearer_metadata(token))
-            await client.wait_ready(spec.startup_timeout_seconds)
-            info = await client.info()
-            state.worker_pid, state.isolation = info.worker_pid, info.isolation
-            self._check_isolation(state.isolation)
+    async def _fork_agent(
+        self,
+        spec: SandboxSpec,
+        root: Path,
+        socket_path: Path,
+        agent_log: IO[bytes],
+        token_fd: int,
+        env: dict[str, str],
+    ) -> tuple[AgentProcess, asyncio.StreamReader]:
+        if self._template is None:
+            # The template's own environment is a sandbox's, minus the sandbox's dirs.
+            self._template = AgentTemplate(self.options.python, sandbox_environment(Path("/")))
+        # No --parent-pid: the template watches this process and its agents inherit that.
+        launch = replace(self._agent_launch(spec, root, socket_path, None), parent_pid=None)
+        args = [*launch.args(), "--token-fd", FD_PLACEHOLDER % 2]
+        read_end, write_end = os.pipe()
+        try:
+            process = await self._template.start_agent(
+                args,
+                fds=(write_end, agent_log.fileno(), token_fd),
+                stdio=(STDIO_NULL, 0, 1),
+                cwd=str(root),
+                env=env,
+            )
         except BaseException:
-            # Failed or cancelled start: leave nothing behind.
-            if client is not None:
-                await client.close()
-            await self._stop(process, 0, root)
+            os.close(read_end)
             raise
-        sandbox = Sandbox(f"local-{uuid.uuid4().hex[:12]}", client, spec, state)
-        self._live[sandbox.sandbox_id] = sandbox
-        return sandbox
+        finally:
+            os.close(write_end)
+        loop = asyncio.get_running_loop()
+        stdout = asyncio.StreamReader()
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(read_end, "rb", 0)
+        )
+        return process, stdout
 
     def _agent_command(
         self, spec: SandboxSpec, root: Path, socket_path: Path, token_fd: int
     ) -> list[str]:
+        """`python -m sandbox_agent ...` (start_method="spawn")."""
+        return self._agent_launch(spec, root, socket_path, token_fd).argv(self.options.python)
+
+    def _agent_launch(
+        self, spec: SandboxSpec, root: Path, socket_path: Path, token_fd: int | None
+    ) -> AgentLaunch:
         o = self.options
         launch = AgentLaunch(
             listen=f"unix:{socket_path}",
@@ -187,7 +285,7 @@ class LocalProvider:
             token_fd=token_fd,
             parent_pid=os.getpid(),
         )
-        return launch.for_session(spec, LOCAL_MEMORY_LIMIT_MB).argv(o.python)
+        return launch.for_session(spec, LOCAL_MEMORY_LIMIT_MB)
 
     def _check_isolation(self, isolation: str) -> None:
         if isolation == ISOLATED or self.options.isolation == "off":
@@ -229,17 +327,18 @@ class LocalProvider:
 
     @staticmethod
     async def _wait_listening(
-        process: asyncio.subprocess.Process, log_path: Path, timeout: float
-    ) -> None:
-        """The agent prints LISTENING once its worker is up and its socket is bound."""
-        assert process.stdout is not None
-        try:
+        process: AgentProcess, stdout: asyncio.StreamReader, log_path: Path, timeout: float
+    ) -> dict[str, str]:
+        """The agent prints `LISTENING <address>` once its worker is up and its server SERVING,
+        then `WORKER pid=<pid> isolation=<how>`; returns the second line's fields."""
+        line = worker = b""
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                line = await process.stdout.readline()
-        except TimeoutError:
-            line = b""
+                line = await stdout.readline()
+                worker = await stdout.readline()
         if not line.startswith(b"LISTENING"):
-            await asyncio.sleep(0.1)  # let the agent finish writing its error
+            with contextlib.suppress(TimeoutError):  # let the agent finish writing its error
+                await asyncio.wait_for(process.wait(), 0.5)
             log_tail = await asyncio.to_thread(_tail, log_path)
             how = (
                 f"did not start within {timeout:g}s"
@@ -247,6 +346,9 @@ class LocalProvider:
                 else f"exited at start (code {process.returncode})"
             )
             raise SandboxError(f"the local sandbox agent {how}; its log ends with:\n{log_tail}")
+        # The isolation (last) may hold spaces: "none: <why>".
+        fields = worker.decode(errors="replace").rstrip("\n").split(" ", 2)[1:]
+        return {key: value for key, _, value in (field.partition("=") for field in fields)}
 
     async def release(self, sandbox: Sandbox) -> None:
         if self._live.pop(sandbox.sandbox_id, None) is None:
@@ -260,9 +362,7 @@ class LocalProvider:
         await self._stop(state.process, state.worker_pid, state.root)
 
     @staticmethod
-    async def _stop(
-        process: asyncio.subprocess.Process | None, worker_pid: int, root: Path
-    ) -> None:
+    async def _stop(process: AgentProcess | None, worker_pid: int, root: Path) -> None:
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()  # the agent stops its worker's group on SIGTERM
@@ -278,5 +378,9 @@ class LocalProvider:
         await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
 
     async def aclose(self) -> None:
+        await self._pool.aclose()
         for sandbox in list(self._live.values()):
             await self.release(sandbox)
+        if self._template is not None:
+            await self._template.aclose()
+            self._template = None
