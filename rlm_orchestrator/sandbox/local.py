@@ -236,7 +236,9 @@ class LocalProvider:
     ) -> tuple[AgentProcess, asyncio.StreamReader]:
         if self._template is None:
             # The template's own environment is a sandbox's, minus the sandbox's dirs.
-            self._template = AgentTemplate(self.options.python, sandbox_environment(Path("/")))
+            self._template = AgentTemplate(
+                self.options.python, {**sandbox_environment(Path("/")), "MALLOC_ARENA_MAX": "1"}
+            )
         # No --parent-pid: the template watches this process and its agents inherit that.
         launch = replace(self._agent_launch(spec, root, socket_path, None), parent_pid=None)
         args = [*launch.args(), "--token-fd", FD_PLACEHOLDER % 2]
