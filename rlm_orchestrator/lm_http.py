@@ -271,10 +271,10 @@ class _Session:
 
             parsed = URL(url)
             try:
-                proxy, auth = get_env_proxy_for_url(parsed)
+                found = (parsed, *get_env_proxy_for_url(parsed))
             except LookupError:
-                proxy = auth = None
-            found = self._targets[url] = (parsed, proxy, auth)
+                found = (parsed, None, None)
+            self._targets[url] = found
         return found
 
 
