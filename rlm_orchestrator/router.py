@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.trace import SpanKind
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from rlm_orchestrator import lm_http, lm_litellm, lm_prices, telemetry
 from rlm_orchestrator.config.lm import Transport, transport_of
@@ -51,6 +51,7 @@ _OWN_KEYS = {
 }
 MAX_ERROR_CHARS = 600
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+MAX_RETRY_WAIT = 10.0
 Messages = list[dict[str, Any]]
 
 
@@ -269,14 +270,8 @@ class LMRouter:
         endpoint = self.endpoints.get(config.model_name)
         litellm = None if endpoint is not None else await lm_litellm.loaded()
         messages = as_messages(prompt)
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(config.max_retries + 1),
-            wait=wait_exponential_jitter(
-                initial=config.retry_initial_delay, max=10.0, jitter=config.retry_initial_delay
-            ),
-            retry=retry_if_exception(_is_retryable),
-            reraise=True,
-        )
+        if not telemetry.recording():  # no tracer provider: no span to make, not even a no-op
+            return await self._call(config, endpoint, messages, litellm, tracker)
         provider, _, _ = config.litellm_model.rpartition("/")
         attributes: dict[str, str | int] = {
             "gen_ai.operation.name": "chat",
@@ -290,7 +285,7 @@ class LMRouter:
             if telemetry.record_content():
                 span.set_attribute("gen_ai.prompt", telemetry.content(str(messages[-1]["content"])))
             try:
-                answer = await self._call(config, endpoint, messages, retrying, litellm, tracker)
+                answer = await self._call(config, endpoint, messages, litellm, tracker)
             except LMError as exc:
                 telemetry.mark_error(span, exc)
                 raise
@@ -312,25 +307,32 @@ class LMRouter:
         config: LMClientConfig,
         endpoint: lm_http.Endpoint | None,
         messages: Messages,
-        retrying: AsyncRetrying,
         litellm: Any,
         tracker: UsageTracker | None,
     ) -> LMAnswer:
         started = time.perf_counter()
+        attempt = 0
         try:
             async with self._semaphore(config):
-                async for attempt in retrying:
-                    with attempt:
+                # Retries as a plain loop: a retry library's per-call objects (state, locks,
+                # reference cycles) cost more CPU than the call itself on a fast endpoint.
+                while True:
+                    attempt += 1
+                    try:
                         if endpoint is not None:
                             response: Any = await lm_http.post(self._http, endpoint, messages)
                         else:
                             response = await lm_litellm.call(litellm, config, messages)
+                        break
+                    except Exception as exc:
+                        if attempt > config.max_retries or not _is_retryable(exc):
+                            raise
+                    await asyncio.sleep(_retry_wait(config, attempt))
         except Exception as exc:
             status = _status_of(exc)
             http = f" (HTTP {status})" if status else ""
-            attempts = retrying.statistics.get("attempt_number", 1)
             raise LMError(
-                f"LM call to {config.model_name!r} failed{http} after {attempts} attempt(s): "
+                f"LM call to {config.model_name!r} failed{http} after {attempt} attempt(s): "
                 f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}",
                 model=config.model_name,
                 status_code=status,
@@ -338,7 +340,9 @@ class LMRouter:
         if endpoint is not None:
             text = response["choices"][0]["message"].get("content") or ""
             served = str(response.get("model") or "")
-            usage = await _lean_usage(config, endpoint, response, served)
+            usage = _lean_usage(config, endpoint, response, served)
+            if usage is None:  # usage only litellm prices
+                usage = await _lean_usage_by_litellm(endpoint, response)
         else:
             text = response.choices[0].message.content or ""
             served = str(getattr(response, "model", "") or "")
@@ -350,9 +354,20 @@ class LMRouter:
             model=config.model_name,
             usage=usage,
             duration=time.perf_counter() - started,
-            attempts=int(retrying.statistics.get("attempt_number", 1)),
+            attempts=attempt,
             response_model=served or config.litellm_model,
         )
+
+
+def _retry_wait(config: LMClientConfig, attempt: int) -> float:
+    """Seconds before the next attempt after `attempt` failed: exponential with jitter,
+    initial * 2^(attempt-1) + uniform(0, initial), at most MAX_RETRY_WAIT."""
+    initial = config.retry_initial_delay
+    try:
+        wait = initial * 2.0 ** (attempt - 1) + random.uniform(0, initial)
+    except OverflowError:
+        wait = MAX_RETRY_WAIT
+    return max(0.0, min(wait, MAX_RETRY_WAIT))
 
 
 def _litellm_usage(config: LMClientConfig, response: Any, litellm: Any) -> ModelUsageSummary:
@@ -365,10 +380,11 @@ def _litellm_usage(config: LMClientConfig, response: Any, litellm: Any) -> Model
     return ModelUsageSummary(1, input_tokens, output_tokens, cost)
 
 
-async def _lean_usage(
+def _lean_usage(
     config: LMClientConfig, endpoint: lm_http.Endpoint, reply: dict[str, Any], served: str
-) -> ModelUsageSummary:
-    """Tokens and cost of a lean reply, as litellm counts them for the same JSON."""
+) -> ModelUsageSummary | None:
+    """Tokens and cost of a lean reply, as litellm counts them for the same JSON; None when
+    only litellm can price it (service tiers, reasoning or audio prices)."""
     usage = reply.get("usage")
     usage = usage if isinstance(usage, dict) else {}
     input_tokens = int(usage.get("prompt_tokens") or 0)
@@ -377,9 +393,20 @@ async def _lean_usage(
     if cost is None:
         models = (served, endpoint.model)
         cost = lm_prices.cost(endpoint.provider, models, usage, reply.get("service_tier"))
-    if cost is None:  # usage only litellm prices (service tiers, reasoning or audio prices)
-        litellm = await lm_litellm.loaded()
-        response = litellm.ModelResponse(**reply)
-        response._hidden_params["custom_llm_provider"] = endpoint.provider
-        cost = lm_litellm.cost(litellm, response)
+    if cost is None:
+        return None
+    return ModelUsageSummary(1, input_tokens, output_tokens, cost)
+
+
+async def _lean_usage_by_litellm(
+    endpoint: lm_http.Endpoint, reply: dict[str, Any]
+) -> ModelUsageSummary:
+    usage = reply.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    litellm = await lm_litellm.loaded()
+    response = litellm.ModelResponse(**reply)
+    response._hidden_params["custom_llm_provider"] = endpoint.provider
+    cost = lm_litellm.cost(litellm, response)
+    input_tokens = int(usage.get("prompt_tokens") or 0)
+    output_tokens = int(usage.get("completion_tokens") or 0)
     return ModelUsageSummary(1, input_tokens, output_tokens, cost)

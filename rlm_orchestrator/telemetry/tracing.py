@@ -89,6 +89,13 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
+def recording() -> bool:
+    """Whether spans go anywhere: a tracer provider is set (by `configure`, or by the
+    application that uses us). Else a hot path may skip even the API's no-op spans."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 async def flush() -> None:
     """Export what is buffered (at the end of a completion), off the event loop."""
     provider = _state["provider"]
