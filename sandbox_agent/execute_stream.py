@@ -1,0 +1,209 @@
+"""One Execute call: code blocks run one after another, each started by an ExecuteStart.
+
+A new gRPC call costs about twice a message round trip on the same stream, so the
+orchestrator keeps one Execute stream open per sandbox (see sandbox.proto). Each block is
+accounted on its own: the executor gives every execution a fresh ledger, and an answer reaches
+the worker only while this stream's block runs.
+
+One task reads the stream (sub-call answers, the next start, the half-close) while the handler
+runs the blocks: the answers of a running block must get through while it waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import TypeAlias
+
+import grpc
+
+from rlm_wire.status import FailedPrecondition, InvalidArgument, abort
+from rlm_wire.v1 import sandbox_pb2 as pb
+from sandbox_agent.executor import ExecutionOutcome, Executor
+from sandbox_agent.frames import Kind
+from sandbox_agent.namespace import LLM_QUERY
+from sandbox_agent.tracing import ExecutionSpan
+
+BUSY_POLLS, BUSY_POLL_SECONDS = 50, 0.01
+_STATUS = {
+    "ok": pb.EXECUTION_STATUS_OK,
+    "error": pb.EXECUTION_STATUS_ERROR,
+    "timeout": pb.EXECUTION_STATUS_TIMEOUT,
+    "worker_died": pb.EXECUTION_STATUS_WORKER_DIED,
+    "cancelled": pb.EXECUTION_STATUS_CANCELLED,
+}
+_STDOUT = pb.OUTPUT_STREAM_STDOUT
+_STDERR = pb.OUTPUT_STREAM_STDERR
+Context: TypeAlias = "grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse]"
+
+
+class _StreamSink:
+    """Writes an execution's events to its gRPC stream; goes quiet once the stream is gone."""
+
+    def __init__(self, context: Context, traceparent: str = "") -> None:
+        self._context = context
+        self._traceparent = traceparent
+        self.closed = False
+
+    async def write(self, message: pb.ExecuteResponse) -> None:
+        if self.closed:
+            return
+        try:
+            await self._context.write(message)
+        except Exception:  # the client went away; the execution is being interrupted
+            self.closed = True
+
+    async def output(self, stream: int, text: str) -> None:
+        which = _STDOUT if stream == Kind.STDOUT else _STDERR
+        await self.write(pb.ExecuteResponse(output=pb.OutputChunk(stream=which, text=text)))
+
+    async def llm_request(self, request_id: int, prompts: list[str], model: str, kind: str) -> None:
+        kind_pb = (
+            pb.LLM_REQUEST_KIND_LLM_QUERY if kind == LLM_QUERY else pb.LLM_REQUEST_KIND_RLM_QUERY
+        )
+        request = pb.LlmRequest(
+            request_id=request_id,
+            prompts=prompts,
+            model=model,
+            kind=kind_pb,
+            traceparent=self._traceparent,
+        )
+        await self.write(pb.ExecuteResponse(llm_request=request))
+
+
+def result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
+    result = pb.ExecuteResult(
+        status=_STATUS[outcome.status],
+        error=outcome.error,
+        stdout_chars=outcome.stdout_chars,
+        stderr_chars=outcome.stderr_chars,
+        truncated_chars=outcome.truncated_chars,
+        variables=[pb.Variable(name=n, type_name=t) for n, t in outcome.variables],
+        variables_omitted=outcome.variables_omitted,
+        duration_seconds=outcome.duration,
+        worker_restarted=outcome.worker_restarted,
+        stream_open=True,
+    )
+    if outcome.final_answer_chars is not None:
+        result.final_answer_chars = outcome.final_answer_chars
+    return result
+
+
+class ExecuteStream:
+    """Serves one Execute call until the client half-closes, cancels, or breaks the protocol."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        requests: AsyncIterator[pb.ExecuteRequest],
+        context: Context,
+        require_lease: Callable[[Context], None],
+    ) -> None:
+        self._executor = executor
+        self._requests = requests
+        self._context = context
+        self._require_lease = require_lease
+        # This stream's running block (its answers go to the worker; a half-close stops it).
+        self._execution: asyncio.Task[ExecutionOutcome] | None = None
+        # Starts read ahead by the reader (at most one), then None once the stream has ended.
+        self._starts: asyncio.Queue[pb.ExecuteStart | None] = asyncio.Queue()
+        # From a start until its result is on its way: another start then breaks the protocol.
+        self._in_block = False
+        # Started after the first block's task, as a half-close right after the first start
+        # must find that block running (and interrupt it).
+        self._reader: asyncio.Task[None] | None = None
+
+    async def serve(self) -> None:
+        first = await anext(self._requests, None)
+        if first is None or first.WhichOneof("kind") != "start":
+            raise InvalidArgument("the first message must be `start`")
+        start: pb.ExecuteStart | None = first.start
+        self._in_block = True
+        try:
+            while start is not None:
+                if not await self._run(start):
+                    return  # the client is gone
+                start = await self._starts.get()
+        finally:
+            if self._reader is not None:
+                self._reader.cancel()
+
+    async def _read(self) -> None:
+        """Answers go to the running block; a start to the handler; the end stops the block."""
+        try:
+            async for message in self._requests:
+                kind = message.WhichOneof("kind")
+                if kind == "llm_response":
+                    if self._running():  # a late answer of an ended block is dropped
+                        self._deliver(message.llm_response)
+                elif kind == "start":
+                    if self._in_block:
+                        early = "an ExecuteStart arrived before the running block's result"
+                        await abort(self._context, InvalidArgument(early).status())
+                    self._in_block = True
+                    self._starts.put_nowait(message.start)
+        except (Exception, asyncio.CancelledError):  # aborted, failed, or the handler ended
+            pass
+        finally:
+            # The orchestrator half-closed before the result: it no longer wants this block.
+            if self._running():
+                self._executor.interrupt("cancelled")
+            self._starts.put_nowait(None)
+
+    def _running(self) -> bool:
+        return self._execution is not None and not self._execution.done()
+
+    def _deliver(self, answer: pb.LlmResponse) -> None:
+        texts = [
+            r.text if r.WhichOneof("outcome") == "text" else f"Error: {r.error}"
+            for r in answer.results
+        ]
+        self._executor.deliver_llm_response(answer.request_id, texts)
+
+    async def _run(self, start: pb.ExecuteStart) -> bool:
+        """Run one block and send its result; False when the stream is gone."""
+        self._require_lease(self._context)  # a stream outlives a released lease
+        executor = self._executor
+        # A cancelled execution may still be stopping: the next one waits for it (bounded by
+        # the interrupt grace and a kill). A live one is a caller's bug: refuse.
+        for _ in range(BUSY_POLLS):  # a cancel sent just before this call may still be in flight
+            if not executor.busy or executor.stopping:
+                break
+            await asyncio.sleep(BUSY_POLL_SECONDS)
+        if executor.busy and not executor.stopping:
+            raise FailedPrecondition("another execution is running in this sandbox")
+        span = ExecutionSpan.start(start.traceparent) if start.traceparent else None
+        sink = _StreamSink(self._context, span.traceparent if span else "")
+        execution = asyncio.create_task(
+            executor.execute(start.code, sink, start.timeout_seconds, start.max_output_chars)
+        )
+        self._execution = execution
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name="execute-requests")
+        try:
+            outcome = await asyncio.shield(execution)
+        except asyncio.CancelledError:
+            # The orchestrator cancelled the call: stop the code, but let the executor finish
+            # its bookkeeping (it is bounded by the interrupt grace and a kill).
+            executor.interrupt("cancelled")
+            sink.closed = True
+            with contextlib.suppress(Exception):
+                await execution
+            raise
+        self._in_block = False  # the client may send the next start once it has the result
+        result = result_message(outcome)
+        if span is not None:
+            attributes = {
+                "rlm.exec.status": outcome.status,
+                "rlm.exec.stdout_chars": str(outcome.stdout_chars),
+                "rlm.exec.stderr_chars": str(outcome.stderr_chars),
+                "rlm.exec.worker_restarted": str(outcome.worker_restarted).lower(),
+                "rlm.exec.worker_pid": str(executor.worker_pid),
+            }
+            error = (
+                outcome.error.splitlines()[-1] if outcome.status != "ok" and outcome.error else ""
+            )
+            result.span.CopyFrom(span.finish(attributes, error))
+        await sink.write(pb.ExecuteResponse(result=result))
+        return not sink.closed
