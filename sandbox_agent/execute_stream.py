@@ -5,8 +5,10 @@ orchestrator keeps one Execute stream open per sandbox (see sandbox.proto). Each
 accounted on its own: the executor gives every execution a fresh ledger, and an answer reaches
 the worker only while this stream's block runs.
 
-One task reads the stream (sub-call answers, the next start, the half-close) while the handler
-runs the blocks: the answers of a running block must get through while it waits for them.
+One task reads the stream (sub-call answers, the next start, the half-close): the answers of a
+running block must get through while it waits for them. Each block runs in a task of its own,
+started by that reader; the handler only waits for the end (and stops the running block when
+the call is cancelled).
 """
 
 from __future__ import annotations
@@ -104,55 +106,83 @@ class ExecuteStream:
         self._requests = requests
         self._context = context
         self._require_lease = require_lease
-        # This stream's running block (its answers go to the worker; a half-close stops it).
-        self._execution: asyncio.Task[ExecutionOutcome] | None = None
-        # Starts read ahead by the reader (at most one), then None once the stream has ended.
-        self._starts: asyncio.Queue[pb.ExecuteStart | None] = asyncio.Queue()
+        # The task of the current (or last) block: it runs the code and writes the result.
+        self._block: asyncio.Task[bool] | None = None
+        # Its code runs in the executor now: answers go to the worker, a half-close stops it.
+        self._executing = False
+        self._sink: _StreamSink | None = None
         # From a start until its result is on its way: another start then breaks the protocol.
         self._in_block = False
-        # Started after the first block's task, as a half-close right after the first start
-        # must find that block running (and interrupt it).
         self._reader: asyncio.Task[None] | None = None
+        self._reader_ended = False
+        # The handler's end: None, or what a block raised (a refusal with its status).
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def serve(self) -> None:
         first = await anext(self._requests, None)
         if first is None or first.WhichOneof("kind") != "start":
             raise InvalidArgument("the first message must be `start`")
-        start: pb.ExecuteStart | None = first.start
         self._in_block = True
+        self._start_block(first.start)
+        # After the block's task, which runs first: a half-close right after the first start
+        # must find its code running (and interrupt it).
+        self._reader = asyncio.create_task(self._read(), name="execute-requests")
         try:
-            while start is not None:
-                if not await self._run(start):
-                    return  # the client is gone
-                start = await self._starts.get()
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            # The orchestrator cancelled the call: stop the code, but let the executor finish
+            # its bookkeeping (it is bounded by the interrupt grace and a kill).
+            if self._executing:
+                self._executor.interrupt("cancelled")
+            if self._sink is not None:
+                self._sink.closed = True
+            if self._block is not None:
+                with contextlib.suppress(Exception):
+                    await self._block
+            raise
         finally:
-            if self._reader is not None:
-                self._reader.cancel()
+            self._reader.cancel()
+
+    def _start_block(self, start: pb.ExecuteStart) -> None:
+        # Blocks are started by the reader, without a hop through the handler's task.
+        block = asyncio.create_task(self._run(start, self._block))
+        block.add_done_callback(self._block_done)
+        self._block = block
+
+    def _block_done(self, block: asyncio.Task[bool]) -> None:
+        if self._done.done():
+            return
+        if block.cancelled():
+            self._done.set_result(None)
+        elif (error := block.exception()) is not None:
+            self._done.set_exception(error)
+        elif not block.result() or self._reader_ended:
+            self._done.set_result(None)  # the client is gone, or wants no more blocks
 
     async def _read(self) -> None:
-        """Answers go to the running block; a start to the handler; the end stops the block."""
+        """Answers go to the running block; a start begins the next one; the end stops the
+        running one."""
         try:
             async for message in self._requests:
                 kind = message.WhichOneof("kind")
                 if kind == "llm_response":
-                    if self._running():  # a late answer of an ended block is dropped
+                    if self._executing:  # a late answer of an ended block is dropped
                         self._deliver(message.llm_response)
                 elif kind == "start":
                     if self._in_block:
                         early = "an ExecuteStart arrived before the running block's result"
                         await abort(self._context, InvalidArgument(early).status())
                     self._in_block = True
-                    self._starts.put_nowait(message.start)
+                    self._start_block(message.start)
         except (Exception, asyncio.CancelledError):  # aborted, failed, or the handler ended
             pass
         finally:
+            self._reader_ended = True
             # The orchestrator half-closed before the result: it no longer wants this block.
-            if self._running():
+            if self._executing:
                 self._executor.interrupt("cancelled")
-            self._starts.put_nowait(None)
-
-    def _running(self) -> bool:
-        return self._execution is not None and not self._execution.done()
+            if (self._block is None or self._block.done()) and not self._done.done():
+                self._done.set_result(None)
 
     def _deliver(self, answer: pb.LlmResponse) -> None:
         texts = [
@@ -161,8 +191,10 @@ class ExecuteStream:
         ]
         self._executor.deliver_llm_response(answer.request_id, texts)
 
-    async def _run(self, start: pb.ExecuteStart) -> bool:
+    async def _run(self, start: pb.ExecuteStart, previous: asyncio.Task[bool] | None) -> bool:
         """Run one block and send its result; False when the stream is gone."""
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # still writing its result: one write at a time
         self._require_lease(self._context)  # a stream outlives a released lease
         executor = self._executor
         # A cancelled execution may still be stopping: the next one waits for it (bounded by
@@ -174,23 +206,14 @@ class ExecuteStream:
         if executor.busy and not executor.stopping:
             raise FailedPrecondition("another execution is running in this sandbox")
         span = ExecutionSpan.start(start.traceparent) if start.traceparent else None
-        sink = _StreamSink(self._context, span.traceparent if span else "")
-        execution = asyncio.create_task(
-            executor.execute(start.code, sink, start.timeout_seconds, start.max_output_chars)
-        )
-        self._execution = execution
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(), name="execute-requests")
+        sink = self._sink = _StreamSink(self._context, span.traceparent if span else "")
+        self._executing = True
         try:
-            outcome = await asyncio.shield(execution)
-        except asyncio.CancelledError:
-            # The orchestrator cancelled the call: stop the code, but let the executor finish
-            # its bookkeeping (it is bounded by the interrupt grace and a kill).
-            executor.interrupt("cancelled")
-            sink.closed = True
-            with contextlib.suppress(Exception):
-                await execution
-            raise
+            outcome = await executor.execute(
+                start.code, sink, start.timeout_seconds, start.max_output_chars
+            )
+        finally:
+            self._executing = False
         self._in_block = False  # the client may send the next start once it has the result
         result = result_message(outcome)
         if span is not None:
