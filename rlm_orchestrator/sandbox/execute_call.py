@@ -29,7 +29,7 @@ class ExecuteCall:
         # The agent keeps the stream open after a result (ExecuteResult.stream_open).
         self.reusable = False
         self._outgoing: asyncio.Queue[pb.ExecuteRequest | None] = asyncio.Queue()
-        self._writing = False
+        self._write_lock = asyncio.Lock()  # one write in flight
         self._writer = asyncio.create_task(self._write_queued(), name="execute-writer")
 
     @property
@@ -37,16 +37,14 @@ class ExecuteCall:
         return self.reusable and not self.call.done() and not self._writer.done()
 
     async def start(self, message: pb.ExecuteRequest) -> None:
-        """Send a block's start: directly when no write is pending (one task hop less)."""
+        """Send a block's start, written by the caller's task when nothing waits to be written
+        (one task hop less). Nothing else can be sent for the block before its start is."""
         self.blocks += 1
-        if self._writing or not self._outgoing.empty():
+        if self._write_lock.locked() or not self._outgoing.empty():
             self._outgoing.put_nowait(message)
             return
-        self._writing = True
-        try:
+        async with self._write_lock:
             await self.call.write(message)
-        finally:
-            self._writing = False
 
     def send(self, message: pb.ExecuteRequest) -> None:
         """Queue a message (the answer to a sub-call) behind those not written yet."""
@@ -69,9 +67,7 @@ class ExecuteCall:
         # A failed write means a failed call: its reader gets the status.
         with contextlib.suppress(Exception):
             while (message := await self._outgoing.get()) is not None:
-                self._writing = True
-                try:
+                async with self._write_lock:
                     await self.call.write(message)
-                finally:
-                    self._writing = False
-            await self.call.done_writing()
+            async with self._write_lock:
+                await self.call.done_writing()
