@@ -143,6 +143,12 @@ class ExecuteStream:
         finally:
             self._reader.cancel()
 
+    def end_if_idle(self) -> None:
+        """End the stream (OK) when no block is in progress on it (nor its result)."""
+        idle = not self._in_block and (self._block is None or self._block.done())
+        if idle and not self._done.done():
+            self._done.set_result(None)
+
     def _start_block(self, start: pb.ExecuteStart) -> None:
         # Blocks are started by the reader, without a hop through the handler's task.
         block = asyncio.create_task(self._run(start, self._block))

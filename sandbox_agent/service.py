@@ -51,6 +51,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         # Fleet mode: calls must carry the active lease.
         self._leases = leases
         self._value_dir = executor.config.state_dir / "values"
+        self._streams: set[ExecuteStream] = set()  # Execute calls open now
 
     async def Execute(  # type: ignore[override]  # writes via context.write, returns nothing
         self,
@@ -59,7 +60,18 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
     ) -> None:
         self._require_lease(context)
         requests = aiter(request_iterator)
-        await ExecuteStream(self._executor, requests, context, self._require_lease).serve()
+        stream = ExecuteStream(self._executor, requests, context, self._require_lease)
+        self._streams.add(stream)
+        try:
+            await stream.serve()
+        finally:
+            self._streams.discard(stream)
+
+    def end_idle_streams(self) -> None:
+        """At shutdown: end the Execute streams between blocks now (OK), rather than after
+        the server's grace; a running block still gets the grace to finish."""
+        for stream in self._streams:
+            stream.end_if_idle()
 
     async def LoadValue(
         self,

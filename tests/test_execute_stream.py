@@ -6,6 +6,7 @@ its own, and a client that runs one block per call keeps working.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -155,3 +156,18 @@ async def test_output_caps_start_afresh_with_each_block_on_a_stream(sandbox: San
         assert report.status == "ok" and report.truncated_chars == 0
         assert report.stdout == "x" * 5000 + "\n"
     assert client._execution is not None and client._execution.blocks == 3
+
+
+async def test_an_agent_that_stops_ends_an_idle_stream_at_once() -> None:
+    # Between blocks there is nothing to finish: SIGTERM ends the kept stream with OK, not
+    # with a cancellation after the server's grace period.
+    provider = LocalProvider()
+    box = await provider.acquire(SandboxSpec(session_id="stop"))
+    try:
+        await box.client.execute("x = 1", on_output=_no_output, on_sub_call=_echo)
+        link = box.client._execution
+        assert link is not None and link.usable
+        box.provider_state.process.send_signal(signal.SIGTERM)
+        assert await link.call.code() == grpc.StatusCode.OK
+    finally:
+        await provider.aclose()
