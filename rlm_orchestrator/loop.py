@@ -303,6 +303,8 @@ class CompletionLoop:
             self.emit(ev.OutputChunk(depth, iteration, index, stream, text))
 
         async def on_sub_call(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+            if len(prompts) == 1:  # llm_query: no task of its own needed
+                return [await self._sub_call(prompts[0], model, kind, calls)]
             return list(
                 await asyncio.gather(*(self._sub_call(p, model, kind, calls) for p in prompts))
             )

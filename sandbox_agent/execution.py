@@ -8,7 +8,6 @@ makes the worker fail (it is killed; the executor reports it and starts a new on
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import signal
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from sandbox_agent.frames import Kind, encode_json
-from sandbox_agent.inbox import Frame, Inbox
+from sandbox_agent.inbox import Inbox
 from sandbox_agent.ledger import COALESCE_CHARS, REFUSED_TOO_MANY, ExecutionLedger
 from sandbox_agent.limits import VALUE_CHUNK_CHARS
 from sandbox_agent.protocol import (
@@ -121,35 +120,14 @@ def refusal(request_id: int, count: int, error: str) -> bytes:
     return encode_json(Kind.LLM_RESPONSE, {"id": request_id, "results": [error] * count})
 
 
-async def next_frame(
-    worker: WorkerLink,
-    deadline: float,
-    interrupting: Callable[[], bool],
-    on_timeout: Callable[[], None],
-) -> Frame | None:
-    """The next frame; past the deadline, `on_timeout` starts the interrupt (whose kill timer
-    then bounds the wait)."""
-    while not interrupting():
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await worker.inbox.get()
-        except TimeoutError:
-            on_timeout()
-    return await worker.inbox.get()
-
-
 async def follow(
-    worker: WorkerLink,
-    sink: ExecutionSink,
-    ledger: ExecutionLedger,
-    deadline: float,
-    interrupting: Callable[[], bool],
-    on_timeout: Callable[[], None],
+    worker: WorkerLink, sink: ExecutionSink, ledger: ExecutionLedger
 ) -> DoneFrame | None:
     """Forward the execution's frames until its DONE; None when the worker is gone (it died,
-    or broke the protocol: `worker.violation` says how)."""
+    or broke the protocol: `worker.violation` says how). The time limit is the caller's (a
+    timer that interrupts the code, whose kill timer then bounds the wait)."""
     while True:
-        frame = await next_frame(worker, deadline, interrupting, on_timeout)
+        frame = await worker.inbox.get()
         if frame is None:
             await forward_output(ledger, sink)
             return None

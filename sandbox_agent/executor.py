@@ -325,9 +325,12 @@ class Executor:
     ) -> ExecutionOutcome:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        done = await follow(
-            worker, sink, ledger, deadline, lambda: self.stopping, lambda: self.interrupt(TIMEOUT)
-        )
+        # One timer per execution (not one per frame); gone before a new worker may start.
+        timer = loop.call_at(deadline, self.interrupt, TIMEOUT)
+        try:
+            done = await follow(worker, sink, ledger)
+        finally:
+            timer.cancel()
         if done is None:
             return await self._worker_lost(worker, sink, timeout, loop.time() - started, ledger)
         return await self._finish(done, sink, timeout, ledger)

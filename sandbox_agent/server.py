@@ -81,9 +81,10 @@ class Agent:
         self.health_server: grpc.aio.Server | None = None
         self.port = 0
         self.leases = LeaseKeeper(self.executor, config.lease_ttl_seconds) if config.fleet else None
+        self.service: SandboxService | None = None
 
     async def start(self) -> None:
-        service = SandboxService(self.executor, self.leases, self.orphans)
+        self.service = service = SandboxService(self.executor, self.leases, self.orphans)
         sandbox_pb2_grpc.add_SandboxServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -129,6 +130,8 @@ class Agent:
             await self.leases.stop()
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.service is not None:
+            self.service.end_idle_streams()  # a kept-open Execute stream has nothing to finish
         await self.server.stop(self.config.shutdown_grace_seconds)
         await self.executor.close()
 

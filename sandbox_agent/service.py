@@ -7,7 +7,6 @@ call with their status (`status.py`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import keyword
 import os
 import tempfile
@@ -27,79 +26,15 @@ from rlm_wire.status import (
 from rlm_wire.v1 import sandbox_pb2 as pb
 from rlm_wire.v1 import sandbox_pb2_grpc
 from sandbox_agent import __version__
-from sandbox_agent.executor import ExecutionOutcome, Executor, WorkerError
-from sandbox_agent.frames import Kind
+from sandbox_agent.execute_stream import ExecuteStream
+from sandbox_agent.executor import Executor, WorkerError
 from sandbox_agent.lease import LeaseError, LeaseKeeper
 from sandbox_agent.limits import DEFAULT_MAX_ANSWER_CHARS
-from sandbox_agent.namespace import HELPER_NAMES, LLM_QUERY
+from sandbox_agent.namespace import HELPER_NAMES
 from sandbox_agent.orphan import OrphanWatch
 from sandbox_agent.protocol import VariableHeaderFrame
-from sandbox_agent.tracing import ExecutionSpan
 
-BUSY_POLLS, BUSY_POLL_SECONDS = 50, 0.01
-_STATUS = {
-    "ok": pb.EXECUTION_STATUS_OK,
-    "error": pb.EXECUTION_STATUS_ERROR,
-    "timeout": pb.EXECUTION_STATUS_TIMEOUT,
-    "worker_died": pb.EXECUTION_STATUS_WORKER_DIED,
-    "cancelled": pb.EXECUTION_STATUS_CANCELLED,
-}
 _ENCODINGS = {pb.VALUE_ENCODING_TEXT: "text", pb.VALUE_ENCODING_JSON: "json"}
-
-
-class _StreamSink:
-    """Writes an execution's events to its gRPC stream; goes quiet once the stream is gone."""
-
-    def __init__(
-        self,
-        context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
-        traceparent: str = "",
-    ) -> None:
-        self._context = context
-        self._traceparent = traceparent
-        self.closed = False
-
-    async def _write(self, message: pb.ExecuteResponse) -> None:
-        if self.closed:
-            return
-        try:
-            await self._context.write(message)
-        except Exception:  # the client went away; the execution is being interrupted
-            self.closed = True
-
-    async def output(self, stream: int, text: str) -> None:
-        which = pb.OUTPUT_STREAM_STDOUT if stream == Kind.STDOUT else pb.OUTPUT_STREAM_STDERR
-        await self._write(pb.ExecuteResponse(output=pb.OutputChunk(stream=which, text=text)))
-
-    async def llm_request(self, request_id: int, prompts: list[str], model: str, kind: str) -> None:
-        kind_pb = (
-            pb.LLM_REQUEST_KIND_LLM_QUERY if kind == LLM_QUERY else pb.LLM_REQUEST_KIND_RLM_QUERY
-        )
-        request = pb.LlmRequest(
-            request_id=request_id,
-            prompts=prompts,
-            model=model,
-            kind=kind_pb,
-            traceparent=self._traceparent,
-        )
-        await self._write(pb.ExecuteResponse(llm_request=request))
-
-
-def _result_message(outcome: ExecutionOutcome) -> pb.ExecuteResult:
-    result = pb.ExecuteResult(
-        status=_STATUS[outcome.status],
-        error=outcome.error,
-        stdout_chars=outcome.stdout_chars,
-        stderr_chars=outcome.stderr_chars,
-        truncated_chars=outcome.truncated_chars,
-        variables=[pb.Variable(name=n, type_name=t) for n, t in outcome.variables],
-        variables_omitted=outcome.variables_omitted,
-        duration_seconds=outcome.duration,
-        worker_restarted=outcome.worker_restarted,
-    )
-    if outcome.final_answer_chars is not None:
-        result.final_answer_chars = outcome.final_answer_chars
-    return result
 
 
 @maps_errors()
@@ -116,6 +51,7 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         # Fleet mode: calls must carry the active lease.
         self._leases = leases
         self._value_dir = executor.config.state_dir / "values"
+        self._streams: set[ExecuteStream] = set()  # Execute calls open now
 
     async def Execute(  # type: ignore[override]  # writes via context.write, returns nothing
         self,
@@ -123,70 +59,19 @@ class SandboxService(sandbox_pb2_grpc.SandboxServicer):
         context: grpc.aio.ServicerContext[pb.ExecuteRequest, pb.ExecuteResponse],
     ) -> None:
         self._require_lease(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("kind") != "start":
-            raise InvalidArgument("the first message must be `start`")
-        # A cancelled execution may still be stopping: the next one waits for it (bounded by
-        # the interrupt grace and a kill). A live one is a caller's bug: refuse.
-        for _ in range(BUSY_POLLS):  # a cancel sent just before this call may still be in flight
-            if not self._executor.busy or self._executor.stopping:
-                break
-            await asyncio.sleep(BUSY_POLL_SECONDS)
-        if self._executor.busy and not self._executor.stopping:
-            raise FailedPrecondition("another execution is running in this sandbox")
-        start = first.start
-        span = ExecutionSpan.start(start.traceparent)
-        sink = _StreamSink(context, span.traceparent if span else "")
-        execution = asyncio.create_task(
-            self._executor.execute(start.code, sink, start.timeout_seconds, start.max_output_chars)
-        )
-        answers = asyncio.create_task(self._forward_answers(request_iterator, execution))
+        requests = aiter(request_iterator)
+        stream = ExecuteStream(self._executor, requests, context, self._require_lease)
+        self._streams.add(stream)
         try:
-            outcome = await asyncio.shield(execution)
-        except asyncio.CancelledError:
-            # The orchestrator cancelled the call: stop the code, but let the executor finish
-            # its bookkeeping (it is bounded by the interrupt grace and a kill).
-            self._executor.interrupt("cancelled")
-            sink.closed = True
-            with contextlib.suppress(Exception):
-                await execution
-            raise
+            await stream.serve()
         finally:
-            answers.cancel()
-        result = _result_message(outcome)
-        if span is not None:
-            attributes = {
-                "rlm.exec.status": outcome.status,
-                "rlm.exec.stdout_chars": str(outcome.stdout_chars),
-                "rlm.exec.stderr_chars": str(outcome.stderr_chars),
-                "rlm.exec.worker_restarted": str(outcome.worker_restarted).lower(),
-                "rlm.exec.worker_pid": str(self._executor.worker_pid),
-            }
-            error = (
-                outcome.error.splitlines()[-1] if outcome.status != "ok" and outcome.error else ""
-            )
-            result.span.CopyFrom(span.finish(attributes, error))
-        await sink._write(pb.ExecuteResponse(result=result))
+            self._streams.discard(stream)
 
-    async def _forward_answers(
-        self,
-        request_iterator: AsyncIterator[pb.ExecuteRequest],
-        execution: asyncio.Task[ExecutionOutcome],
-    ) -> None:
-        try:
-            async for message in request_iterator:
-                if message.WhichOneof("kind") == "llm_response":
-                    answer = message.llm_response
-                    texts = [
-                        r.text if r.WhichOneof("outcome") == "text" else f"Error: {r.error}"
-                        for r in answer.results
-                    ]
-                    self._executor.deliver_llm_response(answer.request_id, texts)
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass
-        # The orchestrator half-closed before the result: it no longer wants this execution.
-        if not execution.done():
-            self._executor.interrupt("cancelled")
+    def end_idle_streams(self) -> None:
+        """At shutdown: end the Execute streams between blocks now (OK), rather than after
+        the server's grace; a running block still gets the grace to finish."""
+        for stream in self._streams:
+            stream.end_if_idle()
 
     async def LoadValue(
         self,

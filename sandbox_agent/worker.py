@@ -106,7 +106,8 @@ class Worker:
         self.fd_captures = [FdCapture(1, STDOUT, self.capture), FdCapture(2, STDERR, self.capture)]
         self.bridge = LlmBridge(channel)
         self.namespace = Namespace(self.bridge)
-        self.commands: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        # SimpleQueue: one lock, in C; the hand-off from the reader thread is on every block.
+        self.commands: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
         self.executions = 0
         self.pid = os.getpid()
         # What the agent reports in GetInfo: "namespaces", "none: <why>", or "off".

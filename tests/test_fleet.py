@@ -116,6 +116,28 @@ async def test_an_agent_serves_one_lease_at_a_time_and_refuses_strangers(fleet: 
         await plaintext.close()
 
 
+async def test_an_execute_stream_kept_open_does_not_outlive_its_lease(fleet: Fleet) -> None:
+    # The client keeps its Execute stream open between blocks; the lease is checked again at
+    # every block, not only when the stream opened.
+    address = fleet.addresses[2]
+    first, second = client(fleet, address), client(fleet, address)
+    try:
+        await first.lease("first", "test", 30)
+        assert await run(first, "print('mine')") == "mine\n"
+        kept = first._execution
+        assert kept is not None and kept.usable
+        await first.release_lease()
+        await second.lease("second", "test", 30)
+        with pytest.raises(SandboxError, match="FAILED_PRECONDITION"):
+            await run(first, "print('not yours')")
+        assert first._execution is None  # dropped with the failed call
+        assert await run(second, "print('theirs')") == "theirs\n"
+        await second.release_lease()
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_nothing_of_a_session_is_visible_to_the_next(fleet: Fleet) -> None:
     address = fleet.addresses[1]
     first = client(fleet, address)

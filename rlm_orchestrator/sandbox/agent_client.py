@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.sandbox.execute_call import ExecuteCall
 from rlm_orchestrator.sandbox.execution_stream import (
     ExecutionReport,
     ExecutionStream,
@@ -120,11 +121,15 @@ class AgentClient:
         self._stub = sandbox_pb2_grpc.SandboxStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._attachment: asyncio.Task[None] | None = None
+        # The Execute call kept open between blocks.
+        self._execution: ExecuteCall | None = None
 
     def abort(self, reason: str) -> None:
         """Fail the calls in flight with SandboxError(reason): the agent was found lost (a
         half-open connection would otherwise hang until keepalive gives up)."""
         self._abort_reason = reason
+        if self._execution is not None:
+            self._drop(self._execution)  # idle or not: the agent is not to be trusted with it
         for call in list(self._calls):
             self._aborted.add(call)
             call.cancel()
@@ -148,6 +153,8 @@ class AgentClient:
             self._aborted.discard(call)
 
     async def close(self) -> None:
+        if self._execution is not None:
+            self._drop(self._execution)
         if self._attachment is not None:
             self._attachment.cancel()
             await asyncio.gather(self._attachment, return_exceptions=True)
@@ -306,39 +313,69 @@ class AgentClient:
     ) -> ExecutionReport:
         """Run one block. Output and sub-calls are handled as they arrive on the stream.
 
-        Cancelling the awaiting task cancels the call, which makes the agent stop the code.
+        Blocks share one Execute call (`execute_call.py`). Cancelling the awaiting task cancels
+        the call, which makes the agent stop the code.
         """
-        outgoing: asyncio.Queue[pb.ExecuteRequest | None] = asyncio.Queue()
-        start = pb.ExecuteStart(
-            code=code,
-            timeout_seconds=timeout_seconds,
-            max_output_chars=max_output_chars,
-            execution_id=execution_id,
-            traceparent=traceparent,
+        start = pb.ExecuteRequest(
+            start=pb.ExecuteStart(
+                code=code,
+                timeout_seconds=timeout_seconds,
+                max_output_chars=max_output_chars,
+                execution_id=execution_id,
+                traceparent=traceparent,
+            )
         )
-        outgoing.put_nowait(pb.ExecuteRequest(start=start))
+        handlers = (max_output_chars, on_output, on_sub_call)
+        shared = self._execution
+        if traceparent or (shared is not None and shared.busy):
+            # A call of its own: a traced block's metadata names its trace too (gRPC-level
+            # tooling reads context when a call opens); a second block at once is the agent's
+            # to refuse, without touching the running one.
+            metadata = (*self._metadata, ("traceparent", traceparent)) if traceparent else ()
+            own = ExecuteCall(self._stub.Execute(metadata=metadata or self._metadata))
+            try:
+                return await self._run_block(own, start, handlers)
+            finally:
+                self._drop(own, half_close=True)
+        link = self._execution
+        if link is None or not link.usable:
+            link = self._execution = ExecuteCall(self._stub.Execute(metadata=self._metadata))
+        report = await self._run_block(link, start, handlers)
+        if not link.reusable:  # an agent that ends the stream after a result
+            self._drop(link, half_close=True)
+        return report
 
-        async def requests() -> AsyncIterator[pb.ExecuteRequest]:
-            while (message := await outgoing.get()) is not None:
-                yield message
-
-        stream = ExecutionStream(max_output_chars, on_output, on_sub_call, outgoing.put_nowait)
-        # The trace context rides the call's metadata too, for gRPC-level tooling.
-        metadata = (
-            (*self._metadata, ("traceparent", traceparent)) if traceparent else self._metadata
-        )
-        call = self._stub.Execute(requests(), metadata=metadata)
+    async def _run_block(
+        self,
+        link: ExecuteCall,
+        start: pb.ExecuteRequest,
+        handlers: tuple[int, OutputHandler, SubCallHandler],
+    ) -> ExecutionReport:
+        stream = ExecutionStream(*handlers, link.send)
         result: pb.ExecuteResult | None = None
+        link.busy = True
         try:
-            with self._call(call, "executing code"):
-                async for message in call:
+            with self._call(link.call, "executing code"):
+                await link.start(start)
+                while (message := await link.read()) is not None:
                     if (result := await stream.receive(message)) is not None:
+                        link.reusable = result.stream_open
                         break
         finally:
-            outgoing.put_nowait(None)
+            link.busy = False
             if result is None:
-                call.cancel()
+                self._drop(link)
             await stream.close()
         if result is None:
             raise SandboxError("the sandbox agent closed the execution stream without a result")
         return await stream.report(result)
+
+    def _drop(self, link: ExecuteCall, half_close: bool = False) -> None:
+        """Stop using `link`: cancelled (which interrupts a running block), or half-closed
+        once its block is over (the agent then ends the stream)."""
+        if half_close:
+            link.half_close()
+        else:
+            link.cancel()
+        if self._execution is link:
+            self._execution = None

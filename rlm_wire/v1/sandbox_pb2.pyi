@@ -153,11 +153,11 @@ class ExecuteRequest(_message.Message):
     LLM_RESPONSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___ExecuteStart:
-        """Must be the first message of the stream, and only the first."""
+        """Must be the first message of the stream; after each ExecuteResult, starts the next block."""
 
     @_builtins.property
     def llm_response(self) -> Global___LlmResponse:
-        """The answer to one LlmRequest the agent sent earlier on this stream."""
+        """The answer to one LlmRequest the agent sent earlier in the running block."""
 
     def __init__(
         self,
@@ -296,7 +296,9 @@ class ExecuteResponse(_message.Message):
 
     @_builtins.property
     def result(self) -> Global___ExecuteResult:
-        """The end of the execution. Always the last message of the stream."""
+        """The end of the execution: the block's last message (the stream then waits for the next
+        ExecuteStart or the client's half-close).
+        """
 
     def __init__(
         self,
@@ -321,7 +323,7 @@ class OutputChunk(_message.Message):
     (including the truncation marker when the cap was reached). The agent forwards at most
     max_output_chars + 256 characters per stream and execution (the worker's head, its cut
     marker, its tail), whatever the worker sends; more is dropped, counted in
-    ExecuteResult.truncated_chars and announced by one marker at the end of the stream.
+    ExecuteResult.truncated_chars and announced by one marker at the end of that output stream.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -362,7 +364,7 @@ class LlmRequest(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
-    """Unique within the execution."""
+    """Unique within the execution (ids may repeat in later blocks of the stream)."""
     model: _builtins.str
     """The model the user code named, or empty for the default routing by depth."""
     kind: Global___LlmRequestKind.ValueType
@@ -391,7 +393,9 @@ Global___LlmRequest: _TypeAlias = LlmRequest  # noqa: Y015
 
 @_typing.final
 class ExecuteResult(_message.Message):
-    """The summary that ends an Execute stream. The output itself came in OutputChunk messages."""
+    """The summary that ends a block on an Execute stream. The output itself came in OutputChunk
+    messages.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -406,6 +410,7 @@ class ExecuteResult(_message.Message):
     SPAN_FIELD_NUMBER: _builtins.int
     FINAL_ANSWER_CHARS_FIELD_NUMBER: _builtins.int
     VARIABLES_OMITTED_FIELD_NUMBER: _builtins.int
+    STREAM_OPEN_FIELD_NUMBER: _builtins.int
     status: Global___ExecutionStatus.ValueType
     error: _builtins.str
     """For any status but OK: "ExceptionType: message", with a short traceback of the user's code
@@ -434,6 +439,11 @@ class ExecuteResult(_message.Message):
     """User variables not listed in `variables` (past the first 1,000, or with names longer than
     256 characters).
     """
+    stream_open: _builtins.bool
+    """Set by agents that keep the stream open after the result, for the client's next
+    ExecuteStart. Unset (agents from before streams were kept open): the agent ends the stream
+    after this result, and a client runs its next block on a new call.
+    """
     @_builtins.property
     def variables(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variable]:
         """User variables after the execution (names not starting with "_", helpers excluded), in
@@ -459,10 +469,11 @@ class ExecuteResult(_message.Message):
         span: Global___AgentSpan | None = ...,
         final_answer_chars: _builtins.int | None = ...,
         variables_omitted: _builtins.int = ...,
+        stream_open: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars", "final_answer_chars", b"final_answer_chars", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars", "duration_seconds", b"duration_seconds", "error", b"error", "final_answer_chars", b"final_answer_chars", "span", b"span", "status", b"status", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "truncated_chars", b"truncated_chars", "variables", b"variables", "variables_omitted", b"variables_omitted", "worker_restarted", b"worker_restarted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars", "duration_seconds", b"duration_seconds", "error", b"error", "final_answer_chars", b"final_answer_chars", "span", b"span", "status", b"status", "stderr_chars", b"stderr_chars", "stdout_chars", b"stdout_chars", "stream_open", b"stream_open", "truncated_chars", b"truncated_chars", "variables", b"variables", "variables_omitted", b"variables_omitted", "worker_restarted", b"worker_restarted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__final_answer_chars: _TypeAlias = _typing.Literal["final_answer_chars"]  # noqa: Y015
     _WhichOneofArgType__final_answer_chars: _TypeAlias = _typing.Literal["_final_answer_chars", b"_final_answer_chars"]  # noqa: Y015

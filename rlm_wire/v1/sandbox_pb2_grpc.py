@@ -82,13 +82,24 @@ class SandboxServicer:
     """
 
     def Execute(self, request_iterator, context):
-        """Runs one code block. One bidirectional stream per execution:
+        """Runs code blocks, one at a time. Per block:
         orchestrator -> agent: an ExecuteStart first, then LlmResponse messages answering the
         agent's LlmRequest messages, in any order;
         agent -> orchestrator: OutputChunk messages as output is produced, LlmRequest messages
         as user code asks for sub-LM calls, and one ExecuteResult last.
+        After an ExecuteResult the stream stays open: the next ExecuteStart on it runs the next
+        block with the same messages (a new call costs about twice a message round trip, so a
+        client keeps one stream open per sandbox). Each block is accounted on its own: output
+        caps, sub-calls in flight and their answers start afresh at each ExecuteStart; an
+        LlmResponse that arrives after its block's result is dropped. A second ExecuteStart before
+        the result ends the stream with INVALID_ARGUMENT (and interrupts the running block).
+        Half-closing after a result ends the stream (OK); a client that runs one block per call
+        half-closes (or cancels) once it has the result.
         Cancelling the call (or half-closing before the result) interrupts the running code.
-        Only one execution runs at a time: a second one gets FAILED_PRECONDITION.
+        Only one execution runs at a time, across streams: a start while another stream's block
+        runs gets FAILED_PRECONDITION (which ends that stream). In fleet mode each ExecuteStart
+        must still be covered by the active lease (the stream's `rlm-lease` metadata), else the
+        stream ends with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

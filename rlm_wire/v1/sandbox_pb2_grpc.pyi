@@ -40,13 +40,24 @@ class SandboxStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SandboxAsyncStub: ...
     Execute: _grpc.StreamStreamMultiCallable[_sandbox_pb2.ExecuteRequest, _sandbox_pb2.ExecuteResponse]
-    """Runs one code block. One bidirectional stream per execution:
+    """Runs code blocks, one at a time. Per block:
       orchestrator -> agent: an ExecuteStart first, then LlmResponse messages answering the
                              agent's LlmRequest messages, in any order;
       agent -> orchestrator: OutputChunk messages as output is produced, LlmRequest messages
                              as user code asks for sub-LM calls, and one ExecuteResult last.
+    After an ExecuteResult the stream stays open: the next ExecuteStart on it runs the next
+    block with the same messages (a new call costs about twice a message round trip, so a
+    client keeps one stream open per sandbox). Each block is accounted on its own: output
+    caps, sub-calls in flight and their answers start afresh at each ExecuteStart; an
+    LlmResponse that arrives after its block's result is dropped. A second ExecuteStart before
+    the result ends the stream with INVALID_ARGUMENT (and interrupts the running block).
+    Half-closing after a result ends the stream (OK); a client that runs one block per call
+    half-closes (or cancels) once it has the result.
     Cancelling the call (or half-closing before the result) interrupts the running code.
-    Only one execution runs at a time: a second one gets FAILED_PRECONDITION.
+    Only one execution runs at a time, across streams: a start while another stream's block
+    runs gets FAILED_PRECONDITION (which ends that stream). In fleet mode each ExecuteStart
+    must still be covered by the active lease (the stream's `rlm-lease` metadata), else the
+    stream ends with FAILED_PRECONDITION.
     """
     LoadValue: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.LoadValueRequest, _sandbox_pb2.LoadValueResponse]
     """Loads a value into the namespace (a context, a conversation history), streamed in chunks
@@ -87,13 +98,24 @@ class SandboxAsyncStub(SandboxStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Execute: _aio.StreamStreamMultiCallable[_sandbox_pb2.ExecuteRequest, _sandbox_pb2.ExecuteResponse]  # type: ignore[assignment]
-    """Runs one code block. One bidirectional stream per execution:
+    """Runs code blocks, one at a time. Per block:
       orchestrator -> agent: an ExecuteStart first, then LlmResponse messages answering the
                              agent's LlmRequest messages, in any order;
       agent -> orchestrator: OutputChunk messages as output is produced, LlmRequest messages
                              as user code asks for sub-LM calls, and one ExecuteResult last.
+    After an ExecuteResult the stream stays open: the next ExecuteStart on it runs the next
+    block with the same messages (a new call costs about twice a message round trip, so a
+    client keeps one stream open per sandbox). Each block is accounted on its own: output
+    caps, sub-calls in flight and their answers start afresh at each ExecuteStart; an
+    LlmResponse that arrives after its block's result is dropped. A second ExecuteStart before
+    the result ends the stream with INVALID_ARGUMENT (and interrupts the running block).
+    Half-closing after a result ends the stream (OK); a client that runs one block per call
+    half-closes (or cancels) once it has the result.
     Cancelling the call (or half-closing before the result) interrupts the running code.
-    Only one execution runs at a time: a second one gets FAILED_PRECONDITION.
+    Only one execution runs at a time, across streams: a start while another stream's block
+    runs gets FAILED_PRECONDITION (which ends that stream). In fleet mode each ExecuteStart
+    must still be covered by the active lease (the stream's `rlm-lease` metadata), else the
+    stream ends with FAILED_PRECONDITION.
     """
     LoadValue: _aio.StreamUnaryMultiCallable[_sandbox_pb2.LoadValueRequest, _sandbox_pb2.LoadValueResponse]  # type: ignore[assignment]
     """Loads a value into the namespace (a context, a conversation history), streamed in chunks
@@ -137,13 +159,24 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_sandbox_pb2.ExecuteRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.ExecuteResponse], _abc.AsyncIterator[_sandbox_pb2.ExecuteResponse]]:
-        """Runs one code block. One bidirectional stream per execution:
+        """Runs code blocks, one at a time. Per block:
           orchestrator -> agent: an ExecuteStart first, then LlmResponse messages answering the
                                  agent's LlmRequest messages, in any order;
           agent -> orchestrator: OutputChunk messages as output is produced, LlmRequest messages
                                  as user code asks for sub-LM calls, and one ExecuteResult last.
+        After an ExecuteResult the stream stays open: the next ExecuteStart on it runs the next
+        block with the same messages (a new call costs about twice a message round trip, so a
+        client keeps one stream open per sandbox). Each block is accounted on its own: output
+        caps, sub-calls in flight and their answers start afresh at each ExecuteStart; an
+        LlmResponse that arrives after its block's result is dropped. A second ExecuteStart before
+        the result ends the stream with INVALID_ARGUMENT (and interrupts the running block).
+        Half-closing after a result ends the stream (OK); a client that runs one block per call
+        half-closes (or cancels) once it has the result.
         Cancelling the call (or half-closing before the result) interrupts the running code.
-        Only one execution runs at a time: a second one gets FAILED_PRECONDITION.
+        Only one execution runs at a time, across streams: a start while another stream's block
+        runs gets FAILED_PRECONDITION (which ends that stream). In fleet mode each ExecuteStart
+        must still be covered by the active lease (the stream's `rlm-lease` metadata), else the
+        stream ends with FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod
