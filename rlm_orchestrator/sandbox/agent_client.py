@@ -62,8 +62,11 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Agents come up in well under a second: do not back off for seconds between attempts.
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    # Not a backoff: grpc core gives each connection attempt this long to finish its handshake
+    # (its MIN_CONNECT_TIMEOUT). At 50 ms, attempts failed whenever a loaded machine made an
+    # agent answer late: 64 pooled agents woken at once, a TLS handshake to a fleet container.
+    ("grpc.min_reconnect_backoff_ms", 5000),
 ]
 
 
