@@ -14,7 +14,6 @@ from pathlib import Path
 
 from sandbox_agent import TOKEN_ENV
 from sandbox_agent.executor import ExecutorConfig, WorkerError
-from sandbox_agent.forkserver import TemplateClient
 from sandbox_agent.limits import (
     DEFAULT_MAX_OUTPUT_CHARS,
     DEFAULT_MAX_PROCESSES,
@@ -22,6 +21,7 @@ from sandbox_agent.limits import (
     NOBODY_UID,
 )
 from sandbox_agent.server import AgentConfig, run_until_signalled
+from sandbox_agent.template_client import TemplateClient
 
 
 def parse_args(

@@ -37,7 +37,6 @@ from sandbox_agent.execution import (
     refusal,
     reply,
 )
-from sandbox_agent.forkserver import TemplateClient
 from sandbox_agent.frames import HEADER, Kind, encode_json
 from sandbox_agent.inbox import Inbox
 from sandbox_agent.ledger import REFUSED_ENDED, ExecutionLedger
@@ -56,6 +55,7 @@ from sandbox_agent.protocol import (
     parse_loaded,
     parse_ready,
 )
+from sandbox_agent.template_client import TemplateClient
 from sandbox_agent.worker_start import WorkerHandle, WorkerStarter
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandbox_agent.forkserver import (
+from sandbox_agent.template_client import (
     FD_PLACEHOLDER,
     STDIO_INHERIT,
     STDIO_NULL,

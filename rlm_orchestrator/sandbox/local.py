@@ -35,7 +35,7 @@ from rlm_orchestrator.sandbox.launch import AgentLaunch
 from rlm_orchestrator.sandbox.local_template import AgentTemplate
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
 from rlm_orchestrator.sandbox.warm_pool import WarmPool
-from sandbox_agent.forkserver import FD_PLACEHOLDER, STDIO_NULL, ForkedProcess
+from sandbox_agent.template_client import FD_PLACEHOLDER, STDIO_NULL, ForkedProcess
 
 log = logging.getLogger("rlm_orchestrator.sandbox.local")
 AgentProcess = asyncio.subprocess.Process | ForkedProcess

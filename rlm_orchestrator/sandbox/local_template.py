@@ -19,7 +19,7 @@ import weakref
 from typing import IO, Any
 
 from rlm_orchestrator.exceptions import SandboxError
-from sandbox_agent.forkserver import ForkedProcess, TemplateClient, TemplateError
+from sandbox_agent.template_client import ForkedProcess, TemplateClient, TemplateError
 
 log = logging.getLogger("rlm_orchestrator.sandbox.local")
 
