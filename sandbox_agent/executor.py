@@ -13,8 +13,6 @@ worker that breaks the protocol is killed and replaced like one that died.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shutil
 import signal
 import sys
@@ -28,7 +26,6 @@ from sandbox_agent.execution import (
     PROTOCOL_BROKEN,
     ExecutionOutcome,
     ExecutionSink,
-    Replies,
     WorkerError,
     ask,
     describe_exit,
@@ -37,8 +34,7 @@ from sandbox_agent.execution import (
     refusal,
     reply,
 )
-from sandbox_agent.frames import HEADER, Kind, encode_json
-from sandbox_agent.inbox import Inbox
+from sandbox_agent.frames import Kind, encode_json
 from sandbox_agent.ledger import REFUSED_ENDED, ExecutionLedger
 from sandbox_agent.limits import (
     DEFAULT_EXEC_TIMEOUT_SECONDS,
@@ -49,19 +45,14 @@ from sandbox_agent.limits import (
 )
 from sandbox_agent.protocol import (
     DoneFrame,
-    ProtocolError,
     VariableHeaderFrame,
-    check_header,
     parse_loaded,
     parse_ready,
 )
 from sandbox_agent.template_client import TemplateClient
-from sandbox_agent.worker_start import WorkerHandle, WorkerStarter
+from sandbox_agent.worker_process import WorkerProcess, WorkerStarter
 
 TIMEOUT, CANCELLED = "timeout", "cancelled"
-# Commands and answers written to a worker that does not read them: past this, it is judged
-# to be stalling the agent on purpose (a legitimate worker reads its pipe all the time).
-MAX_COMMAND_BACKLOG = 64 * 1024 * 1024
 __all__ = ["ExecutionOutcome", "ExecutionSink", "Executor", "ExecutorConfig", "WorkerError"]
 
 
@@ -96,87 +87,13 @@ class _LoadedValue:
     path: Path
 
 
-class _WorkerProcess:
-    def __init__(
-        self,
-        process: WorkerHandle,
-        frames: asyncio.StreamReader,
-        commands: asyncio.WriteTransport,
-    ) -> None:
-        self.process = process
-        self.pid = process.pid
-        self.commands = commands
-        self.inbox = Inbox()
-        # Why the agent killed this worker, when it broke the protocol.
-        self.violation: str | None = None
-        self.replies = Replies()
-        self._frames = frames
-        self.reader = asyncio.create_task(self._read_frames(), name=f"worker-{self.pid}-frames")
-        # In the local jail, the pid namespace takes everything with the worker; elsewhere what
-        # left its process group is killed after it (strays.py).
-        self.jailed = False
-        # Children of the agent that are not strays (the worker template).
-        self.spared: frozenset[int] = frozenset()
-
-    async def _read_frames(self) -> None:
-        try:
-            while True:
-                size, kind = HEADER.unpack(await self._frames.readexactly(HEADER.size))
-                check_header(size, kind)  # before reading (and allocating) the payload
-                await self.inbox.put((kind, await self._frames.readexactly(size)))
-        except ProtocolError as exc:
-            self.fail(str(exc))
-        except (asyncio.IncompleteReadError, OSError):
-            self.kill()
-        finally:
-            self.inbox.close()
-
-    def fail(self, violation: str) -> None:
-        """The worker broke the protocol: kill it and stop reading; the inbox then ends."""
-        if self.violation is None:
-            self.violation = violation
-        self.kill()
-        if self.reader is not asyncio.current_task():
-            self.reader.cancel()
-
-    def send(self, data: bytes) -> None:
-        if self.commands.is_closing():
-            return
-        if self.commands.get_write_buffer_size() > MAX_COMMAND_BACKLOG:
-            self.fail(f"it stopped reading its commands ({MAX_COMMAND_BACKLOG} bytes waiting)")
-            return
-        self.commands.write(data)
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
-
-    def kill(self) -> None:
-        # The worker leads its own process group: this also ends what user code forked.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-    async def close(self) -> None:
-        self.kill()
-        self.commands.close()
-        await self.process.wait()
-        if not self.jailed:
-            await strays.kill_strays(spare=self.spared)
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.reader
-
-
 class Executor:
     """Runs code blocks, one at a time, in a worker that it replaces when it dies."""
 
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
         self.workers_started = 0
-        self._worker: _WorkerProcess | None = None
+        self._worker: WorkerProcess | None = None
         self._lock = asyncio.Lock()
         self._loaded: dict[str, _LoadedValue] = {}
         self._interrupt_reason: str | None = None
@@ -220,9 +137,7 @@ class Executor:
             await worker.close()
 
     async def _spawn(self) -> None:
-        started = await self._starter.start()
-        self._worker = _WorkerProcess(started.process, started.frames, started.commands)
-        self._worker.spared = started.spared
+        self._worker = await self._starter.start()
         self.workers_started += 1
         ready = await self._reply(self._worker, Kind.READY)
         self.isolation = str(ready.get("isolation", "off"))
@@ -245,7 +160,7 @@ class Executor:
             *("--sandbox-uid", str(config.sandbox_uid)),
         ]
 
-    async def _reply(self, worker: _WorkerProcess, expected: int) -> dict[str, Any]:
+    async def _reply(self, worker: WorkerProcess, expected: int) -> dict[str, Any]:
         """The next frame of kind `expected`, as a JSON object."""
         return await reply(worker, worker.replies.expect(expected), parse_ready)
 
@@ -317,7 +232,7 @@ class Executor:
 
     async def _follow(
         self,
-        worker: _WorkerProcess,
+        worker: WorkerProcess,
         sink: ExecutionSink,
         deadline: float,
         timeout: float,
@@ -364,7 +279,7 @@ class Executor:
 
     async def _worker_lost(
         self,
-        worker: _WorkerProcess,
+        worker: WorkerProcess,
         sink: ExecutionSink,
         timeout: float,
         duration: float,
