@@ -127,7 +127,17 @@ class ForkedProcess:
         """`in_thread=False` blocks the event loop for the fork (a few ms): for an agent
         starting its worker, where a thread would cost more than it saves."""
         if in_thread:
-            pid, pidfd = await asyncio.to_thread(template.spawn, target, argv, **how)
+            spawn = asyncio.ensure_future(asyncio.to_thread(template.spawn, target, argv, **how))
+            try:
+                pid, pidfd = await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                # The fork happens anyway: its child (and its process group) must not stay.
+                with contextlib.suppress(Exception):
+                    pid, pidfd = await spawn
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                    os.close(pidfd)
+                raise
         else:
             pid, pidfd = template.spawn(target, argv, **how)
         return cls(template, pid, pidfd)

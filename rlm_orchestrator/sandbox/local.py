@@ -159,11 +159,9 @@ class LocalProvider:
             self._reconciled = True
             await self.reconcile()
             await asyncio.to_thread(_compile_agent)
-        root = Path(
-            await asyncio.to_thread(tempfile.mkdtemp, prefix=TEMP_PREFIX, dir=self.options.temp_dir)
-        )
-        await asyncio.to_thread((root / OWNER_FILE).write_text, orchestrator_id())
-        (root / "tmp").mkdir()
+        # No await between making the directory and the try below: a cancelled start (a warm
+        # pool closing while it refills) must not leave it behind.
+        root = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.options.temp_dir))
         socket_path = root / "agent.sock"
         log_path = root / "agent.log"
         token = secrets.token_urlsafe(32)
@@ -171,6 +169,8 @@ class LocalProvider:
         client: AgentClient | None = None
         self._starts += 1
         try:
+            (root / OWNER_FILE).write_text(orchestrator_id())
+            (root / "tmp").mkdir()
             process, stdout = await self._start_agent(spec, root, socket_path, log_path, token)
             state = _LocalState(root, process, token=token)
             state.memory_limit_mb = spec.memory_limit_or(LOCAL_MEMORY_LIMIT_MB)
