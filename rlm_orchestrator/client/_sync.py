@@ -181,6 +181,10 @@ class Client:
         """A multi-turn session: one sandbox whose variables persist across completions."""
         return Session(self, self._run(self._async.create_session(**options)))
 
+    def close_session(self, session_id: str) -> None:
+        """NotFoundError when there is no such session."""
+        self._run(self._async.close_session(session_id))
+
     # -- the server's LM router: one LM call, no RLM loop (see AsyncClient) --------------------
 
     def list_models(self) -> router.ModelList:
