@@ -167,6 +167,12 @@ async def test_unavailable_is_retried_max_retries_times_but_an_lm_call_never(
         with pytest.raises(ServerUnavailableError):
             await client.list_models()
         assert servicer.calls["ListModels"] == 1
+    # The retries stay within the timeout: a server that is never back stops them early.
+    async with AsyncClient(address, token="t", timeout=1, max_retries=1000) as client:
+        servicer = install(10_000)
+        with pytest.raises(ServerUnavailableError, match="not now"):
+            await client.list_models()
+        assert 1 < servicer.calls["ListModels"] < 1001
 
 
 def test_the_lm_router_is_reachable_from_the_sdk(

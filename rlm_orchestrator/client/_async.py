@@ -252,21 +252,30 @@ class AsyncClient:
         self, method: Any, request: Any, *, retry: bool = True, timeout: float | None = None
     ) -> Any:
         """One unary call under the client's timeout (or `timeout`), re-sent after
-        UNAVAILABLE up to `max_retries` times when `retry` (with a doubling wait)."""
-        deadline = timeout if timeout is not None else self.timeout
+        UNAVAILABLE up to `max_retries` times when `retry` (with a doubling wait): the
+        retries included, it ends within the timeout."""
+        limit = timeout if timeout is not None else self.timeout
+        clock = asyncio.get_running_loop().time
+        end = None if limit is None else clock() + limit
         attempts = 1 + (self.max_retries if retry else 0)
         for attempt in range(attempts):
+            left = None if end is None else max(end - clock(), 0.001)
             try:
-                return await method(request, metadata=self._metadata, timeout=deadline)
+                return await method(request, metadata=self._metadata, timeout=left)
             except grpc.aio.AioRpcError as exc:
                 error = rpc_error(exc)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == attempts:
-                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                wait = min(_RETRY_FIRST_WAIT * 2**attempt, _RETRY_MAX_WAIT)
+                if (
+                    exc.code() != grpc.StatusCode.UNAVAILABLE
+                    or attempt + 1 == attempts
+                    or (end is not None and clock() + wait >= end)
+                ):
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and limit is not None:
                         error = ServerUnavailableError(
-                            f"{error} (the client's timeout: {deadline:g} s)", code=error.code
+                            f"{error} (the client's timeout: {limit:g} s)", code=error.code
                         )
                     raise error from exc
-            await asyncio.sleep(min(_RETRY_FIRST_WAIT * 2**attempt, _RETRY_MAX_WAIT))
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
     async def cancel(self, completion_id: str) -> None:
