@@ -203,21 +203,29 @@ def test_the_lm_router_is_reachable_from_the_sdk(
 def test_events_count_turns_from_1_and_name_the_sub_calls_model(
     orchestrator_server: ServerProcess, lm: ScriptedLMServer, make_rlm: Callable[..., Any]
 ) -> None:
-    root = [repl("x = llm_query('hi')"), repl("y = llm_query('again', model='other')"), "FINAL(ok)"]
+    root = [
+        repl("x = llm_query('hi')"),
+        repl("y = llm_query('again', model='other')"),
+        repl("z = rlm_query('deeper')"),
+        "FINAL(ok)",
+    ]
+    sub = ["hello", "FINAL(from the child)"]  # the child RLM's root model is the sub model
     seen: dict[str, list[ev.StreamEvent]] = {}
     lm.set_sequence(ROOT_MODEL, root)
+    lm.set_sequence(SUB_MODEL, sub)
     with orchestrator_server.client() as client:
-        seen["server"] = list(client.stream("ctx"))
+        seen["server"] = list(client.stream("ctx", max_depth=2))
     local: list[ev.StreamEvent] = []
-    make_rlm(root=root, on_event=local.append).completion("ctx")
+    make_rlm(root=root, sub=sub, max_depth=2, on_event=local.append).completion("ctx")
     seen["local"] = local
     for where, events in seen.items():
-        turns = [e.iteration for e in events if isinstance(e, ev.TurnStarted)]
-        assert turns == [1, 2, 3], where
+        turns = [(e.depth, e.iteration) for e in events if isinstance(e, ev.TurnStarted)]
+        assert turns == [(0, 1), (0, 2), (0, 3), (1, 1), (0, 4)], where
         blocks = [e.iteration for e in events if isinstance(e, ev.CodeBlockStarted)]
-        assert blocks == [1, 2], where
-        models = [e.model for e in events if isinstance(e, ev.SubCallStarted)]
-        assert models == [SUB_MODEL, OTHER_MODEL], where
+        assert blocks == [1, 2, 3], where
+        models = [(e.kind, e.model) for e in events if isinstance(e, ev.SubCallStarted)]
+        expected = [("llm_query", SUB_MODEL), ("llm_query", OTHER_MODEL), ("rlm_query", SUB_MODEL)]
+        assert models == expected, where
 
 
 def test_the_wire_still_counts_turns_from_0() -> None:
