@@ -49,9 +49,9 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check rlm_orchestrator rlm_wire sandbox_agent tests bench
-	$(VENV)/bin/ruff format --check rlm_orchestrator rlm_wire sandbox_agent tests bench
-	$(VENV)/bin/mypy rlm_orchestrator rlm_wire sandbox_agent tests/fakes bench
+	$(VENV)/bin/ruff check rlm_orchestrator rlm_wire sandbox_agent tests bench examples
+	$(VENV)/bin/ruff format --check rlm_orchestrator rlm_wire sandbox_agent tests bench examples
+	$(VENV)/bin/mypy rlm_orchestrator rlm_wire sandbox_agent tests/fakes bench examples
 
 run: setup
 	$(VENV)/bin/rlm-orchestrator demo

@@ -28,7 +28,7 @@ class EventPrinter:
         match event:
             case ev.TurnStarted(iteration=iteration, seconds_left=left):
                 time_left = "" if left is None else f" ({left:.0f}s left)"
-                out.rule(f"{indent}turn {iteration + 1}{time_left}", style="cyan")
+                out.rule(f"{indent}turn {iteration}{time_left}", style="cyan")
             case ev.RootResponse(text=text, duration=duration):
                 out.print(f"{indent}[bold]root LM[/] ({duration:.2f}s): {escape(_preview(text))}")
             case ev.CodeBlockStarted(block=block, code=code):

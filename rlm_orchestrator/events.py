@@ -1,4 +1,9 @@
-"""Typed progress events of a completion, for the CLI, verbose output and the server stream."""
+"""Typed progress events of a completion, for the CLI, verbose output and the server stream.
+
+`iteration` is the turn, counted from 1 (the console's "turn 1"; on the wire it counts from
+0, as it always did: `convert/events.py` adds and takes away the 1); `block` is the index of a
+code block within its turn, from 0.
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ RLMError                        INTERNAL              internal           base
 ├── TraceStoreError             NOT_FOUND                                no store, no such trace
 ├── ClientError                 the status received                      the server refused
 │   ├── AuthenticationError     UNAUTHENTICATED, PERMISSION_DENIED
-│   ├── InvalidRequestError     INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE
+│   ├── InvalidRequestError     INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
+│   │   └── NotFoundError       NOT_FOUND                                no such id, no such model
 │   ├── ResourceExhaustedError  RESOURCE_EXHAUSTED                       too large, too many
 │   └── ServerUnavailableError  UNAVAILABLE, DEADLINE_EXCEEDED           retryable
 │       └── ServerShutdownError UNAVAILABLE           server_shutdown    retryable
@@ -25,7 +26,7 @@ RLMError                        INTERNAL              internal           base
     └── AnswerTooLargeError     RESOURCE_EXHAUSTED    answer_too_large   over max_answer_chars
 
 A server's handlers refuse a call by raising the ClientError subclass for the status (the
-first of its `codes` unless given, e.g. `InvalidRequestError(..., code="NOT_FOUND")`); the SDK
+first of its `codes` unless given, e.g. `InvalidRequestError(..., code="OUT_OF_RANGE")`); the SDK
 raises the same class for it.
 """
 
@@ -145,7 +146,14 @@ class AuthenticationError(ClientError):
 class InvalidRequestError(ClientError):
     """The request was malformed, or named something that does not exist."""
 
-    codes = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")
+    codes: ClassVar[tuple[str, ...]] = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE")
+
+
+class NotFoundError(InvalidRequestError):
+    """The call named something that does not exist (a completion, a session, a model).
+    An InvalidRequestError too, as NOT_FOUND was before it had a class of its own."""
+
+    codes: ClassVar[tuple[str, ...]] = ("NOT_FOUND",)
 
 
 class ResourceExhaustedError(ClientError):

@@ -80,5 +80,11 @@ def kind_from_proto(value: int) -> str:
 
 
 def exception_for(failed: CompletionFailed) -> RLMError:
-    """The exception the in-process RLM would have raised for this failure."""
-    return _RAISED.get(failed.kind, _RAISED[INTERNAL])(failed)
+    """The exception the in-process RLM would have raised for this failure. The server's
+    message starts with the class name (for clients that read the event); the exception's own
+    does not repeat it ("CompletionTimeoutError: CompletionTimeoutError: ..." once printed)."""
+    raised = _RAISED.get(failed.kind, _RAISED[INTERNAL])(failed)
+    prefix = f"{type(raised).__name__}: "
+    if raised.args and isinstance(raised.args[0], str) and raised.args[0].startswith(prefix):
+        raised.args = (raised.args[0].removeprefix(prefix), *raised.args[1:])
+    return raised

@@ -242,9 +242,10 @@ class CompletionLoop:
             )
 
     async def _root_call(self, prompt: list[dict[str, Any]], iteration: int) -> str:
-        self.emit(ev.TurnStarted(self.settings.depth, iteration, self.remaining_seconds()))
+        turn = iteration + 1  # events count turns from 1, as the console shows them
+        self.emit(ev.TurnStarted(self.settings.depth, turn, self.remaining_seconds()))
         answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
-        self.emit(ev.RootResponse(self.settings.depth, iteration, answer.text, answer.duration))
+        self.emit(ev.RootResponse(self.settings.depth, turn, answer.text, answer.duration))
         self.emit(ev.UsageUpdated(self.settings.depth, self.tracker.summary()))
         self.partial_answer = answer.text
         self._check_budget()
@@ -295,12 +296,12 @@ class CompletionLoop:
         self, iteration: int, index: int, code: str
     ) -> tuple[REPLResult, str | None]:
         """Run one block; with what the model must be told about its FINAL_VAR, if anything."""
-        depth = self.settings.depth
-        self.emit(ev.CodeBlockStarted(depth, iteration, index, code))
+        depth, turn = self.settings.depth, iteration + 1  # events count turns from 1
+        self.emit(ev.CodeBlockStarted(depth, turn, index, code))
         calls: list[RLMChatCompletion] = []
 
         async def on_output(stream: str, text: str) -> None:
-            self.emit(ev.OutputChunk(depth, iteration, index, stream, text))
+            self.emit(ev.OutputChunk(depth, turn, index, stream, text))
 
         async def on_sub_call(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
             if len(prompts) == 1:  # llm_query: no task of its own needed
@@ -354,7 +355,7 @@ class CompletionLoop:
             worker_restarted=report.worker_restarted,
             rlm_calls=calls,
         )
-        self.emit(ev.CodeBlockFinished(depth, iteration, index, result))
+        self.emit(ev.CodeBlockFinished(depth, turn, index, result))
         return result, read.note or None
 
     async def _moved_to_a_new_sandbox(self, lost: SandboxError) -> ExecutionReport:
@@ -381,8 +382,10 @@ class CompletionLoop:
                 return SubCallOutcome(error=f"not called: {reason}")
             call_id = next(self._call_ids)
             depth = self.settings.depth
-            self.emit(ev.SubCallStarted(depth, call_id, kind, model, len(prompt)))
-            if kind == "rlm_query" and self.spawn_child is not None:
+            child = kind == "rlm_query" and self.spawn_child is not None
+            served_by = self._sub_call_model(None if child else model)
+            self.emit(ev.SubCallStarted(depth, call_id, kind, served_by, len(prompt)))
+            if child:
                 return await self._child_call(call_id, prompt, calls)
             try:
                 answer = await self.router.complete(
@@ -403,6 +406,14 @@ class CompletionLoop:
             self.emit(ev.SubCallFinished(depth, call_id, True, len(answer.text), answer.duration))
             self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
             return SubCallOutcome(text=answer.text)
+
+    def _sub_call_model(self, named: str | None) -> str:
+        """The model a sub-call goes to: the one the code named, else the router's for the
+        next depth (a child RLM's root model too); an unknown name as is (the call fails)."""
+        try:
+            return self.router.resolve(named or None, self.settings.depth + 1).model_name
+        except LMError:
+            return named or ""
 
     async def _child_call(
         self, call_id: int, prompt: str, calls: list[RLMChatCompletion]

@@ -78,7 +78,7 @@ def test_an_agent_cut_off_mid_session_is_replaced_and_set_aside(
     phase_ends: list[float] = []
 
     def on_event(event: ev.Event) -> None:
-        if isinstance(event, ev.CodeBlockStarted) and event.iteration == 0:
+        if isinstance(event, ev.CodeBlockStarted) and event.iteration == 1:
             block_started.set()
 
     def children_while_set_aside(request: RecordedRequest) -> str:

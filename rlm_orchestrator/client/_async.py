@@ -1,40 +1,47 @@
 """AsyncClient: the orchestrator service from asyncio code, shaped like `RLM`.
 
 Contexts of any size are sent in 1 MiB chunks. Every gRPC failure is turned into one of our
-exceptions at one place (`_rpc_error`: the ClientError subclass whose `codes` hold the status),
-and a failed completion raises the same exception types as the in-process `RLM`
+exceptions at one place (`_errors.rpc_error`: the ClientError subclass whose `codes` hold the
+status), and a failed completion raises the same exception types as the in-process `RLM`
 (CompletionTimeoutError, CostLimitExceededError, LMError...: `failures.py`).
+
+`timeout` bounds each call that has a natural end (the unary ones, the LM router's) and the
+wait for the server to take a completion's stream; never a running completion (its own
+`timeout_seconds` option does). `max_retries` re-sends a unary call that met UNAVAILABLE,
+except those that would do the work twice: completions and LM calls are never re-sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
-from rlm_orchestrator.convert.events import SHUTDOWN_METADATA_KEY, event_from_proto
+from rlm_orchestrator.client import _router as router
+from rlm_orchestrator.client._errors import joined, rpc_error
+from rlm_orchestrator.client._options import CompletionOptions, encode_context, options_message
+from rlm_orchestrator.convert.events import event_from_proto
 from rlm_orchestrator.convert.usage import usage_from_proto
-from rlm_orchestrator.exceptions import (
-    AuthenticationError,
-    ClientError,
-    InvalidRequestError,
-    ResourceExhaustedError,
-    ServerShutdownError,
-    ServerUnavailableError,
-)
+from rlm_orchestrator.exceptions import ClientError, ConfigurationError, ServerUnavailableError
 from rlm_orchestrator.failures import exception_for, kind_from_proto
 from rlm_orchestrator.types import RLMChatCompletion
 from rlm_wire.auth import bearer_metadata, channel_credentials
+from rlm_wire.v1 import lm_router_pb2, lm_router_pb2_grpc, orchestrator_pb2_grpc
 from rlm_wire.v1 import orchestrator_pb2 as pb
-from rlm_wire.v1 import orchestrator_pb2_grpc
 
+DEFAULT_TARGET = "127.0.0.1:50051"
+# The server's bearer token when none is given (the CLI reads the same variable).
+TOKEN_ENV = "RLM_SERVER_TOKEN"
+DEFAULT_TIMEOUT = 60.0  # seconds
+DEFAULT_MAX_RETRIES = 2
+_RETRY_FIRST_WAIT, _RETRY_MAX_WAIT = 0.25, 4.0  # seconds, doubling between the two
 CHUNK_BYTES = 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -44,65 +51,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-# The statuses each ClientError subclass stands for (`codes`): the same the server's
-# handlers raise them with.
-_CODE_ERRORS: dict[str, type[ClientError]] = {
-    code: error
-    for error in (
-        AuthenticationError,
-        InvalidRequestError,
-        ResourceExhaustedError,
-        ServerUnavailableError,
-    )
-    for code in error.codes
-}
-
-
-def _rpc_error(exc: grpc.aio.AioRpcError) -> ClientError:
-    """The one place where a gRPC status becomes one of our exceptions."""
-    message = f"{exc.code().name}: {exc.details()}"
-    trailing = exc.trailing_metadata() or ()
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and any(
-        key == SHUTDOWN_METADATA_KEY for key, _ in trailing
-    ):
-        return ServerShutdownError(message)
-    error_type = _CODE_ERRORS.get(exc.code().name, ClientError)
-    return error_type(message, code=exc.code().name)
-
-
-def options_message(options: dict[str, Any]) -> pb.CompletionOptions:
-    """CompletionOptions from keyword arguments (unknown names are an error, not ignored)."""
-    known = set(pb.CompletionOptions.DESCRIPTOR.fields_by_name)
-    unknown = set(options) - known
-    if unknown:
-        raise InvalidRequestError(
-            f"unknown completion options {sorted(unknown)}; known: {sorted(known)}",
-            code="INVALID_ARGUMENT",
-        )
-    return pb.CompletionOptions(**{k: v for k, v in options.items() if v is not None})
-
-
-def _joined(parts: list[str], expected_chars: int | None) -> str:
-    """An answer sent in parts, whole again (ClientError when some went missing)."""
-    text = "".join(parts)
-    parts.clear()
-    if expected_chars is not None and len(text) != expected_chars:
-        raise ClientError(
-            f"the answer arrived incomplete: {len(text)} of {expected_chars} characters",
-            code="DATA_LOSS",
-        )
-    return text
-
-
-def _encode(context: Any) -> tuple[int, bytes]:
-    if isinstance(context, str):
-        return pb.CONTEXT_ENCODING_TEXT, context.encode("utf-8")
-    if isinstance(context, dict | list):
-        return pb.CONTEXT_ENCODING_JSON, json.dumps(context, default=str).encode("utf-8")
-    raise InvalidRequestError(
-        f"context must be a str, dict or list, not {type(context).__name__}",
-        code="INVALID_ARGUMENT",
-    )
 
 
 @dataclass
@@ -128,26 +76,48 @@ def _summary(info: pb.CompletionInfo) -> CompletionSummary:
     )
 
 
+def check_limits(timeout: float | None, max_retries: int) -> None:
+    if timeout is not None and not timeout > 0:
+        raise ConfigurationError(f"timeout must be positive or None, not {timeout!r}")
+    if max_retries < 0:
+        raise ConfigurationError(f"max_retries must be 0 or more, not {max_retries!r}")
+
+
 class AsyncClient:
-    """A connection to an orchestrator server. Use `async with`, or call `close()`."""
+    """A connection to an orchestrator server. Use `async with`, or call `close()`.
+
+    `token`: the server's bearer token; None reads RLM_SERVER_TOKEN ("" sends none).
+    `tls`, `ca_file`, `cert_file`, `key_file`: TLS, with a private CA, and a client
+    certificate for mTLS. `timeout`: seconds per call (None: no limit; see the module's
+    docstring for what it bounds). `max_retries`: re-sends of a unary call after UNAVAILABLE.
+    """
 
     def __init__(
         self,
-        target: str = "127.0.0.1:50051",
+        target: str = DEFAULT_TARGET,
         *,
         token: str | None = None,
-        ca_file: Path | None = None,
-        cert_file: Path | None = None,
-        key_file: Path | None = None,
         tls: bool = False,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
+        check_limits(timeout, max_retries)
+        self.target, self.timeout, self.max_retries = target, timeout, max_retries
         if tls or ca_file or cert_file:
-            credentials = channel_credentials(ca_file, cert_file, key_file)
+            credentials = channel_credentials(
+                *(Path(f) if f else None for f in (ca_file, cert_file, key_file))
+            )
             self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if token is None:
+            token = os.environ.get(TOKEN_ENV)
         self._metadata: Sequence[tuple[str, str]] = bearer_metadata(token) if token else ()
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+        self._router = lm_router_pb2_grpc.LMRouterStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -159,11 +129,16 @@ class AsyncClient:
         await self.close()
 
     async def stream(
-        self, context: Any, root_prompt: str | None = None, *, session_id: str = "", **options: Any
+        self,
+        context: Any,
+        root_prompt: str | None = None,
+        *,
+        session_id: str = "",
+        **options: Unpack[CompletionOptions],
     ) -> AsyncIterator[ev.StreamEvent]:
         """The completion's events as they happen: CompletionStarted first, then progress
         events, then CompletionFinished or CompletionFailed. Leaving early cancels it."""
-        encoding, data = _encode(context)
+        encoding, data = encode_context(context)
         start = pb.CompletionStart(
             root_prompt=root_prompt or "",
             context_encoding=encoding,  # type: ignore[arg-type]
@@ -196,6 +171,11 @@ class AsyncClient:
         call = self._stub.Run(requests(), metadata=metadata)
         parts: list[str] = []  # of an answer too long for one message
         try:
+            # The server sends its headers at once: a silent one fails within the timeout.
+            try:
+                await asyncio.wait_for(call.initial_metadata(), self.timeout)
+            except TimeoutError:
+                raise self._silent() from None
             async for message in call:
                 accepted.set()
                 if message.WhichOneof("kind") == "answer_part":
@@ -203,11 +183,18 @@ class AsyncClient:
                     continue
                 yield self._stream_event(message, parts)
         except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
+            raise rpc_error(exc) from exc
         finally:
             ended = True
             accepted.set()  # lets the request generator finish
             call.cancel()  # a no-op once the stream has ended; cancels it if the caller left
+
+    def _silent(self) -> ServerUnavailableError:
+        return ServerUnavailableError(
+            f"DEADLINE_EXCEEDED: no answer from {self.target} within the client's timeout "
+            f"({self.timeout:g} s)",
+            code="DEADLINE_EXCEEDED",
+        )
 
     @staticmethod
     def _stream_event(message: pb.CompletionEvent, parts: list[str]) -> ev.StreamEvent:
@@ -216,7 +203,7 @@ class AsyncClient:
             return ev.CompletionStarted(message.started.completion_id, message.started.session_id)
         if kind == "finished":
             f = message.finished
-            response = _joined(parts, f.response_chars) if f.response_in_parts else f.response
+            response = joined(parts, f.response_chars) if f.response_in_parts else f.response
             result = RLMChatCompletion(
                 f.root_model, None, response, usage_from_proto(f.usage), f.execution_time_seconds
             )
@@ -225,7 +212,7 @@ class AsyncClient:
             x = message.failed
             partial = x.partial_answer if x.HasField("partial_answer") else None
             if x.partial_answer_in_parts:
-                partial = _joined(parts, None)
+                partial = joined(parts, None)
             return ev.CompletionFailed(
                 kind_from_proto(x.kind),
                 x.message,
@@ -248,7 +235,7 @@ class AsyncClient:
         *,
         session_id: str = "",
         on_event: ev.EventHandler | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> RLMChatCompletion:
         """Like `RLM.completion`: the result, or the exception the RLM would raise."""
         async for event in self.stream(context, root_prompt, session_id=session_id, **options):
@@ -261,13 +248,38 @@ class AsyncClient:
                 on_event(event)
         raise ClientError("the completion stream ended without a result")
 
-    async def _unary(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from exc
+    async def _unary(
+        self, method: Any, request: Any, *, retry: bool = True, timeout: float | None = None
+    ) -> Any:
+        """One unary call under the client's timeout (or `timeout`), re-sent after
+        UNAVAILABLE up to `max_retries` times when `retry` (with a doubling wait): the
+        retries included, it ends within the timeout."""
+        limit = timeout if timeout is not None else self.timeout
+        clock = asyncio.get_running_loop().time
+        end = None if limit is None else clock() + limit
+        attempts = 1 + (self.max_retries if retry else 0)
+        for attempt in range(attempts):
+            left = None if end is None else max(end - clock(), 0.001)
+            try:
+                return await method(request, metadata=self._metadata, timeout=left)
+            except grpc.aio.AioRpcError as exc:
+                error = rpc_error(exc)
+                wait = min(_RETRY_FIRST_WAIT * 2**attempt, _RETRY_MAX_WAIT)
+                if (
+                    exc.code() != grpc.StatusCode.UNAVAILABLE
+                    or attempt + 1 == attempts
+                    or (end is not None and clock() + wait >= end)
+                ):
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and limit is not None:
+                        error = ServerUnavailableError(
+                            f"{error} (the client's timeout: {limit:g} s)", code=error.code
+                        )
+                    raise error from exc
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def cancel(self, completion_id: str) -> None:
+        """Cancels a running completion (NotFoundError when it is not running)."""
         await self._unary(
             self._stub.CancelCompletion, pb.CancelCompletionRequest(completion_id=completion_id)
         )
@@ -277,20 +289,62 @@ class AsyncClient:
         return [_summary(info) for info in reply.completions]
 
     async def get_completion(self, completion_id: str) -> CompletionSummary:
+        """A running completion (NotFoundError when it is not running)."""
         return _summary(
             await self._unary(
                 self._stub.GetCompletion, pb.GetCompletionRequest(completion_id=completion_id)
             )
         )
 
-    async def create_session(self, **options: Any) -> AsyncSession:
-        """A multi-turn session: one sandbox whose variables persist across completions."""
+    async def create_session(self, **options: Unpack[CompletionOptions]) -> AsyncSession:
+        """A multi-turn session: one sandbox whose variables persist across completions;
+        `options` become the default of each of its completions."""
         request = pb.CreateSessionRequest(options=options_message(options))
         reply = await self._unary(self._stub.CreateSession, request)
         return AsyncSession(self, reply.session_id)
 
     async def close_session(self, session_id: str) -> None:
+        """NotFoundError when there is no such session."""
         await self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
+
+    # -- the server's LM router (rlm.v1.LMRouter): one LM call, no RLM loop ------------------
+
+    async def list_models(self) -> router.ModelList:
+        """The models the server registered, and which answers each depth by default."""
+        reply = await self._unary(self._router.ListModels, lm_router_pb2.ListModelsRequest())
+        return router.models_from_proto(reply)
+
+    async def complete(
+        self,
+        prompt: router.Prompt,
+        *,
+        model: str | None = None,
+        depth: int = 0,
+        timeout: float | None = None,
+    ) -> router.LMCompletion:
+        """One LM answer, made by the server with its keys: `model` a registered name (else
+        depth 0: the root model, deeper: the sub model); `prompt` a string or a list of
+        {"role", "content"} messages. NotFoundError for an unknown model, LMError-like
+        ClientErrors when the provider failed after the server's retries. Never re-sent."""
+        request = router.request(prompt, model, depth)
+        reply = await self._unary(self._router.Complete, request, retry=False, timeout=timeout)
+        return router.completion_from_proto(reply)
+
+    async def complete_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        model: str | None = None,
+        depth: int = 0,
+        timeout: float | None = None,
+    ) -> router.LMBatch:
+        """Many prompts answered concurrently (within the model's cap on the server), in their
+        order; a failed one is an LMError in its slot. Never re-sent."""
+        request = lm_router_pb2.LMBatchRequest(
+            prompts=list(prompts), model=model or "", depth=depth
+        )
+        reply = await self._unary(self._router.CompleteBatch, request, retry=False, timeout=timeout)
+        return router.batch_from_proto(reply, model)
 
 
 class AsyncSession:
@@ -301,14 +355,19 @@ class AsyncSession:
         self.session_id = session_id
 
     async def completion(
-        self, context: Any, root_prompt: str | None = None, **options: Any
+        self,
+        context: Any,
+        root_prompt: str | None = None,
+        *,
+        on_event: ev.EventHandler | None = None,
+        **options: Unpack[CompletionOptions],
     ) -> RLMChatCompletion:
         return await self.client.completion(
-            context, root_prompt, session_id=self.session_id, **options
+            context, root_prompt, session_id=self.session_id, on_event=on_event, **options
         )
 
     def stream(
-        self, context: Any, root_prompt: str | None = None, **options: Any
+        self, context: Any, root_prompt: str | None = None, **options: Unpack[CompletionOptions]
     ) -> AsyncIterator[ev.StreamEvent]:
         return self.client.stream(context, root_prompt, session_id=self.session_id, **options)
 

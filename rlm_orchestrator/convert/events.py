@@ -29,6 +29,15 @@ def excerpt(text: str, limit: int) -> tuple[str, int]:
     return text[:head] + marker + text[len(text) - (limit - head) :], cut
 
 
+def _to_wire(iteration: int) -> int:
+    """Events count turns from 1; the wire from 0 (what clients of older SDKs read)."""
+    return max(iteration - 1, 0)
+
+
+def _from_wire(iteration: int) -> int:
+    return iteration + 1
+
+
 def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | None:
     """The wire form of a loop event (None for events that stay in the process); its text
     fields are cut to `excerpt_chars` (head and tail) and say how much was cut."""
@@ -39,26 +48,32 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
     match event:
         case ev.TurnStarted(depth=d, iteration=i, seconds_left=left):
             return pb.CompletionEvent(
-                turn_started=pb.TurnStarted(depth=d, iteration=i, seconds_left=left)
+                turn_started=pb.TurnStarted(depth=d, iteration=_to_wire(i), seconds_left=left)
             )
         case ev.RootResponse(depth=d, iteration=i, text=text, duration=duration):
             text, cut = short(text)
             return pb.CompletionEvent(
                 root_response=pb.RootResponse(
-                    depth=d, iteration=i, text=text, duration_seconds=duration, cut_chars=cut
+                    depth=d,
+                    iteration=_to_wire(i),
+                    text=text,
+                    duration_seconds=duration,
+                    cut_chars=cut,
                 )
             )
         case ev.CodeBlockStarted(depth=d, iteration=i, block=b, code=code):
             code, cut = short(code)
             return pb.CompletionEvent(
                 code_block_started=pb.CodeBlockStarted(
-                    depth=d, iteration=i, block=b, code=code, cut_chars=cut
+                    depth=d, iteration=_to_wire(i), block=b, code=code, cut_chars=cut
                 )
             )
         case ev.OutputChunk(depth=d, iteration=i, block=b, stream=stream, text=text):
             # Never cut (it is the output itself): `output_pieces` splits long chunks first.
             return pb.CompletionEvent(
-                output=pb.CompletionOutput(depth=d, iteration=i, block=b, stream=stream, text=text)
+                output=pb.CompletionOutput(
+                    depth=d, iteration=_to_wire(i), block=b, stream=stream, text=text
+                )
             )
         case ev.SubCallStarted(depth=d, call_id=c, kind=kind, model=model, prompt_chars=chars):
             return pb.CompletionEvent(
@@ -86,7 +101,7 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
             return pb.CompletionEvent(
                 code_block_finished=pb.CodeBlockFinished(
                     depth=d,
-                    iteration=i,
+                    iteration=_to_wire(i),
                     block=b,
                     status=r.status,
                     error=error,
@@ -148,16 +163,16 @@ def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:
     if kind == "turn_started":
         m1 = message.turn_started
         left = m1.seconds_left if m1.HasField("seconds_left") else None
-        return ev.TurnStarted(m1.depth, m1.iteration, left)
+        return ev.TurnStarted(m1.depth, _from_wire(m1.iteration), left)
     if kind == "root_response":
         m2 = message.root_response
-        return ev.RootResponse(m2.depth, m2.iteration, m2.text, m2.duration_seconds)
+        return ev.RootResponse(m2.depth, _from_wire(m2.iteration), m2.text, m2.duration_seconds)
     if kind == "code_block_started":
         m3 = message.code_block_started
-        return ev.CodeBlockStarted(m3.depth, m3.iteration, m3.block, m3.code)
+        return ev.CodeBlockStarted(m3.depth, _from_wire(m3.iteration), m3.block, m3.code)
     if kind == "output":
         m4 = message.output
-        return ev.OutputChunk(m4.depth, m4.iteration, m4.block, m4.stream, m4.text)
+        return ev.OutputChunk(m4.depth, _from_wire(m4.iteration), m4.block, m4.stream, m4.text)
     if kind == "sub_call_started":
         m5 = message.sub_call_started
         return ev.SubCallStarted(m5.depth, m5.call_id, m5.kind, m5.model, m5.prompt_chars)
@@ -178,7 +193,7 @@ def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:
             truncated_chars=m7.truncated_chars,
             worker_restarted=m7.worker_restarted,
         )
-        return ev.CodeBlockFinished(m7.depth, m7.iteration, m7.block, result)
+        return ev.CodeBlockFinished(m7.depth, _from_wire(m7.iteration), m7.block, result)
     if kind == "notice":
         return ev.Notice(message.notice.depth, message.notice.text)
     if kind == "usage":

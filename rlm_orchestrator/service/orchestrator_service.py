@@ -25,6 +25,7 @@ from rlm_orchestrator.convert.events import event_to_proto, output_pieces
 from rlm_orchestrator.exceptions import (
     InvalidRequestError,
     LMError,
+    NotFoundError,
     SandboxError,
     ServerShutdownError,
     ServerUnavailableError,
@@ -148,7 +149,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
 
         def emit(event: ev.Event) -> None:
             if isinstance(event, ev.TurnStarted) and event.depth == 0:
-                running.iterations = event.iteration + 1
+                running.iterations = event.iteration
             for piece in output_pieces(event, excerpt_chars):
                 message = event_to_proto(piece, excerpt_chars)
                 if message is not None:
@@ -230,7 +231,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             return None
         session = self.sessions.get(session_id)
         if session is None or session.tenant != tenant.name:  # another's does not exist
-            raise InvalidRequestError(f"no session {session_id!r}", code="NOT_FOUND")
+            raise NotFoundError(f"no session {session_id!r}")
         return session
 
     def _own_completion(self, completion_id: str, context: Context) -> RunningCompletion | None:
@@ -340,7 +341,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         tenant = self.tenants.identify(context.invocation_metadata())
         session = self._session_for(request.session_id, tenant)
         if session is None:
-            raise InvalidRequestError(f"no session {request.session_id!r}", code="NOT_FOUND")
+            raise NotFoundError(f"no session {request.session_id!r}")
         self.sessions.pop(request.session_id, None)
         async with session.lock:  # let a running completion of the session finish first
             await self._close(session)
@@ -395,6 +396,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         )
 
 
-def _no_completion(completion_id: str) -> InvalidRequestError:
+def _no_completion(completion_id: str) -> NotFoundError:
     """NOT_FOUND: also what another tenant's completion is to the caller."""
-    return InvalidRequestError(f"no running completion {completion_id!r}", code="NOT_FOUND")
+    return NotFoundError(f"no running completion {completion_id!r}")

@@ -15,7 +15,12 @@ from typing import Any, TypeVar
 import grpc
 
 from rlm_orchestrator.convert.usage import model_usage_to_proto, usage_to_proto
-from rlm_orchestrator.exceptions import InvalidRequestError, LMError, ServerUnavailableError
+from rlm_orchestrator.exceptions import (
+    InvalidRequestError,
+    LMError,
+    NotFoundError,
+    ServerUnavailableError,
+)
 from rlm_orchestrator.router import LMAnswer, LMRouter, Messages
 from rlm_orchestrator.service.status import maps_rlm_errors
 from rlm_orchestrator.types import UsageSummary
@@ -68,7 +73,7 @@ class LMRouterService(lm_router_pb2_grpc.LMRouterServicer):
         try:
             self.router.resolve(model or None, depth)
         except LMError as exc:
-            raise InvalidRequestError(self._redact(str(exc)), code="NOT_FOUND") from exc
+            raise NotFoundError(self._redact(str(exc))) from exc
 
     async def _within_deadline(self, work: Awaitable[_T], context: Any, what: str) -> _T:
         """`work`, cancelled when the call's deadline passes (no deadline: no limit)."""

@@ -2,7 +2,7 @@
 
 The Orchestrator and LMRouter handlers refuse a call by raising an RLMError, most often the
 ClientError subclass the SDK will raise for it, with the status it stands for
-(`InvalidRequestError(..., code="NOT_FOUND")`, `ResourceExhaustedError`, `ServerShutdownError`).
+(`NotFoundError`, `ResourceExhaustedError`, `ServerShutdownError`).
 `@maps_rlm_errors` on each servicer (the agent's decorator, `rlm_wire/status.py`, given
 this mapping) ends the call with the error's `code` and its message as the details; a
 ServerShutdownError adds the trailing metadata by which the SDK tells a shutdown from another

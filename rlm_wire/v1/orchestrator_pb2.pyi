@@ -372,7 +372,9 @@ Global___CompletionStarted: _TypeAlias = CompletionStarted  # noqa: Y015
 
 @_typing.final
 class TurnStarted(_message.Message):
-    """`depth` in the events below: 0 for the completion itself, 1 and more for child RLMs."""
+    """`depth` in the events below: 0 for the completion itself, 1 and more for child RLMs.
+    `iteration`: the turn, counted from 0 (the SDK's events count from 1: turn 1 is 0 here).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -522,7 +524,9 @@ class SubCallStarted(_message.Message):
     kind: _builtins.str
     """"llm_query" or "rlm_query"."""
     model: _builtins.str
-    """The model the code named, or empty."""
+    """The model that serves the call: the one the code named, else the sub-call model (for
+    rlm_query, the child RLM's root model).
+    """
     prompt_chars: _builtins.int
     def __init__(
         self,
