@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         CostLimitExceededError,
         LimitExceededError,
         LMError,
+        REPLExecutionError,
         RLMError,
         SandboxError,
     )
@@ -43,6 +44,7 @@ _EXPORTS = {
     "CostLimitExceededError": "exceptions",
     "LimitExceededError": "exceptions",
     "LMError": "exceptions",
+    "REPLExecutionError": "exceptions",
     "RLMError": "exceptions",
     "SandboxError": "exceptions",
     "RLMLogger": "logger",
@@ -80,6 +82,7 @@ __all__ = [
     "LMError",
     "LimitExceededError",
     "ModelUsageSummary",
+    "REPLExecutionError",
     "REPLResult",
     "RLMChatCompletion",
     "RLMError",

@@ -10,6 +10,7 @@ it) of the `failed` event a completion ends with when the exception stops it (`f
 RLMError                        INTERNAL              internal           base
 ├── ConfigurationError          INVALID_ARGUMENT                         bad arguments
 ├── SandboxError                UNAVAILABLE           sandbox_error      not started, or lost
+├── REPLExecutionError          INTERNAL              internal           the original's; unused
 ├── LMError                     from the HTTP status  lm_error           failed after retries
 ├── CompletionCancelledError    CANCELLED             cancelled          a client cancelled it
 ├── TraceStoreError             NOT_FOUND                                no store, no such trace
@@ -61,6 +62,18 @@ class SandboxError(RLMError):
     failure_kind = "sandbox_error"
 
 
+class REPLExecutionError(RLMError):
+    """Code failed in the REPL. Exported for code written against the original library; this
+    package never raises it (a failing block is shown to the model, as in the original).
+
+    `code` stays the gRPC status, as on every error here: the failed code is `source_code`."""
+
+    def __init__(self, message: str, code: str | None = None, stderr: str | None = None):
+        super().__init__(message)
+        self.source_code = code
+        self.stderr = stderr
+
+
 class LMError(RLMError):
     """A root LM call failed for good (after retries). `status_code` is the provider's HTTP
     status, when known; `code` follows from it."""
@@ -106,8 +119,14 @@ class CompletionTimeoutError(LimitExceededError):
     failure_kind = "timeout"
 
     def __init__(
-        self, message: str, *, timeout_seconds: float, elapsed_seconds: float, **kwargs: object
+        self,
+        message: str,
+        *,
+        timeout_seconds: float | None = None,
+        elapsed_seconds: float | None = None,
+        **kwargs: object,
     ):
+        # The numbers default to None (unknown), as in the original: a message alone is enough.
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.timeout_seconds = timeout_seconds
         self.elapsed_seconds = elapsed_seconds
@@ -118,7 +137,14 @@ class CostLimitExceededError(LimitExceededError):
 
     failure_kind = "cost_limit"
 
-    def __init__(self, message: str, *, current_cost: float, cost_limit: float, **kwargs: object):
+    def __init__(
+        self,
+        message: str,
+        *,
+        current_cost: float | None = None,
+        cost_limit: float | None = None,
+        **kwargs: object,
+    ):
         super().__init__(message, **kwargs)  # type: ignore[arg-type]
         self.current_cost = current_cost
         self.cost_limit = cost_limit

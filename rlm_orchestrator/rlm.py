@@ -80,7 +80,13 @@ class RLM:
             raise ConfigurationError(
                 "other_backends and other_backend_kwargs must have the same length"
             )
-        self.root_config = LMClientConfig.from_backend(backend, self.backend_kwargs)
+        # As in the original, a model is needed only when a completion runs: `RLM()` builds.
+        self._root_config: LMClientConfig | None = None
+        if self.backend_kwargs.get("model_name"):
+            self._root_config = LMClientConfig.from_backend(backend, self.backend_kwargs)
+        else:
+            # The rest is checked now all the same: an unknown backend, a bad option.
+            LMClientConfig.from_backend(backend, {**self.backend_kwargs, "model_name": "unset"})
         self.other_configs = [
             LMClientConfig.from_backend(b, k)
             for b, k in zip(other_backends or [], other_backend_kwargs or [], strict=True)
@@ -119,9 +125,19 @@ class RLM:
         if logger is not None:
             logger.log_metadata(self.metadata())
 
+    @property
+    def root_config(self) -> LMClientConfig:
+        """The root model's configuration; ConfigurationError when no model was given."""
+        if self._root_config is None:
+            raise ConfigurationError(
+                f"no root model: a completion needs backend_kwargs={{'model_name': ...}} "
+                f"(backend {self.backend!r})"
+            )
+        return self._root_config
+
     def metadata(self) -> RLMMetadata:
         return RLMMetadata(
-            root_model=self.root_config.model_name,
+            root_model=self._root_config.model_name if self._root_config else "unknown",
             max_depth=self.max_depth,
             max_iterations=self.max_iterations,
             backend=self.backend,

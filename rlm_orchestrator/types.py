@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -121,26 +122,98 @@ class RLMChatCompletion:
         }
 
 
-@dataclass
+# A value in a trajectory log: longer renderings are cut (a context can be megabytes).
+MAX_LOGGED_VALUE_CHARS = 2_000
+
+
+def _logged(value: Any) -> Any:
+    rendered = serialize_value(value)
+    text = rendered if isinstance(rendered, str) else None
+    if text is None:
+        try:
+            text = json.dumps(rendered, default=str)
+        except (TypeError, ValueError, RecursionError):
+            text = repr(rendered)
+        if len(text) <= MAX_LOGGED_VALUE_CHARS:
+            return rendered
+    if len(text) <= MAX_LOGGED_VALUE_CHARS:
+        return text
+    cut = len(text) - MAX_LOGGED_VALUE_CHARS
+    return f"{text[:MAX_LOGGED_VALUE_CHARS]}... [{cut} more characters]"
+
+
+@dataclass(init=False)
 class REPLResult:
-    """The outcome of one code block, as the loop saw it."""
+    """The outcome of one code block, as the loop saw it.
+
+    Built as the original's (`stdout, stderr, locals, execution_time, rlm_calls`), `locals`
+    mapping names to values; or with `variables=`, names only: the values live in the
+    sandbox, and the loop reads them back only for a trajectory log (`to_dict` gives None for
+    a name without a value). `to_dict` renders values as the original does, each cut at
+    MAX_LOGGED_VALUE_CHARS characters.
+    """
 
     stdout: str
     stderr: str
+    locals: dict[str, Any]
+    execution_time: float | None
+    rlm_calls: list[RLMChatCompletion]
     variables: list[str]
-    execution_time: float
-    status: str = "ok"  # ok | error | timeout | worker_died | cancelled
-    error: str = ""
-    truncated_chars: int = 0
-    final_answer: str | None = None
-    worker_restarted: bool = False
-    rlm_calls: list[RLMChatCompletion] = field(default_factory=list)
+    status: str  # ok | error | timeout | worker_died | cancelled
+    error: str
+    truncated_chars: int
+    final_answer: str | None
+    worker_restarted: bool
+
+    def __init__(
+        self,
+        stdout: str,
+        stderr: str,
+        locals: dict[str, Any] | list[str] | None = None,  # the original's name
+        execution_time: float | None = None,
+        rlm_calls: list[RLMChatCompletion] | None = None,
+        *,
+        variables: list[str] | None = None,
+        status: str = "ok",
+        error: str = "",
+        truncated_chars: int = 0,
+        final_answer: str | None = None,
+        worker_restarted: bool = False,
+    ) -> None:
+        if isinstance(locals, list):  # names only (this class's earlier third field)
+            variables, locals = locals if variables is None else variables, None
+        self.stdout = stdout
+        self.stderr = stderr
+        self.locals = dict(locals) if locals is not None else {}
+        self.variables = list(variables) if variables is not None else list(self.locals)
+        self.execution_time = execution_time
+        self.rlm_calls = list(rlm_calls or [])
+        self.status = status
+        self.error = error
+        self.truncated_chars = truncated_chars
+        self.final_answer = final_answer
+        self.worker_restarted = worker_restarted
+
+    @property
+    def llm_calls(self) -> list[RLMChatCompletion]:
+        """The original's other name for `rlm_calls`."""
+        return self.rlm_calls
+
+    def __str__(self) -> str:
+        # The original's format, field for field (values unquoted).
+        return (
+            f"REPLResult(stdout={self.stdout}, stderr={self.stderr}, locals={self.locals}, "
+            f"execution_time={self.execution_time}, rlm_calls={len(self.rlm_calls)})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
+        shown = {name: _logged(value) for name, value in self.locals.items()}
+        for name in self.variables:
+            shown.setdefault(name, None)
         return {
             "stdout": self.stdout,
             "stderr": self.stderr,
-            "locals": {name: "" for name in self.variables},
+            "locals": shown,
             "execution_time": self.execution_time,
             "status": self.status,
             "error": self.error,

@@ -105,7 +105,7 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
                     block=b,
                     status=r.status,
                     error=error,
-                    duration_seconds=r.execution_time,
+                    duration_seconds=r.execution_time or 0.0,
                     variables=_variables(r.variables, short),
                     truncated_chars=r.truncated_chars,
                     worker_restarted=r.worker_restarted,

@@ -99,9 +99,9 @@ class Outcome:
         partial = exc.partial_answer if isinstance(exc, LimitExceededError) else None
         limit, status_code = 0.0, 0
         if isinstance(exc, CompletionTimeoutError):
-            limit = exc.timeout_seconds
+            limit = exc.timeout_seconds or 0.0  # None: not known (0 on the wire)
         elif isinstance(exc, CostLimitExceededError):
-            limit = exc.cost_limit
+            limit = exc.cost_limit or 0.0
         elif isinstance(exc, AnswerTooLargeError):
             limit = self.max_answer_chars  # the loop reads answers up to the server's limit
         elif isinstance(exc, LMError) and exc.status_code:
