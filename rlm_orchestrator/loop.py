@@ -16,8 +16,8 @@ from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
+from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
-from rlm_orchestrator import telemetry
 from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
@@ -33,6 +33,7 @@ from rlm_orchestrator.exceptions import (
     RLMError,
     SandboxError,
 )
+from rlm_orchestrator.logged_values import read_values
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.parsing import (
     find_code_blocks,
@@ -94,6 +95,13 @@ class LoopSettings:
     # The longest FINAL_VAR answer, in characters: read from the sandbox in chunks, whole;
     # a longer one is refused (the model is told, and can shorten it), never cut.
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+    # How the model gives its answer: FINAL/FINAL_VAR, or upstream's `answer` dict.
+    answer_convention: answer_dict.AnswerConvention = answer_dict.FINAL
+
+    @property
+    def final_in_text(self) -> bool:
+        """Whether FINAL(...) / FINAL_VAR(...) in a response are answers."""
+        return self.answer_convention == answer_dict.FINAL
 
 
 @dataclass
@@ -272,7 +280,7 @@ class CompletionLoop:
                 # FINAL_VAR called inside the code ends the run; later blocks do not run.
                 outcome.answer, outcome.source = result.final_answer, "code"
                 return record, outcome
-        final = find_final_answer(response)
+        final = find_final_answer(response) if self.settings.final_in_text else None
         if final is None:
             return record, outcome
         if blocks and not self.settings.final_with_code:
@@ -336,6 +344,8 @@ class CompletionLoop:
                 span.set_attribute("rlm.output", telemetry.content(report.stdout + report.stderr))
         if report.agent_span is not None:
             telemetry.export_agent_span(report.agent_span)
+        if not self.settings.final_in_text:
+            report = await answer_dict.after_block(self.session.sandbox.client, report)
         read = AnswerRead()
         if report.final_answer_chars is not None:
             read = await self._read_answer(None)
@@ -355,6 +365,8 @@ class CompletionLoop:
             worker_restarted=report.worker_restarted,
             rlm_calls=calls,
         )
+        if self.logger is not None:  # the original logs the values: read them back
+            result.locals = await read_values(self.session.sandbox.client, result.variables)
         self.emit(ev.CodeBlockFinished(depth, turn, index, result))
         return result, read.note or None
 
@@ -442,7 +454,7 @@ class CompletionLoop:
         prompt = [*self.messages, {"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
         answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
         text = answer.text
-        final = find_final_answer(text)
+        final = find_final_answer(text) if self.settings.final_in_text else None
         if final is not None and final.kind == "final":
             text = final.value
         elif final is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sized
 
-# Sent verbatim (never passed through str.format), so braces in the examples are single.
-DEFAULT_SYSTEM_PROMPT = """\
+# Sent verbatim (never passed through str.format), so braces in the examples are single. The
+# pieces around the answering rules are shared by both answer conventions; the example's result
+# variable is named apart from `answer`, which the dict convention reserves.
+_INTRO_BEFORE_RESULT = """\
 You answer a query about a context that may be far too long to read directly. Instead of \
 reading it, you work in a persistent Python REPL where the context is loaded, and you can call \
 other language models from your code. You will be asked for your next step repeatedly until \
@@ -53,11 +55,13 @@ prompts = [
 partials = llm_query_batched(prompts)
 for i, partial in enumerate(partials):
     print(i, partial[:300])
-answer = llm_query(
+"""
+_INTRO_BETWEEN_RESULTS = """ = llm_query(
     f"Combine these partial answers into one answer to: {question}\\n\\n"
     + "\\n\\n".join(partials)
 )
-print(answer)
+print("""
+_INTRO_AFTER_RESULT = """)
 ```
 
 Example strategy, walk through sections and keep a running buffer (the context is a list of \
@@ -75,7 +79,8 @@ print(notes)
 If the context is one string with markers (for example Markdown headers), split it with `re` \
 first and treat the pieces the same way.
 
-Answering:
+"""
+_FINAL_ANSWERING = """Answering:
 - When you are done, answer outside any code block, on a line of its own, with either
   FINAL(your answer here)
   or
@@ -89,10 +94,54 @@ a FINAL is ignored. Run the code, read its output, and answer in a later turn.
 that variable's value.
 - Only use FINAL or FINAL_VAR when you have finished the task.
 
+"""
+_ANSWER_DICT_ANSWERING = """\
+Answering:
+- The REPL has an `answer` dict, initially {"content": "", "ready": False}. When (and only \
+when) you are done, submit your final answer from inside a repl block:
+```repl
+answer["content"] = "your final answer here"
+answer["ready"] = True
+```
+- `answer["content"]` holds the answer text (a string, or anything `str()` can render); you \
+can build it up over several steps. The run ends as soon as `answer["ready"]` is set to \
+True, and the content at that moment is returned. Blocks after it in the same response do \
+not run.
+- Text outside code is never taken as the answer: FINAL(...) in prose does nothing here.
+- Do not set `answer["ready"] = True` before you have seen the output that confirms the \
+answer.
+
+"""
+_OUTRO = """\
 Plan, then act right away: write the code in your response rather than describing what you \
 would do. Lean on the sub-LMs for reading and understanding text, and make sure your final \
 answer addresses the original query directly.
 """
+
+
+def _system_prompt(answering: str, result_name: str) -> str:
+    return (
+        _INTRO_BEFORE_RESULT
+        + result_name
+        + _INTRO_BETWEEN_RESULTS
+        + result_name
+        + _INTRO_AFTER_RESULT
+        + answering
+        + _OUTRO
+    )
+
+
+DEFAULT_SYSTEM_PROMPT = _system_prompt(_FINAL_ANSWERING, "answer")
+# The system prompt of the `answer` dict convention (answer_dict.py).
+ANSWER_DICT_SYSTEM_PROMPT = _system_prompt(_ANSWER_DICT_ANSWERING, "combined")
+
+
+def system_prompt_for(answer_convention: str) -> str:
+    """The default system prompt that teaches `answer_convention` ("final", "answer_dict")."""
+    if answer_convention == "answer_dict":
+        return ANSWER_DICT_SYSTEM_PROMPT
+    return DEFAULT_SYSTEM_PROMPT
+
 
 FINAL_ANSWER_REQUEST = (
     "Please give a final answer to the user's question based on the information gathered so far."

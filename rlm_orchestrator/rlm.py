@@ -12,6 +12,7 @@ from typing import Any
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
+from rlm_orchestrator.answer_dict import ANSWER_CONVENTIONS, FINAL, AnswerConvention
 from rlm_orchestrator.config.errors import Loc, dotted, refusing
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
@@ -23,7 +24,7 @@ from rlm_orchestrator.config.sandbox import rlm_environment
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
 from rlm_orchestrator.loop import LoopSettings
-from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
+from rlm_orchestrator.prompts import system_prompt_for
 from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner, LazyProvider
 from rlm_orchestrator.sandbox import SandboxProvider, create_provider
@@ -60,6 +61,7 @@ class RLM:
         on_event: ev.EventHandler | None = None,
         final_with_code: bool = False,
         max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+        answer_convention: AnswerConvention = FINAL,
     ) -> None:
         self.backend = backend
         self.backend_kwargs = dict(backend_kwargs or {})
@@ -97,7 +99,15 @@ class RLM:
         self.depth = depth
         self.max_depth = self.limits.max_depth
         self.max_iterations = self.limits.max_iterations
-        self.system_prompt = custom_system_prompt or DEFAULT_SYSTEM_PROMPT
+        if answer_convention not in ANSWER_CONVENTIONS:
+            raise ConfigurationError(
+                f"RLM argument answer_convention: must be one of {', '.join(ANSWER_CONVENTIONS)} "
+                f"(got {answer_convention!r})"
+            )
+        # FINAL/FINAL_VAR in the text, or upstream's `answer` dict in the REPL (answer_dict.py);
+        # the default system prompt teaches the one in use (a custom one is the caller's).
+        self.answer_convention: AnswerConvention = answer_convention
+        self.system_prompt = custom_system_prompt or system_prompt_for(answer_convention)
         self.logger = logger
         self.verbose = verbose
         self.persistent = persistent
@@ -158,6 +168,7 @@ class RLM:
             sandbox=self.sandbox.limits,
             final_with_code=self.final_with_code,
             max_answer_chars=self.max_answer_chars,
+            answer_convention=self.answer_convention,
         )
 
     # -- synchronous API --------------------------------------------------------------------

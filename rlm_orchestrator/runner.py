@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
-from rlm_orchestrator import telemetry
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
@@ -154,6 +154,9 @@ class CompletionRunner:
         active = session or await self.new_session()
         try:
             await active.add_context(context)
+            if self.settings.answer_convention == answer_dict.ANSWER_DICT:
+                # A fresh `answer` every completion (a persistent session keeps the last one).
+                await answer_dict.install(active.sandbox.client)
             # The LM client's import (started before the sandbox) ends before the loop's
             # deadline starts: it delays the first turn, it does not shorten the completion.
             await self.router.prepare()
