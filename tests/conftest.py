@@ -296,6 +296,7 @@ class RemoteRLM:
         "iteration_timeout_seconds",
         "max_cost",
         "final_with_code",
+        "answer_convention",
     }
 
     def __init__(self, server: ServerProcess, kwargs: dict[str, Any]) -> None:

@@ -6,19 +6,19 @@ default) and upstream's `answer = {"content": ..., "ready": True}` in the REPL
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import ROOT_MODEL, repl
 
 from rlm_orchestrator import RLM, ConfigurationError
+from rlm_orchestrator.exceptions import InvalidRequestError
 from rlm_orchestrator.testing.scripted_lm import RecordedRequest, ScriptedLMServer
 
 MakeRLM = Callable[..., RLM]
 DICT = "answer_dict"
-NOT_THROUGH_SERVER = pytest.mark.not_through_server(
-    "answer_convention is an option of the in-process RLM only (README: what differs)"
-)
-pytestmark = NOT_THROUGH_SERVER
+# Through a server the option is a request option, checked when the completion starts.
+IN_PROCESS_ONLY = pytest.mark.not_through_server("a check of the in-process RLM's constructor")
 
 
 def shown(request: RecordedRequest) -> str:
@@ -57,10 +57,12 @@ def test_the_system_prompt_teaches_the_convention_in_use(
     assert (teaches_dict, teaches_final) == (convention == DICT, convention == "final")
 
 
+@IN_PROCESS_ONLY
 def test_the_default_is_final(make_rlm: MakeRLM) -> None:
     assert make_rlm(root=["FINAL(x)"]).answer_convention == "final"
 
 
+@IN_PROCESS_ONLY
 def test_an_unknown_convention_is_refused(make_rlm: MakeRLM) -> None:
     with pytest.raises(ConfigurationError, match="answer_convention"):
         make_rlm(root=[], answer_convention="shout")
@@ -155,3 +157,12 @@ def test_each_completion_of_a_persistent_session_gets_a_fresh_answer(
         assert rlm.completion("two").response == "two"
     # Turn 2 of the second completion saw turn 1's output.
     assert "False True" in shown(lm.requests_for(ROOT_MODEL)[2])
+
+
+def test_a_server_refuses_an_unknown_convention(orchestrator_server: Any) -> None:
+    client = orchestrator_server.client()
+    try:
+        with pytest.raises(InvalidRequestError, match="answer_convention"):
+            client.completion("ctx", None, answer_convention="shout")
+    finally:
+        client.close()

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from rlm_orchestrator.answer_dict import ANSWER_CONVENTIONS
 from rlm_orchestrator.exceptions import InvalidRequestError, ResourceExhaustedError
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
@@ -45,7 +46,8 @@ class RequestLimits:
 
 
 def request_limits(options: pb.CompletionOptions, settings: ServerSettings) -> RequestLimits:
-    """The limits a request gets; RequestRefused when it asks for more than a ceiling."""
+    """The limits a request gets; RequestRefused when it asks for more than a ceiling (or
+    names an answer convention that does not exist)."""
     values: dict[str, float | int | None] = {}
     for name in LIMIT_OPTIONS:
         if not options.HasField(name):  # type: ignore[arg-type]
@@ -62,6 +64,13 @@ def request_limits(options: pb.CompletionOptions, settings: ServerSettings) -> R
                 f"{name}={value:g} is above the server's ceiling {name}={ceiling:g}"
             )
         values[name] = value
+    if options.HasField("answer_convention") and (
+        options.answer_convention not in ANSWER_CONVENTIONS
+    ):
+        raise RequestRefused(
+            f"answer_convention={options.answer_convention!r} must be one of "
+            + ", ".join(ANSWER_CONVENTIONS)
+        )
     return RequestLimits(**values)  # type: ignore[arg-type]
 
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlm_orchestrator import answer_dict
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.convert.events import event_to_proto, output_pieces
 from rlm_orchestrator.exceptions import (
@@ -32,7 +33,7 @@ from rlm_orchestrator.exceptions import (
 )
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import LoopSettings
-from rlm_orchestrator.prompts import DEFAULT_SYSTEM_PROMPT
+from rlm_orchestrator.prompts import system_prompt_for
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
 from rlm_orchestrator.sandbox import SandboxProvider
@@ -268,6 +269,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         def option(name: str, default: Any) -> Any:
             return getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
 
+        # Checked by request_limits: one of ANSWER_CONVENTIONS.
+        convention = option("answer_convention", answer_dict.FINAL)
         loop_settings = LoopSettings(
             max_depth=limits.max_depth,
             max_iterations=limits.max_iterations,
@@ -278,7 +281,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 update={"exec_timeout_seconds": limits.exec_timeout_seconds}
             ),
             final_with_code=option("final_with_code", False),
-            system_prompt=option("system_prompt", DEFAULT_SYSTEM_PROMPT),
+            answer_convention=convention,
+            system_prompt=option("system_prompt", system_prompt_for(convention)),
             # FINAL_VAR answers are read from the sandbox up to the size the server may send.
             max_answer_chars=self.settings.max_answer_chars,
         )

@@ -188,6 +188,7 @@ class CompletionOptions(_message.Message):
     EXEC_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     FINAL_WITH_CODE_FIELD_NUMBER: _builtins.int
+    ANSWER_CONVENTION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registered model names for the root LM and for sub-calls (llm_query)."""
     sub_model: _builtins.str
@@ -204,6 +205,11 @@ class CompletionOptions(_message.Message):
     """Replaces the default system prompt."""
     final_with_code: _builtins.bool
     """Accept a FINAL given in the same response as code (the original library's behaviour)."""
+    answer_convention: _builtins.str
+    """How the root LM gives its answer: "final" (FINAL(...) / FINAL_VAR(...), the default) or
+    "answer_dict" (upstream's `answer = {"content": ..., "ready": True}` in the REPL). The
+    default system prompt follows it. Any other value is refused with INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -217,11 +223,14 @@ class CompletionOptions(_message.Message):
         exec_timeout_seconds: _builtins.float | None = ...,
         system_prompt: _builtins.str | None = ...,
         final_with_code: _builtins.bool | None = ...,
+        answer_convention: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention", "_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "answer_convention", b"answer_convention", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention", "_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "answer_convention", b"answer_convention", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__answer_convention: _TypeAlias = _typing.Literal["answer_convention"]  # noqa: Y015
+    _WhichOneofArgType__answer_convention: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention"]  # noqa: Y015
     _WhichOneofReturnType__exec_timeout_seconds: _TypeAlias = _typing.Literal["exec_timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__exec_timeout_seconds: _TypeAlias = _typing.Literal["_exec_timeout_seconds", b"_exec_timeout_seconds"]  # noqa: Y015
     _WhichOneofReturnType__final_with_code: _TypeAlias = _typing.Literal["final_with_code"]  # noqa: Y015
@@ -242,6 +251,8 @@ class CompletionOptions(_message.Message):
     _WhichOneofArgType__system_prompt: _TypeAlias = _typing.Literal["_system_prompt", b"_system_prompt"]  # noqa: Y015
     _WhichOneofReturnType__timeout_seconds: _TypeAlias = _typing.Literal["timeout_seconds"]  # noqa: Y015
     _WhichOneofArgType__timeout_seconds: _TypeAlias = _typing.Literal["_timeout_seconds", b"_timeout_seconds"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__answer_convention) -> _WhichOneofReturnType__answer_convention | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exec_timeout_seconds) -> _WhichOneofReturnType__exec_timeout_seconds | None: ...
     @_typing.overload
