@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from rlm_orchestrator.exceptions import InvalidRequestError
 from rlm_wire.v1 import orchestrator_pb2 as pb
@@ -29,6 +29,8 @@ class CompletionOptions(TypedDict, total=False):
     exec_timeout_seconds: float  # per code block
     system_prompt: str  # replaces the default one
     final_with_code: bool  # accept FINAL in the same response as code (the original's way)
+    # "final" (FINAL/FINAL_VAR, the default) or "answer_dict" (answer["ready"] = True)
+    answer_convention: Literal["final", "answer_dict"]
 
 
 def options_message(options: Mapping[str, Any]) -> pb.CompletionOptions:
