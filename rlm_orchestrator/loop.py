@@ -7,10 +7,8 @@ throughout; `RLM` (rlm.py) is the synchronous facade and owns the sandbox's life
 from __future__ import annotations
 
 import asyncio
-import itertools
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +27,6 @@ from rlm_orchestrator.exceptions import (
     AnswerTooLargeError,
     CompletionTimeoutError,
     CostLimitExceededError,
-    LMError,
-    RLMError,
     SandboxError,
 )
 from rlm_orchestrator.logged_values import read_values
@@ -51,12 +47,12 @@ from rlm_orchestrator.prompts import (
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
 from rlm_orchestrator.session import SessionState
+from rlm_orchestrator.sub_calls import ChildSpawner, SubCalls
 from rlm_orchestrator.types import (
     CodeBlock,
     REPLResult,
     RLMChatCompletion,
     RLMIteration,
-    UsageSummary,
 )
 from sandbox_agent.limits import cut_middle
 
@@ -69,10 +65,6 @@ DEFERRED_FINAL_NOTE = (
     "because you had not seen the code's output yet. Check the output above, then answer with "
     "FINAL(...) or FINAL_VAR(...) in a response without code."
 )
-
-
-# (prompt, seconds left or None) -> the child RLM's result.
-ChildSpawner = Callable[[str, float | None], Awaitable[RLMChatCompletion]]
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,6 @@ class CompletionLoop:
         spawn_child: ChildSpawner | None = None,
     ) -> None:
         self.settings = settings
-        self.spawn_child = spawn_child
         self.router = router
         self.tracker = tracker
         self.session = session
@@ -135,9 +126,25 @@ class CompletionLoop:
         self.messages: list[dict[str, Any]] = []
         self.partial_answer: str | None = None
         self.iterations = 0
-        self._call_ids = itertools.count(1)
-        self._sub_call_slots = asyncio.Semaphore(settings.max_concurrent_sub_calls)
         self._deadline: float | None = None
+        self.sub_calls = SubCalls(
+            settings.depth,
+            router,
+            tracker,
+            emit,
+            settings.max_concurrent_sub_calls,
+            self.remaining_seconds,
+        )
+        self.sub_calls.spawn_child = spawn_child
+
+    @property
+    def spawn_child(self) -> ChildSpawner | None:
+        """How an `rlm_query` starts a child RLM (None: it is a plain LM call)."""
+        return self.sub_calls.spawn_child
+
+    @spawn_child.setter
+    def spawn_child(self, spawn: ChildSpawner | None) -> None:
+        self.sub_calls.spawn_child = spawn
 
     def remaining_seconds(self) -> float | None:
         """Time left before this completion's timeout (None: no timeout)."""
@@ -312,11 +319,7 @@ class CompletionLoop:
             self.emit(ev.OutputChunk(depth, turn, index, stream, text))
 
         async def on_sub_call(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
-            if len(prompts) == 1:  # llm_query: no task of its own needed
-                return [await self._sub_call(prompts[0], model, kind, calls)]
-            return list(
-                await asyncio.gather(*(self._sub_call(p, model, kind, calls) for p in prompts))
-            )
+            return await self.sub_calls.answer(prompts, model, kind, calls)
 
         attributes = {"rlm.depth": depth, "rlm.iteration": iteration, "rlm.block": index}
         with telemetry.tracer().start_as_current_span("rlm.execute", attributes=attributes) as span:
@@ -384,70 +387,6 @@ class CompletionLoop:
             error=message,
             worker_restarted=True,
         )
-
-    async def _sub_call(
-        self, prompt: str, model: str, kind: str, calls: list[RLMChatCompletion]
-    ) -> SubCallOutcome:
-        async with self._sub_call_slots:
-            reason = self.tracker.over_budget()
-            if reason is not None:
-                return SubCallOutcome(error=f"not called: {reason}")
-            call_id = next(self._call_ids)
-            depth = self.settings.depth
-            child = kind == "rlm_query" and self.spawn_child is not None
-            served_by = self._sub_call_model(None if child else model)
-            self.emit(ev.SubCallStarted(depth, call_id, kind, served_by, len(prompt)))
-            if child:
-                return await self._child_call(call_id, prompt, calls)
-            try:
-                answer = await self.router.complete(
-                    prompt, model=model or None, depth=depth + 1, tracker=self.tracker
-                )
-            except LMError as exc:
-                self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, str(exc)))
-                return SubCallOutcome(error=str(exc))
-            calls.append(
-                RLMChatCompletion(
-                    answer.model,
-                    prompt,
-                    answer.text,
-                    UsageSummary({answer.model: answer.usage}),
-                    answer.duration,
-                )
-            )
-            self.emit(ev.SubCallFinished(depth, call_id, True, len(answer.text), answer.duration))
-            self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
-            return SubCallOutcome(text=answer.text)
-
-    def _sub_call_model(self, named: str | None) -> str:
-        """The model a sub-call goes to: the one the code named, else the router's for the
-        next depth (a child RLM's root model too); an unknown name as is (the call fails)."""
-        try:
-            return self.router.resolve(named or None, self.settings.depth + 1).model_name
-        except LMError:
-            return named or ""
-
-    async def _child_call(
-        self, call_id: int, prompt: str, calls: list[RLMChatCompletion]
-    ) -> SubCallOutcome:
-        """rlm_query: a child RLM with its own sandbox and loop answers."""
-        assert self.spawn_child is not None
-        depth = self.settings.depth
-        try:
-            with telemetry.tracer().start_as_current_span(
-                "rlm.rlm_query", attributes={"rlm.depth": depth, "rlm.prompt_chars": len(prompt)}
-            ):
-                child = await self.spawn_child(prompt, self.remaining_seconds())
-        except RLMError as exc:
-            error = f"child RLM failed: {type(exc).__name__}: {exc}"
-            self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, error))
-            return SubCallOutcome(error=error)
-        calls.append(child)
-        self.emit(
-            ev.SubCallFinished(depth, call_id, True, len(child.response), child.execution_time)
-        )
-        self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
-        return SubCallOutcome(text=child.response)
 
     async def _out_of_turns(self) -> str:
         """No final answer in max_iterations turns: one more call asks for one."""
