@@ -2,43 +2,69 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from rlm_orchestrator.cli_support import (
+    StartupStatus,
+    configuration_error,
+    read_context,
+    run_app,
+    show_version,
+    state,
+    stderr,
+)
+from rlm_orchestrator.config.backends import BACKENDS
+from rlm_orchestrator.config.limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITERATIONS
+from rlm_orchestrator.config.lm import BACKEND_NAMES
 from rlm_orchestrator.telemetry.trace_cli import trace_app
+from sandbox_agent.limits import DEFAULT_EXEC_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
     from rlm_orchestrator.config.run import RunSettings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+# No rich markup: help texts are shown as written ("[default ...]", "[run]" stay).
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
 app.add_typer(trace_app, name="trace", help="Read the local trace store (RLM_TRACE_STORE).")
-stderr = Console(stderr=True, highlight=False)
+# The server's default address (ServerSettings.listen; tests/test_cli_surface.py checks them
+# equal): service.settings imports the router, too slow to load for --help.
+# The server's default address (ServerSettings.listen; tests/test_cli_surface.py checks both
+# equal): service.settings imports the router, too slow a load for --help.
+DEFAULT_SERVER_LISTEN = "127.0.0.1:50051"
 
 
-def _read_context(source: str, context_format: str) -> Any:
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    if context_format == "json" or (context_format == "auto" and source.endswith(".json")):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise typer.BadParameter(f"{source} is not valid JSON: {exc}") from exc
-    return text
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=show_version, help="Print the version and exit."
+        ),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
+    ] = False,
+) -> None:
+    """Recursive Language Models: run one here, or serve them over gRPC."""
+    state.debug = debug
 
 
 # Flags that only `run` on this machine uses: the server's own config decides them.
 LOCAL_ONLY = {
     "backend": "--backend",
     "api_base": "--api-base",
+    "api_key": "--api-key",
     "environment": "--environment",
     "log_dir": "--log-dir",
     "config": "--config",
@@ -51,21 +77,47 @@ def run(
     context: Annotated[str, typer.Option("--context", "-c", help="Context file, or - for stdin.")],
     query: Annotated[str, typer.Option("--query", "-q", help="The question (root prompt).")],
     model: Annotated[
-        str | None, typer.Option(help="Root model name (a server's model with --server).")
+        str | None,
+        typer.Option(
+            help="Root model name (a server's model with --server).", show_default="gpt-4o-mini"
+        ),
     ] = None,
     sub_model: Annotated[
-        str | None, typer.Option(help="Model for llm_query (default: the root model).")
+        str | None,
+        typer.Option(help="Model for llm_query.", show_default="the root model"),
     ] = None,
     backend: Annotated[
-        str | None, typer.Option(help="openai, anthropic, gemini, azure_openai, litellm, ...")
+        str | None,
+        typer.Option(help=f"The LM provider: {', '.join(BACKEND_NAMES)}.", show_default="openai"),
     ] = None,
-    api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL.")] = None,
-    environment: Annotated[str | None, typer.Option(help="Sandbox backend.")] = None,
+    api_base: Annotated[
+        str | None, typer.Option(help="Base URL of an OpenAI-compatible server.")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The model's API key (or RLM_RUN_API_KEY; else the provider's variable: "
+            "OPENAI_API_KEY, ...). A server of --api-base that takes no key needs none."
+        ),
+    ] = None,
+    environment: Annotated[
+        str | None,
+        typer.Option(help=f"Sandbox backend: {', '.join(BACKENDS)}.", show_default="local"),
+    ] = None,
     exec_timeout: Annotated[
-        float | None, typer.Option(help="Seconds per code block [default 300].")
+        float | None,
+        typer.Option(
+            help="Seconds per code block.", show_default=f"{DEFAULT_EXEC_TIMEOUT_SECONDS:g}"
+        ),
     ] = None,
-    max_iterations: Annotated[int | None, typer.Option(help="[default 30]")] = None,
-    max_depth: Annotated[int | None, typer.Option(help="[default 1]")] = None,
+    max_iterations: Annotated[
+        int | None,
+        typer.Option(help="Turns of the root model.", show_default=str(DEFAULT_MAX_ITERATIONS)),
+    ] = None,
+    max_depth: Annotated[
+        int | None,
+        typer.Option(help="Depth of recursive calls.", show_default=str(DEFAULT_MAX_DEPTH)),
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Total seconds for the completion.")] = None,
     max_cost: Annotated[
         float | None, typer.Option(help="Stop when spend exceeds this (USD).")
@@ -73,7 +125,9 @@ def run(
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
     config: Annotated[
         Path | None,
-        typer.Option(help="Settings file: its [run] table [default ./rlm.toml; RLM_RUN_CONFIG]."),
+        typer.Option(
+            help="Settings file: its [run] table (or RLM_RUN_CONFIG).", show_default="./rlm.toml"
+        ),
     ] = None,
     server: Annotated[
         str | None, typer.Option(help="Run on an orchestrator server (HOST:PORT) instead.")
@@ -89,7 +143,8 @@ def run(
     ] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the whole result as JSON.")
+        bool,
+        typer.Option("--json", help="Print the result as JSON (without the context)."),
     ] = False,
 ) -> None:
     """Answer QUERY about the CONTEXT file with an RLM. API keys come from the environment
@@ -104,6 +159,7 @@ def run(
         "sub_model": sub_model,
         "backend": backend,
         "api_base": api_base,
+        "api_key": api_key,
         "environment": environment,
         "environment_kwargs": {"exec_timeout_seconds": exec_timeout},
         "max_iterations": max_iterations,
@@ -117,8 +173,8 @@ def run(
         _check_flags({**flags, "config": config}, server, tls_ca, token_flag)
         settings = load_run_settings(flags, config, read_sources=server is None)
     except ConfigurationError as exc:
-        _configuration_error(exc)
-    loaded = _read_context(context, context_format)
+        configuration_error(exc)
+    loaded = read_context(context, context_format)
     if server is not None:
         # Only what the user said: the server's own defaults (and models) apply otherwise.
         options = {
@@ -158,39 +214,8 @@ def _check_flags(
             raise ConfigurationError(f"{flag} means nothing without --server")
 
 
-def _configuration_error(exc: Exception) -> NoReturn:
-    """One line on stderr (as it is: no markup, no wrapping), and exit code 2."""
-    stderr.print("[bold red]configuration error:[/]", escape(str(exc)), soft_wrap=True)
-    raise typer.Exit(2) from None
-
-
-# Seconds of silence after which `run` says what it is waiting for.
-STATUS_AFTER_SECONDS = 0.5
-
-
-class _StartupStatus:
-    """One status line on stderr when the first event is more than STATUS_AFTER_SECONDS
-    away (imports, the sandbox's start, litellm's import): silence would look like a hang."""
-
-    def __init__(self, quiet: bool) -> None:
-        self._timer: threading.Timer | None = None
-        if not quiet:
-            self._timer = threading.Timer(STATUS_AFTER_SECONDS, self._say)
-            self._timer.daemon = True
-            self._timer.start()
-
-    @staticmethod
-    def _say() -> None:
-        stderr.print("[dim]starting: a sandbox, and the LM client...[/]")
-
-    def done(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
 def _run_local(settings: RunSettings, context: Any, query: str, quiet: bool, as_json: bool) -> None:
-    status = _StartupStatus(quiet)
+    status = StartupStatus(quiet)
     try:
         _run_local_rlm(settings, context, query, quiet, as_json, status)
     finally:
@@ -203,7 +228,7 @@ def _run_local_rlm(
     query: str,
     quiet: bool,
     as_json: bool,
-    status: _StartupStatus,
+    status: StartupStatus,
 ) -> None:
     from rlm_orchestrator import RLM, RLMError, RLMLogger
     from rlm_orchestrator.console import EventPrinter
@@ -219,6 +244,8 @@ def _run_local_rlm(
     lm_kwargs: dict[str, Any] = {"model_name": settings.model}
     if settings.api_base:
         lm_kwargs["api_base"] = settings.api_base
+    if settings.api_key:
+        lm_kwargs["api_key"] = settings.api_key
     if settings.transport != "auto":
         lm_kwargs["transport"] = settings.transport
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
@@ -244,7 +271,13 @@ def _run_local_rlm(
 
 
 def _print_result(result: Any, quiet: bool, as_json: bool) -> None:
-    print(json.dumps(result.to_dict(), indent=2) if as_json else result.response)
+    if as_json:
+        data = result.to_dict()
+        # The context is the user's own input: not echoed back (it may be megabytes).
+        data.pop("prompt", None)
+        print(json.dumps(data, indent=2))
+    else:
+        print(result.response)
     if not quiet:
         usage = result.usage_summary
         stderr.print(
@@ -289,7 +322,7 @@ def _run_remote(
 @app.command()
 def demo(
     size: Annotated[int, typer.Option(help="Context size in characters.")] = 1_500_000,
-    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
 ) -> None:
     """Offline end-to-end demo: a scripted model drives a real sandbox (see README)."""
     from rlm_orchestrator import RLM
@@ -319,7 +352,10 @@ def demo(
 
 @app.command()
 def serve(
-    listen: Annotated[str | None, typer.Option(help="HOST:PORT [default 127.0.0.1:50051].")] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT (or RLM_SERVER_LISTEN).", show_default=DEFAULT_SERVER_LISTEN),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML config file (or RLM_SERVER_CONFIG).")
     ] = None,
@@ -338,11 +374,11 @@ def serve(
     try:
         settings = load_server_settings(config, listen=listen)
     except (ConfigurationError, ValueError) as exc:
-        _configuration_error(exc)
+        configuration_error(exc)
     try:
         asyncio.run(run_server(settings))
     except ConfigurationError as exc:
-        _configuration_error(exc)
+        configuration_error(exc)
     # Every sandbox is released and the server stopped: skip the interpreter's teardown of
     # litellm's module graph (~1.2 s here), which would stretch the shutdown past its grace.
     from rlm_orchestrator import telemetry
@@ -354,35 +390,9 @@ def serve(
 
 
 def main() -> None:
-    """The console entry point. Once litellm is loaded, the interpreter's teardown of its module
-    graph takes a second or more after the answer is printed: the process ends without it, after
-    the exit handlers (trace export, ...). Every sandbox is released by then (the completion's
-    own cleanup), so nothing is left behind. Not in `app` itself: CliRunner tests call that."""
-    try:
-        app()
-        code: Any = 0
-    except SystemExit as exc:
-        code = exc.code
-    if "litellm" not in sys.modules:
-        sys.exit(code)
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    _exit_now(code)
-
-
-def _exit_now(code: int) -> NoReturn:
-    telemetry = sys.modules.get("rlm_orchestrator.telemetry")
-    if telemetry is not None:
-        telemetry.shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        # A closed pipe: nothing more can be said there.
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
+    """The console entry point (cli_support.run_app: one line per error, the fast exit). Not
+    in `app` itself: CliRunner tests call that."""
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -18,22 +18,11 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 
 from rlm_orchestrator import lm_http, lm_litellm, lm_prices, telemetry
+from rlm_orchestrator.config.lm import PROVIDER_PREFIX as _PROVIDER_PREFIX
 from rlm_orchestrator.config.lm import Transport, transport_of
 from rlm_orchestrator.exceptions import ConfigurationError, LMError
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
 
-# The original library's backend names, as litellm provider prefixes.
-_PROVIDER_PREFIX = {
-    "openai": "openai",
-    "anthropic": "anthropic",
-    "gemini": "gemini",
-    "azure_openai": "azure",
-    "portkey": "openai",
-    "openrouter": "openrouter",
-    "vllm": "hosted_vllm",
-    "vercel": "vercel_ai_gateway",
-    "litellm": "",
-}
 _PORTKEY_BASE = "https://api.portkey.ai/v1"
 # Keys of backend_kwargs that are ours; every other key is passed on to litellm as is.
 _OWN_KEYS = {

@@ -14,6 +14,29 @@ from pydantic import TypeAdapter, ValidationError
 
 from rlm_orchestrator.exceptions import ConfigurationError
 
+# The original library's backend names (RLM's `backend`, run's --backend), as litellm
+# provider prefixes.
+PROVIDER_PREFIX = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gemini",
+    "azure_openai": "azure",
+    "portkey": "openai",
+    "openrouter": "openrouter",
+    "vllm": "hosted_vllm",
+    "vercel": "vercel_ai_gateway",
+    "litellm": "",
+}
+BACKEND_NAMES = tuple(sorted(PROVIDER_PREFIX))
+
+
+def check_backend(name: str) -> str:
+    """A backend name RLM knows, or a ValueError that lists them (a validator's refusal)."""
+    if name not in PROVIDER_PREFIX:
+        raise ValueError(f"unknown backend (one of: {', '.join(BACKEND_NAMES)})")
+    return name
+
+
 Transport = Literal["auto", "litellm", "http"]
 TRANSPORTS: tuple[Transport, ...] = ("auto", "litellm", "http")
 _ADAPTER: TypeAdapter[Transport] = TypeAdapter(Transport)

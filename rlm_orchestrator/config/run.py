@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import PrivateAttr
+from pydantic import AfterValidator, Field, PrivateAttr
 from pydantic_settings import SettingsConfigDict
 
 from rlm_orchestrator.config import limits
-from rlm_orchestrator.config.lm import Transport
+from rlm_orchestrator.config.lm import Transport, check_backend
 from rlm_orchestrator.config.loading import (
     Layer,
     env_layer,
@@ -41,6 +41,7 @@ FLAGS = {
     "sub_model": "--sub-model",
     "backend": "--backend",
     "api_base": "--api-base",
+    "api_key": "--api-key",
     "environment": "--environment",
     "environment_kwargs.exec_timeout_seconds": "--exec-timeout",
     "max_iterations": "--max-iterations",
@@ -59,10 +60,13 @@ class RunSettings(SandboxSettings):
         env_prefix="RLM_RUN_", env_nested_delimiter="__", extra="forbid"
     )
 
-    backend: str = "openai"
+    backend: Annotated[str, AfterValidator(check_backend)] = "openai"
     model: str = "gpt-4o-mini"
     sub_model: str | None = None
     api_base: str | None = None
+    # The model's key (for an OpenAI-compatible server: none needed). Else the provider's
+    # variable (OPENAI_API_KEY, ...). A flag or RLM_RUN_API_KEY; better not in a file.
+    api_key: str | None = Field(default=None, repr=False)
     # How the models are reached (config/lm.py): "litellm" forces litellm.
     transport: Transport = "auto"
     max_iterations: limits.MaxIterations = limits.DEFAULT_MAX_ITERATIONS

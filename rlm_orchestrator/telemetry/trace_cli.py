@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 # The store and the renderers (opentelemetry's SDK, rich's tables) are imported by the
 # commands that use them: `rlm-orchestrator run` registers these commands and never needs them.
 
-trace_app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+trace_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None
+)
 
 StoreOption = Annotated[
     Path | None,

@@ -1,0 +1,154 @@
+"""What the CLI's commands share: reading the context file, one-line refusals, the version and
+`--debug`, and the entry point that turns any error into one line on stderr.
+
+Exit codes: 2 for a usage or configuration error (a bad flag, file or setting), 1 for a failure
+at run time (the LM, the sandbox, a limit), 130 for Ctrl-C. A traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+stderr = Console(stderr=True, highlight=False)
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+
+class _State:
+    debug = False
+
+
+state = _State()
+
+
+def usage_error(message: str, kind: str = "error") -> NoReturn:
+    """One line on stderr (as it is: no markup, no wrapping), and exit code 2."""
+    stderr.print(f"[bold red]{kind}:[/]", escape(message), soft_wrap=True)
+    raise typer.Exit(USAGE_ERROR) from None
+
+
+def configuration_error(exc: Exception) -> NoReturn:
+    usage_error(str(exc), "configuration error")
+
+
+def read_context(source: str, context_format: str) -> Any:
+    """The context as text (or JSON): a file that cannot be read as text is a usage error."""
+    text = sys.stdin.read() if source == "-" else _read_text(Path(source))
+    if context_format == "json" or (context_format == "auto" and source.endswith(".json")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            usage_error(f"--context {source}: not valid JSON: {exc}")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    why: str
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        why = "no such file"
+    except IsADirectoryError:
+        why = "a directory, not a file"
+    except PermissionError:
+        why = "not readable (permission denied)"
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 text (byte {exc.start}); pass text, or JSON with --context-format json"
+    except OSError as exc:
+        why = f"cannot be read: {exc.strerror or exc}"
+    usage_error(f"--context {path}: {why}")
+
+
+# Seconds of silence after which `run` says what it is waiting for.
+STATUS_AFTER_SECONDS = 0.5
+
+
+class StartupStatus:
+    """One status line on stderr when the first event is more than STATUS_AFTER_SECONDS
+    away (imports, the sandbox's start, litellm's import): silence would look like a hang."""
+
+    def __init__(self, quiet: bool) -> None:
+        self._timer: threading.Timer | None = None
+        if not quiet:
+            self._timer = threading.Timer(STATUS_AFTER_SECONDS, self._say)
+            self._timer.daemon = True
+            self._timer.start()
+
+    @staticmethod
+    def _say() -> None:
+        stderr.print("[dim]starting: a sandbox, and the LM client...[/]")
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def version() -> str:
+    from rlm_orchestrator import __version__
+
+    return __version__
+
+
+def show_version(value: bool) -> None:
+    """An eager option's callback: `--version` prints it and exits at once."""
+    if value:
+        print(f"rlm-orchestrator {version()}")
+        raise typer.Exit()
+
+
+def run_app(app: typer.Typer) -> NoReturn:
+    """Run `app` as the console entry point: any error is one line (a traceback with --debug).
+
+    Once litellm is loaded, the interpreter's teardown of its module graph takes a second or
+    more after the answer is printed: the process ends without it, after the exit handlers
+    (trace export, ...). Every sandbox is released by then (the completion's own cleanup)."""
+    code: Any = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt:
+        stderr.print("[bold red]interrupted[/]")
+        code = INTERRUPTED
+    except Exception as exc:
+        if state.debug:
+            raise
+        message = " ".join(str(exc).split()) or "(no message)"
+        stderr.print(
+            f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(message)} "
+            "[dim](--debug shows the traceback)[/]",
+            soft_wrap=True,
+        )
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    if "litellm" not in sys.modules:
+        sys.exit(code)
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    telemetry = sys.modules.get("rlm_orchestrator.telemetry")
+    if telemetry is not None:
+        telemetry.shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed pipe: nothing more can be said there.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
