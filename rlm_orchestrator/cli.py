@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from rlm_orchestrator.cli_support import (
     StartupStatus,
     configuration_error,
+    fail,
+    print_result,
     read_context,
     run_app,
     show_version,
@@ -266,32 +268,8 @@ def _run_local_rlm(
         )
         result = rlm.completion(context, root_prompt=query)
     except RLMError as exc:
-        raise _fail(exc) from exc
-    _print_result(result, quiet, as_json)
-
-
-def _print_result(result: Any, quiet: bool, as_json: bool) -> None:
-    if as_json:
-        data = result.to_dict()
-        # The context is the user's own input: not echoed back (it may be megabytes).
-        data.pop("prompt", None)
-        print(json.dumps(data, indent=2))
-    else:
-        print(result.response)
-    if not quiet:
-        usage = result.usage_summary
-        stderr.print(
-            f"[dim]{usage.total_calls} LM calls, ${usage.total_cost:.4f}, "
-            f"{result.execution_time:.1f}s[/]"
-        )
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-    partial = getattr(exc, "partial_answer", None)
-    if partial:
-        stderr.print(f"[yellow]partial answer:[/] {partial}")
-    return typer.Exit(1)
+        raise fail(exc) from exc
+    print_result(result, quiet, as_json)
 
 
 def _run_remote(
@@ -315,8 +293,8 @@ def _run_remote(
                 context, query, on_event=None if quiet else EventPrinter(stderr), **chosen
             )
         except RLMError as exc:
-            raise _fail(exc) from exc
-    _print_result(result, quiet, as_json)
+            raise fail(exc) from exc
+    print_result(result, quiet, as_json)
 
 
 @app.command()
@@ -365,6 +343,7 @@ def serve(
     import logging
 
     from rlm_orchestrator.exceptions import ConfigurationError
+    from rlm_orchestrator.service.listen import AddressInUseError
     from rlm_orchestrator.service.server import serve as run_server
     from rlm_orchestrator.service.settings import load_server_settings
 
@@ -379,6 +358,9 @@ def serve(
         asyncio.run(run_server(settings))
     except ConfigurationError as exc:
         configuration_error(exc)
+    except AddressInUseError as exc:
+        stderr.print("[bold red]error:[/]", escape(exc.strerror or str(exc)), soft_wrap=True)
+        raise typer.Exit(1) from None
     # Every sandbox is released and the server stopped: skip the interpreter's teardown of
     # litellm's module graph (~1.2 s here), which would stretch the shutdown past its grace.
     from rlm_orchestrator import telemetry

@@ -95,6 +95,30 @@ class StartupStatus:
             self._timer = None
 
 
+def print_result(result: Any, quiet: bool, as_json: bool) -> None:
+    if as_json:
+        data = result.to_dict()
+        # The context is the user's own input: not echoed back (it may be megabytes).
+        data.pop("prompt", None)
+        print(json.dumps(data, indent=2))
+    else:
+        print(result.response)
+    if not quiet:
+        usage = result.usage_summary
+        stderr.print(
+            f"[dim]{usage.total_calls} LM calls, ${usage.total_cost:.4f}, "
+            f"{result.execution_time:.1f}s[/]"
+        )
+
+
+def fail(exc: Exception) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+    partial = getattr(exc, "partial_answer", None)
+    if partial:
+        stderr.print(f"[yellow]partial answer:[/] {partial}")
+    return typer.Exit(1)
+
+
 def version() -> str:
     from rlm_orchestrator import __version__
 

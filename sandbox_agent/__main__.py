@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sandbox_agent import TOKEN_ENV
+from sandbox_agent import TOKEN_ENV, __version__
 from sandbox_agent.executor import ExecutorConfig, WorkerError
 from sandbox_agent.limits import (
     DEFAULT_MAX_OUTPUT_CHARS,
@@ -24,13 +24,25 @@ from sandbox_agent.server import AgentConfig, run_until_signalled
 from sandbox_agent.template_client import TemplateClient
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, where it has one (not "None" for an unset one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(
     argv: list[str] | None = None, worker_template: TemplateClient | None = None
 ) -> tuple[AgentConfig, Path | None]:
     """The agent's config, and the temp dir it made for itself (removed at exit), if any."""
     parser = argparse.ArgumentParser(
-        prog="rlm-sandbox-agent", description="Serve one RLM sandbox over gRPC."
+        prog="rlm-sandbox-agent",
+        description="Serve one RLM sandbox over gRPC.",
+        formatter_class=_ShowDefaults,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--listen", required=True, help="unix:/path/to/agent.sock, or HOST:PORT (port 0 = any)"
     )
@@ -70,7 +82,7 @@ def parse_args(
     parser.add_argument(
         "--socket-mode",
         type=lambda text: int(text, 8),
-        default=0o666,
+        default="666",  # a string: argparse parses it (as octal), and --help shows it so
         help="permissions of the unix socket (octal): 666 where the directory keeps others out "
         "(a container's), 600 for an agent of the orchestrator's own user",
     )

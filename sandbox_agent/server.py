@@ -28,6 +28,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # The orchestrator pings every 20 s on long executions; allow it (and no more often than 10 s),
 # or the server answers GOAWAY too_many_pings and the stream dies.
 SERVER_OPTIONS = [
+    # No SO_REUSEPORT (gRPC's default): a port in use is refused, not shared with its owner.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),

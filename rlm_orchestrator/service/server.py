@@ -32,6 +32,7 @@ from rlm_orchestrator.sandbox import (
     create_provider,
 )
 from rlm_orchestrator.sandbox.limits import SandboxPool
+from rlm_orchestrator.service.listen import bind, check_port_free
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.settings import ServerSettings
@@ -48,6 +49,9 @@ LM_ROUTER = lm_router_pb2.DESCRIPTOR.services_by_name["LMRouter"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SESSION_REAP_INTERVAL = 30.0
 SERVER_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: a second server on a port in use would bind it too and
+    # take half the calls. Off, binding a used port fails ("address already in use").
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Completions stream for minutes with long silences: ping idle clients to notice dead
@@ -156,6 +160,7 @@ class OrchestratorServer:
         # Refusals first (no authentication beyond loopback, unisolated sandboxes): they come
         # before seconds of imports.
         check_authentication(self.settings)
+        check_port_free(self.settings.listen)
         self._provider = await _sandbox_provider(self.settings)
         router = self._router = build_router(self.settings)
         await router.prepare()
@@ -190,9 +195,9 @@ class OrchestratorServer:
         tls = self.settings.tls
         if tls is not None:
             credentials = server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
-            self.port = server.add_secure_port(self.settings.listen, credentials)
+            self.port = bind(server, self.settings.listen, credentials)
         else:
-            self.port = server.add_insecure_port(self.settings.listen)
+            self.port = bind(server, self.settings.listen)
         await server.start()
         self._server = server
         for name in ("", ORCHESTRATOR, LM_ROUTER):
