@@ -195,6 +195,10 @@ class Timeout(HTTPLMError): ...
 class APIError(HTTPLMError): ...
 
 
+class APIConnectionError(HTTPLMError):
+    """The server could not be reached: no HTTP status at all (retried, as litellm's is)."""
+
+
 _BY_STATUS: dict[int, type[HTTPLMError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -303,14 +307,31 @@ async def post(
             f"{tag}Exception - Request timed out. timeout value={endpoint.timeout}", 408
         ) from None
     except aiohttp.ClientError as exc:
-        # What litellm says when the endpoint cannot be reached.
-        raise InternalServerError(f"{tag}Exception - Connection error. ({exc})", 500) from exc
+        # No status: the server was never reached (not "HTTP 500"); the URL says which.
+        raise APIConnectionError(
+            f"{tag}Exception - cannot connect to {endpoint.url} ({exc})", None
+        ) from exc
     if status != 200:
         raise _error(endpoint, status, raw)
+    # HTTP 200 with a body that is no chat completion: the server's fault, not a status.
     try:
         reply = json.loads(raw)
     except ValueError:
-        raise APIError(f"{tag}Exception - the reply is not JSON: {raw[:200]!r}", 500) from None
+        raise _not_a_completion(endpoint, f"the reply is not JSON: {raw[:200]!r}") from None
     if not isinstance(reply, dict):
-        raise APIError(f"{tag}Exception - the reply is not a JSON object", 500)
+        raise _not_a_completion(endpoint, "the reply is not a JSON object")
+    try:
+        message = reply["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        message = None
+    if not isinstance(message, dict):
+        raise _not_a_completion(endpoint, f"the reply has no choices[0].message: {raw[:200]!r}")
     return reply
+
+
+def _not_a_completion(endpoint: Endpoint, why: str) -> APIError:
+    return APIError(
+        f"{_TAGS[endpoint.provider]}Exception - {endpoint.url} answered HTTP 200, "
+        f"but not with a chat completion: {why}",
+        None,
+    )

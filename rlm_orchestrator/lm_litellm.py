@@ -58,12 +58,29 @@ async def loaded() -> Any:
     return future.result() if future.done() else await asyncio.wrap_future(future)
 
 
+# The key sent to an OpenAI-compatible server of its own api_base when none is configured:
+# litellm's OpenAI client refuses to call without one ("Missing credentials").
+NO_KEY = "no-key"
+_KEYED = {"openai": ("OPENAI_API_KEY",), "hosted_vllm": ("HOSTED_VLLM_API_KEY",)}
+
+
+def api_key(config: LMClientConfig) -> str | None:
+    """The config's key; for an OpenAI-compatible api_base with no key anywhere, NO_KEY."""
+    if config.api_key or not config.api_base:
+        return config.api_key
+    provider = config.litellm_model.partition("/")[0]
+    variables = _KEYED.get(provider)
+    if variables is None or any(os.environ.get(name) for name in variables):
+        return None  # litellm reads the variable as usual
+    return NO_KEY
+
+
 async def call(litellm: Any, config: LMClientConfig, messages: list[dict[str, Any]]) -> Any:
     return await litellm.acompletion(
         model=config.litellm_model,
         messages=messages,
         api_base=config.api_base,
-        api_key=config.api_key,
+        api_key=api_key(config),
         # Retries are the router's: no hidden second layer in the SDK.
         max_retries=0,
         num_retries=0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -128,6 +129,26 @@ class LMAnswer:
 def _status_of(exc: BaseException) -> int | None:
     status = getattr(exc, "status_code", None)
     return status if isinstance(status, int) else None
+
+
+# Causes (by class name, anywhere in an exception's chain) that mean no HTTP status applies:
+# litellm reports both as status 500.
+_UNREACHED = {"APIConnectionError", "ClientConnectorError", "ConnectError", "ConnectionError"}
+
+
+def _no_status(exc: BaseException) -> str | None:
+    """Why `exc` has no real HTTP status: "unreached" (the server was never reached), or
+    "garbled" (it answered, with something that is no chat completion); None: it has one."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if type(seen).__name__ in _UNREACHED or isinstance(seen, ConnectionError):
+            return "unreached"
+        if isinstance(seen, json.JSONDecodeError) or "response with no 'choices'" in str(seen):
+            return "garbled"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -318,8 +339,15 @@ class LMRouter:
                             raise
                     await asyncio.sleep(_retry_wait(config, attempt))
         except Exception as exc:
-            status = _status_of(exc)
+            # litellm gives a connection failure status 500: the server answered nothing.
+            # litellm says "500" for a server never reached or answering garbage: not so here.
+            why = _no_status(exc)
+            status = None if why else _status_of(exc)
             http = f" (HTTP {status})" if status else ""
+            if why == "unreached" and endpoint is None:
+                http += f" (cannot reach {config.api_base or 'its provider'})"
+            elif why == "garbled" and endpoint is None:
+                http += " (the reply is no chat completion)"
             raise LMError(
                 f"LM call to {config.model_name!r} failed{http} after {attempt} attempt(s): "
                 f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}",
