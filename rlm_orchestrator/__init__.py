@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# One version for the distribution, written in the agent's package (the lowest layer).
+from sandbox_agent import __version__
+
 if TYPE_CHECKING:
     from rlm_orchestrator.exceptions import (
         AnswerTooLargeError,
@@ -33,8 +36,6 @@ if TYPE_CHECKING:
         RLMMetadata,
         UsageSummary,
     )
-
-__version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {

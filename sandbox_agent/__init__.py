@@ -3,6 +3,7 @@
 Kept free of heavy imports on purpose: the worker process imports this package too.
 """
 
+# The version of the whole distribution (pyproject.toml reads it here; CHANGELOG.md).
 __version__ = "0.1.0"
 
 # The environment variable that holds the bearer token callers must send (the agent reads it

@@ -53,6 +53,32 @@ def test_the_wheel_ships_the_product_and_no_fakes(wheel: Path) -> None:
     assert [n for n in names if FAKE.search(n)] == []
     assert "rlm_orchestrator/testing/scripted_lm.py" in names
     assert "sandbox_agent/__main__.py" in names
+    # Typed packages (PEP 561): each ships its marker.
+    for package in ("rlm_orchestrator", "rlm_wire", "sandbox_agent"):
+        assert f"{package}/py.typed" in names, package
+
+
+def test_the_version_is_written_once(wheel: Path) -> None:
+    """The wheel's metadata, both CLIs' --version and the packages' __version__ agree: one
+    source (sandbox_agent/__init__.py), read by pyproject.toml."""
+    import rlm_orchestrator
+    import sandbox_agent
+
+    metadata = next(
+        zipfile.ZipFile(wheel).read(n).decode()
+        for n in zipfile.ZipFile(wheel).namelist()
+        if n.endswith(".dist-info/METADATA")
+    )
+    version = sandbox_agent.__version__
+    assert f"\nVersion: {version}\n" in metadata
+    assert rlm_orchestrator.__version__ == version
+    assert not re.search(r"(?m)^version\s*=", (REPO / "pyproject.toml").read_text())
+    for command in (["-m", "rlm_orchestrator"], ["-m", "sandbox_agent"]):
+        shown = subprocess.run(
+            [sys.executable, *command, "--version"], capture_output=True, text=True, timeout=60
+        )
+        assert shown.returncode == 0 and shown.stdout.split()[-1] == version, shown
+    assert f"## {version}" in (REPO / "CHANGELOG.md").read_text()
 
 
 @pytest.mark.slow
