@@ -144,7 +144,6 @@ def run_app(app: typer.Typer) -> NoReturn:
     except SystemExit as exc:
         code = exc.code
     except KeyboardInterrupt:
-        stderr.print("[bold red]interrupted[/]")
         code = INTERRUPTED
     except Exception as exc:
         if state.debug:
@@ -161,6 +160,12 @@ def run_app(app: typer.Typer) -> NoReturn:
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    if code == INTERRUPTED:
+        # typer turns Ctrl-C into exit code 130, silently. The interpreter's teardown would
+        # then collect what the interrupted calls left (gRPC tasks, coroutines) with a
+        # warning each: skipped, after the exit handlers (the sandbox's release among them).
+        stderr.print("[bold red]interrupted[/]")
+        exit_now(code)
     if "litellm" not in sys.modules:
         sys.exit(code)
     exit_now(code)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 
 from rlm_orchestrator.cli import DEFAULT_SERVER_LISTEN, app
 from rlm_orchestrator.config.run import RunSettings
-from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
+from rlm_orchestrator.testing.scripted_lm import Rule, ScriptedLMServer
 
 CLI = [sys.executable, "-m", "rlm_orchestrator"]
 NOBODY = 65534
@@ -308,3 +309,27 @@ def test_an_openai_compatible_server_needs_no_key_through_litellm(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "no key needed\n"
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(lm: ScriptedLMServer, context: Path) -> None:
+    """SIGINT while the root model is thinking: exit 130, "interrupted", no traceback and no
+    warning of the interpreter's teardown ("coroutine ... was never awaited", "Task was
+    destroyed"); the sandbox is gone (the fixtures check for leaked agent processes)."""
+    lm.set_sequence("slow", [Rule("FINAL(too late)", delay_seconds=5)])
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY}
+    args = ["run", "-c", str(context), "-q", "?", "--model", "slow", "--api-base", lm.base_url]
+    with subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # until the first turn has started
+            seen.append(line)
+            if "turn 1" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        out, rest = process.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert process.returncode == 130, stderr
+    assert rest.strip() == "interrupted", stderr
+    assert out == ""
