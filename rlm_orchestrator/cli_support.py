@@ -112,10 +112,15 @@ def print_result(result: Any, quiet: bool, as_json: bool) -> None:
 
 
 def fail(exc: Exception) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+    """A failure at run time: one line (as it is: no markup, no wrapping), and exit code 1;
+    the partial answer, if any, on the next."""
+    message = " ".join(str(exc).split())
+    stderr.print(
+        f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(message)}", soft_wrap=True
+    )
     partial = getattr(exc, "partial_answer", None)
     if partial:
-        stderr.print(f"[yellow]partial answer:[/] {partial}")
+        stderr.print(f"[yellow]partial answer:[/] {escape(str(partial))}", soft_wrap=True)
     return typer.Exit(1)
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,19 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(
     one_line(cli(*args), 1, "error:", "--debug")
     debug = cli("--debug", *args)
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
+
+
+def test_failures_at_run_time_are_one_line(context: Path) -> None:
+    """Exit code 1: an LM server that cannot be reached (named by its URL), an orchestrator
+    server that cannot be reached."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}/v1"
+    args = ["run", "-c", str(context), "-q", "?", "--quiet"]
+    line = one_line(cli(*args, "--api-base", base), 1, "LMError", base)
+    assert "HTTP 500" not in line
+    one_line(cli(*args, "--server", f"127.0.0.1:{port}"), 1, f"127.0.0.1:{port}")
 
 
 # -- serve ----------------------------------------------------------------------------------------
