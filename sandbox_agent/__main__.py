@@ -20,7 +20,7 @@ from sandbox_agent.limits import (
     DEFAULT_TMP_SIZE_MB,
     NOBODY_UID,
 )
-from sandbox_agent.server import AgentConfig, run_until_signalled
+from sandbox_agent.server import AgentConfig, ListenError, run_until_signalled
 from sandbox_agent.template_client import TemplateClient
 
 
@@ -234,7 +234,7 @@ def main(
         if config.token:
             _hide_environment()
         asyncio.run(_serve(config, parent_pidfd))
-    except WorkerError as exc:
+    except (WorkerError, ListenError) as exc:
         # Its worker said why on stderr (the log): one line more, no traceback to bury it.
         sys.exit(f"the sandbox agent could not start: {exc}")
     finally:

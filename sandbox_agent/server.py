@@ -25,8 +25,14 @@ log = logging.getLogger("sandbox_agent")
 
 SERVICE_NAME = sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 # The orchestrator pings every 20 s on long executions; allow it (and no more often than 10 s),
 # or the server answers GOAWAY too_many_pings and the stream dies.
+class ListenError(OSError):
+    """The agent's address cannot be bound (in use: no SO_REUSEPORT, see SERVER_OPTIONS)."""
+
+
 SERVER_OPTIONS = [
     # No SO_REUSEPORT (gRPC's default): a port in use is refused, not shared with its owner.
     ("grpc.so_reuseport", 0),
@@ -95,13 +101,18 @@ class Agent:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
             )
-        if self.config.tls_cert and self.config.tls_key:
-            credentials = server_credentials(self.config.tls_cert, self.config.tls_key)
-            self.port = self.server.add_secure_port(self.config.listen, credentials)
-        else:
-            self.port = self.server.add_insecure_port(self.config.listen)
+        try:
+            if self.config.tls_cert and self.config.tls_key:
+                credentials = server_credentials(self.config.tls_cert, self.config.tls_key)
+                self.port = self.server.add_secure_port(self.config.listen, credentials)
+            else:
+                self.port = self.server.add_insecure_port(self.config.listen)
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            raise ListenError(
+                f"could not listen on {self.config.listen}: address in use, or not this host's"
+            ) from None
         if self.port == 0 and not self.config.listen.startswith("unix:"):
-            raise OSError(f"could not listen on {self.config.listen}")
+            raise ListenError(f"could not listen on {self.config.listen}: address already in use")
         if self.config.health_listen:
             # No interceptor: health carries no secrets, and the kubelet sends no token.
             self.health_server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -202,6 +202,28 @@ def test_serve_refuses_a_port_in_use(orchestrator_server: ServerProcess) -> None
     assert orchestrator_server.process.poll() is None  # the first one still serves
 
 
+def test_the_agent_refuses_a_port_in_use() -> None:
+    agent = [sys.executable, "-m", "sandbox_agent"]
+    with subprocess.Popen(
+        [*agent, "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True
+    ) as first:
+        assert first.stdout is not None
+        port = first.stdout.readline().split()[-1]  # LISTENING port N
+        try:
+            second = subprocess.run(
+                [*agent, "--listen", f"127.0.0.1:{port}"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert first.poll() is None  # the first one still serves
+        finally:
+            first.send_signal(signal.SIGTERM)
+            first.communicate(timeout=60)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"could not listen on 127.0.0.1:{port}" in second.stderr.splitlines()[-1]
+
+
 # -- help and version -----------------------------------------------------------------------------
 
 
