@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from rlm_orchestrator.cli_support import (
+    DebugOption,
     StartupStatus,
     configuration_error,
     fail,
@@ -148,6 +149,7 @@ def run(
         bool,
         typer.Option("--json", help="Print the result as JSON (without the context)."),
     ] = False,
+    debug: DebugOption = False,
 ) -> None:
     """Answer QUERY about the CONTEXT file with an RLM. API keys come from the environment
     (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...) and never reach the sandbox. Settings not given
@@ -337,6 +339,7 @@ def serve(
     config: Annotated[
         Path | None, typer.Option(help="TOML config file (or RLM_SERVER_CONFIG).")
     ] = None,
+    debug: DebugOption = False,
 ) -> None:
     """Serve the Orchestrator and LMRouter gRPC services until SIGTERM / SIGINT."""
     import asyncio

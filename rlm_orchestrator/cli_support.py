@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -30,6 +30,23 @@ class _State:
 
 
 state = _State()
+
+
+def _set_debug(value: bool) -> None:
+    if value:
+        state.debug = True
+
+
+# `--debug` after a command too (`run ... --debug`), as well as before it.
+DebugOption = Annotated[
+    bool,
+    typer.Option(
+        "--debug",
+        callback=_set_debug,
+        expose_value=False,
+        help="Show the traceback of an unexpected error.",
+    ),
+]
 
 
 def usage_error(message: str, kind: str = "error") -> NoReturn:

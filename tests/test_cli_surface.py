@@ -167,6 +167,12 @@ def test_an_unknown_backend_or_environment_before_any_slow_import(
     assert [m for m in modules if m.split(".")[0] in SLOW_IMPORTS or m in SLOW_IMPORTS] == []
 
 
+@pytest.mark.parametrize("server", [[], ["--server", "127.0.0.1:9"]])
+def test_a_negative_timeout(context: Path, server: list[str]) -> None:
+    done = cli("run", "-c", str(context), "-q", "?", "--timeout", "-1", *server)
+    one_line(done, 2, "--timeout", "greater than 0")
+
+
 def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(
     tmp_path: Path, context: Path
 ) -> None:
@@ -175,8 +181,8 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(
     log_dir.write_text("")
     args = ["run", "-c", str(context), "-q", "?", "--log-dir", str(log_dir), "--quiet"]
     one_line(cli(*args), 1, "error:", "--debug")
-    debug = cli("--debug", *args)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
+    for debug in (cli("--debug", *args), cli(*args, "--debug")):  # before or after `run`
+        assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
 
 
 def test_failures_at_run_time_are_one_line(context: Path) -> None:
