@@ -162,21 +162,23 @@ def run_app(app: typer.Typer) -> NoReturn:
     (trace export, ...). Every sandbox is released by then (the completion's own cleanup)."""
     code: Any = 0
     try:
-        app()
+        # Not standalone: click's usage errors come here, to be said in one line.
+        code = app(standalone_mode=False)
+        code = code if isinstance(code, int) else 0
     except SystemExit as exc:
         code = exc.code
     except KeyboardInterrupt:
         code = INTERRUPTED
-    except Exception as exc:
-        if state.debug:
-            raise
-        message = " ".join(str(exc).split()) or "(no message)"
-        stderr.print(
-            f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(message)} "
-            "[dim](--debug shows the traceback)[/]",
-            soft_wrap=True,
-        )
+    except typer.Abort:
+        stderr.print("[bold red]aborted[/]")
         code = 1
+    except Exception as exc:
+        if _is_click_error(exc):
+            code = _usage_error(exc)
+        elif state.debug:
+            raise
+        else:
+            code = _unexpected(exc)
     if code is None:
         code = 0
     elif not isinstance(code, int):
@@ -191,6 +193,34 @@ def run_app(app: typer.Typer) -> NoReturn:
     if "litellm" not in sys.modules:
         sys.exit(code)
     exit_now(code)
+
+
+def _unexpected(exc: Exception) -> int:
+    message = " ".join(str(exc).split()) or "(no message)"
+    stderr.print(
+        f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(message)} "
+        "[dim](--debug shows the traceback)[/]",
+        soft_wrap=True,
+    )
+    return 1
+
+
+def _is_click_error(exc: Exception) -> bool:
+    # typer carries its own copy of click: its exceptions are known by their attributes.
+    return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def _usage_error(exc: Any) -> int:
+    """A click error (a usage error: an unknown option, a bad value...) as one line; the help
+    when the command was given no arguments."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()
+        return int(exc.exit_code)
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())
+    stderr.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", soft_wrap=True)
+    return int(exc.exit_code)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -167,6 +167,19 @@ def test_an_unknown_backend_or_environment_before_any_slow_import(
     assert [m for m in modules if m.split(".")[0] in SLOW_IMPORTS or m in SLOW_IMPORTS] == []
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--max-iterations", "abc"], "'--max-iterations'"),
+        (["--max-iteratons", "3"], "--max-iteratons"),
+        (["--query"], "--query"),
+    ],
+)
+def test_click_usage_errors_are_one_line_too(context: Path, args: list[str], named: str) -> None:
+    done = cli("run", "-c", str(context), *(["-q", "?"] if args[0] != "--query" else []), *args)
+    one_line(done, 2, named)
+
+
 @pytest.mark.parametrize("server", [[], ["--server", "127.0.0.1:9"]])
 def test_a_negative_timeout(context: Path, server: list[str]) -> None:
     done = cli("run", "-c", str(context), "-q", "?", "--timeout", "-1", *server)
