@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 if TYPE_CHECKING:
     from rlm_orchestrator.telemetry.store import TraceStore
@@ -33,7 +34,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout."
 
 def _fail(message: str) -> NoReturn:
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[red]error:[/red] {message}", markup=True
+        f"[red]error:[/red] {escape(message)}", markup=True
     )
     raise typer.Exit(1)
 
