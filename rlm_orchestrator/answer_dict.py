@@ -14,14 +14,8 @@ dict with a true `ready` is the answer (upstream checks the same after each cell
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 from rlm_orchestrator.sandbox import AgentClient, ExecutionReport, SubCallOutcome
-
-AnswerConvention = Literal["final", "answer_dict"]
-ANSWER_CONVENTIONS: tuple[AnswerConvention, ...] = ("final", "answer_dict")
-FINAL: AnswerConvention = "final"
-ANSWER_DICT: AnswerConvention = "answer_dict"
 
 # The class's name starts with "_": SHOW_VARS and the variable listings leave it out.
 _TYPE_NAME = "_AnswerDict"

@@ -126,6 +126,14 @@ def run(
         float | None, typer.Option(help="Stop when spend exceeds this (USD).")
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
+    answer_convention: Annotated[
+        str | None,
+        typer.Option(
+            help="How the model answers: final (FINAL / FINAL_VAR) or answer_dict "
+            '(answer = {"content": ..., "ready": True}).',
+            show_default="final",
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -171,6 +179,7 @@ def run(
         "timeout_seconds": timeout,
         "max_cost": max_cost,
         "log_dir": log_dir,
+        "answer_convention": answer_convention,
     }
     try:
         token_flag = getattr(ctx.get_parameter_source("token"), "name", "") == "COMMANDLINE"
@@ -189,6 +198,7 @@ def run(
             "exec_timeout_seconds": exec_timeout,
             "timeout_seconds": timeout,
             "max_cost": max_cost,
+            "answer_convention": answer_convention,
         }
         _run_remote(server, token, tls_ca, loaded, query, options, quiet, as_json)
         return
@@ -266,6 +276,7 @@ def _run_local_rlm(
             logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
             max_cost=settings.max_cost,
             timeout_seconds=settings.timeout_seconds,
+            answer_convention=settings.answer_convention,
             on_event=on_event,
         )
         result = rlm.completion(context, root_prompt=query)

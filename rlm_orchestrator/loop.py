@@ -17,6 +17,7 @@ from opentelemetry.trace import Status, StatusCode
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.answers import AnswerRead, read_answer
+from rlm_orchestrator.config.answer import FINAL, AnswerConvention
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
     DEFAULT_MAX_DEPTH,
@@ -88,12 +89,12 @@ class LoopSettings:
     # a longer one is refused (the model is told, and can shorten it), never cut.
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
     # How the model gives its answer: FINAL/FINAL_VAR, or upstream's `answer` dict.
-    answer_convention: answer_dict.AnswerConvention = answer_dict.FINAL
+    answer_convention: AnswerConvention = FINAL
 
     @property
     def final_in_text(self) -> bool:
         """Whether FINAL(...) / FINAL_VAR(...) in a response are answers."""
-        return self.answer_convention == answer_dict.FINAL
+        return self.answer_convention == FINAL
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 from rlm_orchestrator import events as ev
 from rlm_orchestrator import telemetry
-from rlm_orchestrator.answer_dict import ANSWER_CONVENTIONS, FINAL, AnswerConvention
+from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS, FINAL, AnswerConvention
 from rlm_orchestrator.config.errors import Loc, dotted, refusing
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,

@@ -20,6 +20,7 @@ from typing import Any
 
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
+from rlm_orchestrator.config.answer import ANSWER_DICT
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
@@ -154,7 +155,7 @@ class CompletionRunner:
         active = session or await self.new_session()
         try:
             await active.add_context(context)
-            if self.settings.answer_convention == answer_dict.ANSWER_DICT:
+            if self.settings.answer_convention == ANSWER_DICT:
                 # A fresh `answer` every completion (a persistent session keeps the last one).
                 await answer_dict.install(active.sandbox.client)
             # The LM client's import (started before the sandbox) ends before the loop's

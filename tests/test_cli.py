@@ -78,6 +78,22 @@ def test_run_reads_json_context_from_stdin(lm: ScriptedLMServer) -> None:
     assert "['a', 'b']" in shown
 
 
+def test_run_takes_the_answer_convention(lm: ScriptedLMServer) -> None:
+    # Under "answer_dict" the model answers through `answer`; FINAL(...) in text is no answer.
+    lm.set_sequence(
+        "cli-root", [repl("answer['content'] = 'from the dict'\nanswer['ready'] = True")]
+    )
+    args = ["run", "-c", "-", "-q", "?", "--model", "cli-root", "--api-base", lm.base_url]
+    code, stdout, stderr = run_in_process(
+        *args, "--answer-convention", "answer_dict", "--quiet", stdin="ctx"
+    )
+    assert code == 0, stderr
+    assert stdout == "from the dict\n"
+    assert '"ready"' in lm.requests_for("cli-root")[0].messages[0]["content"]  # the prompt
+    code, _, stderr = run_in_process(*args, "--answer-convention", "bogus", stdin="ctx")
+    assert code == 2 and "--answer-convention" in stderr
+
+
 def test_run_reports_lm_failure_clearly(
     lm: ScriptedLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

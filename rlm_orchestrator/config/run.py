@@ -17,6 +17,7 @@ from pydantic import AfterValidator, Field, PrivateAttr
 from pydantic_settings import SettingsConfigDict
 
 from rlm_orchestrator.config import limits
+from rlm_orchestrator.config.answer import FINAL, AnswerConvention
 from rlm_orchestrator.config.lm import Transport, check_backend
 from rlm_orchestrator.config.loading import (
     Layer,
@@ -49,6 +50,7 @@ FLAGS = {
     "timeout_seconds": "--timeout",
     "max_cost": "--max-cost",
     "log_dir": "--log-dir",
+    "answer_convention": "--answer-convention",
 }
 
 
@@ -74,6 +76,8 @@ class RunSettings(SandboxSettings):
     timeout_seconds: limits.Seconds | None = None
     max_cost: limits.Usd | None = None
     log_dir: Path | None = None
+    # How the model gives its answer: FINAL / FINAL_VAR, or upstream's `answer` dict.
+    answer_convention: AnswerConvention = FINAL
 
     # ./rlm.toml when it was there but had no [run] table (so it was not read).
     _unread_file: Path | None = PrivateAttr(default=None)

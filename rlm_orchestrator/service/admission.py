@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rlm_orchestrator.answer_dict import ANSWER_CONVENTIONS
+from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS
 from rlm_orchestrator.exceptions import InvalidRequestError, ResourceExhaustedError
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm_orchestrator import answer_dict
 from rlm_orchestrator import events as ev
+from rlm_orchestrator.config.answer import FINAL
 from rlm_orchestrator.convert.events import event_to_proto, output_pieces
 from rlm_orchestrator.exceptions import (
     InvalidRequestError,
@@ -270,7 +270,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             return getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
 
         # Checked by request_limits: one of ANSWER_CONVENTIONS.
-        convention = option("answer_convention", answer_dict.FINAL)
+        convention = option("answer_convention", FINAL)
         loop_settings = LoopSettings(
             max_depth=limits.max_depth,
             max_iterations=limits.max_iterations,
