@@ -115,6 +115,7 @@ class ExecuteStream:
         self._in_block = False
         self._reader: asyncio.Task[None] | None = None
         self._reader_ended = False
+        self._ending = False  # the agent is stopping (end_if_idle)
         # The handler's end: None, or what a block raised (a refusal with its status).
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -144,7 +145,9 @@ class ExecuteStream:
             self._reader.cancel()
 
     def end_if_idle(self) -> None:
-        """End the stream (OK) when no block is in progress on it (nor its result)."""
+        """At shutdown: end the stream (OK) once no block is in progress on it. A block whose
+        result is already sent may still be finishing its task: the stream ends with it."""
+        self._ending = True
         idle = not self._in_block and (self._block is None or self._block.done())
         if idle and not self._done.done():
             self._done.set_result(None)
@@ -164,6 +167,8 @@ class ExecuteStream:
             self._done.set_exception(error)
         elif not block.result() or self._reader_ended:
             self._done.set_result(None)  # the client is gone, or wants no more blocks
+        elif self._ending and not self._in_block:
+            self._done.set_result(None)  # the agent is stopping: no next block
 
     async def _read(self) -> None:
         """Answers go to the running block; a start begins the next one; the end stops the
