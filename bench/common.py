@@ -4,7 +4,9 @@ row without a value fails the run)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import os
 import platform
 import shutil
@@ -181,3 +183,19 @@ def machine() -> dict[str, Any]:
         "docker_server": _version(["docker", "version", "--format", "{{.Server.Version}}"]),
         "docker_client": _version(["docker", "version", "--format", "{{.Client.Version}}"]),
     }
+
+
+async def in_fresh_process(module: str, *args: str) -> Any:
+    """`python -m module args...` in a fresh interpreter (its own imports, CPU and GC): the
+    JSON of its last stdout line; its last stderr line when it fails."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    )  # fmt: skip
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no stderr)"]
+        what = args[0] if args else module
+        raise RuntimeError(f"the {what} measurement failed (exit {process.returncode}): {tail[0]}")
+    return json.loads(out.decode().strip().splitlines()[-1])

@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import statistics
 import sys
 import time
 from typing import Any
 
-from bench.common import Metric, timing, unmeasured
+from bench.common import Metric, in_fresh_process, timing, unmeasured
 
 NAME = "fanout"
 DESCRIPTION = "llm_query_batched of 1,000 inside a completion, instant HTTP LM: ours vs the seed"
@@ -121,16 +120,7 @@ def _seed(base_url: str) -> dict[str, list[float]]:
 
 
 async def _in_process(what: str, base_url: str) -> dict[str, list[float]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.cases.fanout", what, base_url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-    )  # fmt: skip
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no stderr)"]
-        raise RuntimeError(f"the {what} measurement failed (exit {process.returncode}): {tail[0]}")
-    result: dict[str, list[float]] = json.loads(out.decode().strip().splitlines()[-1])
+    result: dict[str, list[float]] = await in_fresh_process("bench.cases.fanout", what, base_url)
     return result
 
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
 from typing import Any
 
-from bench.common import Metric, unmeasured
+from bench.common import Metric, in_fresh_process, unmeasured
 
 NAME = "router"
 DESCRIPTION = "LMRouter.complete, 1,000 calls with 100 in flight, instant HTTP LM: lean vs litellm"
@@ -124,16 +123,7 @@ def _measure_seed(how: str, base_url: str) -> dict[str, float]:
 
 
 async def _in_process(what: str, base_url: str) -> dict[str, float]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.cases.router", what, base_url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-    )  # fmt: skip
-    out, err = await process.communicate()
-    if process.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["(no stderr)"]
-        raise RuntimeError(f"the {what} measurement failed (exit {process.returncode}): {tail[0]}")
-    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    result: dict[str, float] = await in_fresh_process("bench.cases.router", what, base_url)
     return result
 
 
