@@ -152,6 +152,22 @@ async def test_concurrent_appends_commit_together_and_fail_alone(store: JournalS
     assert [e.seq for e in await store.entries("q")] == [1]
 
 
+async def test_a_cancelled_append_is_written_and_the_next_ones_follow_it(
+    store: JournalStore,
+) -> None:
+    await store.begin(running("k"))
+    tasks = [
+        asyncio.ensure_future(store.append("k", [Entry(i, "sub_calls", {"i": i})]))
+        for i in range(1, 21)
+    ]
+    await asyncio.sleep(0)  # all called
+    tasks[3].cancel()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(outcomes[3], asyncio.CancelledError)
+    assert outcomes[:3] + outcomes[4:] == [None] * 19
+    assert [e.seq for e in await store.entries("k")] == list(range(1, 21))
+
+
 async def test_blobs_are_stored_once_and_freed_with_their_last_user(
     stores: StoreFactory, store_url: str
 ) -> None:

@@ -2,12 +2,12 @@
 or on another process's lock.
 
 Calls are queued from the loop and run in order. Whatever queued while the thread was busy runs
-as one batch: if it writes, in one `BEGIN IMMEDIATE` transaction with a savepoint per call (a
-refused call is rolled back alone), committed once. A commit is the costly part of a write (a
-WAL write and the file locks, ~40 us on a VM's disk), so concurrent appends (a batch's
-sub-calls) share one; and a batch's results reach the loop in one wake-up. A call returns once
-its transaction committed.
-"""
+as one batch: if it writes, in one `BEGIN IMMEDIATE` transaction committed once. A commit is
+the costly part of a write (a WAL write and the file locks, ~40 us on a VM's disk), so
+concurrent appends (a batch's sub-calls) share one; and a batch's results reach the loop in one
+wake-up. A call returns once its transaction committed. When a call of a batch is refused, the
+batch runs again with a savepoint per call, so that only that one is rolled back: calls must
+be safe to run again after a rollback."""
 
 from __future__ import annotations
 
@@ -99,11 +99,15 @@ class ConnectionThread:
             raise
 
     async def call(self, op: Op[T], *, write: bool) -> T:
+        return await self.submit(op, write=write)
+
+    def submit(self, op: Op[T], *, write: bool) -> asyncio.Future[T]:
+        """Queues `op`: the future of its outcome (cancelling it does not stop the op)."""
         if self._thread is None or self._closing:
             raise JournalError("the journal store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put(_Call(op, write, future))
-        return await future
+        return future
 
     async def stop(self) -> None:
         """Runs what was queued, then closes the connection (idempotent)."""
@@ -162,7 +166,13 @@ class ConnectionThread:
                 outcomes = [_outcome(connection, batch[0].op)]
                 connection.execute("COMMIT" if outcomes[0][0] else "ROLLBACK")
                 return outcomes
-            outcomes = [_in_savepoint(connection, call.op) for call in batch]
+            # Optimistic: no savepoints (two statements a call saved). A refusal is rare (a
+            # bug, a lost race): then the batch is rolled back and run again, a savepoint each.
+            outcomes = [_outcome(connection, call.op) for call in batch]
+            if not all(ok for ok, _ in outcomes):
+                connection.execute("ROLLBACK")
+                connection.execute("BEGIN IMMEDIATE")
+                outcomes = [_in_savepoint(connection, call.op) for call in batch]
             connection.execute("COMMIT")
             return outcomes
         except (_BatchAborted, sqlite3.Error) as exc:

@@ -1,5 +1,7 @@
 """The journal store that several server replicas share: PostgreSQL, through psycopg 3 (the
-`postgres` extra; imported only here, and this module only when the settings name it).
+`postgres` extra, imported only by the postgres*.py modules, and they only when the settings
+name PostgreSQL). Its connections: postgres_pool.py; its tables, appends and deletion:
+postgres_schema.py.
 
 Safe across processes: an append is one statement that moves the completion's counter (its
 last seq must be the one before the new entries) and inserts the rows, and the primary key
@@ -15,14 +17,21 @@ from __future__ import annotations
 import asyncio
 import builtins
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection, errors
+from psycopg import errors
 
 from rlm_orchestrator.exceptions import JournalError
+from rlm_orchestrator.journal.postgres_pool import Connection, InOrder, Pool
+from rlm_orchestrator.journal.postgres_schema import (
+    APPEND_ENTRIES,
+    APPEND_EVENTS,
+    NOW,
+    create_schema,
+    delete,
+)
 from rlm_orchestrator.journal.rows import (
     ORPHAN_GRACE_SECONDS,
     PRUNE_CHUNK,
@@ -42,112 +51,10 @@ from rlm_orchestrator.journal.rows import (
 from rlm_orchestrator.journal.store import CompletionRecord, Entry, Event, State
 
 T = TypeVar("T")
-Connection = AsyncConnection[tuple[Any, ...]]
-NOW = "extract(epoch from statement_timestamp())::float8"
-# Serializes schema creation between replicas starting at once (pg_advisory_xact_lock).
-_SCHEMA_LOCK = 0x726C6D6A  # "rlmj"
 # Hashing a blob this large leaves the event loop.
 _HASH_OFF_LOOP_BYTES = 1 << 20
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS journal_meta (key text PRIMARY KEY, value text NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS journal_completions (
-        completion_id text PRIMARY KEY, tenant text NOT NULL, session_id text NOT NULL,
-        state text NOT NULL, owner text NOT NULL, lease_until float8 NOT NULL,
-        created_at float8 NOT NULL, updated_at float8 NOT NULL, size_bytes bigint NOT NULL,
-        last_seq bigint NOT NULL, last_offset bigint NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS journal_completions_created ON journal_completions (created_at)",
-    "CREATE INDEX IF NOT EXISTS journal_completions_lease "
-    "ON journal_completions (state, lease_until)",
-    """CREATE TABLE IF NOT EXISTS journal_documents (
-        completion_id text PRIMARY KEY, request json NOT NULL, result json, extra json NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS journal_entries (
-        completion_id text NOT NULL, seq bigint NOT NULL, kind text NOT NULL,
-        payload json NOT NULL, PRIMARY KEY (completion_id, seq))""",
-    """CREATE TABLE IF NOT EXISTS journal_events (
-        completion_id text NOT NULL, event_offset bigint NOT NULL, data bytea NOT NULL,
-        PRIMARY KEY (completion_id, event_offset))""",
-    """CREATE TABLE IF NOT EXISTS journal_blobs (
-        digest text PRIMARY KEY, size bigint NOT NULL, data bytea NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS journal_blob_refs (
-        completion_id text NOT NULL, digest text NOT NULL, created_at float8 NOT NULL,
-        PRIMARY KEY (completion_id, digest))""",
-    "CREATE INDEX IF NOT EXISTS journal_blob_refs_digest ON journal_blob_refs (digest)",
-)
-_APPEND = """
-WITH moved AS (
-    UPDATE journal_completions SET {column} = %s, size_bytes = size_bytes + %s,
-        updated_at = {now}
-    WHERE completion_id = %s AND {column} = %s AND state = 'running'
-    RETURNING completion_id)
-INSERT INTO journal_{table} SELECT moved.completion_id, {values}
-FROM moved, unnest({arrays}) AS s({names})
-"""
-_APPEND_ENTRIES = _APPEND.format(
-    column="last_seq", now=NOW, table="entries", values="s.seq, s.kind, s.payload::json",
-    arrays="%s::bigint[], %s::text[], %s::text[]", names="seq, kind, payload",
-)  # fmt: skip
-_APPEND_EVENTS = _APPEND.format(
-    column="last_offset", now=NOW, table="events", values="s.event_offset, s.data",
-    arrays="%s::bigint[], %s::bytea[]", names="event_offset, data",
-)  # fmt: skip
 _SELECT_RECORD = f"SELECT {RECORD_COLUMNS} FROM {RECORD_FROM}"
-
-
-class _Pool:
-    """A few connections (autocommit: a statement alone is its own transaction), handed out one
-    caller at a time; a broken one is dropped and replaced on demand."""
-
-    def __init__(self, dsn: str, size: int) -> None:
-        self._dsn = dsn
-        self._slots = asyncio.Semaphore(size)
-        self._idle: list[Connection] = []
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._connect()
-            try:
-                yield conn
-            finally:
-                idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-                if conn.closed or conn.broken or not idle:
-                    await conn.close()
-                else:
-                    self._idle.append(conn)
-
-    async def _connect(self) -> Connection:
-        return await AsyncConnection.connect(
-            self._dsn, autocommit=True, application_name="rlm-orchestrator journal"
-        )
-
-    async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.close()
-
-
-class _InOrder:
-    """Appends to one completion, one at a time in the order they were called (a FIFO lock per
-    completion): a caller may issue a batch's appends without awaiting each, as on SQLite, where
-    one queue orders them; here they would otherwise race over separate connections."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def turn(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 class PostgresJournalStore:
@@ -156,26 +63,17 @@ class PostgresJournalStore:
     def __init__(self, dsn: str, *, max_connections: int = 4) -> None:
         self.dsn = dsn
         self._max_connections = max_connections
-        self._pool: _Pool | None = None
-        self._in_order = _InOrder()
+        self._pool: Pool | None = None
+        self._in_order = InOrder()
+        self._writing: set[asyncio.Future[Exception | None]] = set()
 
     async def open(self) -> None:
         if self._pool is not None:
             return
-        pool = _Pool(self.dsn, self._max_connections)
+        pool = Pool(self.dsn, self._max_connections)
         try:
-            async with pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                for statement in _SCHEMA:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO journal_meta VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
-                    (str(SCHEMA_VERSION),),
-                )
-                cursor = await conn.execute(
-                    "SELECT value FROM journal_meta WHERE key = 'schema_version'"
-                )
-                version = int((await cursor.fetchone() or ("0",))[0])
+            async with pool.connection() as conn:
+                version = await create_schema(conn)
         except psycopg.Error as exc:
             await pool.close()
             raise JournalError(f"cannot open the journal database: {exc}") from exc
@@ -188,6 +86,8 @@ class PostgresJournalStore:
         self._pool = pool
 
     async def close(self) -> None:
+        if self._writing:  # appends whose callers were cancelled: let them land
+            await asyncio.wait(set(self._writing))
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -277,7 +177,7 @@ class PostgresJournalStore:
         first, last = run_of([e.seq for e in entries], "entry")
         rows, size = entry_rows(completion_id, entries)
         arrays = ([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
-        await self._append(completion_id, "entry", _APPEND_ENTRIES, arrays, size, first, last)
+        await self._append(completion_id, "entry", APPEND_ENTRIES, arrays, size, first, last)
 
     async def append_events(self, completion_id: str, events: Sequence[Event]) -> None:
         if not events:
@@ -285,7 +185,7 @@ class PostgresJournalStore:
         first, last = run_of([e.offset for e in events], "event")
         rows, size = event_rows(completion_id, events)
         arrays = ([r[1] for r in rows], [r[2] for r in rows])
-        await self._append(completion_id, "event", _APPEND_EVENTS, arrays, size, first, last)
+        await self._append(completion_id, "event", APPEND_EVENTS, arrays, size, first, last)
 
     async def _append(
         self,
@@ -314,8 +214,17 @@ class PostgresJournalStore:
             )
             return refusal(completion_id, await found.fetchone(), first, what)
 
-        async with self._in_order.turn(completion_id):
-            refused = await self._run(work)
+        async def in_turn() -> Exception | None:
+            async with self._in_order.turn(completion_id):
+                return await self._run(work)
+
+        # A task of its own, started now (tasks start in the order they are made: the turns
+        # are taken in call order), shielded: a cancelled caller's append is written all the
+        # same, as on SQLite, and those after it still follow it.
+        writing = asyncio.ensure_future(in_turn())
+        self._writing.add(writing)
+        writing.add_done_callback(self._writing.discard)
+        refused = await asyncio.shield(writing)
         if refused is not None:
             raise refused
 
@@ -416,7 +325,7 @@ class PostgresJournalStore:
         return await self._delete(completion_id) is not None
 
     async def _delete(self, completion_id: str) -> int | None:
-        return await self._run(functools.partial(_delete, completion_id=completion_id))
+        return await self._run(functools.partial(delete, completion_id=completion_id))
 
     async def prune(self, *, max_age_seconds: float | None, max_bytes: int | None) -> int:
         orphans = await self._rows(
@@ -459,39 +368,3 @@ class PostgresJournalStore:
             (*params, PRUNE_CHUNK),
         )
         return [cid for (cid,) in rows]
-
-
-async def _delete(conn: Connection, completion_id: str) -> int | None:
-    """Delete a completion in one transaction: the bytes freed (its own and its blobs'); None
-    when there was none (its blob references, if any, are dropped all the same)."""
-    async with conn.transaction():
-        found = await (
-            await conn.execute(
-                "DELETE FROM journal_completions WHERE completion_id = %s RETURNING size_bytes",
-                (completion_id,),
-            )
-        ).fetchone()
-        for table in ("entries", "events", "documents"):
-            await conn.execute(
-                f"DELETE FROM journal_{table} WHERE completion_id = %s", (completion_id,)
-            )
-        refs = await conn.execute(
-            "DELETE FROM journal_blob_refs WHERE completion_id = %s RETURNING digest",
-            (completion_id,),
-        )
-        digests = sorted(d for (d,) in await refs.fetchall())
-        freed = 0
-        if digests:
-            # Locked first (in one order: no deadlock between two deletes), then a fresh look at
-            # the references: one made meanwhile, committed, keeps its blob.
-            await conn.execute(
-                "SELECT 1 FROM journal_blobs WHERE digest = ANY(%s) ORDER BY digest FOR UPDATE",
-                (digests,),
-            )
-            gone = await conn.execute(
-                "DELETE FROM journal_blobs b WHERE digest = ANY(%s) AND NOT EXISTS (SELECT 1 "
-                "FROM journal_blob_refs r WHERE r.digest = b.digest) RETURNING size",
-                (digests,),
-            )
-            freed = sum(size for (size,) in await gone.fetchall())
-    return None if found is None else int(found[0]) + freed

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rlm_orchestrator.exceptions import JournalError
+from rlm_orchestrator.journal import sqlite_retention as retention
 from rlm_orchestrator.journal.dbthread import ConnectionThread, Op
 from rlm_orchestrator.journal.rows import (
-    ORPHAN_GRACE_SECONDS,
     PRUNE_CHUNK,
     RECORD_COLUMNS,
     RECORD_FROM,
@@ -37,10 +37,10 @@ from rlm_orchestrator.journal.rows import (
     entry_rows,
     event_rows,
     record,
-    refusal,
     run_of,
     sha256,
 )
+from rlm_orchestrator.journal.sqlite_appends import Appends
 from rlm_orchestrator.journal.store import CompletionRecord, Entry, Event, State
 
 T = TypeVar("T")
@@ -73,14 +73,6 @@ CREATE TABLE IF NOT EXISTS journal_blob_refs (
     PRIMARY KEY (completion_id, digest)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS journal_blob_refs_digest ON journal_blob_refs (digest);
 """
-_ADVANCE = (
-    "UPDATE journal_completions SET {column} = ?, size_bytes = size_bytes + ?, updated_at = ? "
-    "WHERE completion_id = ? AND {column} = ? AND state = 'running'"
-)
-_ADVANCE_SEQ = _ADVANCE.format(column="last_seq")
-_ADVANCE_OFFSET = _ADVANCE.format(column="last_offset")
-_INSERT_ENTRY = "INSERT INTO journal_entries VALUES (?, ?, ?, ?)"
-_INSERT_EVENT = "INSERT INTO journal_events VALUES (?, ?, ?)"
 _SELECT_RECORD = f"SELECT {RECORD_COLUMNS} FROM {RECORD_FROM}"
 
 
@@ -117,6 +109,7 @@ class SqliteJournalStore:
         self.directory = Path(directory).expanduser()
         self.path = self.directory / FILE_NAME
         self._db: ConnectionThread | None = None
+        self._appends = Appends()
 
     async def open(self) -> None:
         if self._db is None:
@@ -136,10 +129,13 @@ class SqliteJournalStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _call(self, op: Op[T], *, write: bool) -> T:
+    def _open_db(self) -> ConnectionThread:
         if self._db is None:
             raise JournalError(f"the journal store {self.path} is not open")
-        return await self._db.call(op, write=write)
+        return self._db
+
+    async def _call(self, op: Op[T], *, write: bool) -> T:
+        return await self._open_db().call(op, write=write)
 
     async def put_blob(self, completion_id: str, data: bytes) -> str:
         data = bytes(data)
@@ -195,24 +191,14 @@ class SqliteJournalStore:
             return
         first, last = run_of([e.seq for e in entries], "entry")
         rows, size = entry_rows(completion_id, entries)
-        await self._call(
-            _appending(
-                completion_id, "entry", _ADVANCE_SEQ, _INSERT_ENTRY, rows, size, first, last
-            ),
-            write=True,
-        )
+        await self._appends.add(self._open_db(), "entry", completion_id, rows, size, first, last)
 
     async def append_events(self, completion_id: str, events: Sequence[Event]) -> None:
         if not events:
             return
         first, last = run_of([e.offset for e in events], "event")
         rows, size = event_rows(completion_id, events)
-        await self._call(
-            _appending(
-                completion_id, "event", _ADVANCE_OFFSET, _INSERT_EVENT, rows, size, first, last
-            ),
-            write=True,
-        )
+        await self._appends.add(self._open_db(), "event", completion_id, rows, size, first, last)
 
     async def entries(self, completion_id: str) -> builtins.list[Entry]:
         def op(db: sqlite3.Connection) -> builtins.list[Entry]:
@@ -324,20 +310,24 @@ class SqliteJournalStore:
         return await self._call(op, write=True) if ids else []
 
     async def delete(self, completion_id: str) -> bool:
-        return await self._call(lambda db: _delete(db, completion_id) is not None, write=True)
+        return await self._call(
+            lambda db: retention.delete(db, completion_id) is not None, write=True
+        )
 
     async def prune(self, *, max_age_seconds: float | None, max_bytes: int | None) -> int:
         deleted = 0
-        await self._call(_drop_orphan_refs, write=True)
+        await self._call(retention.drop_orphan_refs, write=True)
         while max_age_seconds is not None:
             cutoff = time.time() - max_age_seconds
-            count = await self._call(functools.partial(_prune_older, cutoff=cutoff), write=True)
+            count = await self._call(
+                functools.partial(retention.prune_older, cutoff=cutoff), write=True
+            )
             deleted += count
             if count < PRUNE_CHUNK:
                 break
         while max_bytes is not None:
             count, done = await self._call(
-                functools.partial(_prune_to, max_bytes=max_bytes), write=True
+                functools.partial(retention.prune_to, max_bytes=max_bytes), write=True
             )
             deleted += count
             if done:
@@ -349,120 +339,6 @@ class SqliteJournalStore:
         return deleted
 
 
-def _appending(
-    completion_id: str,
-    what: str,
-    advance: str,
-    insert: str,
-    rows: builtins.list[tuple[Any, ...]],
-    size: int,
-    first: int,
-    last: int,
-) -> Op[None]:
-    column = "last_seq" if what == "entry" else "last_offset"
-
-    def op(db: sqlite3.Connection) -> None:
-        moved = db.execute(advance, (last, size, time.time(), completion_id, first - 1))
-        if moved.rowcount != 1:
-            found = db.execute(
-                f"SELECT state, {column} FROM journal_completions WHERE completion_id = ?",
-                (completion_id,),
-            ).fetchone()
-            raise refusal(completion_id, found, first, what)
-        try:
-            if len(rows) == 1:
-                db.execute(insert, rows[0])
-            else:
-                db.executemany(insert, rows)
-        except sqlite3.IntegrityError as exc:  # the counter was right: rows it did not count
-            raise ValueError(f"{what} {first} of completion {completion_id}: {exc}") from exc
-
-    return op
-
-
 def _get(db: sqlite3.Connection, completion_id: str) -> CompletionRecord | None:
     row = db.execute(f"{_SELECT_RECORD} WHERE c.completion_id = ?", (completion_id,)).fetchone()
     return None if row is None else record(row)
-
-
-def _release_blobs(db: sqlite3.Connection, completion_id: str) -> int:
-    """Drop `completion_id`'s blob references, and the blobs nothing else refers to; the
-    bytes freed."""
-    digests = [
-        d
-        for (d,) in db.execute(
-            "SELECT digest FROM journal_blob_refs WHERE completion_id = ?", (completion_id,)
-        )
-    ]
-    db.execute("DELETE FROM journal_blob_refs WHERE completion_id = ?", (completion_id,))
-    freed = 0
-    for digest in digests:
-        if db.execute(
-            "SELECT 1 FROM journal_blob_refs WHERE digest = ? LIMIT 1", (digest,)
-        ).fetchone():
-            continue
-        size = db.execute("SELECT size FROM journal_blobs WHERE digest = ?", (digest,)).fetchone()
-        if size is not None:
-            freed += size[0]
-            db.execute("DELETE FROM journal_blobs WHERE digest = ?", (digest,))
-    return freed
-
-
-def _delete(db: sqlite3.Connection, completion_id: str) -> int | None:
-    """Delete a completion: the bytes freed (its own and its blobs'); None when there was none
-    (its blob references, if any, are dropped all the same)."""
-    found = db.execute(
-        "SELECT size_bytes FROM journal_completions WHERE completion_id = ?", (completion_id,)
-    ).fetchone()
-    for table in ("entries", "events", "documents", "completions"):
-        db.execute(f"DELETE FROM journal_{table} WHERE completion_id = ?", (completion_id,))
-    freed = _release_blobs(db, completion_id)
-    return None if found is None else found[0] + freed
-
-
-def _drop_orphan_refs(db: sqlite3.Connection) -> None:
-    """References from completions that never began (their blob stored, then the server gone)."""
-    orphans = db.execute(
-        "SELECT DISTINCT completion_id FROM journal_blob_refs r WHERE created_at < ? AND NOT "
-        "EXISTS (SELECT 1 FROM journal_completions c WHERE c.completion_id = r.completion_id)",
-        (time.time() - ORPHAN_GRACE_SECONDS,),
-    ).fetchall()
-    for (completion_id,) in orphans:
-        _release_blobs(db, completion_id)
-
-
-def _ended_oldest(db: sqlite3.Connection, where: str = "1", *params: Any) -> builtins.list[str]:
-    return [
-        cid
-        for (cid,) in db.execute(
-            "SELECT completion_id FROM journal_completions WHERE state != 'running' AND "
-            f"{where} ORDER BY updated_at LIMIT ?",
-            (*params, PRUNE_CHUNK),
-        )
-    ]
-
-
-def _prune_older(db: sqlite3.Connection, cutoff: float) -> int:
-    ids = _ended_oldest(db, "updated_at < ?", cutoff)
-    for cid in ids:
-        _delete(db, cid)
-    return len(ids)
-
-
-def _prune_to(db: sqlite3.Connection, max_bytes: int) -> tuple[int, bool]:
-    """Delete the oldest ended completions (a chunk at most) while the store holds more than
-    max_bytes: (how many, whether done)."""
-    (total,) = db.execute(
-        "SELECT (SELECT coalesce(sum(size_bytes), 0) FROM journal_completions) + "
-        "(SELECT coalesce(sum(size), 0) FROM journal_blobs)"
-    ).fetchone()
-    if total <= max_bytes:
-        return 0, True
-    ids = _ended_oldest(db)
-    deleted = 0
-    for cid in ids:
-        if total <= max_bytes:
-            break
-        total -= _delete(db, cid) or 0
-        deleted += 1
-    return deleted, total <= max_bytes or len(ids) < PRUNE_CHUNK

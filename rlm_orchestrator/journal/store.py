@@ -85,7 +85,8 @@ class JournalStore(Protocol):
     """Every method is safe to call concurrently from one event loop; stores that several
     servers share are safe across processes too. Appends to one completion made by one store
     are applied in the order they were called, so a batch's appends may be issued together
-    (`asyncio.gather`) rather than each awaited in turn."""
+    (`asyncio.gather`) rather than each awaited in turn; an append whose caller is cancelled is
+    written all the same (so the ones after it still follow it)."""
 
     async def open(self) -> None:
         """Create the schema if needed (idempotent) and connect."""
