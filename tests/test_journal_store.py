@@ -104,7 +104,11 @@ async def test_a_completion_begins_is_listed_and_ends(store: JournalStore) -> No
 
 async def test_entries_and_events_continue_in_order(store: JournalStore) -> None:
     await store.begin(running("c"))
-    payloads = [{"code": "x = 1", "outputs": ["é", 2]}, {"answers": ["y" * 200]}, {"n": None}]
+    payloads: list[dict[str, Any]] = [
+        {"code": "x = 1", "outputs": ["é", 2]},
+        {"answers": ["y" * 200]},
+        {"n": None},
+    ]
     await store.append("c", [Entry(1, "root", payloads[0]), Entry(2, "sub_calls", payloads[1])])
     await store.append("c", [Entry(3, "block", payloads[2])])
     await store.append("c", [])

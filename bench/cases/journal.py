@@ -17,6 +17,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from typing import Any
 
 from bench.common import Metric, timing
 from rlm_orchestrator.journal.sqlite import SqliteJournalStore
@@ -27,10 +28,13 @@ DESCRIPTION = "journal appends on the embedded SQLite store: per code block, per
 BLOCKS, BATCH, ROUNDS, LONE = 300, 1000, 7, 1000
 BLOCK_TARGET_MS, SUB_CALL_TARGET_US = 1.0, 50.0
 
-ROOT = {"text": "Let me look at the context.\n```repl\n" + "x = 1\n" * 40 + "```", "tokens": 812}
-BLOCK = {"code": "x = 1\n" * 40, "stdout": "y" * 1000, "stderr": "", "status": "ok"}
-TURN = {"told": "Code executed:\n" + "z" * 600}
-SUB_CALL = {
+ROOT: dict[str, Any] = {
+    "text": "Let me look at the context.\n```repl\n" + "x = 1\n" * 40 + "```",
+    "tokens": 812,
+}
+BLOCK: dict[str, Any] = {"code": "x = 1\n" * 40, "stdout": "y" * 1000, "stderr": "", "status": "ok"}
+TURN: dict[str, Any] = {"told": "Code executed:\n" + "z" * 600}
+SUB_CALL: dict[str, Any] = {
     "prompts": ["3f" * 32],
     "model": "sub",
     "kind": "llm_query",
@@ -42,7 +46,7 @@ class _Counter:
     def __init__(self) -> None:
         self.seq = self.offset = 0
 
-    def entries(self, *payloads: dict[str, object], kind: str = "block") -> list[Entry]:
+    def entries(self, *payloads: dict[str, Any], kind: str = "block") -> list[Entry]:
         out = []
         for payload in payloads:
             self.seq += 1
