@@ -3,7 +3,8 @@
 `postgres_server` (session) runs initdb and starts `postgres` on a free 127.0.0.1 port (no
 fsync: nothing here must survive the machine), and always stops it and removes its files;
 `postgres_dsn` gives each test a schema of its own in it. As root (initdb refuses root), the
-server runs as the `postgres` user that Debian's package creates. Without PostgreSQL the tests
+server runs as the `postgres` user that Debian's package creates; it is stopped even if pytest
+dies without its teardown (setpriv's parent-death signal). Without PostgreSQL the tests
 skip, saying so (in CI a skip fails: `.ci/install-test-tools` installs the `postgresql` package).
 """
 
@@ -20,7 +21,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,18 +37,19 @@ def _binaries() -> Path | None:
     return versions[-1] if versions else None
 
 
-def _run_as() -> dict[str, Any]:
-    """Popen's arguments that drop root for the `postgres` user (nothing when not root)."""
-    if os.geteuid() != 0:
-        return {}
-    account = pwd.getpwnam("postgres")
-    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+def _as_server(*command: str) -> list[str]:
+    """`command` run by setpriv (util-linux): as the `postgres` user when we are root, and
+    stopped (SIGINT: a fast shutdown) if this process dies without stopping it."""
+    drop = ["--reuid=postgres", "--regid=postgres", "--init-groups"] if os.geteuid() == 0 else []
+    return ["setpriv", "--pdeathsig=INT", *drop, "--", *command]
 
 
 def problem() -> str | None:
     """Why no server can be started here, or None."""
     if _binaries() is None:
         return f"no PostgreSQL server binaries in {DEBIAN_ROOT} (apt-get install postgresql)"
+    if shutil.which("setpriv") is None:
+        return "no setpriv command (util-linux)"
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
@@ -124,22 +125,23 @@ def postgres_server() -> Iterator[PostgresServer]:
     process: subprocess.Popen[bytes] | None = None
     try:
         data, log = root / "data", root / "postgres.log"
-        drop = _run_as()
-        if drop:
-            os.chown(root, drop["user"], drop["group"])
+        if os.geteuid() == 0:
+            account = pwd.getpwnam("postgres")
+            os.chown(root, account.pw_uid, account.pw_gid)
         subprocess.run(
-            [str(binaries / "initdb"), "-D", str(data), "-U", USER, "-A", "trust", "-E", "UTF8",
-             "--locale=C", "--no-sync", "--no-instructions"],
-            cwd=root, check=True, capture_output=True, timeout=120, **drop,
+            _as_server(str(binaries / "initdb"), "-D", str(data), "-U", USER, "-A", "trust",
+                       "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"),
+            cwd=root, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
         port = _free_port()
         with log.open("wb") as out:
             process = subprocess.Popen(
-                [str(binaries / "postgres"), "-D", str(data), "-p", str(port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=60"],
-                cwd=root, stdout=out, stderr=subprocess.STDOUT, **drop,
+                _as_server(str(binaries / "postgres"), "-D", str(data), "-p", str(port),
+                           "-c", "listen_addresses=127.0.0.1",
+                           "-c", f"unix_socket_directories={root}", "-c", "fsync=off",
+                           "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                           "-c", "max_connections=60"),
+                cwd=root, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         server = PostgresServer(port, process, log)
         _wait_ready(server)
