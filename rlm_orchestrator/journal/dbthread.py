@@ -164,13 +164,22 @@ class ConnectionThread:
         try:
             if len(batch) == 1:  # alone: no savepoint, a refusal rolls the transaction back
                 outcomes = [_outcome(connection, batch[0].op)]
-                connection.execute("COMMIT" if outcomes[0][0] else "ROLLBACK")
+                if outcomes[0][0]:
+                    connection.execute("COMMIT")
+                elif connection.in_transaction:  # (SQLite may have rolled it back already)
+                    connection.execute("ROLLBACK")
                 return outcomes
             # Optimistic: no savepoints (two statements a call saved). A refusal is rare (a
             # bug, a lost race): then the batch is rolled back and run again, a savepoint each.
-            outcomes = [_outcome(connection, call.op) for call in batch]
-            if not all(ok for ok, _ in outcomes):
-                connection.execute("ROLLBACK")
+            outcomes = []
+            for call in batch:
+                outcome = _outcome(connection, call.op)
+                if not outcome[0]:
+                    break  # (none may run after it: SQLite may have ended the transaction)
+                outcomes.append(outcome)
+            if len(outcomes) < len(batch):
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
                 connection.execute("BEGIN IMMEDIATE")
                 outcomes = [_in_savepoint(connection, call.op) for call in batch]
             connection.execute("COMMIT")
