@@ -25,7 +25,7 @@ from rlm_orchestrator.journal.store import CompletionRecord, Entry, Event
 
 NAME = "journal"
 DESCRIPTION = "journal appends on the embedded SQLite store: per code block, per sub-call"
-BLOCKS, BATCH, ROUNDS, LONE = 300, 1000, 7, 1000
+BLOCKS, BATCH, ROUNDS, LONE = 300, 1000, 15, 1000
 BLOCK_TARGET_MS, SUB_CALL_TARGET_US = 1.0, 50.0
 
 ROOT: dict[str, Any] = {

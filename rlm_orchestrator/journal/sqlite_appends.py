@@ -10,6 +10,7 @@ run refuses every append joined to it (they continued the refused one: none coul
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 import time
@@ -40,9 +41,10 @@ class _Run:
     last: int
     size: int
     rows: list[tuple[Any, ...]]
+    # Each caller's own future: the run's outcome is given to each.
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
     # Set by the store's thread when the run starts: nothing joins it after that.
     closed: bool = False
-    future: asyncio.Future[None] = field(init=False)
 
 
 class Appends:
@@ -63,6 +65,7 @@ class Appends:
         last: int,
     ) -> None:
         key = (what, completion_id)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         run = self._open.get(key)
         if run is not None:
             with self._lock:
@@ -70,17 +73,29 @@ class Appends:
                 if joined:
                     run.rows.extend(rows)
                     run.last, run.size = last, run.size + size
+                    run.waiters.append(mine)
             if joined:
-                return await _outcome_of(run.future)
-        run = _Run(what, completion_id, first, last, size, list(rows))
-        run.future = db.submit(self._op(run), write=True)
+                return await mine
+        run = _Run(what, completion_id, first, last, size, list(rows), waiters=[mine])
         self._open[key] = run
-        run.future.add_done_callback(lambda _: self._forget(key, run))
-        await _outcome_of(run.future)
+        db.submit(self._op(run), write=True).add_done_callback(
+            functools.partial(self._done, key, run)
+        )
+        # A caller awaits a future of its own: one cancelled cancels neither the others' nor
+        # the write, which goes on.
+        await mine
 
-    def _forget(self, key: tuple[What, str], run: _Run) -> None:
+    def _done(self, key: tuple[What, str], run: _Run, outcome: asyncio.Future[None]) -> None:
         if self._open.get(key) is run:
             del self._open[key]
+        error = None if outcome.cancelled() else outcome.exception()
+        for waiter in run.waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
     def _op(self, run: _Run) -> Any:
         def op(db: sqlite3.Connection) -> None:
@@ -106,22 +121,3 @@ class Appends:
                 raise ValueError(f"{what} {run.first} of completion {cid}: {exc}") from exc
 
         return op
-
-
-async def _outcome_of(shared: asyncio.Future[None]) -> None:
-    """Awaits a run's outcome through a future of this caller's own: a cancelled caller does
-    not cancel the others' (nor the write, which goes on)."""
-    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def copy(done: asyncio.Future[None]) -> None:
-        if mine.done():
-            return
-        if done.cancelled():
-            mine.cancel()
-        elif (error := done.exception()) is not None:
-            mine.set_exception(error)
-        else:
-            mine.set_result(None)
-
-    shared.add_done_callback(copy)
-    await mine
