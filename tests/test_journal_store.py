@@ -18,7 +18,13 @@ from postgres_support import postgres_dsn, postgres_server  # noqa: F401  (fixtu
 
 from rlm_orchestrator.config.journal import JournalSettings, make_store, open_store
 from rlm_orchestrator.journal.rows import sha256
-from rlm_orchestrator.journal.store import CompletionRecord, Entry, Event, JournalStore
+from rlm_orchestrator.journal.store import (
+    CompletionRecord,
+    Entry,
+    Event,
+    JournalError,
+    JournalStore,
+)
 
 StoreFactory = Callable[[], Awaitable[JournalStore]]
 
@@ -356,3 +362,20 @@ async def test_the_sqlite_store_survives_a_reopen_and_refuses_when_closed(tmp_pa
     async with again:  # type: ignore[attr-defined]
         assert [e.payload for e in await again.entries("d")] == [{"r": 1}]
     assert (tmp_path / "j" / "journal.db").is_file()
+
+
+async def test_a_store_that_cannot_be_used_says_so(tmp_path: Path) -> None:
+    """Not a database, or one a newer version wrote: JournalError at open, the file intact."""
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "journal.db").write_bytes(b"not a database, " * 100)
+    with pytest.raises(JournalError, match="journal database error"):
+        await open_store(JournalSettings(store=f"sqlite:{garbage}"))
+    assert (garbage / "journal.db").read_bytes() == b"not a database, " * 100
+
+    newer = JournalSettings(store=f"sqlite:{tmp_path}/newer")
+    await (await open_store(newer)).close()
+    with sqlite3.connect(tmp_path / "newer" / "journal.db") as db:
+        db.execute("UPDATE journal_meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(JournalError, match="newer than this version"):
+        await open_store(newer)
