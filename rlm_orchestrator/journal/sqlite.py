@@ -142,9 +142,8 @@ class SqliteJournalStore:
 
         def op(db: sqlite3.Connection) -> str:
             digest = sha256(data)  # here, off the loop (hashlib lets go of the GIL)
-            if db.execute("SELECT 1 FROM journal_blobs WHERE digest = ?", (digest,)).fetchone():
-                pass  # stored once: not written again
-            else:
+            stored = db.execute("SELECT 1 FROM journal_blobs WHERE digest = ?", (digest,))
+            if stored.fetchone() is None:  # else stored once: not written again
                 db.execute("INSERT INTO journal_blobs VALUES (?, ?, ?)", (digest, len(data), data))
             db.execute(
                 "INSERT OR IGNORE INTO journal_blob_refs VALUES (?, ?, ?)",
