@@ -308,7 +308,8 @@ class CompletionLoop:
         for index, code in enumerate(blocks):
             result, answer_note = await self.blocks.run(iteration, index, code)
             record.code_blocks.append(CodeBlock(code, result))
-            if result.worker_restarted:
+            if result.worker_restarted and result.status != "sandbox_lost":
+                # (A lost sandbox's block says what was rebuilt and what was not: blocks.py.)
                 outcome.notes.append(
                     f"Note: the sandbox was restarted during block {index + 1}: "
                     "all variables were lost (the contexts were loaded again)."

@@ -21,6 +21,7 @@ from typing import Any
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.config.answer import ANSWER_DICT
+from rlm_orchestrator.journal.replay import BlockRecord
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
@@ -157,7 +158,11 @@ class CompletionRunner:
             await active.add_context(context)
             if self.settings.answer_convention == ANSWER_DICT:
                 # A fresh `answer` every completion (a persistent session keeps the last one).
-                await answer_dict.install(active.sandbox.client)
+                installed = await answer_dict.install(active.sandbox.client)
+                active.record(
+                    BlockRecord(answer_dict.INSTALL_CODE, internal=True).finish(installed),
+                    installed.worker_restarted,
+                )
             # The LM client's import (started before the sandbox) ends before the loop's
             # deadline starts: it delays the first turn, it does not shorten the completion.
             await self.router.prepare()
