@@ -16,7 +16,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.answers import AnswerRead, read_answer
+from rlm_orchestrator.answers import AnswerRead, answer_source, read_answer
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
@@ -127,6 +127,7 @@ class CompletionLoop:
         self.messages: list[dict[str, Any]] = []
         self.partial_answer: str | None = None
         self.iterations = 0
+        self.answer_source = ""  # how the answer was reached (types.ANSWER_SOURCES)
         self._deadline: float | None = None
         self.sub_calls = SubCalls(
             settings.depth,
@@ -176,8 +177,9 @@ class CompletionLoop:
                 usage_summary=self.tracker.summary(),
                 iterations=self.iterations,
             ) from exc
+        elapsed, usage = time.perf_counter() - started, self.tracker.summary()
         return RLMChatCompletion(
-            self.root_model, context, answer, self.tracker.summary(), time.perf_counter() - started
+            self.root_model, context, answer, usage, elapsed, self.iterations, self.answer_source
         )
 
     async def _run(self, context: Any, root_prompt: str | None) -> str:
@@ -213,6 +215,7 @@ class CompletionLoop:
             if self.logger:
                 self.logger.log(record)
             if outcome.answer is not None:
+                self.answer_source = answer_source(outcome.source, self.settings.answer_convention)
                 self.emit(
                     ev.FinalAnswer(
                         self.settings.depth, outcome.answer, outcome.source, self.iterations
@@ -410,5 +413,6 @@ class CompletionLoop:
             text = read.text if read.text is not None else text
         if self.logger:
             self.logger.log(RLMIteration(prompt=prompt, response=answer.text, final_answer=text))
+        self.answer_source = answer_source("out_of_turns", self.settings.answer_convention)
         self.emit(ev.FinalAnswer(self.settings.depth, text, "out_of_turns", self.iterations))
         return text
