@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox_agent import __version__
 
 if TYPE_CHECKING:
+    from rlm_orchestrator.budget import UnpricedModelWarning
     from rlm_orchestrator.exceptions import (
         AnswerTooLargeError,
         CompletionTimeoutError,
@@ -57,6 +58,7 @@ _EXPORTS = {
     "RLMIteration": "types",
     "RLMMetadata": "types",
     "UsageSummary": "types",
+    "UnpricedModelWarning": "budget",
 }
 
 
@@ -91,6 +93,7 @@ __all__ = [
     "RLMLogger",
     "RLMMetadata",
     "SandboxError",
+    "UnpricedModelWarning",
     "UsageSummary",
     "__version__",
 ]

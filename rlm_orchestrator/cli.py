@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,7 +30,11 @@ from rlm_orchestrator.telemetry.trace_cli import trace_app
 from sandbox_agent.limits import DEFAULT_EXEC_TIMEOUT_SECONDS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rlm_orchestrator import RLM
     from rlm_orchestrator.config.run import RunSettings
+    from rlm_orchestrator.events import Event
 
 # No rich markup: help texts are shown as written ("[default ...]", "[run]" stay).
 app = typer.Typer(
@@ -71,6 +76,8 @@ LOCAL_ONLY = {
     "environment": "--environment",
     "log_dir": "--log-dir",
     "config": "--config",
+    "input_cost_per_token": "--input-cost-per-token",
+    "output_cost_per_token": "--output-cost-per-token",
 }
 
 
@@ -123,7 +130,22 @@ def run(
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Total seconds for the completion.")] = None,
     max_cost: Annotated[
-        float | None, typer.Option(help="Stop when spend exceeds this (USD).")
+        float | None,
+        typer.Option(
+            help="Stop when spend exceeds this (USD). A model with no price (none set, none in "
+            "litellm's table: a local one) counts as $0: run warns."
+        ),
+    ] = None,
+    input_cost_per_token: Annotated[
+        float | None,
+        typer.Option(
+            help="USD per input token of the root and sub model, for a model litellm has no "
+            "price for (a local one): what --max-cost counts. Replaces litellm's price."
+        ),
+    ] = None,
+    output_cost_per_token: Annotated[
+        float | None,
+        typer.Option(help="USD per output token of the root and sub model (as above)."),
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
     answer_convention: Annotated[
@@ -132,6 +154,14 @@ def run(
             help="How the model answers: final (FINAL / FINAL_VAR) or answer_dict "
             '(answer = {"content": ..., "ready": True}).',
             show_default="final",
+        ),
+    ] = None,
+    code_fences: Annotated[
+        str | None,
+        typer.Option(
+            help="Languages of the fenced blocks that run, comma-separated: repl,python also "
+            "runs ```python blocks (for a model that never writes ```repl).",
+            show_default="repl",
         ),
     ] = None,
     config: Annotated[
@@ -180,6 +210,9 @@ def run(
         "max_cost": max_cost,
         "log_dir": log_dir,
         "answer_convention": answer_convention,
+        "code_fences": code_fences,
+        "input_cost_per_token": input_cost_per_token,
+        "output_cost_per_token": output_cost_per_token,
     }
     try:
         token_flag = getattr(ctx.get_parameter_source("token"), "name", "") == "COMMANDLINE"
@@ -199,6 +232,7 @@ def run(
             "timeout_seconds": timeout,
             "max_cost": max_cost,
             "answer_convention": answer_convention,
+            "code_fences": list(settings.code_fences) if code_fences is not None else None,
         }
         _run_remote(server, token, tls_ca, loaded, query, options, quiet, as_json)
         return
@@ -244,9 +278,8 @@ def _run_local_rlm(
     as_json: bool,
     status: StartupStatus,
 ) -> None:
-    from rlm_orchestrator import RLM, RLMError, RLMLogger
+    from rlm_orchestrator import RLMError, UnpricedModelWarning, budget
     from rlm_orchestrator.console import EventPrinter
-    from rlm_orchestrator.events import Event
 
     printer = None if quiet else EventPrinter(stderr)
 
@@ -262,27 +295,48 @@ def _run_local_rlm(
         lm_kwargs["api_key"] = settings.api_key
     if settings.transport != "auto":
         lm_kwargs["transport"] = settings.transport
+    for price in ("input_cost_per_token", "output_cost_per_token"):
+        if getattr(settings, price) is not None:
+            lm_kwargs[price] = getattr(settings, price)
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
     try:
-        rlm = RLM(
-            backend=settings.backend,
-            backend_kwargs=lm_kwargs,
-            environment=settings.environment,
-            environment_kwargs=settings.environment_kwargs,
-            max_depth=settings.max_depth,
-            max_iterations=settings.max_iterations,
-            other_backends=[settings.backend] if sub_kwargs else None,
-            other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
-            logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
-            max_cost=settings.max_cost,
-            timeout_seconds=settings.timeout_seconds,
-            answer_convention=settings.answer_convention,
-            on_event=on_event,
-        )
+        with warnings.catch_warnings():
+            # Said as a console line instead, even with --quiet: the budget is not what it says.
+            warnings.simplefilter("ignore", UnpricedModelWarning)
+            rlm = _make_rlm(settings, lm_kwargs, sub_kwargs, on_event)
+        reason = budget.unenforceable(rlm.max_cost, [rlm.root_config, *rlm.other_configs])
+        if reason is not None:
+            stderr.print("[bold yellow]warning:[/]", escape(reason), soft_wrap=True)
         result = rlm.completion(context, root_prompt=query)
     except RLMError as exc:
         raise fail(exc) from exc
     print_result(result, quiet, as_json)
+
+
+def _make_rlm(
+    settings: RunSettings,
+    lm_kwargs: dict[str, Any],
+    sub_kwargs: dict[str, Any] | None,
+    on_event: Callable[[Event], None],
+) -> RLM:
+    from rlm_orchestrator import RLM, RLMLogger
+
+    return RLM(
+        backend=settings.backend,
+        backend_kwargs=lm_kwargs,
+        environment=settings.environment,
+        environment_kwargs=settings.environment_kwargs,
+        max_depth=settings.max_depth,
+        max_iterations=settings.max_iterations,
+        other_backends=[settings.backend] if sub_kwargs else None,
+        other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
+        logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
+        max_cost=settings.max_cost,
+        timeout_seconds=settings.timeout_seconds,
+        answer_convention=settings.answer_convention,
+        code_fences=settings.code_fences,
+        on_event=on_event,
+    )
 
 
 def _run_remote(

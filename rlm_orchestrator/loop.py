@@ -18,6 +18,7 @@ from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.answers import AnswerRead, answer_source, read_answer
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
     DEFAULT_MAX_DEPTH,
@@ -90,6 +91,8 @@ class LoopSettings:
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
     # How the model gives its answer: FINAL/FINAL_VAR, or upstream's `answer` dict.
     answer_convention: AnswerConvention = FINAL
+    # The languages of the fenced blocks that run (```repl; config/fences.py).
+    code_fences: tuple[str, ...] = DEFAULT_CODE_FENCES
 
     @property
     def final_in_text(self) -> bool:
@@ -276,7 +279,7 @@ class CompletionLoop:
         response = await self._root_call(prompt, iteration)
         record = RLMIteration(prompt=prompt, response=response)
         outcome = _Outcome()
-        blocks = find_code_blocks(response)
+        blocks = find_code_blocks(response, self.settings.code_fences)
         for index, code in enumerate(blocks):
             result, answer_note = await self._run_block(iteration, index, code)
             record.code_blocks.append(CodeBlock(code, result))
@@ -291,7 +294,8 @@ class CompletionLoop:
                 # FINAL_VAR called inside the code ends the run; later blocks do not run.
                 outcome.answer, outcome.source = result.final_answer, "code"
                 return record, outcome
-        final = find_final_answer(response) if self.settings.final_in_text else None
+        fences = self.settings.code_fences
+        final = find_final_answer(response, fences) if self.settings.final_in_text else None
         if final is None:
             return record, outcome
         if blocks and not self.settings.final_with_code:
@@ -397,7 +401,8 @@ class CompletionLoop:
         prompt = [*self.messages, {"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
         answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
         text = answer.text
-        final = find_final_answer(text) if self.settings.final_in_text else None
+        fences = self.settings.code_fences
+        final = find_final_answer(text, fences) if self.settings.final_in_text else None
         if final is not None and final.kind == "final":
             text = final.value
         elif final is not None:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-# A ```repl fence, its content and a closing ``` at the start of a line. The content group is
-# lazily optional so an empty block (```repl\n```) closes at once instead of running on to
-# the next block's closing fence.
-_CODE_BLOCK = re.compile(r"```repl[ \t]*\r?\n(?:(.*?)\r?\n)??[ \t]*```", re.DOTALL)
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
+
+
+@functools.cache
+def _code_block(languages: tuple[str, ...]) -> re.Pattern[str]:
+    """A fence of one of `languages` (```repl by default), its content and a closing ``` at
+    the start of a line. The content group is lazily optional so an empty block (```repl\n```)
+    closes at once instead of running on to the next block's closing fence."""
+    names = "|".join(re.escape(language) for language in languages)
+    return re.compile(rf"```(?:{names})[ \t]*\r?\n(?:(.*?)\r?\n)??[ \t]*```", re.DOTALL)
+
 
 # Stands in for a masked block. It is not whitespace, so text that followed the block on the
 # same line does not end up looking like the start of a line.
@@ -37,10 +45,11 @@ class FinalAnswer:
     value: str
 
 
-def find_code_blocks(text: str) -> list[str]:
-    """Stripped contents of the complete ```repl blocks, in order; empty blocks skipped."""
+def find_code_blocks(text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES) -> list[str]:
+    """Stripped contents of the complete blocks fenced as one of `languages` (```repl), in
+    order; empty blocks skipped."""
     blocks: list[str] = []
-    for match in _CODE_BLOCK.finditer(text):
+    for match in _code_block(languages).finditer(text):
         content = (match.group(1) or "").strip()
         if content:
             blocks.append(content)
@@ -84,10 +93,13 @@ def _final_text(text: str, start: int, limit: int) -> str | None:
     return None
 
 
-def find_final_answer(text: str) -> FinalAnswer | None:
-    """The first FINAL_VAR(name), else the first FINAL(text), outside ```repl blocks."""
+def find_final_answer(
+    text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES
+) -> FinalAnswer | None:
+    """The first FINAL_VAR(name), else the first FINAL(text), outside code blocks (those
+    fenced as one of `languages`)."""
     # A FINAL inside a code block is code the sandbox runs, not an answer.
-    masked = _CODE_BLOCK.sub(_MASK, text.replace("\r\n", "\n"))
+    masked = _code_block(languages).sub(_MASK, text.replace("\r\n", "\n"))
 
     var_match = _FINAL_VAR.search(masked)
     if var_match is not None:

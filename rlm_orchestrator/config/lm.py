@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from rlm_orchestrator.exceptions import ConfigurationError
 
@@ -49,3 +49,8 @@ def transport_of(value: object) -> Transport:
     except ValidationError:
         choices = ", ".join(repr(t) for t in TRANSPORTS)
         raise ConfigurationError(f"transport: must be one of {choices} (got {value!r})") from None
+
+
+# USD per token (input_cost_per_token / output_cost_per_token), for a model litellm's price
+# table does not know (a local one, a gateway's alias): 0 is a price (free), None is none.
+TokenPrice = Annotated[float, Field(ge=0, allow_inf_nan=False)]
