@@ -278,7 +278,7 @@ def _run_local_rlm(
     as_json: bool,
     status: StartupStatus,
 ) -> None:
-    from rlm_orchestrator import RLMError, UnpricedModelWarning, budget
+    from rlm_orchestrator import ConfigurationError, RLMError, UnpricedModelWarning, budget
     from rlm_orchestrator.console import EventPrinter
 
     printer = None if quiet else EventPrinter(stderr)
@@ -308,6 +308,8 @@ def _run_local_rlm(
         if reason is not None:
             stderr.print("[bold yellow]warning:[/]", escape(reason), soft_wrap=True)
         result = rlm.completion(context, root_prompt=query)
+    except ConfigurationError as exc:  # a setting (no key, a bad option): exit code 2
+        configuration_error(exc)
     except RLMError as exc:
         raise fail(exc) from exc
     print_result(result, quiet, as_json)

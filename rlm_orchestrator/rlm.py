@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from rlm_orchestrator import budget, telemetry
+from rlm_orchestrator import budget, lm_keys, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS, FINAL, AnswerConvention
 from rlm_orchestrator.config.errors import Loc, dotted, refusing
@@ -214,6 +214,10 @@ class RLM:
 
     async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         telemetry.configure()  # from OTEL_* / RLM_TRACE_STORE, once per process; off otherwise
+        for config in (self.root_config, *self.other_configs):
+            # Refused before a sandbox starts, not after retries of a call never sent.
+            if reason := lm_keys.missing_key(config):
+                raise ConfigurationError(reason)
         router = LMRouter(self.root_config, self.other_configs)
         # litellm imports while the sandbox starts; the runner waits for it before the loop.
         router.start_prepare()

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rlm_orchestrator import budget, telemetry
+from rlm_orchestrator import budget, lm_keys, telemetry
 from rlm_orchestrator.config.backends import LocalConfig
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
@@ -76,6 +76,9 @@ def build_router(settings: ServerSettings) -> LMRouter:
     root = configs[settings.root_model or settings.models[0].name]
     sub = configs[settings.sub_model] if settings.sub_model else root
     others = [sub] + [c for name, c in configs.items() if c is not sub]
+    for config in configs.values():  # a model that cannot be called is refused at start
+        if reason := lm_keys.missing_key(config):
+            raise ConfigurationError(reason)
     return LMRouter(root, others)
 
 
