@@ -74,7 +74,9 @@ class CodeBlockFinished:
 
 @dataclass(frozen=True)
 class Notice:
-    """Something the model was told that a person watching should see too."""
+    """Something the model was told that a person watching should see too; or, from a
+    server before the first turn, something the client should know (a max_cost that cannot
+    be enforced: a model without a price)."""
 
     depth: int
     text: str

@@ -131,6 +131,9 @@ class CompletionRunner:
                 if depth == self.settings.depth:
                     await telemetry.flush()  # the completion's trace leaves now, not later
             span.set_attribute("rlm.cost_usd", tracker.total_cost)
+            # How it ended, as `trace show` prints it ("iterations=3 final=final_var").
+            span.set_attribute("rlm.iterations", result.iterations)
+            span.set_attribute("rlm.final_source", result.answer_source)
             return result
 
     async def _run(

@@ -671,7 +671,10 @@ class Notice(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     text: _builtins.str
-    """What the model was told (a deferred FINAL, a missing FINAL_VAR variable, a restart...)."""
+    """What the model was told (a deferred FINAL, a missing FINAL_VAR variable, a restart...);
+    or, before the first turn, what the client should know: a max_cost that cannot be
+    enforced because the root or sub model has no price (its calls count as $0).
+    """
     def __init__(
         self,
         *,
