@@ -6,13 +6,15 @@ in process and through a server (the request option `code_fences`, or the server
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT_MODEL
+from conftest import ROOT_MODEL, server_config, start_server, stop_server
 
 from rlm_orchestrator import RLM, ConfigurationError
 from rlm_orchestrator.exceptions import InvalidRequestError
+from rlm_orchestrator.service.settings import load_server_settings
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 
 MakeRLM = Callable[..., RLM]
@@ -65,3 +67,35 @@ def test_a_server_refuses_bad_fence_languages(orchestrator_server: Any) -> None:
             client.completion("ctx", None, code_fences=["repl", "not a word"])
     finally:
         client.close()
+
+
+def test_a_servers_default_applies_and_a_request_or_session_overrides_it(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    config = server_config(lm, tmp_path, code_fences=["repl", "python"])
+    server = start_server(config)
+    try:
+        with server.client() as client:
+            lm.set_sequence(ROOT_MODEL, PYTHON_ONLY)
+            assert client.completion("one two three").response == "3"  # the server's default
+            lm.set_sequence(ROOT_MODEL, [*PYTHON_ONLY, "FINAL(not run)"])
+            assert client.completion("a b", code_fences=["repl"]).response == "not run"
+            with client.create_session(code_fences=["repl"]) as session:
+                lm.set_sequence(ROOT_MODEL, PYTHON_ONLY)
+                # The request's list replaces the session's (not appended to it).
+                assert session.completion("x y", code_fences=["python"]).response == "2"
+    finally:
+        stop_server(server)
+
+
+def test_the_servers_setting_comes_from_its_file_or_a_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('code_fences = ["repl", "python"]\n')
+    assert load_server_settings(config).code_fences == ("repl", "python")
+    monkeypatch.setenv("RLM_SERVER_CODE_FENCES", "python,py")
+    assert load_server_settings(config).code_fences == ("python", "py")
+    monkeypatch.setenv("RLM_SERVER_CODE_FENCES", "")
+    with pytest.raises(ConfigurationError, match="RLM_SERVER_CODE_FENCES"):
+        load_server_settings(config)
