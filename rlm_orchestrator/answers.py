@@ -9,26 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlm_orchestrator import types
-from rlm_orchestrator.config.answer import FINAL, AnswerConvention
 from rlm_orchestrator.exceptions import SandboxError
 from rlm_orchestrator.sandbox import AgentClient
-
-# The loop's names for where an answer came from (ev.FinalAnswer.source) -> the result's.
-_SOURCES = {
-    "FINAL": types.FINAL_TEXT,
-    "FINAL_VAR": types.FINAL_VAR,
-    "out_of_turns": types.OUT_OF_TURNS,
-    "plain_lm": types.PLAIN_LM,
-}
-
-
-def answer_source(event_source: str, convention: AnswerConvention) -> str:
-    """RLMChatCompletion.answer_source for an answer the loop found at `event_source`: an
-    answer "code" gave is FINAL_VAR in the code, or the `answer` dict under that convention."""
-    if event_source == "code":
-        return types.FINAL_VAR_IN_CODE if convention == FINAL else types.ANSWER_DICT
-    return _SOURCES.get(event_source, event_source)
 
 
 @dataclass

@@ -92,7 +92,7 @@ class UsageUpdated:
 class FinalAnswer:
     depth: int
     answer: str
-    source: str  # "FINAL" | "FINAL_VAR" | "code" | "out_of_turns" | "plain_lm"
+    source: str  # an AnswerSource (types.py): "final", "final_var", "out_of_turns", ...
     iterations: int
 
 

@@ -16,7 +16,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.answers import AnswerRead, answer_source, read_answer
+from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
 from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
 from rlm_orchestrator.config.limits import (
@@ -51,6 +51,7 @@ from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.sub_calls import ChildSpawner, SubCalls
 from rlm_orchestrator.types import (
+    AnswerSource,
     CodeBlock,
     REPLResult,
     RLMChatCompletion,
@@ -130,7 +131,7 @@ class CompletionLoop:
         self.messages: list[dict[str, Any]] = []
         self.partial_answer: str | None = None
         self.iterations = 0
-        self.answer_source = ""  # how the answer was reached (types.ANSWER_SOURCES)
+        self.answer_source = ""  # how the answer was reached (an AnswerSource)
         self._deadline: float | None = None
         self.sub_calls = SubCalls(
             settings.depth,
@@ -218,7 +219,7 @@ class CompletionLoop:
             if self.logger:
                 self.logger.log(record)
             if outcome.answer is not None:
-                self.answer_source = answer_source(outcome.source, self.settings.answer_convention)
+                self.answer_source = outcome.source
                 self.emit(
                     ev.FinalAnswer(
                         self.settings.depth, outcome.answer, outcome.source, self.iterations
@@ -291,8 +292,9 @@ class CompletionLoop:
             if answer_note is not None:
                 outcome.notes.append(answer_note)
             if result.final_answer is not None:
-                # FINAL_VAR called inside the code ends the run; later blocks do not run.
-                outcome.answer, outcome.source = result.final_answer, "code"
+                # FINAL_VAR called inside the code (under answer_dict: `answer` made ready)
+                # ends the run; later blocks do not run.
+                outcome.answer, outcome.source = result.final_answer, self._in_code
                 return record, outcome
         fences = self.settings.code_fences
         final = find_final_answer(response, fences) if self.settings.final_in_text else None
@@ -303,14 +305,20 @@ class CompletionLoop:
                 self.partial_answer = final.value
             outcome.notes.append(DEFERRED_FINAL_NOTE)
         elif final.kind == "final":
-            outcome.answer, outcome.source = final.value, "FINAL"
+            outcome.answer, outcome.source = final.value, AnswerSource.FINAL
         else:
             read = await self._read_answer(final.value)
             if read.text is not None:
-                outcome.answer, outcome.source = read.text, "FINAL_VAR"
+                outcome.answer, outcome.source = read.text, AnswerSource.FINAL_VAR
             else:
                 outcome.notes.append(read.note)
         return record, outcome
+
+    @property
+    def _in_code(self) -> AnswerSource:
+        """The source of an answer the code gave, under this answer convention."""
+        final = self.settings.final_in_text
+        return AnswerSource.FINAL_VAR_IN_CODE if final else AnswerSource.ANSWER_DICT
 
     async def _read_answer(self, name: str | None) -> AnswerRead:
         return await read_answer(self.session.sandbox.client, name, self.settings.max_answer_chars)
@@ -418,6 +426,6 @@ class CompletionLoop:
             text = read.text if read.text is not None else text
         if self.logger:
             self.logger.log(RLMIteration(prompt=prompt, response=answer.text, final_answer=text))
-        self.answer_source = answer_source("out_of_turns", self.settings.answer_convention)
-        self.emit(ev.FinalAnswer(self.settings.depth, text, "out_of_turns", self.iterations))
+        self.answer_source = AnswerSource.OUT_OF_TURNS
+        self.emit(ev.FinalAnswer(self.settings.depth, text, self.answer_source, self.iterations))
         return text

@@ -26,7 +26,7 @@ from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.session import SessionState
-from rlm_orchestrator.types import PLAIN_LM, RLMChatCompletion
+from rlm_orchestrator.types import AnswerSource, RLMChatCompletion
 
 
 class LazyProvider:
@@ -206,8 +206,8 @@ class CompletionRunner:
         await self.router.prepare()
         started = time.perf_counter()
         answer = await self.router.complete(prompt, model=root_model, tracker=tracker)
-        self.emit(ev.FinalAnswer(depth, answer.text, "plain_lm", 0))
+        self.emit(ev.FinalAnswer(depth, answer.text, AnswerSource.PLAIN_LM, 0))
         elapsed = time.perf_counter() - started
         return RLMChatCompletion(
-            root_model, prompt, answer.text, tracker.summary(), elapsed, 0, PLAIN_LM
+            root_model, prompt, answer.text, tracker.summary(), elapsed, 0, AnswerSource.PLAIN_LM
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import ModuleType
 from typing import Any
 
@@ -102,15 +103,19 @@ class UsageSummary:
         )
 
 
-# How a completion's answer was reached (RLMChatCompletion.answer_source; the same names on
-# the wire, CompletionFinished.answer_source).
-FINAL_TEXT = "final"  # FINAL(text) in a root response
-FINAL_VAR = "final_var"  # FINAL_VAR(name) in a root response: the variable's value
-FINAL_VAR_IN_CODE = "final_var_in_code"  # FINAL_VAR(...) called by the code of a block
-ANSWER_DICT = "answer_dict"  # answer["ready"] = True in the REPL (answer_convention="answer_dict")
-OUT_OF_TURNS = "out_of_turns"  # none within max_iterations: the reply to one last request
-PLAIN_LM = "plain_lm"  # at depth >= max_depth: one plain LM call, no REPL
-ANSWER_SOURCES = (FINAL_TEXT, FINAL_VAR, FINAL_VAR_IN_CODE, ANSWER_DICT, OUT_OF_TURNS, PLAIN_LM)
+class AnswerSource(StrEnum):
+    """How a completion's answer was reached: RLMChatCompletion.answer_source, FinalAnswer
+    events' `source`, CompletionFinished.answer_source on the wire (the same names)."""
+
+    FINAL = "final"  # FINAL(text) in a root response
+    FINAL_VAR = "final_var"  # FINAL_VAR(name) in a root response: the variable's value
+    FINAL_VAR_IN_CODE = "final_var_in_code"  # FINAL_VAR(...) called by the code of a block
+    ANSWER_DICT = "answer_dict"  # answer["ready"] = True (answer_convention="answer_dict")
+    OUT_OF_TURNS = "out_of_turns"  # none within max_iterations: the reply to one last request
+    PLAIN_LM = "plain_lm"  # at depth >= max_depth: one plain LM call, no REPL
+
+
+ANSWER_SOURCES = tuple(source.value for source in AnswerSource)
 
 
 @dataclass
@@ -132,7 +137,7 @@ class RLMChatCompletion:
     def out_of_turns(self) -> bool:
         """No final answer within max_iterations: `response` is what the model said when
         asked for one after its last turn, not an answer it chose to give."""
-        return self.answer_source == OUT_OF_TURNS
+        return self.answer_source == AnswerSource.OUT_OF_TURNS
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ import pytest
 from conftest import repl
 
 from rlm_orchestrator import RLM, RLMChatCompletion, UsageSummary
+from rlm_orchestrator import events as ev
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 from rlm_orchestrator.types import ANSWER_SOURCES
 
@@ -45,7 +46,17 @@ def test_the_result_says_how_the_answer_was_reached(
     make_rlm: MakeRLM, lm: ScriptedLMServer, case: str
 ) -> None:
     root, options, (answer, turns, source) = CASES[case]
-    result = make_rlm(root=root, **options).completion("ctx", root_prompt="?")
+    finals: list[ev.FinalAnswer] = []
+
+    def on_event(event: ev.Event) -> None:
+        if isinstance(event, ev.FinalAnswer):
+            finals.append(event)
+
+    rlm = make_rlm(root=root, on_event=on_event, **options)
+    result = rlm.completion("ctx", root_prompt="?")
+    if via_rlm := not hasattr(rlm, "client"):  # in process: the event names it the same
+        assert [(f.source, f.iterations) for f in finals] == [(source, turns)]
+    assert via_rlm or finals == []  # through a server the stream ends with `finished` instead
     assert (result.response, result.iterations, result.answer_source) == (answer, turns, source)
     assert result.out_of_turns == (source == "out_of_turns")
     assert result.usage_summary.total_calls == len(lm.requests)
