@@ -1,7 +1,8 @@
 """Whether `max_cost` can be enforced: a model without a price counts every call as $0.
 
-A model is priced when its config sets a price (input_cost_per_token / output_cost_per_token)
-or litellm's price table has one for it (read by lm_prices.py, without importing litellm).
+A model is priced when its config sets a price (input_cost_per_token / output_cost_per_token;
+0 said on purpose counts) or litellm's price table has a non-zero one for it (read by
+lm_prices.py, without importing litellm: the table lists some local and free-tier models at $0).
 Local models (llama.cpp, vLLM, Ollama...) and a gateway's aliases usually have none: a budget
 then silently never stops them. Every surface says so instead: RLM(...) warns with an
 UnpricedModelWarning, `run` prints a warning line, the server logs it at start and sends a
@@ -33,8 +34,14 @@ def has_price(config: LMClientConfig) -> bool:
         return True
     if not model:  # no provider prefix (backend "litellm" and a bare name): litellm's key
         found = lm_prices.entry(provider)
-        return found is not None and "input_cost_per_token" in found
-    return lm_prices.price_entry(provider, model) is not None
+    else:
+        found = lm_prices.price_entry(provider, model)
+    return found is not None and _costs_something(found)
+
+
+def _costs_something(entry: dict[str, object]) -> bool:
+    prices = (entry.get("input_cost_per_token"), entry.get("output_cost_per_token"))
+    return any(isinstance(price, int | float) and price > 0 for price in prices)
 
 
 def unpriced(configs: Iterable[LMClientConfig]) -> list[str]:
@@ -55,7 +62,7 @@ def unenforceable(max_cost: float | None, configs: Iterable[LMClientConfig]) -> 
     model = "model" if len(names) == 1 else "models"
     return (
         f"max_cost=${max_cost:g} cannot be enforced for the {model} {listed}: no price is "
-        "configured and litellm's price table has none, so its calls count as $0. Set "
+        "configured and litellm's price table has none (or $0), so its calls count as $0. Set "
         "input_cost_per_token / output_cost_per_token (run: --input-cost-per-token, "
         "--output-cost-per-token; a server: in its [[models]] entry)."
     )

@@ -89,6 +89,13 @@ def test_a_priced_model_or_no_budget_gives_no_warning(
         RLM(backend_kwargs=backend_kwargs(lm, ROOT_MODEL))  # no max_cost
 
 
+def test_a_model_litellm_prices_at_zero_cannot_hold_a_budget(lm: ScriptedLMServer) -> None:
+    # litellm's table lists some local and free-tier models at $0: a budget never stops them.
+    kwargs = {"model_name": "gemma-3-27b-it", "api_key": "k"}
+    with pytest.warns(UnpricedModelWarning, match="'gemma-3-27b-it'"):
+        RLM(backend="gemini", backend_kwargs=kwargs, max_cost=1.0)
+
+
 def test_run_warns_on_one_line_even_when_quiet(
     lm: ScriptedLMServer, context: Path, no_run_variables: None
 ) -> None:
