@@ -32,10 +32,8 @@ def has_price(config: LMClientConfig) -> bool:
     provider, _, model = config.litellm_model.partition("/")
     if provider in PRICED_BY_PROVIDER:
         return True
-    if not model:  # no provider prefix (backend "litellm" and a bare name): litellm's key
-        found = lm_prices.entry(provider)
-    else:
-        found = lm_prices.price_entry(provider, model)
+    # No provider prefix (backend "litellm" and a bare name): the name is litellm's key.
+    found = lm_prices.price_entry(provider, model) if model else lm_prices.entry(provider)
     return found is not None and _costs_something(found)
 
 
