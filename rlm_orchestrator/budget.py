@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterable
 
 from rlm_orchestrator import lm_prices
-from rlm_orchestrator.router import LMClientConfig
+from rlm_orchestrator.config.lm import LMClientConfig
 
 # litellm providers whose replies carry their own cost (litellm reads it), whatever the table.
 PRICED_BY_PROVIDER = frozenset({"openrouter"})

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
+from rlm_orchestrator.cli_options import ContextWindowOption, MaxTokensOption, RequestTimeoutOption
 from rlm_orchestrator.cli_support import (
     DebugOption,
     StartupStatus,
@@ -78,6 +79,9 @@ LOCAL_ONLY = {
     "config": "--config",
     "input_cost_per_token": "--input-cost-per-token",
     "output_cost_per_token": "--output-cost-per-token",
+    "max_tokens": "--max-tokens",
+    "context_window": "--context-window",
+    "request_timeout_seconds": "--request-timeout",
 }
 
 
@@ -148,6 +152,9 @@ def run(
         typer.Option(help="USD per output token of the root and sub model (as above)."),
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
+    max_tokens: MaxTokensOption = None,
+    context_window: ContextWindowOption = None,
+    request_timeout: RequestTimeoutOption = None,
     answer_convention: Annotated[
         str | None,
         typer.Option(
@@ -213,6 +220,9 @@ def run(
         "code_fences": code_fences,
         "input_cost_per_token": input_cost_per_token,
         "output_cost_per_token": output_cost_per_token,
+        "max_tokens": max_tokens,
+        "context_window": context_window,
+        "request_timeout_seconds": request_timeout,
     }
     try:
         token_flag = getattr(ctx.get_parameter_source("token"), "name", "") == "COMMANDLINE"
@@ -298,6 +308,7 @@ def _run_local_rlm(
     for price in ("input_cost_per_token", "output_cost_per_token"):
         if getattr(settings, price) is not None:
             lm_kwargs[price] = getattr(settings, price)
+    lm_kwargs.update(settings.model_limits())
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
     try:
         with warnings.catch_warnings():
@@ -311,7 +322,7 @@ def _run_local_rlm(
     except ConfigurationError as exc:  # a setting (no key, a bad option): exit code 2
         configuration_error(exc)
     except RLMError as exc:
-        raise fail(exc) from exc
+        raise fail(exc, as_json) from exc
     print_result(result, quiet, as_json)
 
 
@@ -362,7 +373,7 @@ def _run_remote(
                 context, query, on_event=None if quiet else EventPrinter(stderr), **chosen
             )
         except RLMError as exc:
-            raise fail(exc) from exc
+            raise fail(exc, as_json) from exc
     print_result(result, quiet, as_json)
 
 

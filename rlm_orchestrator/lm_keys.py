@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from rlm_orchestrator.router import LMClientConfig
+from rlm_orchestrator.config.lm import LMClientConfig
 
 # Providers whose own API always needs a key, and the variables litellm reads it from (the
 # others: azure, gemini, vertex... have other ways to authenticate, left to litellm).

@@ -11,13 +11,23 @@ from typing import Literal
 from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
 
 
+def _fence(languages: tuple[str, ...]) -> str:
+    """An opening fence of one of `languages` (```repl by default), up to its line's end."""
+    names = "|".join(re.escape(language) for language in languages)
+    return rf"```(?:{names})[ \t]*\r?\n"
+
+
 @functools.cache
 def _code_block(languages: tuple[str, ...]) -> re.Pattern[str]:
-    """A fence of one of `languages` (```repl by default), its content and a closing ``` at
-    the start of a line. The content group is lazily optional so an empty block (```repl\n```)
-    closes at once instead of running on to the next block's closing fence."""
-    names = "|".join(re.escape(language) for language in languages)
-    return re.compile(rf"```(?:{names})[ \t]*\r?\n(?:(.*?)\r?\n)??[ \t]*```", re.DOTALL)
+    """An opening fence, the block's content and a closing ``` at the start of a line. The
+    content group is lazily optional so an empty block (```repl\n```) closes at once instead
+    of running on to the next block's closing fence."""
+    return re.compile(_fence(languages) + r"(?:(.*?)\r?\n)??[ \t]*```", re.DOTALL)
+
+
+@functools.cache
+def _open_fence(languages: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(_fence(languages))
 
 
 # Stands in for a masked block. It is not whitespace, so text that followed the block on the
@@ -54,6 +64,13 @@ def find_code_blocks(text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES
         if content:
             blocks.append(content)
     return blocks
+
+
+def open_code_block(text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES) -> bool:
+    """Whether `text` ends inside a code block (fenced as one of `languages`) that was opened
+    and never closed (a response cut by the output limit mid-code)."""
+    ends = [match.end() for match in _code_block(languages).finditer(text)]
+    return _open_fence(languages).search(text, ends[-1] if ends else 0) is not None
 
 
 def _line_end(text: str, index: int, limit: int) -> int:
