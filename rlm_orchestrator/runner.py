@@ -27,7 +27,7 @@ from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.session import SessionState
-from rlm_orchestrator.types import RLMChatCompletion
+from rlm_orchestrator.types import AnswerSource, RLMChatCompletion
 
 
 class LazyProvider:
@@ -132,6 +132,9 @@ class CompletionRunner:
                 if depth == self.settings.depth:
                     await telemetry.flush()  # the completion's trace leaves now, not later
             span.set_attribute("rlm.cost_usd", tracker.total_cost)
+            # How it ended, as `trace show` prints it ("iterations=3 final=final_var").
+            span.set_attribute("rlm.iterations", result.iterations)
+            span.set_attribute("rlm.final_source", result.answer_source)
             return result
 
     async def _run(
@@ -208,7 +211,8 @@ class CompletionRunner:
         await self.router.prepare()
         started = time.perf_counter()
         answer = await self.router.complete(prompt, model=root_model, tracker=tracker)
-        self.emit(ev.FinalAnswer(depth, answer.text, "plain_lm", 0))
+        self.emit(ev.FinalAnswer(depth, answer.text, AnswerSource.PLAIN_LM, 0))
+        elapsed = time.perf_counter() - started
         return RLMChatCompletion(
-            root_model, prompt, answer.text, tracker.summary(), time.perf_counter() - started
+            root_model, prompt, answer.text, tracker.summary(), elapsed, 0, AnswerSource.PLAIN_LM
         )
