@@ -120,7 +120,7 @@ class JournalStore(Protocol):
 
     async def get(self, completion_id: str) -> CompletionRecord | None: ...
 
-    async def list(
+    async def find(
         self, *, state: State | None = None, tenant: str | None = None, limit: int = 100
     ) -> builtins.list[CompletionRecord]:
         """Newest first."""
