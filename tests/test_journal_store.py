@@ -90,9 +90,9 @@ async def test_a_completion_begins_is_listed_and_ends(store: JournalStore) -> No
     with pytest.raises(ValueError, match="already there"):
         await store.begin(running("a"))
 
-    assert [r.completion_id for r in await store.list()] == ["b", "a"]  # newest first
-    assert [r.completion_id for r in await store.list(tenant="t1")] == ["a"]
-    assert [r.completion_id for r in await store.list(limit=1)] == ["b"]
+    assert [r.completion_id for r in await store.find()] == ["b", "a"]  # newest first
+    assert [r.completion_id for r in await store.find(tenant="t1")] == ["a"]
+    assert [r.completion_id for r in await store.find(limit=1)] == ["b"]
 
     await store.end("a", "finished", {"answer": "42", "usage": {"tokens": 7}})
     ended = await store.get("a")
@@ -100,8 +100,8 @@ async def test_a_completion_begins_is_listed_and_ends(store: JournalStore) -> No
     assert ended.result == {"answer": "42", "usage": {"tokens": 7}}
     assert (ended.owner, ended.lease_until) == ("", 0.0)
     assert ended.size_bytes > got.size_bytes
-    assert [r.completion_id for r in await store.list(state="finished")] == ["a"]
-    assert [r.completion_id for r in await store.list(state="running")] == ["b"]
+    assert [r.completion_id for r in await store.find(state="finished")] == ["a"]
+    assert [r.completion_id for r in await store.find(state="running")] == ["b"]
     with pytest.raises(KeyError):
         await store.end("nope", "failed", {})
     with pytest.raises(ValueError, match="ends"):
@@ -330,10 +330,10 @@ async def test_prune_by_age_then_by_size_keeps_running_ones(stores: StoreFactory
 
     assert await store.prune(max_age_seconds=None, max_bytes=None) == 0
     assert await store.prune(max_age_seconds=0.15, max_bytes=None) == 5
-    assert {r.completion_id for r in await store.list()} == {"old5", "live"}
+    assert {r.completion_id for r in await store.find()} == {"old5", "live"}
     assert await store.prune(max_age_seconds=3600, max_bytes=10**9) == 0
     assert await store.prune(max_age_seconds=None, max_bytes=1) == 1  # live stays regardless
-    assert [r.completion_id for r in await store.list()] == ["live"]
+    assert [r.completion_id for r in await store.find()] == ["live"]
     assert len(await store.entries("live")) == 1
 
 
@@ -343,10 +343,10 @@ async def test_size_limit_deletes_the_oldest_ended_first(store: JournalStore) ->
         await store.append(f"s{i}", [Entry(1, "block", {"out": "z" * 2000})])
         await store.end(f"s{i}", "finished", {})
         await asyncio.sleep(0.02)
-    sizes = {r.completion_id: r.size_bytes for r in await store.list()}
+    sizes = {r.completion_id: r.size_bytes for r in await store.find()}
     keep = sizes["s2"] + sizes["s3"]
     assert await store.prune(max_age_seconds=None, max_bytes=keep) == 2
-    assert sorted(r.completion_id for r in await store.list()) == ["s2", "s3"]
+    assert sorted(r.completion_id for r in await store.find()) == ["s2", "s3"]
 
 
 async def test_the_sqlite_store_survives_a_reopen_and_refuses_when_closed(tmp_path: Path) -> None:

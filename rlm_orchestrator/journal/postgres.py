@@ -15,7 +15,6 @@ blob is never freed under a completion that just stored it.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -108,8 +107,8 @@ class PostgresJournalStore:
         except psycopg.Error as exc:
             raise JournalError(f"journal database error: {exc}") from exc
 
-    async def _rows(self, query: str, params: Sequence[Any] = ()) -> builtins.list[Any]:
-        async def work(conn: Connection) -> builtins.list[Any]:
+    async def _rows(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
+        async def work(conn: Connection) -> list[Any]:
             cursor = await conn.execute(query, params)
             return await cursor.fetchall()
 
@@ -192,7 +191,7 @@ class PostgresJournalStore:
         completion_id: str,
         what: str,
         statement: str,
-        arrays: tuple[builtins.list[Any], ...],
+        arrays: tuple[list[Any], ...],
         size: int,
         first: int,
         last: int,
@@ -228,16 +227,14 @@ class PostgresJournalStore:
         if refused is not None:
             raise refused
 
-    async def entries(self, completion_id: str) -> builtins.list[Entry]:
+    async def entries(self, completion_id: str) -> list[Entry]:
         rows = await self._rows(
             "SELECT seq, kind, payload FROM journal_entries WHERE completion_id = %s ORDER BY seq",
             (completion_id,),
         )
         return [Entry(seq, kind, payload) for seq, kind, payload in rows]
 
-    async def events(
-        self, completion_id: str, after: int = 0, limit: int = 1000
-    ) -> builtins.list[Event]:
+    async def events(self, completion_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         rows = await self._rows(
             "SELECT event_offset, data FROM journal_events WHERE completion_id = %s "
             "AND event_offset > %s ORDER BY event_offset LIMIT %s",
@@ -249,9 +246,9 @@ class PostgresJournalStore:
         rows = await self._rows(f"{_SELECT_RECORD} WHERE c.completion_id = %s", (completion_id,))
         return record(rows[0]) if rows else None
 
-    async def list(
+    async def find(
         self, *, state: State | None = None, tenant: str | None = None, limit: int = 100
-    ) -> builtins.list[CompletionRecord]:
+    ) -> list[CompletionRecord]:
         rows = await self._rows(
             f"{_SELECT_RECORD} WHERE (%s::text IS NULL OR c.state = %s) AND "
             "(%s::text IS NULL OR c.tenant = %s) "
@@ -286,7 +283,7 @@ class PostgresJournalStore:
 
     async def claim(
         self, owner: str, lease_seconds: float, limit: int = 16
-    ) -> builtins.list[CompletionRecord]:
+    ) -> list[CompletionRecord]:
         rows = await self._rows(
             f"""WITH picked AS (
                 SELECT completion_id FROM journal_completions
@@ -308,8 +305,8 @@ class PostgresJournalStore:
 
     async def renew(
         self, owner: str, completion_ids: Sequence[str], lease_seconds: float
-    ) -> builtins.list[str]:
-        ids = builtins.list(completion_ids)
+    ) -> list[str]:
+        ids = list(completion_ids)
         if not ids:
             return []
         rows = await self._rows(
@@ -361,7 +358,7 @@ class PostgresJournalStore:
                 break
         return deleted
 
-    async def _ended_oldest(self, where: str, *params: Any) -> builtins.list[str]:
+    async def _ended_oldest(self, where: str, *params: Any) -> list[str]:
         rows = await self._rows(
             "SELECT completion_id FROM journal_completions WHERE state <> 'running' AND "
             f"{where} ORDER BY updated_at LIMIT %s",

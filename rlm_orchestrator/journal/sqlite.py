@@ -13,7 +13,6 @@ in the same transaction.
 
 from __future__ import annotations
 
-import builtins
 import functools
 import json
 import os
@@ -199,8 +198,8 @@ class SqliteJournalStore:
         rows, size = event_rows(completion_id, events)
         await self._appends.add(self._open_db(), "event", completion_id, rows, size, first, last)
 
-    async def entries(self, completion_id: str) -> builtins.list[Entry]:
-        def op(db: sqlite3.Connection) -> builtins.list[Entry]:
+    async def entries(self, completion_id: str) -> list[Entry]:
+        def op(db: sqlite3.Connection) -> list[Entry]:
             rows = db.execute(
                 "SELECT seq, kind, payload FROM journal_entries WHERE completion_id = ? "
                 "ORDER BY seq",
@@ -210,10 +209,8 @@ class SqliteJournalStore:
 
         return await self._call(op, write=False)
 
-    async def events(
-        self, completion_id: str, after: int = 0, limit: int = 1000
-    ) -> builtins.list[Event]:
-        def op(db: sqlite3.Connection) -> builtins.list[Event]:
+    async def events(self, completion_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        def op(db: sqlite3.Connection) -> list[Event]:
             rows = db.execute(
                 "SELECT event_offset, data FROM journal_events WHERE completion_id = ? "
                 "AND event_offset > ? ORDER BY event_offset LIMIT ?",
@@ -226,10 +223,10 @@ class SqliteJournalStore:
     async def get(self, completion_id: str) -> CompletionRecord | None:
         return await self._call(lambda db: _get(db, completion_id), write=False)
 
-    async def list(
+    async def find(
         self, *, state: State | None = None, tenant: str | None = None, limit: int = 100
-    ) -> builtins.list[CompletionRecord]:
-        where, params = ["1"], builtins.list[str]()
+    ) -> list[CompletionRecord]:
+        where, params = ["1"], list[str]()
         if state is not None:
             where.append("c.state = ?")
             params.append(state)
@@ -241,7 +238,7 @@ class SqliteJournalStore:
             "c.completion_id LIMIT ?"
         )
 
-        def op(db: sqlite3.Connection) -> builtins.list[CompletionRecord]:
+        def op(db: sqlite3.Connection) -> list[CompletionRecord]:
             return [record(row) for row in db.execute(query, (*params, limit))]
 
         return await self._call(op, write=False)
@@ -268,8 +265,8 @@ class SqliteJournalStore:
 
     async def claim(
         self, owner: str, lease_seconds: float, limit: int = 16
-    ) -> builtins.list[CompletionRecord]:
-        def op(db: sqlite3.Connection) -> builtins.list[CompletionRecord]:
+    ) -> list[CompletionRecord]:
+        def op(db: sqlite3.Connection) -> list[CompletionRecord]:
             now = time.time()
             ids = [
                 cid
@@ -290,10 +287,10 @@ class SqliteJournalStore:
 
     async def renew(
         self, owner: str, completion_ids: Sequence[str], lease_seconds: float
-    ) -> builtins.list[str]:
-        ids = builtins.list(completion_ids)
+    ) -> list[str]:
+        ids = list(completion_ids)
 
-        def op(db: sqlite3.Connection) -> builtins.list[str]:
+        def op(db: sqlite3.Connection) -> list[str]:
             now = time.time()
             lost = []
             for cid in ids:

@@ -23,7 +23,6 @@ order, an ended completion), `JournalError` (the store itself failed: unreachabl
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -111,18 +110,16 @@ class JournalStore(Protocol):
     async def append_events(self, completion_id: str, events: Sequence[Event]) -> None:
         """Events after the last one (same rule as `append`)."""
 
-    async def entries(self, completion_id: str) -> builtins.list[Entry]: ...
+    async def entries(self, completion_id: str) -> list[Entry]: ...
 
-    async def events(
-        self, completion_id: str, after: int = 0, limit: int = 1000
-    ) -> builtins.list[Event]:
+    async def events(self, completion_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         """Events with offset > after, in order, at most `limit`."""
 
     async def get(self, completion_id: str) -> CompletionRecord | None: ...
 
     async def find(
         self, *, state: State | None = None, tenant: str | None = None, limit: int = 100
-    ) -> builtins.list[CompletionRecord]:
+    ) -> list[CompletionRecord]:
         """Newest first."""
 
     async def end(self, completion_id: str, state: State, result: dict[str, Any]) -> None:
@@ -130,13 +127,13 @@ class JournalStore(Protocol):
 
     async def claim(
         self, owner: str, lease_seconds: float, limit: int = 16
-    ) -> builtins.list[CompletionRecord]:
+    ) -> list[CompletionRecord]:
         """Running completions whose lease expired, now owned by `owner` until now +
         lease_seconds (atomic: a completion is claimed by one caller only)."""
 
     async def renew(
         self, owner: str, completion_ids: Sequence[str], lease_seconds: float
-    ) -> builtins.list[str]:
+    ) -> list[str]:
         """Extend the leases `owner` still holds; the ids it no longer holds (taken over)."""
 
     async def delete(self, completion_id: str) -> bool:
