@@ -337,6 +337,21 @@ async def test_prune_by_age_then_by_size_keeps_running_ones(stores: StoreFactory
     assert len(await store.entries("live")) == 1
 
 
+async def test_prune_frees_the_blobs_of_completions_that_never_began(
+    stores: StoreFactory, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await stores()
+    await store.put_blob("never-began", b"a context nobody ran")
+    kept = await store.put_blob("began", b"kept")
+    await store.begin(running("began"))
+    assert await store.prune(max_age_seconds=None, max_bytes=None) == 0
+    assert blob_count(store_url) == 2  # within the grace: its completion may be beginning
+    for module in ("sqlite_retention", "postgres"):
+        monkeypatch.setattr(f"rlm_orchestrator.journal.{module}.ORPHAN_GRACE_SECONDS", -1.0)
+    assert await store.prune(max_age_seconds=None, max_bytes=None) == 0  # no completion
+    assert blob_count(store_url) == 1 and await store.blob(kept) == b"kept"
+
+
 async def test_size_limit_deletes_the_oldest_ended_first(store: JournalStore) -> None:
     for i in range(4):
         await store.begin(running(f"s{i}"))
