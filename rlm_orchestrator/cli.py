@@ -296,6 +296,37 @@ def serve(
     os._exit(0)
 
 
+@app.command()
+def ui(
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            help="The SQLite trace store (default: env RLM_TRACE_STORE, "
+            "else ~/.local/share/rlm-orchestrator/traces.db).",
+            show_default=False,
+        ),
+    ] = None,
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT; beyond loopback only with a token (RLM_UI_TOKEN).")
+    ] = "127.0.0.1:8765",
+) -> None:
+    """A web page of the recorded completions: turns, timeline, sub-calls, totals (live)."""
+    import asyncio
+
+    from rlm_orchestrator.exceptions import ConfigurationError
+    from rlm_orchestrator.telemetry.store import store_path
+    from rlm_orchestrator.ui.command import run_viewer
+
+    try:
+        asyncio.run(run_viewer(store_path(store), listen))
+    except ConfigurationError as exc:
+        configuration_error(exc)
+    except OSError as exc:
+        stderr.print("[bold red]error:[/]", escape(f"cannot listen on {listen}: {exc}"))
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     """The console entry point (cli_support.run_app: one line per error, the fast exit). Not
     in `app` itself: CliRunner tests call that."""

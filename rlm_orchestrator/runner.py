@@ -145,6 +145,8 @@ class CompletionRunner:
             # How it ended, as `trace show` prints it ("iterations=3 final=final_var").
             span.set_attribute("rlm.iterations", result.iterations)
             span.set_attribute("rlm.final_source", result.answer_source)
+            if telemetry.record_content():  # the answer, as the viewer shows it
+                span.set_attribute("rlm.answer", telemetry.content(result.response))
             return result
 
     async def _run(

@@ -289,6 +289,10 @@ class TraceStore:
         )
         return [_stored(row) for row in rows]
 
+    def trace_ids(self, limit: int = 20) -> list[str]:
+        """The newest `limit` trace ids, newest first."""
+        return self._trace_ids(limit)
+
     def last_trace_id(self) -> str | None:
         ids = self._trace_ids(1)
         return ids[0] if ids else None
