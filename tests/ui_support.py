@@ -9,13 +9,16 @@ DOM after the page's scripts ran (`--virtual-time-budget` lets its fetches finis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +141,96 @@ def screenshot(url: str, path: Path, width: int = 1400, height: int = 1800) -> P
     done = _browse(url, f"--screenshot={path}", f"--window-size={width},{height}")
     assert done.returncode == 0 and path.is_file(), done.stderr[-3000:]
     return path
+
+
+# -- the dumped DOM, parsed with the standard library ----------------------------------------------
+
+VOID = {"meta", "link", "img", "br", "hr", "input", "source", "area", "base", "col", "wbr"}
+
+
+@dataclass
+class Element:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Element | str]
+
+    @property
+    def classes(self) -> set[str]:
+        return set(self.attrs.get("class", "").split())
+
+    @property
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text for c in self.children)
+
+    def find_all(self, tag: str | None = None, cls: str | None = None) -> list[Element]:
+        found: list[Element] = []
+        for child in self.children:
+            if isinstance(child, Element):
+                if (tag is None or child.tag == tag) and (cls is None or cls in child.classes):
+                    found.append(child)
+                found += child.find_all(tag, cls)
+        return found
+
+    def style(self) -> dict[str, str]:
+        pairs = (p.split(":", 1) for p in self.attrs.get("style", "").split(";") if ":" in p)
+        return {k.strip(): v.strip() for k, v in pairs}
+
+
+class _Builder(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Element("#document", {}, [])
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        element = Element(tag, {k: v or "" for k, v in attrs}, [])
+        self.stack[-1].children.append(element)
+        if tag not in VOID:
+            self.stack.append(element)
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].children.append(data)
+
+
+def parse_dom(html: str) -> Element:
+    builder = _Builder()
+    builder.feed(html)
+    builder.close()
+    return builder.root
+
+
+def percent(value: str) -> float:
+    assert value.endswith("%"), value
+    return float(value[:-1])
+
+
+@contextlib.contextmanager
+def viewer(store: Path, **env: str) -> Iterator[str]:
+    """`rlm-orchestrator ui` on a free port, as a subprocess: its URL."""
+    command = [sys.executable, "-m", "rlm_orchestrator.cli", "ui", "--store", str(store)]
+    process = subprocess.Popen(
+        [*command, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("VIEWER "), f"the viewer did not start: {line!r}"
+        yield line.split()[1]
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

@@ -35,11 +35,13 @@ from rlm_orchestrator.sandbox import (
 from rlm_orchestrator.sandbox.limits import SandboxPool
 from rlm_orchestrator.service import durable_service
 from rlm_orchestrator.service.durable import Durability
-from rlm_orchestrator.service.listen import bind, check_port_free
+from rlm_orchestrator.service.listen import AddressInUseError, bind, check_port_free
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
 from rlm_orchestrator.service.settings import ServerSettings
 from rlm_orchestrator.service.tenants import Tenants
+from rlm_orchestrator.service.viewer import viewer_server
+from rlm_orchestrator.ui.app import ViewerServer
 from rlm_wire.auth import BearerTokenInterceptor, server_credentials
 from rlm_wire.decoding import InvalidMessageInterceptor
 from rlm_wire.v1 import lm_router_pb2, orchestrator_pb2, orchestrator_pb2_grpc
@@ -161,6 +163,7 @@ class OrchestratorServer:
         self._reaper: asyncio.Task[None] | None = None
         self._leases: asyncio.Task[None] | None = None
         self._router: LMRouter | None = None
+        self.viewer: ViewerServer | None = None
 
     async def start(self) -> int:
         telemetry.configure()
@@ -168,6 +171,7 @@ class OrchestratorServer:
         # before seconds of imports.
         check_authentication(self.settings)
         check_port_free(self.settings.listen)
+        viewer = viewer_server(self.settings)  # its refusals before the slow start too
         self._provider = await _sandbox_provider(self.settings)
         router = self._router = build_router(self.settings)
         await router.prepare()
@@ -212,6 +216,12 @@ class OrchestratorServer:
             self.port = bind(server, self.settings.listen)
         await server.start()
         self._server = server
+        if viewer is not None:
+            try:
+                await viewer.start()
+            except OSError as exc:
+                raise AddressInUseError(viewer.listen, exc.strerror or str(exc)) from None
+            self.viewer = viewer
         for name in ("", ORCHESTRATOR, LM_ROUTER):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reaper = asyncio.create_task(self._reap_sessions())
@@ -243,6 +253,9 @@ class OrchestratorServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
+        if self.viewer is not None:
+            await self.viewer.stop()
+            self.viewer = None
         await self._health.enter_graceful_shutdown()
         if self._leases is not None:
             self._leases.cancel()
@@ -293,6 +306,8 @@ async def serve(settings: ServerSettings) -> None:
         gc.freeze()
         host = settings.listen.rsplit(":", 1)[0]
         print(f"LISTENING {host}:{port}", flush=True)
+        if server.viewer is not None:
+            print(f"VIEWER {server.viewer.url}", flush=True)
         await stop.wait()
         log.warning(
             "shutting down: %d completion(s) running",

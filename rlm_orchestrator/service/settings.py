@@ -232,6 +232,9 @@ class ServerSettings(SandboxSettings):
     # On SIGTERM: how long running completions may go on before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
+    # The completion viewer (`rlm-orchestrator ui`'s page) on this HOST:PORT, over the trace
+    # store (RLM_TRACE_STORE), behind auth_token: service/viewer.py. None: not served.
+    ui_listen: str | None = None
     # The fenced blocks that run for a request that sets no code_fences: ```repl (the contract);
     # ["repl", "python"] also runs ```python blocks. Not a limit: a request may set its own.
     code_fences: CodeFences = DEFAULT_CODE_FENCES
