@@ -138,8 +138,9 @@ def test_model_output_and_prints_render_as_text(lm: ScriptedLMServer, tmp_path: 
     assert recorded.response == PAYLOAD
     trace_id = TraceStore(recorded.store).trace_ids(1)[0]
     with viewer(recorded.store) as url:
-        html = dump_dom(f"{url}#/trace/{trace_id}")
-        _keep(screenshot(f"{url}#/trace/{trace_id}", tmp_path / "hostile.png", height=900), "ui-hostile.png")
+        page = f"{url}#/trace/{trace_id}"
+        html = dump_dom(page)
+        _keep(screenshot(page, tmp_path / "hostile.png", height=900), "ui-hostile.png")
     dom = parse_dom(html)
     # No element from the payload: the page's one script, no image; the title untouched.
     assert [s.attrs.get("src") for s in dom.find_all("script")] == ["/static/app.js"]
