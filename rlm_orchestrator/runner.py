@@ -120,34 +120,36 @@ class CompletionRunner:
         `journal`, it is written there as it runs (and answered from it where it has answers)."""
         depth = self.settings.depth if depth is None else depth
         attributes: dict[str, str | int] = {"rlm.depth": depth, "rlm.root_model": root_model}
-        with telemetry.tracer().start_as_current_span(
-            "rlm.completion", attributes=attributes
-        ) as span:
-            try:
-                result = await self._run(
-                    context,
-                    root_prompt,
-                    tracker,
-                    root_model,
-                    depth,
-                    session,
-                    timeout_seconds,
-                    journal,
-                )
-            except BaseException as exc:
-                telemetry.mark_error(span, exc)
+        try:
+            with telemetry.tracer().start_as_current_span(
+                "rlm.completion", attributes=attributes
+            ) as span:
+                try:
+                    result = await self._run(
+                        context,
+                        root_prompt,
+                        tracker,
+                        root_model,
+                        depth,
+                        session,
+                        timeout_seconds,
+                        journal,
+                    )
+                except BaseException as exc:
+                    telemetry.mark_error(span, exc)
+                    span.set_attribute("rlm.cost_usd", tracker.total_cost)
+                    raise
                 span.set_attribute("rlm.cost_usd", tracker.total_cost)
-                raise
-            finally:
-                if depth == self.settings.depth:
-                    await telemetry.flush()  # the completion's trace leaves now, not later
-            span.set_attribute("rlm.cost_usd", tracker.total_cost)
-            # How it ended, as `trace show` prints it ("iterations=3 final=final_var").
-            span.set_attribute("rlm.iterations", result.iterations)
-            span.set_attribute("rlm.final_source", result.answer_source)
-            if telemetry.record_content():  # the answer, as the viewer shows it
-                span.set_attribute("rlm.answer", telemetry.content(result.response))
-            return result
+                # How it ended, as `trace show` prints it ("iterations=3 final=final_var").
+                span.set_attribute("rlm.iterations", result.iterations)
+                span.set_attribute("rlm.final_source", result.answer_source)
+                if telemetry.record_content():  # the answer, as the viewer shows it
+                    span.set_attribute("rlm.answer", telemetry.content(result.response))
+                return result
+        finally:
+            # The completion's trace leaves now (its own span too: it has ended), not later.
+            if depth == self.settings.depth:
+                await telemetry.flush()
 
     async def _run(
         self,

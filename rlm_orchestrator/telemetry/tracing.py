@@ -28,6 +28,7 @@ TRACER_NAME = "rlm_orchestrator"
 CONTENT_ENV = "RLM_TRACE_CONTENT"
 STORE_ENV = "RLM_TRACE_STORE"
 MAX_CONTENT_CHARS = 2000
+STORE_DELAY_MS = 1000
 _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
 _state: dict[str, Any] = {"configured": False, "provider": None, "processors": []}
@@ -54,7 +55,12 @@ def configure(store_path: Path | None = None) -> bool:
         if store is not None:
             from rlm_orchestrator.telemetry.store import SqliteSpanExporter
 
-            processors.append(BatchSpanProcessor(SqliteSpanExporter(store)))
+            # Every second (not the SDK's 5 s) unless OTEL_BSP_SCHEDULE_DELAY says: a local
+            # file is cheap to write, and `rlm-orchestrator ui` shows a running completion live.
+            delay = None if os.environ.get("OTEL_BSP_SCHEDULE_DELAY") else STORE_DELAY_MS
+            processors.append(
+                BatchSpanProcessor(SqliteSpanExporter(store), schedule_delay_millis=delay)
+            )
         for processor in processors:
             provider.add_span_processor(processor)
         trace.set_tracer_provider(provider)

@@ -316,9 +316,9 @@ def trace_view(spans: Sequence[StoredSpan]) -> dict[str, Any]:
 
 def trace_list_item(spans: Sequence[StoredSpan]) -> dict[str, Any]:
     """One row of the list: the summary, the status and how the completion ended."""
-    top = roots(spans)[0]
-    completion = next((s for s in roots(spans) if s.name == "rlm.completion"), top)
-    attrs = completion.attributes
+    # The outermost completion starts first (it may hang under an RPC's span, under serve).
+    completions = [s for s in spans if s.name == "rlm.completion"]
+    attrs = min(completions, key=lambda s: s.start_ns).attributes if completions else {}
     return summarize(spans).to_dict() | {
         "status": status_of(spans),
         "root_model": attrs.get("rlm.root_model"),
