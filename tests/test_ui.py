@@ -7,12 +7,19 @@ there too (`RLM_UI_SCREENSHOTS=docs` refreshes docs/ui-screenshot.png, the READM
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import sqlite3
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from conftest import SUB_MODEL, repl
+from test_trace_store import _record_completion
 from ui_support import (
     ROOT_TURN_1,
     SUB_CALLS,
@@ -29,15 +36,17 @@ from ui_support import (
 
 from rlm_orchestrator.telemetry.store import TraceStore
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
+from rlm_orchestrator.ui.app import ViewerSettings, create_app
 
 pytestmark = pytest.mark.slow
 
 
-def _keep(path: Path, name: str) -> None:
-    """Copies a screenshot where RLM_UI_SCREENSHOTS says (the README's is made that way)."""
+def _keep(path: Path, name: str | None = None) -> None:
+    """A screenshot was taken; with `name`, copied where RLM_UI_SCREENSHOTS says (the README's
+    is made that way)."""
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
     target = os.environ.get("RLM_UI_SCREENSHOTS")
-    if target:
+    if target and name:
         Path(target).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, Path(target) / name)
 
@@ -58,9 +67,9 @@ def test_the_page_shows_turns_concurrent_sub_calls_and_totals(
         page = f"{url}#/trace/{trace_id}"
         dom = parse_dom(dump_dom(page))
         _keep(screenshot(page, tmp_path / "trace.png", height=1500), "ui-screenshot.png")
-        screenshot(page, tmp_path / "trace-full.png", height=3400)
+        _keep(screenshot(page, tmp_path / "trace-full.png", height=3400))
         listing = parse_dom(dump_dom(url))
-        _keep(screenshot(url, tmp_path / "list.png", height=500), "ui-list.png")
+        _keep(screenshot(url, tmp_path / "list.png", height=500))
     (body,) = dom.find_all("body")
     assert body.attrs.get("data-ready") == "ok"
 
@@ -140,7 +149,7 @@ def test_model_output_and_prints_render_as_text(lm: ScriptedLMServer, tmp_path: 
     with viewer(recorded.store) as url:
         page = f"{url}#/trace/{trace_id}"
         html = dump_dom(page)
-        _keep(screenshot(page, tmp_path / "hostile.png", height=900), "ui-hostile.png")
+        _keep(screenshot(page, tmp_path / "hostile.png", height=900))
     dom = parse_dom(html)
     # No element from the payload: the page's one script, no image; the title untouched.
     assert [s.attrs.get("src") for s in dom.find_all("script")] == ["/static/app.js"]
@@ -153,3 +162,37 @@ def test_model_output_and_prints_render_as_text(lm: ScriptedLMServer, tmp_path: 
     assert f"{PAYLOAD}\n" in texts  # the printed output
     assert PAYLOAD in texts  # the final answer
     assert "&lt;script&gt;" in html  # escaped in the serialized DOM, never markup
+
+
+async def test_a_running_completion_updates_live(tmp_path: Path) -> None:
+    """The page polls while the trace runs: its completion's span arrives between two polls,
+    and the page shows it finished, then stops polling."""
+    chromium()
+    db = tmp_path / "t.db"
+    trace_id = _record_completion(db)
+    shift = time.time_ns() - 1_700_000_000_000_000_000 - 3 * 10**9  # recorded 3 s ago
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE spans SET start_ns = start_ns + ?, end_ns = end_ns + ?", (shift,) * 2)
+        root = conn.execute("SELECT * FROM spans WHERE parent_span_id IS NULL").fetchone()
+        conn.execute("DELETE FROM spans WHERE parent_span_id IS NULL")
+    polls: list[str] = []
+
+    async def on_response(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.startswith("/api/traces/"):
+            polls.append(request.path)
+            if len(polls) == 2:  # the completion ends now
+                with closing(sqlite3.connect(db)) as conn, conn:
+                    conn.execute(f"INSERT INTO spans VALUES ({', '.join('?' * len(root))})", root)
+
+    app = create_app(ViewerSettings(store=db))
+    app.on_response_prepare.append(on_response)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        html = await asyncio.to_thread(dump_dom, str(server.make_url(f"/#/trace/{trace_id}")))
+    finally:
+        await server.close()
+    dom = parse_dom(html)
+    assert dom.find_all("body")[0].attrs.get("data-ready") == "ok"
+    assert len(polls) == 3, polls  # running, running, then ok: no more polls
+    assert "running" not in [b.text for b in dom.find_all("span", "badge")]

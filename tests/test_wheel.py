@@ -53,6 +53,9 @@ def test_the_wheel_ships_the_product_and_no_fakes(wheel: Path) -> None:
     assert [n for n in names if FAKE.search(n)] == []
     assert "rlm_orchestrator/testing/scripted_lm.py" in names
     assert "sandbox_agent/__main__.py" in names
+    # The viewer's page: its files, no build step (rlm-orchestrator ui serves them as they are).
+    for static in ("index.html", "app.js", "style.css", "login.html", "login.js"):
+        assert f"rlm_orchestrator/ui/static/{static}" in names, static
     # Typed packages (PEP 561): each ships its marker.
     for package in ("rlm_orchestrator", "rlm_wire", "sandbox_agent"):
         assert f"{package}/py.typed" in names, package

@@ -119,6 +119,7 @@ def _browse(url: str, *args: str, budget_ms: int = 8000) -> subprocess.Completed
             "--headless",
             "--no-sandbox",  # root in CI's container: chromium's own sandbox cannot start
             "--disable-gpu",
+            "--disable-dev-shm-usage",  # containers' /dev/shm is often too small for it
             "--no-first-run",
             "--disable-extensions",
             f"--user-data-dir={profile}",
