@@ -179,9 +179,7 @@ class ViewerServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        self.port = int(runner.addresses[0][1])  # the one bound (port 0: a free one)
         return self.port
 
     @property
