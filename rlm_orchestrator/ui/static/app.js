@@ -147,7 +147,7 @@ function renderTimeline(view) {
     bar.style.left = (100 * s.start_ms / total).toFixed(4) + "%";
     bar.style.width = Math.max(100 * s.duration_ms / total, 0.15).toFixed(4) + "%";
     const time = el("span", { class: "when" }, ms(s.duration_ms));
-    return el("div", { class: "row kind-" + s.kind }, label,
+    return el("div", { class: "row kind-" + s.kind + (s.error ? " failed" : "") }, label,
       el("div", { class: "track" }, bar), time);
   });
   return el("section", { id: "timeline" }, el("h2", {}, "Timeline"), legend,
@@ -233,6 +233,7 @@ function renderTrace(view) {
     el("p", {}, ms(view.duration_ms) + " · " + (s.span_count || 0) + " spans · " +
       (s.input_tokens || 0) + " → " + (s.output_tokens || 0) + " tokens · " + usd(s.cost_usd) +
       " · " + (s.services || []).join(", ")),
+    s.error_count ? el("p", { class: "error" }, s.error_count + " span(s) failed: marked red below") : null,
     view.content_recorded ? null : el("p", { class: "dim" },
       "Prompts, code and output were not recorded: set RLM_TRACE_CONTENT=1 where it runs."),
     view.status === "running" ? el("p", { class: "live" }, "running: this page updates every second") : null);
