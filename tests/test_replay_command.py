@@ -1,0 +1,193 @@
+"""`rlm-orchestrator replay` (issue 20, acceptance 5): a completion recorded with local sandboxes
+runs again in Docker sandboxes with the recorded answers, without a model call, and reports no
+divergence for deterministic code; a block that prints the clock diverges, reported by its
+number. The same from a journal store (the in-memory one, its entries written by the
+completion recorder).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT_MODEL, SANDBOX_IMAGE, SUB_MODEL, backend_kwargs, repl, require_docker
+from typer.testing import CliRunner
+
+from rlm_orchestrator import RLM, RLMLogger, answer_dict, replay_cli
+from rlm_orchestrator.cli import app
+from rlm_orchestrator.journal.memory import MemoryJournalStore
+from rlm_orchestrator.journal.recorder import CompletionJournal
+from rlm_orchestrator.journal.replay import BlockRecord, SubCallRecord
+from rlm_orchestrator.journal.store import CompletionRecord
+from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
+from rlm_orchestrator.testing.scripted_lm import Rule, ScriptedLMServer
+
+CONTEXT = "alpha beta gamma delta"
+DETERMINISTIC = [
+    repl("a = llm_query('first fact')\nwords = context.split()\nprint(a, len(words))"),
+    repl("import random\nrandom.seed(7)\nb = round(random.random(), 6)\nprint(b, words[::-1])"),
+    repl("e = llm_query_batched(['x', 'y'])\nprint(e, a.upper())\nprint(undefined_name)"),
+    repl("import hashlib\nprint(hashlib.sha256(repr((a, b, e)).encode()).hexdigest()[:12])"),
+]
+CLOCK = repl("import time\nstamp = time.time()\nprint(stamp)")
+DOCKER = json.dumps({"image": SANDBOX_IMAGE})
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["replay", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def record(lm: ScriptedLMServer, directory: Path, blocks: list[str]) -> Path:
+    """A completion run with local sandboxes, logged: its trajectory file."""
+    for prompt, answer in (("first fact", "one"), ("x", "x1"), ("y", "y1")):
+        lm.add_rule(Rule(answer, model=SUB_MODEL, regex=f"^{prompt}$"))
+    lm.set_sequence(ROOT_MODEL, [*blocks, "FINAL(done)"])
+    logger = RLMLogger(directory / "logs")
+    rlm = RLM(
+        backend="openai",
+        backend_kwargs=backend_kwargs(lm, ROOT_MODEL),
+        other_backends=["openai"],
+        other_backend_kwargs=[backend_kwargs(lm, SUB_MODEL)],
+        environment="local",
+        environment_kwargs={"setup_code": "seeded = 42"},
+        logger=logger,
+    )
+    assert rlm.completion(CONTEXT).response == "done"
+    return Path(logger.log_file_path)
+
+
+@pytest.fixture
+def context_file(tmp_path: Path) -> Path:
+    path = tmp_path / "context.txt"
+    path.write_text(CONTEXT)
+    return path
+
+
+def test_a_local_trajectory_replays_in_docker_without_divergence(
+    lm: ScriptedLMServer, tmp_path: Path, context_file: Path
+) -> None:
+    require_docker()
+    trajectory = record(lm, tmp_path, [*DETERMINISTIC, repl("print(seeded)")])
+    calls = len(lm.requests)
+    code, stdout, stderr = invoke(
+        str(trajectory), "--context", str(context_file), "--environment", "docker",
+        "--environment-kwargs", DOCKER,
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert "in a fresh docker sandbox" in stdout
+    for number in range(1, 6):
+        assert f"block {number} (turn {number}, block 1): same" in stdout
+    assert stdout.strip().endswith("no divergence: 5 block(s) replayed the same")
+    assert len(lm.requests) == calls  # every answer came from the record
+
+
+def test_a_block_that_reads_the_clock_diverges_by_its_number(
+    lm: ScriptedLMServer, tmp_path: Path, context_file: Path
+) -> None:
+    trajectory = record(lm, tmp_path, [DETERMINISTIC[0], CLOCK, repl("print(a)")])
+    code, stdout, _ = invoke(str(trajectory), "--context", str(context_file))
+    assert code == 1
+    assert "block 1 (turn 1, block 1): same" in stdout
+    assert "block 2 (turn 2, block 1): DIFFERS\n  stdout: at character" in stdout
+    assert "block 3 (turn 3, block 1): same" in stdout
+    assert "divergence: 1 of 3 block(s) differ, the first at block 2 (turn 2, block 1)" in stdout
+    code, stdout, _ = invoke(str(trajectory), "--context", str(context_file), "--json")
+    assert code == 1
+    report = json.loads(stdout)
+    assert report["diverged"] is True
+    assert [b["number"] for b in report["blocks"] if b["differences"]] == [2]
+    assert report["blocks"][1]["differences"][0]["what"] == "stdout"
+
+
+def test_changed_code_is_reported_as_requests_not_in_the_record(
+    lm: ScriptedLMServer, tmp_path: Path, context_file: Path
+) -> None:
+    trajectory = record(lm, tmp_path, [DETERMINISTIC[0]])
+    lines = trajectory.read_text().splitlines()
+    turn = json.loads(lines[1])
+    turn["code_blocks"][0]["code"] = turn["code_blocks"][0]["code"].replace("first", "second")
+    trajectory.write_text("\n".join([lines[0], json.dumps(turn), *lines[2:]]) + "\n")
+    calls = len(lm.requests)
+    code, stdout, _ = invoke(str(trajectory), "--context", str(context_file))
+    assert code == 1
+    assert "sub_call: a llm_query request not in the record: 'second fact'" in stdout
+    assert "note: 1 recorded sub-call answer(s) were not asked for" in stdout
+    assert len(lm.requests) == calls
+
+
+def test_usage_errors(lm: ScriptedLMServer, tmp_path: Path, context_file: Path) -> None:
+    trajectory = record(lm, tmp_path, [DETERMINISTIC[0]])
+    code, _, stderr = invoke(str(trajectory))
+    assert code == 2 and "does not hold its context: give it with --context" in stderr
+    other = tmp_path / "other.txt"
+    other.write_text("not the same context")
+    code, _, stderr = invoke(str(trajectory), "--context", str(other))
+    assert code == 2 and "--context is not the context of trajectory" in stderr
+    code, _, stderr = invoke(str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "no such trajectory file" in stderr
+    code, _, stderr = invoke(str(trajectory), "-c", str(context_file), "--environment", "nope")
+    assert code == 2 and "--environment" in stderr
+    args = ("-c", str(context_file), "--environment-kwargs", '{"bogus": 1}')
+    code, _, stderr = invoke(str(trajectory), *args)
+    assert code == 2 and "--environment-kwargs bogus" in stderr
+
+
+# -- from a journal ------------------------------------------------------------------------
+
+
+def report(stdout: str, stderr: str = "", status: str = "ok") -> ExecutionReport:
+    return ExecutionReport(status=status, stdout=stdout, stderr=stderr, error="")
+
+
+async def journaled(store: MemoryJournalStore, completion_id: str, context: Any) -> None:
+    """A completion as the loop journals it: the context as a blob, answer_dict's internal
+    code, two model blocks (the first with a sub-call), then one that read the clock."""
+    encoding = "text" if isinstance(context, str) else "json"
+    data = context.encode() if isinstance(context, str) else json.dumps(context).encode()
+    blob = await store.put_blob(completion_id, data)
+    request = {"context_blob": blob, "context_encoding": encoding, "options": {}}
+    await store.begin(CompletionRecord(completion_id, request))
+    journal = CompletionJournal(store, completion_id)
+    install = BlockRecord(answer_dict.INSTALL_CODE, internal=True).finish(report(""))
+    await journal.block(0, 0, install)
+    first = BlockRecord("a = llm_query('first fact')\nprint(a, len(context))")
+    answers = [SubCallOutcome(text="one")]
+    sub_call = SubCallRecord.of(["first fact"], "", "llm_query", answers)
+    first.sub_calls.append(sub_call)
+    await journal.sub_call(1, 0, sub_call)
+    await journal.block(1, 0, first.finish(report(f"one {len(context)}\n")))
+    second = BlockRecord("answer['content'] = a * 2\nprint(answer['content'])")
+    await journal.block(2, 0, second.finish(report("oneone\n")))
+    clock = BlockRecord("import time\nprint(time.time())")
+    await journal.block(3, 0, clock.finish(report("1700000000.0\n")))
+    await store.end(completion_id, "finished", {"response": "done"})
+
+
+@pytest.mark.parametrize("context", ["a text context", {"rows": [1, 2, 3]}])
+def test_a_journaled_completion_replays_from_the_store(
+    monkeypatch: pytest.MonkeyPatch, context: Any
+) -> None:
+    store = MemoryJournalStore()
+    asyncio.run(journaled(store, "c-1", context))
+
+    async def the_store(address: str) -> MemoryJournalStore:
+        assert address == "memory:test"
+        return store
+
+    monkeypatch.setattr(replay_cli, "open_journal", the_store)
+    code, stdout, stderr = invoke("c-1", "--journal", "memory:test")
+    assert code == 1, stdout + stderr
+    assert "replay of completion c-1 in a fresh local sandbox" in stdout
+    assert "internal code (answer_dict): same" in stdout
+    assert "block 1 (turn 1, block 1): same" in stdout
+    assert "block 2 (turn 2, block 1): same" in stdout
+    assert "block 3 (turn 3, block 1): DIFFERS\n  stdout: at character " in stdout
+    assert "divergence: 1 of 4 block(s) differ, the first at block 3 (turn 3, block 1)" in stdout
+    code, _, stderr = invoke("c-2", "--journal", "memory:test")
+    assert code == 2 and "no completion 'c-2' in the journal" in stderr
