@@ -23,6 +23,7 @@ from rlm_orchestrator.cli_support import (
     stderr,
     usage_error,
 )
+from rlm_orchestrator.config.backends import BACKENDS
 
 if TYPE_CHECKING:
     from rlm_orchestrator.config.sandbox import SandboxConfig
@@ -62,7 +63,7 @@ def replay(
     environment: Annotated[
         str | None,
         typer.Option(
-            help="Sandbox backend to replay in (local, docker, ...).",
+            help=f"Sandbox backend to replay in: {', '.join(BACKENDS)}.",
             show_default="the recorded one",
         ),
     ] = None,
@@ -76,7 +77,6 @@ def replay(
     journal: Annotated[
         str | None,
         typer.Option(
-            envvar="RLM_JOURNAL_STORE",
             help="The journal store holding the completion (sqlite:///dir, postgresql://...).",
         ),
     ] = None,
