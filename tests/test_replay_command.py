@@ -30,7 +30,7 @@ DETERMINISTIC = [
     repl("a = llm_query('first fact')\nwords = context.split()\nprint(a, len(words))"),
     repl("import random\nrandom.seed(7)\nb = round(random.random(), 6)\nprint(b, words[::-1])"),
     repl("e = llm_query_batched(['x', 'y'])\nprint(e, a.upper())\nprint(undefined_name)"),
-    repl("import hashlib\nprint(hashlib.sha256(repr((a, b, e)).encode()).hexdigest()[:12])"),
+    repl("r = rlm_query('z')\nimport zlib\nprint(zlib.crc32(repr((a, b, e, r)).encode()))"),
 ]
 CLOCK = repl("import time\nstamp = time.time()\nprint(stamp)")
 DOCKER = json.dumps({"image": SANDBOX_IMAGE})
@@ -43,11 +43,11 @@ def invoke(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def record(lm: ScriptedLMServer, directory: Path, blocks: list[str]) -> Path:
+def record(lm: ScriptedLMServer, directory: Path, blocks: list[str], **kwargs: Any) -> Path:
     """A completion run with local sandboxes, logged: its trajectory file."""
-    for prompt, answer in (("first fact", "one"), ("x", "x1"), ("y", "y1")):
+    for prompt, answer in (("first fact", "one"), ("x", "x1"), ("y", "y1"), ("z", "z1")):
         lm.add_rule(Rule(answer, model=SUB_MODEL, regex=f"^{prompt}$"))
-    lm.set_sequence(ROOT_MODEL, [*blocks, "FINAL(done)"])
+    lm.set_sequence(ROOT_MODEL, [*blocks, kwargs.pop("last", "FINAL(done)")])
     logger = RLMLogger(directory / "logs")
     rlm = RLM(
         backend="openai",
@@ -57,6 +57,7 @@ def record(lm: ScriptedLMServer, directory: Path, blocks: list[str]) -> Path:
         environment="local",
         environment_kwargs={"setup_code": "seeded = 42"},
         logger=logger,
+        **kwargs,
     )
     assert rlm.completion(CONTEXT).response == "done"
     return Path(logger.log_file_path)
@@ -103,6 +104,21 @@ def test_a_block_that_reads_the_clock_diverges_by_its_number(
     assert report["diverged"] is True
     assert [b["number"] for b in report["blocks"] if b["differences"]] == [2]
     assert report["blocks"][1]["differences"][0]["what"] == "stdout"
+
+
+def test_answer_dicts_code_is_run_as_the_loop_runs_it(
+    lm: ScriptedLMServer, tmp_path: Path, context_file: Path
+) -> None:
+    blocks = [
+        repl("answer['content'] = 'draft'\nprint(type(answer).__name__, answer['ready'])"),
+        repl("answer = {'content': 'x'}\nprint(sorted(answer))"),
+        repl("print(type(answer).__name__, answer['content'])\nanswer['content'] = 'done'"),
+    ]
+    last = repl("answer['ready'] = True")
+    trajectory = record(lm, tmp_path, blocks, last=last, answer_convention="answer_dict")
+    code, stdout, _ = invoke(str(trajectory), "--context", str(context_file))
+    assert code == 0, stdout
+    assert "no divergence: 4 block(s) replayed the same" in stdout
 
 
 def test_changed_code_is_reported_as_requests_not_in_the_record(
@@ -169,10 +185,14 @@ async def journaled(store: MemoryJournalStore, completion_id: str, context: Any)
     await store.end(completion_id, "finished", {"response": "done"})
 
 
-@pytest.mark.parametrize("context", ["a text context", {"rows": [1, 2, 3]}])
+@pytest.mark.parametrize(
+    ("context", "environment"), [("a text context", "local"), ({"rows": [1, 2, 3]}, "docker")]
+)
 def test_a_journaled_completion_replays_from_the_store(
-    monkeypatch: pytest.MonkeyPatch, context: Any
+    monkeypatch: pytest.MonkeyPatch, context: Any, environment: str
 ) -> None:
+    if environment == "docker":
+        require_docker()
     store = MemoryJournalStore()
     asyncio.run(journaled(store, "c-1", context))
 
@@ -181,9 +201,12 @@ def test_a_journaled_completion_replays_from_the_store(
         return store
 
     monkeypatch.setattr(replay_cli, "open_journal", the_store)
-    code, stdout, stderr = invoke("c-1", "--journal", "memory:test")
+    args = ("--environment", environment, "--environment-kwargs", DOCKER)
+    code, stdout, stderr = invoke(
+        "c-1", "--journal", "memory:test", *args[: 4 if environment == "docker" else 2]
+    )
     assert code == 1, stdout + stderr
-    assert "replay of completion c-1 in a fresh local sandbox" in stdout
+    assert f"replay of completion c-1 in a fresh {environment} sandbox" in stdout
     assert "internal code (answer_dict): same" in stdout
     assert "block 1 (turn 1, block 1): same" in stdout
     assert "block 2 (turn 2, block 1): same" in stdout
