@@ -36,6 +36,7 @@ CASES = {
     "idle": "bench.cases.idle",
     "router": "bench.cases.router",
     "fanout": "bench.cases.fanout",
+    "journal": "bench.cases.journal",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3

@@ -17,7 +17,6 @@ sandbox, which rebuilds its namespace. Events are not sent again while it catche
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
@@ -61,12 +60,12 @@ class CompletionJournal:
         self._calls = 0
         # True while a resumed run catches up with what was recorded.
         self.replaying = bool(self._lm)
-        self._lock = asyncio.Lock()
 
     async def _append(self, kind: str, payload: dict[str, Any]) -> None:
-        async with self._lock:  # seq order is append order
-            self._seq += 1
-            await self.store.append(self.completion_id, [Entry(self._seq, kind, payload)])
+        # No lock: a store applies one completion's appends in the order they were called, so
+        # concurrent sub-calls' entries commit together instead of one after another.
+        self._seq += 1
+        await self.store.append(self.completion_id, [Entry(self._seq, kind, payload)])
 
     # -- root model calls --------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from rlm_orchestrator.exceptions import (
     ServerShutdownError,
     ServerUnavailableError,
 )
+from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import system_prompt_for
@@ -39,6 +40,7 @@ from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
 from rlm_orchestrator.sandbox import SandboxProvider
 from rlm_orchestrator.sandbox.limits import SandboxPool
+from rlm_orchestrator.service import durable_service
 from rlm_orchestrator.service.admission import (
     Admission,
     CapacityRefused,
@@ -46,6 +48,7 @@ from rlm_orchestrator.service.admission import (
     Ticket,
     request_limits,
 )
+from rlm_orchestrator.service.durable import Durability
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
 from rlm_orchestrator.service.run_input import Context, merged_options, read_context, read_start
@@ -76,9 +79,16 @@ class _Session:
 @maps_rlm_errors
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(
-        self, settings: ServerSettings, router: LMRouter, pool: SandboxPool, tenants: Tenants
+        self,
+        settings: ServerSettings,
+        router: LMRouter,
+        pool: SandboxPool,
+        tenants: Tenants,
+        durability: Durability | None = None,
     ) -> None:
         self.settings = settings
+        # The journal of durable completions (durable.py), when the server keeps one.
+        self.durability = durability
         self.tenants = tenants
         self.router = router
         self.pool = pool
@@ -127,14 +137,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 EventBuffer(self.settings.max_buffered_event_bytes),
                 tenant=tenant.name,
             )
-            async for message in self._stream(runner, running, session, start, request_iterator):
+            if self.durability is not None and session is None:
+                stream_of = durable_service.durable_stream(
+                    self, runner, running, start, options, request_iterator, ticket.give_back
+                )
+            else:
+                stream_of = self._stream(runner, running, session, start, request_iterator)
+            async for message in stream_of:
                 yield message
         except asyncio.CancelledError:
             if self._cutting:
                 raise ServerShutdownError(self._cut_message()) from None
             raise
         finally:
-            ticket.give_back()
+            if running.task is None or self.durability is None or session is not None:
+                ticket.give_back()  # else the detached completion gives it back as it ends
             self._streams.discard(stream)
 
     async def _stream(
@@ -147,6 +164,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> AsyncIterator[pb.CompletionEvent]:
         """An admitted completion: `started`, the upload, then its events as it runs."""
         events = running.events
+        assert isinstance(events, EventBuffer)  # a journaled one streams from its log instead
         excerpt_chars = self.settings.event_excerpt_chars
 
         def emit(event: ev.Event) -> None:
@@ -192,11 +210,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         session: _Session | None,
         value: Any,
         root_prompt: str | None,
+        journal: CompletionJournal | None = None,
     ) -> None:
-        """Runs the completion; its last event is `finished` or `failed`, then the end mark."""
+        """Runs the completion; its last event is `finished` or `failed`, then the end mark
+        (and, journaled, its end in the journal)."""
         outcome = Outcome(
             running, self.settings.max_answer_chars, self.settings.event_excerpt_chars
         )
+        state = "failed"
         try:
             if session is not None:
                 async with session.lock:
@@ -211,12 +232,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                     session.last_used = time.monotonic()
             else:
                 result = await runner.run(
-                    value, root_prompt, tracker=running.tracker, root_model=running.root_model
+                    value,
+                    root_prompt,
+                    tracker=running.tracker,
+                    root_model=running.root_model,
+                    journal=journal,
                 )
             await outcome.finish(result)
+            state = "finished"
         except asyncio.CancelledError:
             grace = self._shutdown_grace
             if grace is None:
+                state = "cancelled"
                 outcome.fail(pb.FAILURE_KIND_CANCELLED, "the completion was cancelled")
             else:
                 message = (
@@ -230,6 +257,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             outcome.fail_with(exc)
         finally:
             running.events.close()
+            if journal is not None and self.durability is not None:
+                await self.durability.end(running.completion_id, state, {"state": state})
 
     def _session_for(self, session_id: str, tenant: Tenant) -> _Session | None:
         if not session_id:
@@ -292,6 +321,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             max_answer_chars=self.settings.max_answer_chars,
         )
         return CompletionRunner(router, provider, loop_settings, logger=self._logger)
+
+    async def AttachCompletion(
+        self, request: pb.AttachCompletionRequest, context: Context
+    ) -> AsyncIterator[pb.CompletionEvent]:
+        async for message in durable_service.attach(self, request, context):
+            yield message
 
     # -- management ----------------------------------------------------------------------------
 
