@@ -8,7 +8,6 @@ configuration error (journal/rerun.py does the work; journal/recording.py reads 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -36,19 +35,15 @@ DIVERGED = 1
 
 async def open_journal(address: str) -> JournalStore:
     """The journal store at `address` (sqlite:///dir, postgresql://...), opened."""
+    from rlm_orchestrator.config.journal import JournalSettings, open_store
     from rlm_orchestrator.exceptions import ConfigurationError
 
     try:
-        # config/journal.py (the stores' factory) is imported by name: it lands with the stores.
-        journal = importlib.import_module("rlm_orchestrator.config.journal")
-    except ImportError:
-        raise ConfigurationError("no journal store is available in this version") from None
-    try:
-        settings = journal.JournalSettings(store=address)
+        settings = JournalSettings(store=address)
     except ValueError as exc:
-        raise ConfigurationError(f"--journal {address}: {exc}") from None
-    store: JournalStore = await journal.open_store(settings)
-    return store
+        message = " ".join(str(exc).split())
+        raise ConfigurationError(f"--journal {address}: {message}") from None
+    return await open_store(settings)
 
 
 def replay(

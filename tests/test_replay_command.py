@@ -214,3 +214,38 @@ def test_a_journaled_completion_replays_from_the_store(
     assert "divergence: 1 of 4 block(s) differ, the first at block 3 (turn 3, block 1)" in stdout
     code, _, stderr = invoke("c-2", "--journal", "memory:test")
     assert code == 2 and "no completion 'c-2' in the journal" in stderr
+
+
+def test_a_completion_journaled_by_serve_and_resumed_replays_without_divergence(
+    lm: ScriptedLMServer, tmp_path: Path
+) -> None:
+    """Recorded by `serve` with local sandboxes, killed mid-block and finished by a second
+    server (which journaled the blocks it ran again): replayed from the SQLite journal in
+    Docker, each block once, the same."""
+    require_docker()
+    from conftest import start_server, stop_server
+    from test_durable import TURNS, durable_config, killed_mid_block
+
+    lm.set_sequence(ROOT_MODEL, TURNS)
+    lm.set_sequence(SUB_MODEL, ["the sky is blue"])
+    store = f"sqlite://{tmp_path / 'journal'}"
+    config = durable_config(lm, tmp_path, store, "local")
+    first = start_server(config)
+    try:
+        completion_id, _ = killed_mid_block(first)
+    finally:
+        stop_server(first)
+    second = start_server(config)
+    try:
+        with second.client() as client:
+            assert list(client.attach(completion_id))[-1].result.response == "THE SKY IS BLUE!"
+    finally:
+        stop_server(second)
+    calls = len(lm.requests)
+    args = ("--journal", store, "--environment", "docker", "--environment-kwargs", DOCKER)
+    code, stdout, stderr = invoke(completion_id, *args)
+    assert code == 0, stdout + stderr
+    for turn in (1, 2, 3):
+        assert f"block {turn} (turn {turn}, block 1): same" in stdout
+    assert stdout.strip().endswith("no divergence: 3 block(s) replayed the same")
+    assert len(lm.requests) == calls

@@ -24,6 +24,7 @@ from rlm_orchestrator.journal.store import (
     CompletionRecord,
     Entry,
     Event,
+    JournalStore,
     State,
 )
 
@@ -255,3 +256,7 @@ class MemoryJournalStore:
 
     def __repr__(self) -> str:
         return f"MemoryJournalStore({len(self._completions)} completions, {len(self._blobs)} blobs)"
+
+
+def _implements(store: MemoryJournalStore) -> JournalStore:
+    return store  # type-checked: the whole interface, with its signatures

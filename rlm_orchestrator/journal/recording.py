@@ -208,21 +208,33 @@ def _trajectory_block(turn: int, index: int, block: dict[str, Any]) -> RecordedB
 # -- a journal -----------------------------------------------------------------------------
 
 
+def _option(request: dict[str, Any], name: str) -> Any:
+    """A request option: at the top, or in `options` (the server's: protobuf JSON names)."""
+    options = request.get("options")
+    options = options if isinstance(options, dict) else {}
+    camel = "".join(part.title() if i else part for i, part in enumerate(name.split("_")))
+    for value in (request.get(name), options.get(name), options.get(camel)):
+        if value is not None:
+            return value
+    return None
+
+
 async def read_journal(store: JournalStore, completion_id: str) -> Recording:
-    """A completion of a journal store: its request (the context's blob), its block entries
-    with the sub-call entries that preceded each (recorder.py)."""
+    """A completion of a journal store: its request (the context's blob, its options), its
+    block entries with their sub-call entries (recorder.py).
+
+    A resumed completion ran its blocks again on the server that took it over, which journaled
+    them again: each block (turn, index) counts once, where it first ran, with every answer its
+    sub-calls got (some before the first server died, the rest after)."""
     from rlm_orchestrator.journal.recorder import sub_call_from
 
     record = await store.get(completion_id)
     if record is None:
         raise RecordingError(f"no completion {completion_id!r} in the journal")
     request = record.request
-    options = request.get("options")
-    options = options if isinstance(options, dict) else {}
     kwargs = dict(request.get("environment_kwargs") or {})
     for name in ("exec_timeout_seconds", "max_output_chars"):
-        value = request.get(name, options.get(name))
-        if value is not None:
+        if (value := _option(request, name)) is not None:
             kwargs.setdefault(name, value)
     recording = Recording(
         source=f"completion {completion_id}",
@@ -242,17 +254,27 @@ async def read_journal(store: JournalStore, completion_id: str) -> Recording:
         else:
             recording.context = data.decode("utf-8")
         recording.has_context = True
-    pending: dict[tuple[int, int], list[SubCallRecord]] = defaultdict(list)
-    for entry in await store.entries(completion_id):
-        if entry.kind not in ("sub_call", "block"):
+    entries = await store.entries(completion_id)
+    answers: dict[tuple[int, int], list[SubCallRecord]] = defaultdict(list)
+    for entry in entries:
+        if entry.kind == "sub_call":
+            key = (int(entry.payload["turn"]), int(entry.payload["block"]))
+            answers[key].append(sub_call_from(entry.payload["record"]))
+    seen: set[tuple[int, int]] = set()
+    for entry in entries:
+        if entry.kind != "block":
             continue
         key = (int(entry.payload["turn"]), int(entry.payload["block"]))
-        if entry.kind == "sub_call":
-            pending[key].append(sub_call_from(entry.payload["record"]))
-            continue
         block = BlockRecord.from_payload(entry.payload["record"])
-        block.sub_calls = pending.pop(key, [])
+        if not block.internal:
+            if key in seen:
+                continue  # run again by a resumed completion
+            seen.add(key)
+            block.sub_calls = answers.get(key, [])
         skip = "its sandbox was lost when it ran" if block.status == "sandbox_lost" else ""
         turn = 0 if block.internal else key[0]
         recording.blocks.append(RecordedBlock(block, turn, key[1], skip=skip))
+    # answer_dict's internal code, when the journal does not hold it, runs as the loop runs it.
+    internal = any(b.record.internal for b in recording.blocks)
+    recording.answer_dict = not internal and _option(request, "answer_convention") == ANSWER_DICT
     return recording
