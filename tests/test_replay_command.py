@@ -162,16 +162,20 @@ def report(stdout: str, stderr: str = "", status: str = "ok") -> ExecutionReport
 
 
 async def journaled(store: MemoryJournalStore, completion_id: str, context: Any) -> None:
-    """A completion as the loop journals it: the context as a blob, answer_dict's internal
-    code, two model blocks (the first with a sub-call), then one that read the clock."""
+    """A completion journaled under answer_dict: the context as a blob, two model blocks (the
+    first with a sub-call), then one that read the clock. A text context's journal holds
+    answer_dict's code as an internal block; a JSON one's says the convention in its options
+    (as serve journals it), and the replay runs that code as the loop does."""
     encoding = "text" if isinstance(context, str) else "json"
     data = context.encode() if isinstance(context, str) else json.dumps(context).encode()
     blob = await store.put_blob(completion_id, data)
-    request = {"context_blob": blob, "context_encoding": encoding, "options": {}}
+    options = {} if encoding == "text" else {"answerConvention": "answer_dict"}
+    request = {"context_blob": blob, "context_encoding": encoding, "options": options}
     await store.begin(CompletionRecord(completion_id, request))
     journal = CompletionJournal(store, completion_id)
-    install = BlockRecord(answer_dict.INSTALL_CODE, internal=True).finish(report(""))
-    await journal.block(0, 0, install)
+    if encoding == "text":
+        install = BlockRecord(answer_dict.INSTALL_CODE, internal=True).finish(report(""))
+        await journal.block(0, 0, install)
     first = BlockRecord("a = llm_query('first fact')\nprint(a, len(context))")
     answers = [SubCallOutcome(text="one")]
     sub_call = SubCallRecord.of(["first fact"], "", "llm_query", answers)
@@ -207,11 +211,14 @@ def test_a_journaled_completion_replays_from_the_store(
     )
     assert code == 1, stdout + stderr
     assert f"replay of completion c-1 in a fresh {environment} sandbox" in stdout
-    assert "internal code (answer_dict): same" in stdout
+    assert ("internal code (answer_dict): same" in stdout) == isinstance(context, str)
     assert "block 1 (turn 1, block 1): same" in stdout
     assert "block 2 (turn 2, block 1): same" in stdout
     assert "block 3 (turn 3, block 1): DIFFERS\n  stdout: at character " in stdout
-    assert "divergence: 1 of 4 block(s) differ, the first at block 3 (turn 3, block 1)" in stdout
+    ran = 4 if isinstance(context, str) else 3
+    assert (
+        f"divergence: 1 of {ran} block(s) differ, the first at block 3 (turn 3, block 1)" in stdout
+    )
     code, _, stderr = invoke("c-2", "--journal", "memory:test")
     assert code == 2 and "no completion 'c-2' in the journal" in stderr
 

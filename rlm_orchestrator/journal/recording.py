@@ -16,8 +16,10 @@ What a trajectory log holds, and so what it can replay:
   recorded) the loop's `answer` dict is installed and re-wrapped as the loop does;
 - one completion: a persistent session's log holds several, whose later contexts and
   histories are not in it.
-A journal holds all of it: the context (a blob), the internal code as blocks, each request's
-model and kind (matched by digest), outputs as digests with their first characters.
+A journal holds more: the context (a blob), the request's options (answer_dict's code runs as
+in a trajectory when the journal does not hold it as blocks), each request's model and kind
+(answers matched by digest), outputs as digests with their first characters. Not the server's
+sandbox backend: the replay's own (`--environment`, local by default).
 """
 
 from __future__ import annotations
