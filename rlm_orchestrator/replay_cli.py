@@ -43,6 +43,12 @@ async def open_journal(address: str) -> JournalStore:
     except ValueError as exc:
         message = " ".join(str(exc).split())
         raise ConfigurationError(f"--journal {address}: {message}") from None
+    if settings.kind == "sqlite":
+        from rlm_orchestrator.journal.sqlite import FILE_NAME
+
+        # Opening one makes it: a mistyped directory is said, not made.
+        if not await asyncio.to_thread((settings.directory / FILE_NAME).is_file):
+            raise ConfigurationError(f"--journal {address}: no journal there")
     return await open_store(settings)
 
 

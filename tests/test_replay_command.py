@@ -223,6 +223,14 @@ def test_a_journaled_completion_replays_from_the_store(
     assert code == 2 and "no completion 'c-2' in the journal" in stderr
 
 
+def test_a_journal_that_is_not_there_is_not_made(tmp_path: Path) -> None:
+    code, _, stderr = invoke("c-1", "--journal", f"sqlite://{tmp_path / 'typo'}")
+    assert code == 2 and "no journal there" in stderr
+    assert not (tmp_path / "typo").exists()
+    code, _, stderr = invoke("c-1", "--journal", "mysql://host/db")
+    assert code == 2 and "--journal mysql://host/db: " in stderr
+
+
 def test_a_completion_journaled_by_serve_and_resumed_replays_without_divergence(
     lm: ScriptedLMServer, tmp_path: Path
 ) -> None:
