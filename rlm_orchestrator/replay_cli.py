@@ -35,14 +35,12 @@ DIVERGED = 1
 
 async def open_journal(address: str) -> JournalStore:
     """The journal store at `address` (sqlite:///dir, postgresql://...), opened."""
+    from rlm_orchestrator.config.errors import refusing
     from rlm_orchestrator.config.journal import JournalSettings, open_store
     from rlm_orchestrator.exceptions import ConfigurationError
 
-    try:
+    with refusing(lambda loc: "--journal"):
         settings = JournalSettings(store=address)
-    except ValueError as exc:
-        message = " ".join(str(exc).split())
-        raise ConfigurationError(f"--journal {address}: {message}") from None
     if settings.kind == "sqlite":
         from rlm_orchestrator.journal.sqlite import FILE_NAME
 
