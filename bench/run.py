@@ -37,6 +37,7 @@ CASES = {
     "router": "bench.cases.router",
     "fanout": "bench.cases.fanout",
     "journal": "bench.cases.journal",
+    "replay": "bench.cases.replay",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3

@@ -10,6 +10,7 @@ request log outlives the servers.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ TURNS = [
 
 
 def durable_config(lm: ScriptedLMServer, directory: Path, store: str, environment: str) -> Path:
-    config = server_config(lm, directory, environment=environment)
+    config = server_config(lm, directory, environment=environment, shutdown_grace_seconds=0.5)
     with config.open("a") as toml:
         toml.write(f'[journal]\nstore = "{store}"\nlease_seconds = {LEASE_SECONDS}\n')
         if environment == "docker":
@@ -51,9 +52,11 @@ def durable_config(lm: ScriptedLMServer, directory: Path, store: str, environmen
     return config
 
 
-def killed_mid_block(server: ServerProcess) -> tuple[str, list[ev.StreamEvent]]:
-    """Start the completion; kill -9 the server once the second turn's block runs. The id and
-    the events the client received before the cut."""
+def killed_mid_block(
+    server: ServerProcess, terminate: bool = False
+) -> tuple[str, list[ev.StreamEvent]]:
+    """Start the completion; kill -9 the server (or SIGTERM it: a redeploy) once the second
+    turn's block runs. The id and the events the client received before the cut."""
     received: list[ev.StreamEvent] = []
     with server.client() as client:
         try:
@@ -61,7 +64,10 @@ def killed_mid_block(server: ServerProcess) -> tuple[str, list[ev.StreamEvent]]:
                 received.append(event)
                 if isinstance(event, ev.CodeBlockStarted) and event.iteration == 2:
                     time.sleep(0.5)  # inside its sleep
-                    server.process.kill()
+                    if terminate:
+                        server.process.terminate()
+                    else:
+                        server.process.kill()
                     server.process.wait()
         except ClientError:
             pass  # the stream is cut with the server
@@ -157,3 +163,57 @@ def test_a_replica_takes_over_when_the_other_dies(
     assert finished.result.response == "THE SKY IS BLUE!"
     assert len(lm.requests_for(ROOT_MODEL)) == 4
     assert len(lm.requests_for(SUB_MODEL)) == 1
+
+
+def test_a_server_shut_down_hands_its_completion_over(lm: ScriptedLMServer, tmp_path: Path) -> None:
+    """SIGTERM (a redeploy): after its grace, the server gives the unfinished completion up
+    rather than failing it; the next server resumes it at once (no lease to wait for)."""
+    lm.set_sequence(ROOT_MODEL, TURNS)
+    lm.set_sequence(SUB_MODEL, ["the sky is blue"])
+    config = durable_config(lm, tmp_path, f"sqlite://{tmp_path / 'journal'}", "local")
+    first = start_server(config)
+    try:
+        completion_id, before = killed_mid_block(first, terminate=True)
+    finally:
+        stop_server(first)
+    assert not any(isinstance(e, ev.CompletionFailed) for e in before), before[-1]
+    second = start_server(config)
+    try:
+        with second.client() as client:
+            after = list(client.attach(completion_id, after_event=len(before)))
+    finally:
+        stop_server(second)
+    finished = after[-1]
+    assert isinstance(finished, ev.CompletionFinished), after[-3:]
+    assert finished.result.response == "THE SKY IS BLUE!"
+    assert len(lm.requests_for(ROOT_MODEL)) == 4 and len(lm.requests_for(SUB_MODEL)) == 1
+
+
+def test_the_journal_command_lists_deletes_and_prunes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from rlm_orchestrator.cli import app
+    from rlm_orchestrator.journal.store import CompletionRecord
+
+    store = f"sqlite://{tmp_path / 'journal'}"
+
+    async def fill() -> None:
+        opened = await open_store(JournalSettings(store=store))
+        try:
+            for name in ("kept", "gone", "old"):
+                await opened.begin(CompletionRecord(name, {"root_prompt": "?"}, tenant="t"))
+            await opened.end("old", "finished", {"state": "finished"})
+        finally:
+            await opened.close()
+
+    asyncio.run(fill())
+    runner = CliRunner()
+    listed = runner.invoke(app, ["journal", "list", "--store", store, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {r["completion_id"] for r in json.loads(listed.stdout)} == {"kept", "gone", "old"}
+    assert runner.invoke(app, ["journal", "delete", "gone", "--store", store]).exit_code == 0
+    assert runner.invoke(app, ["journal", "delete", "gone", "--store", store]).exit_code == 1
+    pruned = runner.invoke(app, ["journal", "prune", "--store", store, "--max-bytes", "1"])
+    assert pruned.exit_code == 0 and "1 completion(s) deleted" in pruned.stdout
+    listed = runner.invoke(app, ["journal", "list", "--store", store, "--json"])
+    assert [r["completion_id"] for r in json.loads(listed.stdout)] == ["kept"]  # running stays

@@ -51,12 +51,16 @@ class CompletionJournal:
         self._seq = max((e.seq for e in recorded), default=0)
         self._lm: dict[int, dict[str, Any]] = {}
         self._sub_calls: dict[tuple[int, int], list[SubCallRecord]] = defaultdict(list)
+        # Blocks already journaled: run again on resume, they are not written twice.
+        self._blocks: set[tuple[int, int]] = set()
         for entry in recorded:
             if entry.kind == "lm":
                 self._lm[int(entry.payload["n"])] = entry.payload
             elif entry.kind == "sub_call":
                 key = (int(entry.payload["turn"]), int(entry.payload["block"]))
                 self._sub_calls[key].append(sub_call_from(entry.payload["record"]))
+            elif entry.kind == "block":
+                self._blocks.add((int(entry.payload["turn"]), int(entry.payload["block"])))
         self._calls = 0
         # True while a resumed run catches up with what was recorded.
         self.replaying = bool(self._lm)
@@ -113,6 +117,9 @@ class CompletionJournal:
         await self._append("sub_call", payload)
 
     async def block(self, turn: int, block: int, record: BlockRecord) -> None:
+        if (turn, block) in self._blocks:
+            return
+        self._blocks.add((turn, block))
         payload = record.to_payload()
         payload["sub_calls"] = []  # they are the block's "sub_call" entries
         await self._append("block", {"turn": turn, "block": block, "record": payload})

@@ -20,6 +20,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from rlm_orchestrator.config.journal import JournalSettings
+from rlm_orchestrator.exceptions import ServerShutdownError
 from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.journal.store import CompletionRecord, Event, JournalStore
 from rlm_wire.v1 import orchestrator_pb2 as pb
@@ -28,6 +29,8 @@ log = logging.getLogger("rlm_orchestrator.service")
 # How often a follower of a completion run elsewhere looks for new events.
 POLL_SECONDS = 0.2
 EVENT_PAGE = 500
+# How often a long-running server applies the journal's retention (also once at its start).
+PRUNE_SECONDS = 600.0
 
 
 class EventLog:
@@ -44,6 +47,8 @@ class EventLog:
         self._changed = asyncio.Event()
         self._closed = False
         self.ended = False
+        # Shut down before it ended: its followers re-attach elsewhere.
+        self.handed_over = False
         self._task: asyncio.Task[None] | None = None
 
     def put(self, message: pb.CompletionEvent) -> None:
@@ -111,6 +116,11 @@ async def follow(
                 continue
             if local is not None:
                 if local.ended and after >= local.durable:
+                    if local.handed_over:
+                        raise ServerShutdownError(
+                            f"the server is shutting down with completion {completion_id} "
+                            f"unfinished: it goes on elsewhere; re-attach after event {after}"
+                        )
                     return
                 assert changed is not None
                 await changed
@@ -194,6 +204,20 @@ class Durability:
         self.logs[completion_id] = log_
         return log_
 
+    async def hand_over(self, completion_id: str) -> None:
+        """Shutting down with it unfinished: its events written, its lease given up at once, so
+        that another server (or this one, started again) resumes it; its followers' streams end
+        with UNAVAILABLE (they re-attach)."""
+        event_log = self.logs.pop(completion_id, None)
+        if event_log is not None:
+            event_log.handed_over = True
+            event_log.close()
+            await event_log.closed()
+        try:
+            await self.store.renew(self.owner, [completion_id], -1.0)
+        except Exception:
+            log.exception("completion %s: its lease could not be given up", completion_id)
+
     async def end(self, completion_id: str, state: str, result: dict[str, Any]) -> None:
         """After its last event: the events written, then the record ended."""
         event_log = self.logs.pop(completion_id, None)
@@ -213,14 +237,21 @@ class Durability:
     async def keep_leases(self, resume: Resume) -> None:
         """Forever: renew what this server runs, and take over what dead servers left."""
         period = self.settings.lease_seconds / 3
+        pruned = time.monotonic()
         while True:
             try:
                 if self.logs:
                     await self.store.renew(self.owner, list(self.logs), self.settings.lease_seconds)
                 for record in await self.store.claim(self.owner, self.settings.lease_seconds):
                     await self._take_over(record, resume)
+                if time.monotonic() - pruned > PRUNE_SECONDS:
+                    pruned = time.monotonic()
+                    await self.store.prune(
+                        max_age_seconds=self.settings.max_age_seconds,
+                        max_bytes=self.settings.max_bytes,
+                    )
             except Exception:
-                log.exception("journal: leases could not be renewed or claimed")
+                log.exception("journal: leases could not be renewed or claimed, or pruning failed")
             await asyncio.sleep(period)
 
     async def _take_over(self, record: CompletionRecord, resume: Resume) -> None:

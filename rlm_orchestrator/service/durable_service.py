@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from rlm_orchestrator import budget
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.convert.events import event_to_proto, output_pieces
-from rlm_orchestrator.exceptions import InvalidRequestError, NotFoundError
+from rlm_orchestrator.exceptions import InvalidRequestError, NotFoundError, RLMError
+from rlm_orchestrator.failures import failure_kind, kind_to_proto
 from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.journal.store import CompletionRecord
 from rlm_orchestrator.router import UsageTracker
@@ -110,10 +111,22 @@ async def resume(
     value: Any,
 ) -> None:
     """A completion a dead server left: run again from the start with the journal as its
-    source (recorded answers, no model called twice), events numbered on from the last."""
-    options = options_of(record.request)
-    limits = request_limits(options, service.settings)
-    router, root_model = service._router(options)
+    source (recorded answers, no model called twice), events numbered on from the last. One
+    this server cannot run (a model it does not serve, options past its ceilings) fails, with
+    a `failed` event, rather than stay claimed forever."""
+    try:
+        options = options_of(record.request)
+        limits = request_limits(options, service.settings)
+        router, root_model = service._router(options)
+    except RLMError as exc:
+        failed = pb.CompletionFailed(
+            kind=kind_to_proto(failure_kind(exc)),
+            message=f"{type(exc).__name__}: this server cannot resume it: {exc}",
+        )
+        event_log.put(pb.CompletionEvent(failed=failed))
+        assert service.durability is not None
+        await service.durability.end(record.completion_id, "failed", {"state": "failed"})
+        return
     # A sandbox slot of its own when one is free (a resumed run is refused nothing: it
     # was admitted by the server that died).
     slot = service.pool.reserve() if limits.max_depth > 0 else None

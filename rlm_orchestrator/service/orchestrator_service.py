@@ -22,8 +22,6 @@ from typing import Any
 
 from rlm_orchestrator import budget
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.config.answer import FINAL
-from rlm_orchestrator.convert.events import event_to_proto, output_pieces
 from rlm_orchestrator.exceptions import (
     InvalidRequestError,
     LMError,
@@ -34,8 +32,6 @@ from rlm_orchestrator.exceptions import (
 )
 from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.logger import RLMLogger
-from rlm_orchestrator.loop import LoopSettings
-from rlm_orchestrator.prompts import system_prompt_for
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
 from rlm_orchestrator.sandbox import SandboxProvider
@@ -46,6 +42,7 @@ from rlm_orchestrator.service.admission import (
     CapacityRefused,
     RequestLimits,
     Ticket,
+    loop_settings_for,
     request_limits,
 )
 from rlm_orchestrator.service.durable import Durability
@@ -165,17 +162,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         """An admitted completion: `started`, the upload, then its events as it runs."""
         events = running.events
         assert isinstance(events, EventBuffer)  # a journaled one streams from its log instead
-        excerpt_chars = self.settings.event_excerpt_chars
-
-        def emit(event: ev.Event) -> None:
-            if isinstance(event, ev.TurnStarted) and event.depth == 0:
-                running.iterations = event.iteration
-            for piece in output_pieces(event, excerpt_chars):
-                message = event_to_proto(piece, excerpt_chars)
-                if message is not None:
-                    events.put(message)
-
-        runner.emit = emit
+        runner.emit = emit = durable_service.emitter(running, self.settings.event_excerpt_chars)
         yield pb.CompletionEvent(
             started=pb.CompletionStarted(
                 completion_id=running.completion_id, session_id=start.session_id
@@ -245,6 +232,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             if grace is None:
                 state = "cancelled"
                 outcome.fail(pb.FAILURE_KIND_CANCELLED, "the completion was cancelled")
+            elif journal is not None:
+                state = ""  # handed over: another server (or this one, back) resumes it
             else:
                 message = (
                     f"{SHUTTING_DOWN}: the completion was cancelled at the end of the {grace:g} s "
@@ -258,7 +247,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         finally:
             running.events.close()
             if journal is not None and self.durability is not None:
-                await self.durability.end(running.completion_id, state, {"state": state})
+                if state:
+                    await self.durability.end(running.completion_id, state, {"state": state})
+                else:
+                    await self.durability.hand_over(running.completion_id)
 
     def _session_for(self, session_id: str, tenant: Tenant) -> _Session | None:
         if not session_id:
@@ -299,27 +291,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         options: pb.CompletionOptions,
         provider: SandboxProvider,
     ) -> CompletionRunner:
-        def option(name: str, default: Any) -> Any:
-            return getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
-
-        # Checked by request_limits: one of ANSWER_CONVENTIONS.
-        convention = option("answer_convention", FINAL)
-        loop_settings = LoopSettings(
-            max_depth=limits.max_depth,
-            max_iterations=limits.max_iterations,
-            timeout_seconds=limits.timeout_seconds,
-            iteration_timeout_seconds=limits.iteration_timeout_seconds,
-            # The server's sandbox limits, with the request's block timeout.
-            sandbox=self.settings.sandbox.limits.model_copy(
-                update={"exec_timeout_seconds": limits.exec_timeout_seconds}
-            ),
-            final_with_code=option("final_with_code", False),
-            answer_convention=convention,
-            code_fences=tuple(options.code_fences) or self.settings.code_fences,
-            system_prompt=option("system_prompt", system_prompt_for(convention)),
-            # FINAL_VAR answers are read from the sandbox up to the size the server may send.
-            max_answer_chars=self.settings.max_answer_chars,
-        )
+        loop_settings = loop_settings_for(options, limits, self.settings)
         return CompletionRunner(router, provider, loop_settings, logger=self._logger)
 
     async def AttachCompletion(
