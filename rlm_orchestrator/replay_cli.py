@@ -79,6 +79,13 @@ def replay(
             help="The journal store holding the completion (sqlite:///dir, postgresql://...).",
         ),
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="The config of the server that ran the completion: its [journal] store (unless "
+            "--journal) and its sandbox (environment, environment_kwargs) are the replay's.",
+        ),
+    ] = None,
     context: Annotated[
         str | None,
         typer.Option(
@@ -102,11 +109,15 @@ def replay(
 
     extra = _json_object(environment_kwargs)
     try:
+        if config is not None:
+            journal = _server_config(config, journal)
         recording = _read(source, journal)
+        if config is not None and journal is not None:
+            _server_sandbox(recording, config)
         given = read_context(context, context_format) if context is not None else None
         loaded = _context(recording, given, context is not None)
-        config, setup_code = _sandbox(recording, environment, extra)
-        report = asyncio.run(_rerun(recording, config, setup_code, loaded))
+        sandbox, setup_code = _sandbox(recording, environment, extra)
+        report = asyncio.run(_rerun(recording, sandbox, setup_code, loaded))
     except (ConfigurationError, RecordingError) as exc:
         configuration_error(exc)
     except RLMError as exc:
@@ -127,6 +138,37 @@ def _json_object(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         usage_error("--environment-kwargs: must be a JSON object")
     return value
+
+
+def _server_table(config: Path) -> dict[str, Any]:
+    from rlm_orchestrator.config.loading import read_toml
+
+    return read_toml(config)
+
+
+def _server_config(config: Path, journal: str | None) -> str:
+    """The journal store of a server config (--journal first)."""
+    from rlm_orchestrator.exceptions import ConfigurationError
+
+    if journal is not None:
+        return journal
+    table = _server_table(config).get("journal")
+    if not isinstance(table, dict) or not isinstance(table.get("store"), str):
+        raise ConfigurationError(f"{config} has no [journal] store (or give --journal)")
+    return str(table["store"])
+
+
+def _server_sandbox(recording: Recording, config: Path) -> None:
+    """What the server ran its completions in (not in the journal): its backend and keys, the
+    request's own limits over them."""
+    table = _server_table(config)
+    kwargs = dict(table.get("environment_kwargs") or {})
+    # A request that set no exec timeout had the server's default (else its ceiling).
+    for key in ("default_exec_timeout_seconds", "exec_timeout_seconds"):
+        if table.get(key) is not None:
+            kwargs.setdefault("exec_timeout_seconds", table[key])
+    recording.environment = str(table.get("environment") or "local")
+    recording.environment_kwargs = {**kwargs, **recording.environment_kwargs}
 
 
 def _read(source: str, journal: str | None) -> Recording:

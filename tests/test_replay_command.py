@@ -257,10 +257,17 @@ def test_a_completion_journaled_by_serve_and_resumed_replays_without_divergence(
     finally:
         stop_server(second)
     calls = len(lm.requests)
-    args = ("--journal", store, "--environment", "docker", "--environment-kwargs", DOCKER)
-    code, stdout, stderr = invoke(completion_id, *args)
+    # A server config gives the store and the sandbox (here a Docker one's, as if it had run
+    # the completion in Docker).
+    in_docker = durable_config(lm, tmp_path, store, "docker")
+    code, stdout, stderr = invoke(completion_id, "--config", str(in_docker))
     assert code == 0, stdout + stderr
+    assert "in a fresh docker sandbox" in stdout
     for turn in (1, 2, 3):
         assert f"block {turn} (turn {turn}, block 1): same" in stdout
     assert stdout.strip().endswith("no divergence: 3 block(s) replayed the same")
+    # Without it, the journal alone: a local sandbox.
+    code, stdout, stderr = invoke(completion_id, "--journal", store)
+    assert code == 0, stdout + stderr
+    assert "in a fresh local sandbox" in stdout and "no divergence: 3 block(s)" in stdout
     assert len(lm.requests) == calls

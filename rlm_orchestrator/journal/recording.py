@@ -19,7 +19,8 @@ What a trajectory log holds, and so what it can replay:
 A journal holds more: the context (a blob), the request's options (answer_dict's code runs as
 in a trajectory when the journal does not hold it as blocks), each request's model and kind
 (answers matched by digest), outputs as digests with their first characters. Not the server's
-sandbox backend: the replay's own (`--environment`, local by default).
+sandbox: the replay's own (`--environment`, or the server config's with `--config`; local by
+default).
 """
 
 from __future__ import annotations
