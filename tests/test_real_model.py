@@ -8,9 +8,10 @@ the checks are against what the server really received and counted.
 (a) A scripted root writes code calling llm_query / llm_query_batched on the real model, on
     the local and the Docker sandbox: the facts come back, the calls reached llama, and usage
     equals the server's token counts.
-(b) The real model as root, in a small window (n_ctx 2048) with a low max_tokens: the run ends
-    cleanly (an answer, or an error carrying usage and iterations), and no request is
-    refused for exceeding the window.
+(b) The real model as root, in a small window (n_ctx 2048) with a low max_tokens, from Python
+    and through `rlm-orchestrator run` as a new user would: the run ends cleanly (an answer,
+    or an error carrying usage and iterations), and no request is refused for exceeding the
+    window or leaves less output room than max_tokens.
 
 Each case's outcome and measurements go to bench/results/real-model.json (RLM_REAL_MODEL_RESULTS
 overrides), written even when a case fails.
@@ -18,7 +19,10 @@ overrides), written even when a case fails.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +33,7 @@ from conftest import ROOT_MODEL, RUN_TMP, SANDBOX_IMAGE, backend_kwargs, repl, r
 from real_model_support import (
     CONTEXT_EXCEEDED,
     MODEL_ALIAS,
+    Exchange,
     LlamaServer,
     RecordingProxy,
     Results,
@@ -119,13 +124,14 @@ def llama(results: Results) -> Iterator[LlamaServer]:
 
 
 @pytest.fixture
-def proxy(llama: LlamaServer) -> Iterator[RecordingProxy]:
+def proxy(llama: LlamaServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingProxy]:
+    # llama's server takes no key: none is given, as a new user would give none.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with RecordingProxy(llama.base_url) as recording:
         yield recording
 
 
 def real_model_kwargs(proxy: RecordingProxy, **extra: Any) -> dict[str, Any]:
-    # No api_key: llama's server takes none (the orchestrator must not need a dummy one).
     return {"model_name": MODEL_ALIAS, "api_base": proxy.base_url, **SAMPLING, **extra}
 
 
@@ -206,6 +212,36 @@ ROOT_CONTEXT = FACTS["passphrase"][0]
 ROOT_QUESTION = "What is the passphrase for the back door? Answer with FINAL(...)."
 
 
+def window_problems(chats: list[Exchange]) -> list[str]:
+    """What the server saw that the loop should have prevented."""
+    problems = []
+    if not chats:
+        problems.append("no request reached llama")
+    if any(e.error_code == CONTEXT_EXCEEDED for e in chats):
+        problems.append("a request exceeded the window (HTTP 400 from llama)")
+    refused = [e.summary() for e in chats if e.status != 200]
+    if refused:
+        problems.append(f"requests refused: {refused}")
+    for exchange in chats:
+        if exchange.request.get("max_tokens") != ROOT_MAX_TOKENS:
+            problems.append(f"max_tokens {exchange.request.get('max_tokens')} was sent")
+        # The output room asked for fits beside the prompt (else llama cuts it silently).
+        if (exchange.prompt_tokens or 0) + ROOT_MAX_TOKENS > N_CTX:
+            problems.append(f"prompt + max_tokens over the window: {exchange.summary()}")
+    return problems
+
+
+def finish(
+    case: dict[str, Any], chats: list[Exchange], problems: list[str], usage_known: bool = True
+) -> None:
+    if usage_known and case["usage_reported"] != case["usage_server"]:
+        problems.append(f"usage {case['usage_reported']} != server's {case['usage_server']}")
+    case["requests"] = [e.summary() for e in chats]
+    case["outcome"] = "passed" if not problems else "failed"
+    case["problems"] = problems
+    assert not problems, case
+
+
 def test_real_model_as_root_ends_cleanly_inside_its_window(
     proxy: RecordingProxy, results: Results
 ) -> None:
@@ -249,29 +285,55 @@ def test_real_model_as_root_ends_cleanly_inside_its_window(
         notices=[e.text[:200] for e in seen if isinstance(e, events.Notice)],
         usage_reported=usage_dict(usage, MODEL_ALIAS),
         usage_server=usage_of(chats),
-        requests=[e.summary() for e in chats],
     )
-
-    problems = []
-    refused = [e.summary() for e in chats if e.status != 200]
-    if any(e.error_code == CONTEXT_EXCEEDED for e in chats):
-        problems.append("a request exceeded the window (HTTP 400 from llama)")
-    if refused:
-        problems.append(f"requests refused: {refused}")
-    for exchange in chats:
-        if exchange.request.get("max_tokens") != ROOT_MAX_TOKENS:
-            problems.append(f"max_tokens {exchange.request.get('max_tokens')} was sent")
-        # The output room asked for fits beside the prompt (else llama cuts it silently).
-        if (exchange.prompt_tokens or 0) + ROOT_MAX_TOKENS > N_CTX:
-            problems.append(f"prompt + max_tokens over the window: {exchange.summary()}")
-    if not chats:
-        problems.append("no request reached llama")
+    problems = window_problems(chats)
     if case["ended"] == "answer" and not case["answer"]:
         problems.append("an empty answer")
     if case["ended"] == "error" and not case["iterations"]:
         problems.append("the error carries no iterations")
-    if case["usage_reported"] != case["usage_server"]:
-        problems.append(f"usage {case['usage_reported']} != server's {case['usage_server']}")
-    case["outcome"] = "passed" if not problems else "failed"
-    case["problems"] = problems
-    assert not problems, case
+    finish(case, chats, problems)
+
+
+def test_real_model_as_root_through_the_cli(
+    proxy: RecordingProxy, results: Results, tmp_path: Path
+) -> None:
+    case: dict[str, Any] = {"outcome": "did not finish"}
+    results.cases["real_root_small_window_cli"] = case
+    context = tmp_path / "note.txt"
+    context.write_text(ROOT_CONTEXT)
+    command = [
+        *(sys.executable, "-m", "rlm_orchestrator.cli", "run", "--json", "--quiet"),
+        *("--context", str(context), "--query", ROOT_QUESTION),
+        *("--model", MODEL_ALIAS, "--api-base", proxy.base_url),
+        *("--max-tokens", str(ROOT_MAX_TOKENS), "--context-window", str(N_CTX)),
+        *("--request-timeout", "300", "--max-iterations", str(ROOT_MAX_ITERATIONS)),
+        *("--timeout", "900"),
+    ]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1000)
+    case.update(
+        seconds=round(time.monotonic() - started, 2),
+        exit_code=done.returncode,
+        stderr=done.stderr[-1000:],
+    )
+    chats = proxy.chats
+    problems = window_problems(chats)
+    usage = None
+    if done.returncode == 0:
+        printed = json.loads(done.stdout)
+        usage = UsageSummary.from_dict(printed.get("usage_summary", {}))
+        case.update(
+            ended="answer",
+            answer=str(printed.get("response", ""))[:500],
+            json_fields=sorted(printed),
+        )
+        if not case["answer"]:
+            problems.append("an empty answer")
+    else:
+        # A failure is one clear line on stderr (exit 1: a failure at run time).
+        case["ended"] = "error"
+        if done.returncode != 1 or len(done.stderr.strip().splitlines()) != 1:
+            problems.append(f"exit {done.returncode}: {done.stderr[-500:]!r}")
+    case.update(usage_reported=usage_dict(usage, MODEL_ALIAS), usage_server=usage_of(chats))
+    # The CLI's error line carries no usage: only an answer's is compared.
+    finish(case, chats, problems, usage_known=case["ended"] == "answer")
