@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
+from rlm_orchestrator.cli_options import ContextWindowOption, MaxTokensOption, RequestTimeoutOption
 from rlm_orchestrator.cli_support import (
     DebugOption,
     StartupStatus,
@@ -71,6 +72,9 @@ LOCAL_ONLY = {
     "environment": "--environment",
     "log_dir": "--log-dir",
     "config": "--config",
+    "max_tokens": "--max-tokens",
+    "context_window": "--context-window",
+    "request_timeout_seconds": "--request-timeout",
 }
 
 
@@ -126,6 +130,9 @@ def run(
         float | None, typer.Option(help="Stop when spend exceeds this (USD).")
     ] = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
+    max_tokens: MaxTokensOption = None,
+    context_window: ContextWindowOption = None,
+    request_timeout: RequestTimeoutOption = None,
     answer_convention: Annotated[
         str | None,
         typer.Option(
@@ -180,6 +187,9 @@ def run(
         "max_cost": max_cost,
         "log_dir": log_dir,
         "answer_convention": answer_convention,
+        "max_tokens": max_tokens,
+        "context_window": context_window,
+        "request_timeout_seconds": request_timeout,
     }
     try:
         token_flag = getattr(ctx.get_parameter_source("token"), "name", "") == "COMMANDLINE"
@@ -262,6 +272,7 @@ def _run_local_rlm(
         lm_kwargs["api_key"] = settings.api_key
     if settings.transport != "auto":
         lm_kwargs["transport"] = settings.transport
+    lm_kwargs.update(settings.model_limits())
     sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
     try:
         rlm = RLM(
@@ -281,7 +292,7 @@ def _run_local_rlm(
         )
         result = rlm.completion(context, root_prompt=query)
     except RLMError as exc:
-        raise fail(exc) from exc
+        raise fail(exc, as_json) from exc
     print_result(result, quiet, as_json)
 
 
@@ -306,7 +317,7 @@ def _run_remote(
                 context, query, on_event=None if quiet else EventPrinter(stderr), **chosen
             )
         except RLMError as exc:
-            raise fail(exc) from exc
+            raise fail(exc, as_json) from exc
     print_result(result, quiet, as_json)
 
 

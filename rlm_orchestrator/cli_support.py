@@ -128,16 +128,33 @@ def print_result(result: Any, quiet: bool, as_json: bool) -> None:
         )
 
 
-def fail(exc: Exception) -> typer.Exit:
+def fail(exc: Exception, as_json: bool = False) -> typer.Exit:
     """A failure at run time: one line (as it is: no markup, no wrapping), and exit code 1;
-    the partial answer, if any, on the next."""
+    then what the completion had done: turns and usage, the partial answer. With --json, the
+    same as a JSON object on stdout."""
     message = " ".join(str(exc).split())
     stderr.print(
         f"[bold red]error:[/] {escape(type(exc).__name__)}: {escape(message)}", soft_wrap=True
     )
     partial = getattr(exc, "partial_answer", None)
+    usage = getattr(exc, "usage_summary", None)
+    iterations = getattr(exc, "iterations", 0)
+    if usage is not None and usage.total_calls:  # nothing paid: the error line says it all
+        stderr.print(
+            f"[dim]stopped after {iterations} turn(s): {usage.total_calls} LM calls, "
+            f"${usage.total_cost:.4f}[/]"
+        )
     if partial:
         stderr.print(f"[yellow]partial answer:[/] {escape(str(partial))}", soft_wrap=True)
+    if as_json:
+        error = {
+            "error": {"type": type(exc).__name__, "message": str(exc)},
+            "iterations": iterations,
+            "usage_summary": usage.to_dict() if usage is not None else None,
+            "partial_answer": partial,
+            "last_response": getattr(exc, "last_response", None),
+        }
+        print(json.dumps(error, indent=2))
     return typer.Exit(1)
 
 

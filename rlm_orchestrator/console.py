@@ -29,8 +29,11 @@ class EventPrinter:
             case ev.TurnStarted(iteration=iteration, seconds_left=left):
                 time_left = "" if left is None else f" ({left:.0f}s left)"
                 out.rule(f"{indent}turn {iteration}{time_left}", style="cyan")
-            case ev.RootResponse(text=text, duration=duration):
-                out.print(f"{indent}[bold]root LM[/] ({duration:.2f}s): {escape(_preview(text))}")
+            case ev.RootResponse(text=text, duration=duration, finish_reason=finish):
+                cut = " [red]cut at max_tokens[/]" if finish == "length" else ""
+                out.print(
+                    f"{indent}[bold]root LM[/] ({duration:.2f}s){cut}: {escape(_preview(text))}"
+                )
             case ev.CodeBlockStarted(block=block, code=code):
                 out.print(f"{indent}[yellow]▶ block {block + 1}[/]")
                 out.print(Syntax(code, "python", theme="ansi_dark", line_numbers=False))
@@ -44,12 +47,19 @@ class EventPrinter:
                 call_id=call_id, ok=ok, response_chars=chars, duration=d, error=err
             ):
                 status = f"{chars} chars" if ok else f"[red]{escape(_preview(err, 200))}[/]"
+                if event.truncated:
+                    status += " [red]cut at max_tokens[/]"
                 out.print(f"{indent}[magenta]↲ #{call_id}[/] {status} ({d:.2f}s)")
             case ev.CodeBlockFinished(block=block, result=result):
                 colour = "green" if result.status == "ok" else "red"
                 seconds = result.execution_time
                 out.print(
                     f"{indent}[{colour}]■ block {block + 1}: {result.status}[/] ({seconds:.2f}s)"
+                )
+            case ev.ContextCompacted(stage=stage, tokens_before=before, tokens_after=after):
+                out.print(
+                    f"{indent}[bold yellow]context compacted[/] ({stage}): ~{before} → ~{after} "
+                    f"tokens of a {event.context_window}-token window"
                 )
             case ev.Notice(text=text):
                 out.print(f"{indent}[bold yellow]note:[/] {escape(_preview(text))}")

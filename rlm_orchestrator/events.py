@@ -26,6 +26,7 @@ class RootResponse:
     iteration: int
     text: str
     duration: float
+    finish_reason: str = "stop"  # "length": cut by the output limit
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class SubCallFinished:
     response_chars: int
     duration: float
     error: str = ""
+    truncated: bool = False  # cut by the sub-model's output limit, and marked so
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,19 @@ class Notice:
 
     depth: int
     text: str
+
+
+@dataclass(frozen=True)
+class ContextCompacted:
+    """Older turns were shortened so the next request fits the root model's window."""
+
+    depth: int
+    iteration: int
+    stage: str  # "outputs" | "summary" | "dropped" | "cut" (compaction.py)
+    tokens_before: int
+    tokens_after: int
+    context_window: int
+    messages: int
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ Event = (
     | SubCallFinished
     | CodeBlockFinished
     | Notice
+    | ContextCompacted
     | UsageUpdated
     | FinalAnswer
 )
@@ -131,7 +147,7 @@ class CompletionFinished:
 @dataclass(frozen=True)
 class CompletionFailed:
     # "timeout" | "cost_limit" | "lm_error" | "sandbox_error" | "cancelled" | "internal" |
-    # "server_shutdown" | "answer_too_large"
+    # "server_shutdown" | "answer_too_large" | "context_window"
     kind: str
     message: str
     partial_answer: str | None
@@ -141,6 +157,7 @@ class CompletionFailed:
     limit: float = 0.0
     elapsed_seconds: float = 0.0
     status_code: int | None = None  # the LM provider's HTTP status, for "lm_error"
+    last_response: str | None = None  # the root model's last response, when there was one
 
 
 StreamEvent = Event | CompletionStarted | CompletionFinished | CompletionFailed

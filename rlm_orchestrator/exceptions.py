@@ -24,11 +24,16 @@ RLMError                        INTERNAL              internal           base
 └── LimitExceededError          RESOURCE_EXHAUSTED                       carries the partial answer
     ├── CompletionTimeoutError  DEADLINE_EXCEEDED     timeout            timeout_seconds...
     ├── CostLimitExceededError  RESOURCE_EXHAUSTED    cost_limit         max_cost
-    └── AnswerTooLargeError     RESOURCE_EXHAUSTED    answer_too_large   over max_answer_chars
+    ├── AnswerTooLargeError     RESOURCE_EXHAUSTED    answer_too_large   over max_answer_chars
+    └── ContextWindowExceededError                    context_window     does not fit, compacted
 
 A server's handlers refuse a call by raising the ClientError subclass for the status (the
 first of its `codes` unless given, e.g. `InvalidRequestError(..., code="OUT_OF_RANGE")`); the SDK
 raises the same class for it.
+
+Whatever error ends a completion carries what the caller paid for (`CompletionLoop` fills it
+in, the SDK rebuilds it from the `failed` event): `usage_summary`, `iterations`,
+`partial_answer` (the best answer known) and `last_response` (the root model's last reply).
 """
 
 from __future__ import annotations
@@ -47,6 +52,11 @@ class RLMError(Exception):
     # The proto's FailureKind, as `events.CompletionFailed.kind` names it, of a completion
     # that this error stops: "internal" (a bug on our side) unless a subclass says otherwise.
     failure_kind: ClassVar[str] = "internal"
+    # What the completion this error stopped had done; unset on errors that stopped none.
+    partial_answer: str | None = None
+    usage_summary: UsageSummary | None = None
+    iterations: int = 0
+    last_response: str | None = None
 
 
 class ConfigurationError(RLMError, ValueError):
@@ -233,6 +243,17 @@ class AnswerTooLargeError(LimitExceededError):
     max_answer_chars. Earlier in the run the model is told instead, and can shorten it."""
 
     failure_kind = "answer_too_large"
+
+
+class ContextWindowExceededError(LimitExceededError):
+    """Even with older turns compacted, the next request does not fit the root model's
+    context window (`context_window`, in tokens). Nothing oversized was sent."""
+
+    failure_kind = "context_window"
+
+    def __init__(self, message: str, *, context_window: int | None = None, **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.context_window = context_window
 
 
 class TraceStoreError(RLMError):

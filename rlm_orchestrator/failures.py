@@ -18,6 +18,7 @@ from rlm_orchestrator.exceptions import (
     AnswerTooLargeError,
     CompletionCancelledError,
     CompletionTimeoutError,
+    ContextWindowExceededError,
     CostLimitExceededError,
     LMError,
     ResourceExhaustedError,
@@ -58,6 +59,9 @@ _RAISED: dict[str, Callable[[CompletionFailed], RLMError]] = {
     # The server's max_answer_chars is a limit of the server's, refused as too large: the SDK
     # raises what it raises for RESOURCE_EXHAUSTED (README, "Answers of any size").
     AnswerTooLargeError.failure_kind: lambda f: ResourceExhaustedError(f.message),
+    ContextWindowExceededError.failure_kind: lambda f: ContextWindowExceededError(
+        f.message, context_window=int(f.limit) or None, **_partial(f)
+    ),
     INTERNAL: lambda f: RLMError(f.message),
 }
 
@@ -84,6 +88,12 @@ def exception_for(failed: CompletionFailed) -> RLMError:
     message starts with the class name (for clients that read the event); the exception's own
     does not repeat it ("CompletionTimeoutError: CompletionTimeoutError: ..." once printed)."""
     raised = _RAISED.get(failed.kind, _RAISED[INTERNAL])(failed)
+    # Whatever the kind, what the completion had done (exceptions.py).
+    raised.usage_summary = failed.usage
+    raised.iterations = failed.iterations
+    if raised.partial_answer is None:
+        raised.partial_answer = failed.partial_answer
+    raised.last_response = failed.last_response
     prefix = f"{type(raised).__name__}: "
     if raised.args and isinstance(raised.args[0], str) and raised.args[0].startswith(prefix):
         raised.args = (raised.args[0].removeprefix(prefix), *raised.args[1:])

@@ -28,7 +28,7 @@ from rlm_orchestrator.exceptions import ConfigurationError
 if TYPE_CHECKING:
     import aiohttp
 
-    from rlm_orchestrator.router import LMClientConfig
+    from rlm_orchestrator.config.lm import LMClientConfig
 
 # litellm providers this client speaks for; "auto" takes the first two only (OpenRouter's
 # prices come from its own usage.cost, which litellm reads in ways not mirrored here).
@@ -283,12 +283,18 @@ class _Session:
 
 
 async def post(
-    sessions: Sessions, endpoint: Endpoint, messages: list[dict[str, Any]]
+    sessions: Sessions,
+    endpoint: Endpoint,
+    messages: list[dict[str, Any]],
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One chat completion: the reply's JSON, or an HTTPLMError (retryable ones included)."""
     import aiohttp
 
-    data = json.dumps({"model": endpoint.model, "messages": messages, **endpoint.body})
+    request = {"model": endpoint.model, "messages": messages, **endpoint.body}
+    if max_tokens is not None:
+        request["max_tokens"] = max_tokens
+    data = json.dumps(request)
     tag = _TAGS[endpoint.provider]
     try:
         async with asyncio.timeout(endpoint.timeout):

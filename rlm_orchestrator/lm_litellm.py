@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rlm_orchestrator.router import LMClientConfig
+    from rlm_orchestrator.config.lm import LMClientConfig
 
 
 def _litellm() -> Any:
@@ -75,7 +75,10 @@ def api_key(config: LMClientConfig) -> str | None:
     return NO_KEY
 
 
-async def call(litellm: Any, config: LMClientConfig, messages: list[dict[str, Any]]) -> Any:
+async def call(
+    litellm: Any, config: LMClientConfig, messages: list[dict[str, Any]], max_tokens: int | None
+) -> Any:
+    limit = {} if max_tokens is None else {"max_tokens": max_tokens}
     return await litellm.acompletion(
         model=config.litellm_model,
         messages=messages,
@@ -84,6 +87,7 @@ async def call(litellm: Any, config: LMClientConfig, messages: list[dict[str, An
         # Retries are the router's: no hidden second layer in the SDK.
         max_retries=0,
         num_retries=0,
+        **limit,
         **config.extra,
     )
 

@@ -82,6 +82,15 @@ def price_entry(provider: str, *models: str) -> dict[str, Any] | None:
     return None
 
 
+def model_info(provider: str, model: str) -> dict[str, Any] | None:
+    """The table's entry for this model, priced or not (its window, its output limit)."""
+    bare = model.removeprefix(f"{provider}/")
+    found = entry(f"{provider}/{bare}") if provider else None
+    if found is None and (plain := entry(bare)) is not None:
+        found = plain if not provider or plain.get("litellm_provider") == provider else None
+    return found
+
+
 @functools.lru_cache(maxsize=1024)
 def _priced(
     provider: str, models: tuple[str, ...]

@@ -7,16 +7,15 @@ throughout; `RLM` (rlm.py) is the synchronous facade and owns the sandbox's life
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry.trace import Status, StatusCode
-
-from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
+from rlm_orchestrator import telemetry
 from rlm_orchestrator.answers import AnswerRead, read_answer
+from rlm_orchestrator.blocks import BlockRunner
+from rlm_orchestrator.compaction import ContextBudget, Conversation, Turn
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
@@ -24,20 +23,19 @@ from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ITERATIONS,
     SandboxLimits,
 )
+from rlm_orchestrator.context_window import ContextOverflowError
 from rlm_orchestrator.exceptions import (
     AnswerTooLargeError,
     CompletionTimeoutError,
+    ContextWindowExceededError,
     CostLimitExceededError,
-    SandboxError,
+    RLMError,
 )
-from rlm_orchestrator.logged_values import read_values
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.parsing import (
     find_code_blocks,
     find_final_answer,
-    format_code_result_message,
-    format_execution_output,
-    truncate_output,
+    open_code_block,
 )
 from rlm_orchestrator.prompts import (
     DEFAULT_SYSTEM_PROMPT,
@@ -45,26 +43,23 @@ from rlm_orchestrator.prompts import (
     build_initial_messages,
     build_user_prompt,
 )
-from rlm_orchestrator.router import LMRouter, UsageTracker
-from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
+from rlm_orchestrator.router import LMAnswer, LMRouter, UsageTracker
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.sub_calls import ChildSpawner, SubCalls
 from rlm_orchestrator.types import (
     CodeBlock,
-    REPLResult,
     RLMChatCompletion,
     RLMIteration,
 )
-from sandbox_agent.limits import cut_middle
 
-# Not listed as "REPL variables" to the model: what we loaded (it knows), and code.
-_LOADED_NAME = re.compile(r"^(context|history)(_\d+)?$")
-_CODE_TYPES = {"function", "type", "builtin_function_or_method", "method", "ABCMeta"}
-MAX_SHOWN_ERROR_CHARS = 2_000
 DEFERRED_FINAL_NOTE = (
     "Note: your response both ran code and gave a final answer. The answer was not accepted "
     "because you had not seen the code's output yet. Check the output above, then answer with "
     "FINAL(...) or FINAL_VAR(...) in a response without code."
+)
+CUT_RESPONSE_NOTE = (
+    "Note: your response was cut off by the output limit (max_tokens){what}. Write shorter "
+    "responses: split long code across turns, and print only what you need to see."
 )
 
 
@@ -124,8 +119,10 @@ class CompletionLoop:
         self.root_model = root_model
         self.emit = emit
         self.logger = logger
-        self.messages: list[dict[str, Any]] = []
+        self.conversation = Conversation([])
+        self.budget = ContextBudget(router, root_model, tracker, emit, settings.depth)
         self.partial_answer: str | None = None
+        self.last_response: str | None = None
         self.iterations = 0
         self._deadline: float | None = None
         self.sub_calls = SubCalls(
@@ -137,6 +134,12 @@ class CompletionLoop:
             self.remaining_seconds,
         )
         self.sub_calls.spawn_child = spawn_child
+        self.blocks = BlockRunner(settings, session, self.sub_calls, emit, logger)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation so far, as the root model sees it (compacted, when it was)."""
+        return self.conversation.messages()
 
     @property
     def spawn_child(self) -> ChildSpawner | None:
@@ -176,16 +179,30 @@ class CompletionLoop:
                 usage_summary=self.tracker.summary(),
                 iterations=self.iterations,
             ) from exc
+        except RLMError as exc:
+            self._account(exc)
+            raise
         return RLMChatCompletion(
             self.root_model, context, answer, self.tracker.summary(), time.perf_counter() - started
         )
 
+    def _account(self, exc: RLMError) -> None:
+        """What the caller paid for, on the error that ends the completion."""
+        if exc.usage_summary is None:
+            exc.usage_summary = self.tracker.summary()
+        exc.iterations = exc.iterations or self.iterations
+        if exc.partial_answer is None:
+            exc.partial_answer = self.partial_answer
+        if exc.last_response is None:
+            exc.last_response = self.last_response
+
     async def _run(self, context: Any, root_prompt: str | None) -> str:
-        self.messages = build_initial_messages(self.settings.system_prompt, context)
+        self.conversation = Conversation(
+            build_initial_messages(self.settings.system_prompt, context)
+        )
         for iteration in range(self.settings.max_iterations):
             self.iterations = iteration + 1
-            prompt = [
-                *self.messages,
+            tail = [
                 build_user_prompt(
                     root_prompt, iteration, self.session.context_count, self.session.history_count
                 ),
@@ -197,7 +214,7 @@ class CompletionLoop:
                         "rlm.turn",
                         attributes={"rlm.depth": self.settings.depth, "rlm.iteration": iteration},
                     ):
-                        record, outcome = await self._turn(prompt, iteration)
+                        record, outcome = await self._turn(tail, iteration)
             except TimeoutError as exc:
                 raise CompletionTimeoutError(
                     f"iteration {iteration + 1} exceeded its timeout of "
@@ -219,31 +236,13 @@ class CompletionLoop:
                     )
                 )
                 return outcome.answer
-            self.messages.append({"role": "assistant", "content": record.response})
-            for block in record.code_blocks:
-                self.messages.append(
-                    format_code_result_message(block.code, self._shown(block.result))
-                )
+            turn = Turn(iteration + 1, record.response, notes=outcome.notes)
+            turn.blocks = [(b.code, self.blocks.shown(b.result)) for b in record.code_blocks]
+            self.conversation.turns.append(turn)
             for note in outcome.notes:
                 self.emit(ev.Notice(self.settings.depth, note))
-                self.messages.append({"role": "user", "content": note})
             self._check_budget()
         return await self._out_of_turns()
-
-    def _shown(self, result: REPLResult) -> str:
-        output = format_execution_output(result.stdout, result.stderr, result.variables)
-        shown = truncate_output(output, self.settings.max_block_chars)
-        if result.truncated_chars:
-            # The cut in the sandbox may sit past what the model sees: say it happened.
-            shown += (
-                f"\n[the sandbox also dropped {result.truncated_chars} characters from the "
-                "middle of this block's output]"
-            )
-        if result.status != "ok" and result.error and result.error not in shown:
-            # How the block ended sits at the end of stderr, which a long output pushes out of
-            # view (an output flood, for one): the model must still see it.
-            shown += f"\n[the block ended with: {cut_middle(result.error, MAX_SHOWN_ERROR_CHARS)}]"
-        return shown
 
     def _check_budget(self) -> None:
         reason = self.tracker.over_budget()
@@ -257,25 +256,57 @@ class CompletionLoop:
                 iterations=self.iterations,
             )
 
-    async def _root_call(self, prompt: list[dict[str, Any]], iteration: int) -> str:
+    async def _fitted_call(
+        self, tail: list[dict[str, Any]], turn: int
+    ) -> tuple[list[dict[str, Any]], LMAnswer]:
+        """The root call, the conversation compacted to fit the model's window first; once
+        more when the server refuses it as too long (its window is now known)."""
+        for attempt in (1, 2):
+            await self.budget.fit(self.conversation, tail, turn)
+            prompt = [*self.conversation.messages(), *tail]
+            try:
+                answer = await self.router.complete(
+                    prompt, model=self.root_model, tracker=self.tracker
+                )
+            except ContextOverflowError as exc:
+                if attempt == 2 or exc.window is None:
+                    raise ContextWindowExceededError(
+                        f"the conversation does not fit the root model's context window: {exc}",
+                        context_window=exc.window,
+                    ) from exc
+                continue
+            self.last_response = answer.text
+            return prompt, answer
+        raise AssertionError("unreachable")
+
+    async def _root_call(
+        self, tail: list[dict[str, Any]], iteration: int
+    ) -> tuple[list[dict[str, Any]], LMAnswer]:
         turn = iteration + 1  # events count turns from 1, as the console shows them
         self.emit(ev.TurnStarted(self.settings.depth, turn, self.remaining_seconds()))
-        answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
-        self.emit(ev.RootResponse(self.settings.depth, turn, answer.text, answer.duration))
+        prompt, answer = await self._fitted_call(tail, turn)
+        depth = self.settings.depth
+        self.emit(ev.RootResponse(depth, turn, answer.text, answer.duration, answer.finish_reason))
         self.emit(ev.UsageUpdated(self.settings.depth, self.tracker.summary()))
         self.partial_answer = answer.text
         self._check_budget()
-        return answer.text
+        return prompt, answer
 
     async def _turn(
-        self, prompt: list[dict[str, Any]], iteration: int
+        self, tail: list[dict[str, Any]], iteration: int
     ) -> tuple[RLMIteration, _Outcome]:
-        response = await self._root_call(prompt, iteration)
+        prompt, answer = await self._root_call(tail, iteration)
+        response = answer.text
         record = RLMIteration(prompt=prompt, response=response)
         outcome = _Outcome()
         blocks = find_code_blocks(response)
+        if answer.truncated:
+            # A block the limit cut open is not run half-written; the model is told.
+            unclosed = open_code_block(response)
+            what = ": its last ```repl block was not closed, and was not run" if unclosed else ""
+            outcome.notes.append(CUT_RESPONSE_NOTE.format(what=what))
         for index, code in enumerate(blocks):
-            result, answer_note = await self._run_block(iteration, index, code)
+            result, answer_note = await self.blocks.run(iteration, index, code)
             record.code_blocks.append(CodeBlock(code, result))
             if result.worker_restarted:
                 outcome.notes.append(
@@ -308,91 +339,10 @@ class CompletionLoop:
     async def _read_answer(self, name: str | None) -> AnswerRead:
         return await read_answer(self.session.sandbox.client, name, self.settings.max_answer_chars)
 
-    async def _run_block(
-        self, iteration: int, index: int, code: str
-    ) -> tuple[REPLResult, str | None]:
-        """Run one block; with what the model must be told about its FINAL_VAR, if anything."""
-        depth, turn = self.settings.depth, iteration + 1  # events count turns from 1
-        self.emit(ev.CodeBlockStarted(depth, turn, index, code))
-        calls: list[RLMChatCompletion] = []
-
-        async def on_output(stream: str, text: str) -> None:
-            self.emit(ev.OutputChunk(depth, turn, index, stream, text))
-
-        async def on_sub_call(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
-            return await self.sub_calls.answer(prompts, model, kind, calls)
-
-        attributes = {"rlm.depth": depth, "rlm.iteration": iteration, "rlm.block": index}
-        with telemetry.tracer().start_as_current_span("rlm.execute", attributes=attributes) as span:
-            if telemetry.record_content():
-                span.set_attribute("rlm.code", telemetry.content(code))
-            try:
-                report = await self.session.sandbox.client.execute(
-                    code,
-                    on_output=on_output,
-                    on_sub_call=on_sub_call,
-                    timeout_seconds=self.settings.sandbox.exec_timeout_seconds,
-                    max_output_chars=self.settings.sandbox.max_output_chars,
-                    execution_id=f"{iteration}.{index}",
-                    traceparent=telemetry.traceparent(span),
-                )
-            except SandboxError as exc:
-                if self.session.replace is None:
-                    raise
-                report = await self._moved_to_a_new_sandbox(exc)
-            span.set_attribute("rlm.exec.status", report.status)
-            if report.status != "ok":
-                last_line = (report.error.strip().splitlines() or [report.status])[-1]
-                span.set_status(Status(StatusCode.ERROR, last_line))
-            if telemetry.record_content():
-                span.set_attribute("rlm.output", telemetry.content(report.stdout + report.stderr))
-        if report.agent_span is not None:
-            telemetry.export_agent_span(report.agent_span)
-        if not self.settings.final_in_text:
-            report = await answer_dict.after_block(self.session.sandbox.client, report)
-        read = AnswerRead()
-        if report.final_answer_chars is not None:
-            read = await self._read_answer(None)
-        result = REPLResult(
-            stdout=report.stdout,
-            stderr=report.stderr,
-            variables=[
-                name
-                for name, type_name in report.variables
-                if type_name not in _CODE_TYPES and not _LOADED_NAME.match(name)
-            ],
-            execution_time=report.duration,
-            status=report.status,
-            error=report.error,
-            truncated_chars=report.truncated_chars,
-            final_answer=read.text,
-            worker_restarted=report.worker_restarted,
-            rlm_calls=calls,
-        )
-        if self.logger is not None:  # the original logs the values: read them back
-            result.locals = await read_values(self.session.sandbox.client, result.variables)
-        self.emit(ev.CodeBlockFinished(depth, turn, index, result))
-        return result, read.note or None
-
-    async def _moved_to_a_new_sandbox(self, lost: SandboxError) -> ExecutionReport:
-        """The sandbox died or was cut off under the block: continue in a new one."""
-        await self.session.recover()
-        message = (
-            f"SandboxError: {lost}. The session moved to a new sandbox: every variable is lost; "
-            "the contexts were loaded again."
-        )
-        return ExecutionReport(
-            status="sandbox_lost",
-            stdout="",
-            stderr=message + "\n",
-            error=message,
-            worker_restarted=True,
-        )
-
     async def _out_of_turns(self) -> str:
         """No final answer in max_iterations turns: one more call asks for one."""
-        prompt = [*self.messages, {"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
-        answer = await self.router.complete(prompt, model=self.root_model, tracker=self.tracker)
+        tail = [{"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
+        prompt, answer = await self._fitted_call(tail, self.iterations + 1)
         text = answer.text
         final = find_final_answer(text) if self.settings.final_in_text else None
         if final is not None and final.kind == "final":

@@ -47,6 +47,16 @@ def find_code_blocks(text: str) -> list[str]:
     return blocks
 
 
+_OPEN_FENCE = re.compile(r"```repl[ \t]*\r?\n")
+
+
+def open_code_block(text: str) -> bool:
+    """Whether `text` ends inside a ```repl block that was opened and never closed (a
+    response cut by the output limit mid-code)."""
+    ends = [match.end() for match in _CODE_BLOCK.finditer(text)]
+    return _OPEN_FENCE.search(text, ends[-1] if ends else 0) is not None
+
+
 def _line_end(text: str, index: int, limit: int) -> int:
     newline = text.find("\n", index, limit)
     return limit if newline == -1 else newline

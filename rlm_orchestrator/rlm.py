@@ -20,12 +20,13 @@ from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ITERATIONS,
     CompletionLimits,
 )
+from rlm_orchestrator.config.lm import LMClientConfig
 from rlm_orchestrator.config.sandbox import rlm_environment
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.logger import RLMLogger, redact
 from rlm_orchestrator.loop import LoopSettings
 from rlm_orchestrator.prompts import system_prompt_for
-from rlm_orchestrator.router import LMClientConfig, LMRouter, UsageTracker
+from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner, LazyProvider
 from rlm_orchestrator.sandbox import SandboxProvider, create_provider
 from rlm_orchestrator.session import SessionState

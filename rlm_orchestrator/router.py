@@ -13,103 +13,21 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import SpanKind
 
 from rlm_orchestrator import lm_http, lm_litellm, lm_prices, telemetry
-from rlm_orchestrator.config.lm import PROVIDER_PREFIX as _PROVIDER_PREFIX
-from rlm_orchestrator.config.lm import Transport, transport_of
-from rlm_orchestrator.exceptions import ConfigurationError, LMError
+from rlm_orchestrator.config.lm import LMClientConfig as LMClientConfig  # re-exported
+from rlm_orchestrator.context_window import ContextOverflowError, ModelWindows, overflow_in
+from rlm_orchestrator.exceptions import LMError
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
 
-_PORTKEY_BASE = "https://api.portkey.ai/v1"
-# Keys of backend_kwargs that are ours; every other key is passed on to litellm as is.
-_OWN_KEYS = {
-    "model_name",
-    "api_base",
-    "base_url",
-    "azure_endpoint",
-    "api_key",
-    "max_retries",
-    "retry_initial_delay",
-    "max_concurrency",
-    "input_cost_per_token",
-    "output_cost_per_token",
-    "transport",
-}
 MAX_ERROR_CHARS = 600
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 MAX_RETRY_WAIT = 10.0
 Messages = list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class LMClientConfig:
-    """One model the router can call. `repr` never shows the key."""
-
-    backend: str
-    model_name: str
-    litellm_model: str
-    api_base: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    extra: dict[str, Any] = field(default_factory=dict)
-    max_retries: int = 3
-    retry_initial_delay: float = 0.5
-    max_concurrency: int = 16
-    input_cost_per_token: float | None = None
-    output_cost_per_token: float | None = None
-    # "auto": the lean HTTP path where it gives what litellm would (lm_http.endpoint_for).
-    transport: Transport = "auto"
-
-    @classmethod
-    def from_backend(cls, backend: str, kwargs: dict[str, Any] | None) -> LMClientConfig:
-        kwargs = dict(kwargs or {})
-        if backend not in _PROVIDER_PREFIX:
-            known = ", ".join(sorted(_PROVIDER_PREFIX))
-            raise ConfigurationError(f"unknown backend {backend!r}; known backends: {known}")
-        model_name = kwargs.get("model_name")
-        if not model_name:
-            raise ConfigurationError(f"backend_kwargs for {backend!r} need a 'model_name'")
-        prefix = _PROVIDER_PREFIX[backend]
-        litellm_model = (
-            model_name
-            if not prefix or model_name.startswith(f"{prefix}/")
-            else f"{prefix}/{model_name}"
-        )
-        api_base = kwargs.get("api_base") or kwargs.get("base_url") or kwargs.get("azure_endpoint")
-        if backend == "portkey" and not api_base:
-            api_base = _PORTKEY_BASE
-        costs = {
-            k: float(kwargs[k])
-            for k in ("input_cost_per_token", "output_cost_per_token")
-            if k in kwargs
-        }
-        config = cls(
-            backend=backend,
-            model_name=str(model_name),
-            litellm_model=litellm_model,
-            api_base=api_base,
-            api_key=kwargs.get("api_key"),
-            extra={k: v for k, v in kwargs.items() if k not in _OWN_KEYS},
-            max_retries=int(kwargs.get("max_retries", cls.max_retries)),
-            retry_initial_delay=float(kwargs.get("retry_initial_delay", cls.retry_initial_delay)),
-            max_concurrency=int(kwargs.get("max_concurrency", cls.max_concurrency)),
-            transport=transport_of(kwargs.get("transport", cls.transport)),
-            **costs,  # type: ignore[arg-type]
-        )
-        if config.transport == "http":
-            lm_http.endpoint_for(config)  # refused now, not at the first call
-        return config
-
-    def configured_cost(self, input_tokens: int, output_tokens: int) -> float | None:
-        """The cost at the prices this config sets, or None when it sets none."""
-        if self.input_cost_per_token is None and self.output_cost_per_token is None:
-            return None
-        return input_tokens * (self.input_cost_per_token or 0.0) + output_tokens * (
-            self.output_cost_per_token or 0.0
-        )
 
 
 @dataclass
@@ -124,6 +42,13 @@ class LMAnswer:
     attempts: int = 1
     # The model the provider says answered.
     response_model: str = ""
+    # Why generation stopped: "stop", "length" (cut at max_tokens), "tool_calls", ...
+    finish_reason: str = "stop"
+
+    @property
+    def truncated(self) -> bool:
+        """Cut by the output limit (max_tokens, or the window) rather than finished."""
+        return self.finish_reason == "length"
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -217,6 +142,8 @@ class LMRouter:
         # Each model's lean endpoint, or None: through litellm.
         self.endpoints = {name: lm_http.endpoint_for(c) for name, c in self.models.items()}
         self._http = lm_http.Sessions()
+        # Each model's window and token estimate, shared by every view of this router.
+        self.windows = ModelWindows()
 
     def with_roles(self, root: str | None = None, sub: str | None = None) -> LMRouter:
         """A view that sends depth 0 / depth >= 1 elsewhere; models and caps are shared."""
@@ -274,14 +201,20 @@ class LMRouter:
         model: str | None = None,
         depth: int = 0,
         tracker: UsageTracker | None = None,
+        max_tokens: int | None = None,
     ) -> LMAnswer:
-        """One call, retried on 429/5xx/timeouts; raises LMError when it fails for good."""
+        """One call, retried on 429/5xx/timeouts; raises LMError when it fails for good.
+
+        `max_tokens` lowers the model's output limit for this call. A prompt that cannot fit
+        the model's window (when it is known) is refused with ContextOverflowError, never sent;
+        one that fits gets an output limit that keeps the request inside the window."""
         config = self.resolve(model, depth)
         endpoint = self.endpoints.get(config.model_name)
         litellm = None if endpoint is not None else await lm_litellm.loaded()
         messages = as_messages(prompt)
+        limit = self.windows.output_limit(config, messages, max_tokens)
         if not telemetry.recording():  # no tracer provider: no span to make, not even a no-op
-            return await self._call(config, endpoint, messages, litellm, tracker)
+            return await self._call(config, endpoint, messages, litellm, tracker, limit)
         provider, _, _ = config.litellm_model.rpartition("/")
         attributes: dict[str, str | int] = {
             "gen_ai.operation.name": "chat",
@@ -295,7 +228,7 @@ class LMRouter:
             if telemetry.record_content():
                 span.set_attribute("gen_ai.prompt", telemetry.content(str(messages[-1]["content"])))
             try:
-                answer = await self._call(config, endpoint, messages, litellm, tracker)
+                answer = await self._call(config, endpoint, messages, litellm, tracker, limit)
             except LMError as exc:
                 telemetry.mark_error(span, exc)
                 raise
@@ -306,8 +239,11 @@ class LMRouter:
                     "gen_ai.usage.output_tokens": answer.usage.total_output_tokens,
                     "rlm.cost_usd": answer.usage.total_cost,
                     "rlm.attempts": answer.attempts,
+                    "gen_ai.response.finish_reasons": (answer.finish_reason,),
                 }
             )
+            if limit is not None:
+                span.set_attribute("gen_ai.request.max_tokens", limit)
             if telemetry.record_content():
                 span.set_attribute("gen_ai.completion", telemetry.content(answer.text))
             return answer
@@ -319,6 +255,7 @@ class LMRouter:
         messages: Messages,
         litellm: Any,
         tracker: UsageTracker | None,
+        max_tokens: int | None,
     ) -> LMAnswer:
         started = time.perf_counter()
         attempt = 0
@@ -330,9 +267,11 @@ class LMRouter:
                     attempt += 1
                     try:
                         if endpoint is not None:
-                            response: Any = await lm_http.post(self._http, endpoint, messages)
+                            response: Any = await lm_http.post(
+                                self._http, endpoint, messages, max_tokens
+                            )
                         else:
-                            response = await lm_litellm.call(litellm, config, messages)
+                            response = await lm_litellm.call(litellm, config, messages, max_tokens)
                         break
                     except Exception as exc:
                         if attempt > config.max_retries or not _is_retryable(exc):
@@ -348,6 +287,17 @@ class LMRouter:
                 http += f" (cannot reach {config.api_base or 'its provider'})"
             elif why == "garbled" and endpoint is None:
                 http += " (the reply is no chat completion)"
+            overflow = overflow_in(str(exc)) if status == 400 else None
+            if overflow is not None:
+                # The server's window is smaller than we knew: remember it, say so.
+                self.windows.learn(config.model_name, overflow, messages)
+                raise ContextOverflowError(
+                    f"LM call to {config.model_name!r} failed (HTTP 400): the prompt does not "
+                    f"fit the model's context window: {str(exc)[:MAX_ERROR_CHARS]}",
+                    model=config.model_name,
+                    status_code=status,
+                    window=self.windows.window(config),
+                ) from exc
             raise LMError(
                 f"LM call to {config.model_name!r} failed{http} after {attempt} attempt(s): "
                 f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}",
@@ -355,15 +305,21 @@ class LMRouter:
                 status_code=status,
             ) from exc
         if endpoint is not None:
-            text = response["choices"][0]["message"].get("content") or ""
+            choice = response["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish = str(choice.get("finish_reason") or "stop")
             served = str(response.get("model") or "")
             usage = _lean_usage(config, endpoint, response, served)
             if usage is None:  # usage only litellm prices
                 usage = await _lean_usage_by_litellm(endpoint, response)
         else:
             text = response.choices[0].message.content or ""
+            finish = str(getattr(response.choices[0], "finish_reason", None) or "stop")
             served = str(getattr(response, "model", "") or "")
             usage = _litellm_usage(config, response, litellm)
+        if finish == "length":
+            usage.truncated_calls = 1
+        self.windows.observe(config.model_name, messages, usage.total_input_tokens)
         if tracker is not None:
             tracker.record(config.model_name, usage)
         return LMAnswer(
@@ -373,6 +329,7 @@ class LMRouter:
             duration=time.perf_counter() - started,
             attempts=attempt,
             response_model=served or config.litellm_model,
+            finish_reason=finish,
         )
 
 

@@ -18,6 +18,10 @@ from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import SubCallOutcome
 from rlm_orchestrator.types import RLMChatCompletion, UsageSummary
 
+# Ends an answer the sub-model's output limit cut: the code (and the model, when it prints
+# it) can tell it is incomplete.
+TRUNCATED_MARK = "\n[truncated: this answer reached the model's output limit of {limit} tokens]"
+
 # (prompt, seconds left or None) -> the child RLM's result.
 ChildSpawner = Callable[[str, float | None], Awaitable[RLMChatCompletion]]
 
@@ -71,18 +75,25 @@ class SubCalls:
             except LMError as exc:
                 self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, str(exc)))
                 return SubCallOutcome(error=str(exc))
+            text = answer.text
+            if answer.truncated:
+                text += TRUNCATED_MARK.format(limit=answer.usage.total_output_tokens)
             calls.append(
                 RLMChatCompletion(
                     answer.model,
                     prompt,
-                    answer.text,
+                    text,
                     UsageSummary({answer.model: answer.usage}),
                     answer.duration,
                 )
             )
-            self.emit(ev.SubCallFinished(depth, call_id, True, len(answer.text), answer.duration))
+            self.emit(
+                ev.SubCallFinished(
+                    depth, call_id, True, len(text), answer.duration, truncated=answer.truncated
+                )
+            )
             self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
-            return SubCallOutcome(text=answer.text)
+            return SubCallOutcome(text=text)
 
     def model_for(self, named: str | None) -> str:
         """The model a sub-call goes to: the one the code named, else the router's for the

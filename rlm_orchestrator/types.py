@@ -36,12 +36,15 @@ class ModelUsageSummary:
     total_input_tokens: int = 0
     total_output_tokens: int = 0
     total_cost: float = 0.0
+    # Calls whose answer was cut by the output limit (finish_reason "length").
+    truncated_calls: int = 0
 
     def add(self, other: ModelUsageSummary) -> None:
         self.total_calls += other.total_calls
         self.total_input_tokens += other.total_input_tokens
         self.total_output_tokens += other.total_output_tokens
         self.total_cost += other.total_cost
+        self.truncated_calls += other.truncated_calls
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class ModelUsageSummary:
             "total_input_tokens": self.total_input_tokens,
             "total_output_tokens": self.total_output_tokens,
             "total_cost": self.total_cost,
+            "truncated_calls": self.truncated_calls,
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class ModelUsageSummary:
             total_input_tokens=int(data.get("total_input_tokens", 0)),
             total_output_tokens=int(data.get("total_output_tokens", 0)),
             total_cost=float(data.get("total_cost", 0.0)),
+            truncated_calls=int(data.get("truncated_calls", 0)),
         )
 
 

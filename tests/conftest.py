@@ -362,8 +362,11 @@ class ServerProcess:
         return Client(self.address, **kwargs)
 
 
-def server_config(lm: ScriptedLMServer, directory: Path, **extra: Any) -> Path:
-    """A TOML config serving root/sub/other (and a priced sub) from the scripted LM."""
+def server_config(
+    lm: ScriptedLMServer, directory: Path, *, max_tokens: int | None = None, **extra: Any
+) -> Path:
+    """A TOML config serving root/sub/other (and a priced sub) from the scripted LM; each
+    model's `max_tokens` when given."""
     lines = [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
     lines += ['listen = "127.0.0.1:0"', f'auth_token = "{SERVER_TOKEN}"', 'sub_model = "sub"']
     for name, price in (
@@ -382,6 +385,8 @@ def server_config(lm: ScriptedLMServer, directory: Path, **extra: Any) -> Path:
         ]
         if price:
             lines.append(f"input_cost_per_token = {price}")
+        if max_tokens is not None:
+            lines.append(f"max_tokens = {max_tokens}")
     path = directory / f"server-{uuid.uuid4().hex[:8]}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

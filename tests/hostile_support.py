@@ -248,6 +248,8 @@ def tenant_server(
         iteration_timeout_seconds=120.0,
         max_cost=5.0,
         max_answer_chars=20_000_000,
+        # A 20-million-character FINAL(...) is longer than any output limit: none is sent.
+        max_tokens=0,
     )
     with config.open("a") as toml:
         toml.write(

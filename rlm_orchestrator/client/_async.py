@@ -222,6 +222,7 @@ class AsyncClient:
                 x.limit,
                 x.elapsed_seconds,
                 x.status_code or None,
+                x.last_response if x.HasField("last_response") else None,
             )
         event = event_from_proto(message)
         if event is None:

@@ -18,7 +18,7 @@ from pydantic_settings import SettingsConfigDict
 
 from rlm_orchestrator.config import limits
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
-from rlm_orchestrator.config.lm import Transport, check_backend
+from rlm_orchestrator.config.lm import DEFAULT_MAX_TOKENS, Transport, check_backend
 from rlm_orchestrator.config.loading import (
     Layer,
     env_layer,
@@ -51,6 +51,9 @@ FLAGS = {
     "max_cost": "--max-cost",
     "log_dir": "--log-dir",
     "answer_convention": "--answer-convention",
+    "max_tokens": "--max-tokens",
+    "context_window": "--context-window",
+    "request_timeout_seconds": "--request-timeout",
 }
 
 
@@ -78,6 +81,11 @@ class RunSettings(SandboxSettings):
     log_dir: Path | None = None
     # How the model gives its answer: FINAL / FINAL_VAR, or upstream's `answer` dict.
     answer_convention: AnswerConvention = FINAL
+    # The limits of each model call (root and sub): output tokens (0: none sent), the window
+    # (for local or unknown models), and the seconds one call may take.
+    max_tokens: Annotated[int, Field(ge=0)] = DEFAULT_MAX_TOKENS
+    context_window: Annotated[int, Field(gt=0)] | None = None
+    request_timeout_seconds: limits.Seconds | None = None
 
     # ./rlm.toml when it was there but had no [run] table (so it was not read).
     _unread_file: Path | None = PrivateAttr(default=None)
@@ -85,6 +93,15 @@ class RunSettings(SandboxSettings):
     @property
     def unread_file(self) -> Path | None:
         return self._unread_file
+
+    def model_limits(self) -> dict[str, Any]:
+        """The backend_kwargs of the call limits set here (config/lm.py's keys)."""
+        kwargs: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if self.context_window is not None:
+            kwargs["context_window"] = self.context_window
+        if self.request_timeout_seconds is not None:
+            kwargs["timeout"] = self.request_timeout_seconds
+        return kwargs
 
 
 def load_run_settings(

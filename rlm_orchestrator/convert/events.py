@@ -59,6 +59,7 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
                     text=text,
                     duration_seconds=duration,
                     cut_chars=cut,
+                    finish_reason=event.finish_reason,
                 )
             )
         case ev.CodeBlockStarted(depth=d, iteration=i, block=b, code=code):
@@ -90,6 +91,7 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
                     response_chars=chars,
                     duration_seconds=event.duration,
                     error=short(event.error)[0],
+                    truncated=event.truncated,
                 )
             )
         case ev.CodeBlockFinished(depth=d, iteration=i, block=b, result=r):
@@ -116,6 +118,18 @@ def event_to_proto(event: ev.Event, excerpt_chars: int) -> pb.CompletionEvent | 
             )
         case ev.Notice(depth=d, text=text):
             return pb.CompletionEvent(notice=pb.Notice(depth=d, text=short(text)[0]))
+        case ev.ContextCompacted(depth=d, iteration=i, stage=stage):
+            return pb.CompletionEvent(
+                context_compacted=pb.ContextCompacted(
+                    depth=d,
+                    iteration=_to_wire(i),
+                    stage=stage,
+                    tokens_before=event.tokens_before,
+                    tokens_after=event.tokens_after,
+                    context_window=event.context_window,
+                    messages=event.messages,
+                )
+            )
         case ev.UsageUpdated(depth=d, usage=usage):
             return pb.CompletionEvent(usage=pb.UsageUpdate(depth=d, usage=usage_to_proto(usage)))
         case _:
@@ -166,7 +180,13 @@ def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:
         return ev.TurnStarted(m1.depth, _from_wire(m1.iteration), left)
     if kind == "root_response":
         m2 = message.root_response
-        return ev.RootResponse(m2.depth, _from_wire(m2.iteration), m2.text, m2.duration_seconds)
+        return ev.RootResponse(
+            m2.depth,
+            _from_wire(m2.iteration),
+            m2.text,
+            m2.duration_seconds,
+            m2.finish_reason or "stop",
+        )
     if kind == "code_block_started":
         m3 = message.code_block_started
         return ev.CodeBlockStarted(m3.depth, _from_wire(m3.iteration), m3.block, m3.code)
@@ -179,7 +199,13 @@ def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:
     if kind == "sub_call_finished":
         m6 = message.sub_call_finished
         return ev.SubCallFinished(
-            m6.depth, m6.call_id, m6.ok, m6.response_chars, m6.duration_seconds, m6.error
+            m6.depth,
+            m6.call_id,
+            m6.ok,
+            m6.response_chars,
+            m6.duration_seconds,
+            m6.error,
+            m6.truncated,
         )
     if kind == "code_block_finished":
         m7 = message.code_block_finished
@@ -196,6 +222,17 @@ def event_from_proto(message: pb.CompletionEvent) -> ev.Event | None:
         return ev.CodeBlockFinished(m7.depth, _from_wire(m7.iteration), m7.block, result)
     if kind == "notice":
         return ev.Notice(message.notice.depth, message.notice.text)
+    if kind == "context_compacted":
+        m8 = message.context_compacted
+        return ev.ContextCompacted(
+            m8.depth,
+            _from_wire(m8.iteration),
+            m8.stage,
+            m8.tokens_before,
+            m8.tokens_after,
+            m8.context_window,
+            m8.messages,
+        )
     if kind == "usage":
         return ev.UsageUpdated(message.usage.depth, usage_from_proto(message.usage.usage))
     return None

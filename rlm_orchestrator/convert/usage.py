@@ -13,11 +13,14 @@ def model_usage_to_proto(name: str, usage: ModelUsageSummary) -> usage_pb2.Model
         input_tokens=usage.total_input_tokens,
         output_tokens=usage.total_output_tokens,
         cost=usage.total_cost,
+        truncated_calls=usage.truncated_calls,
     )
 
 
 def model_usage_from_proto(usage: usage_pb2.ModelUsage) -> ModelUsageSummary:
-    return ModelUsageSummary(usage.calls, usage.input_tokens, usage.output_tokens, usage.cost)
+    return ModelUsageSummary(
+        usage.calls, usage.input_tokens, usage.output_tokens, usage.cost, usage.truncated_calls
+    )
 
 
 def usage_to_proto(summary: UsageSummary) -> usage_pb2.UsageSummary:

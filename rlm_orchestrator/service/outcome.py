@@ -17,9 +17,10 @@ from rlm_orchestrator.convert.usage import usage_to_proto
 from rlm_orchestrator.exceptions import (
     AnswerTooLargeError,
     CompletionTimeoutError,
+    ContextWindowExceededError,
     CostLimitExceededError,
-    LimitExceededError,
     LMError,
+    RLMError,
 )
 from rlm_orchestrator.failures import INTERNAL, failure_kind, kind_to_proto
 from rlm_orchestrator.router import UsageTracker
@@ -96,7 +97,8 @@ class Outcome:
         kind = failure_kind(exc)
         if kind == INTERNAL:
             log.error("completion %s failed", self.running.completion_id, exc_info=exc)
-        partial = exc.partial_answer if isinstance(exc, LimitExceededError) else None
+        partial = exc.partial_answer if isinstance(exc, RLMError) else None
+        last = exc.last_response if isinstance(exc, RLMError) else None
         limit, status_code = 0.0, 0
         if isinstance(exc, CompletionTimeoutError):
             limit = exc.timeout_seconds or 0.0  # None: not known (0 on the wire)
@@ -104,10 +106,12 @@ class Outcome:
             limit = exc.cost_limit or 0.0
         elif isinstance(exc, AnswerTooLargeError):
             limit = self.max_answer_chars  # the loop reads answers up to the server's limit
+        elif isinstance(exc, ContextWindowExceededError):
+            limit = exc.context_window or 0
         elif isinstance(exc, LMError) and exc.status_code:
             status_code = exc.status_code
         message = f"{type(exc).__name__}: {exc}"
-        self.fail(kind_to_proto(kind), message, partial, limit, status_code)
+        self.fail(kind_to_proto(kind), message, partial, limit, status_code, last)
 
     def fail(
         self,
@@ -116,6 +120,7 @@ class Outcome:
         partial: str | None = None,
         limit: float = 0.0,
         status_code: int = 0,
+        last_response: str | None = None,
     ) -> None:
         """`failed` (after the partial answer's parts when it is long), queued at once: a
         cancelled completion must not wait for its client."""
@@ -129,6 +134,8 @@ class Outcome:
             limit=limit,
             status_code=status_code,
         )
+        if last_response is not None:
+            failed.last_response = excerpt(last_response, self.excerpt_chars)[0]
         if partial is not None:
             partial = excerpt(partial, self.max_answer_chars)[0]
             if in_parts(partial):

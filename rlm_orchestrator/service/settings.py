@@ -30,7 +30,7 @@ from rlm_orchestrator.config.limits import (
     Seconds,
     Usd,
 )
-from rlm_orchestrator.config.lm import Transport
+from rlm_orchestrator.config.lm import DEFAULT_MAX_TOKENS, LMClientConfig, Transport
 from rlm_orchestrator.config.loading import (
     env_layer,
     file_layer,
@@ -40,7 +40,6 @@ from rlm_orchestrator.config.loading import (
 )
 from rlm_orchestrator.config.sandbox import SandboxSettings
 from rlm_orchestrator.exceptions import ConfigurationError
-from rlm_orchestrator.router import LMClientConfig
 
 CONFIG_ENV = "RLM_SERVER_CONFIG"
 # RLM_SERVER_* variables that are no setting: the file's name, and the token `run --server`
@@ -82,6 +81,11 @@ class ModelSettings(BaseModel):
     retry_initial_delay: float = Field(LMClientConfig.retry_initial_delay, ge=0)
     input_cost_per_token: float | None = None
     output_cost_per_token: float | None = None
+    # The limits of one call: output tokens (0: none sent), the window in tokens (for local or
+    # unknown models; else litellm's table, else learned), and the seconds one call may take.
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=0)
+    context_window: int | None = Field(None, gt=0)
+    request_timeout_seconds: float | None = Field(None, gt=0)
     # Anything else litellm takes (temperature, api_version, ...).
     extra: dict[str, Any] = Field(default_factory=dict)
     # "auto": OpenAI-compatible models without litellm-only settings skip litellm (a direct
@@ -102,8 +106,13 @@ class ModelSettings(BaseModel):
             "max_retries": self.max_retries,
             "retry_initial_delay": self.retry_initial_delay,
             "transport": self.transport,
+            "max_tokens": self.max_tokens,
             **self.extra,
         }
+        if self.context_window is not None:
+            kwargs["context_window"] = self.context_window
+        if self.request_timeout_seconds is not None:
+            kwargs["timeout"] = self.request_timeout_seconds
         for field in ("api_base", "input_cost_per_token", "output_cost_per_token"):
             if getattr(self, field) is not None:
                 kwargs[field] = getattr(self, field)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import signal
 import sys
@@ -27,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
+
+from rlm_orchestrator.testing import model_limits
 
 ReplyFn = Callable[["RecordedRequest"], str]
 _RULE_KEYS = frozenset({"reply", "model", "contains", "regex", "status", "times", "delay_seconds"})
@@ -43,10 +44,6 @@ def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return content if isinstance(content, str) else ""
-
-
-def _tokens(chars: int) -> int:
-    return max(1, math.ceil(chars / 4))
 
 
 class Headers(dict[str, str]):
@@ -168,8 +165,17 @@ class Script:
 class ScriptedLMServer:
     """The scripted server, on a daemon thread; binds in :meth:`start`."""
 
-    def __init__(self, script: Script | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        script: Script | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        context_window: int | None = None,
+    ):
         self._script = script or Script()
+        # Tokens a request may take, prompt and max_tokens together (model_limits.py).
+        self.context_window = context_window
         self._host, self._wanted_port = host, port
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -341,29 +347,35 @@ class _Handler(BaseHTTPRequestHandler):
                 owner._requests.append(record)
             what = "needs a 'messages' list" if isinstance(body, dict) else "is not a JSON object"
             return self._error(400, f"request body {what}", "invalid_request")
+        prompt = model_limits.prompt_tokens(body["messages"], _text)
+        if (refused := model_limits.refusal(body, prompt, owner.context_window)) is not None:
+            # Refused before the script is asked, as a real server refuses before generating.
+            record = RecordedRequest(str(body.get("model", "")), body["messages"], body, headers)
+            record.status, record.reply = 400, refused
+            with owner._lock:
+                owner._requests.append(record)
+            return self._error(400, refused)
         status, message, delay = owner._answer(body, headers)
         time.sleep(delay)
         if status != 200:
             return self._error(status, message)
-        chars = sum(len(_text(m.get("content"))) for m in body["messages"] if isinstance(m, dict))
-        usage = {"prompt_tokens": _tokens(chars), "completion_tokens": _tokens(len(message))}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        message, finish, usage = model_limits.cut(body, message, prompt, owner.context_window)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
         head["model"] = body.get("model", "")
         if body.get("stream"):
-            return self._stream(head, message, usage)
+            return self._stream(head, message, usage, finish)
         reply = {"role": "assistant", "content": message}
-        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
+        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}
         self._json(200, {**head, "object": "chat.completion", "choices": [choice], "usage": usage})
 
-    def _stream(self, head: dict[str, Any], reply: str, usage: dict[str, int]) -> None:
+    def _stream(self, head: dict[str, Any], reply: str, usage: dict[str, int], finish: str) -> None:
         def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
             choice = {"index": 0, "delta": delta, "finish_reason": finish}
             return {**head, "object": "chat.completion.chunk", "choices": [choice], "usage": None}
 
         pieces = [reply[i : i + _PIECE] for i in range(0, len(reply), _PIECE)]
         events = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"content": piece}) for piece in pieces] + [chunk({}, "stop")]
+        events += [chunk({"content": piece}) for piece in pieces] + [chunk({}, finish)]
         # As OpenAI does with include_usage: a last chunk without choices carries the usage.
         events.append({**chunk({}), "choices": [], "usage": usage})
         self.send_response(200)

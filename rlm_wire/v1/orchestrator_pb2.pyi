@@ -74,6 +74,10 @@ class _FailureKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FailureKi
     """
     FAILURE_KIND_ANSWER_TOO_LARGE: _FailureKind.ValueType  # 8
     """The final answer is longer than the server's `max_answer_chars` (`limit`)."""
+    FAILURE_KIND_CONTEXT_WINDOW: _FailureKind.ValueType  # 9
+    """Even compacted, the conversation does not fit the root model's context window
+    (`limit`, in tokens); nothing oversized was sent.
+    """
 
 class FailureKind(_FailureKind, metaclass=_FailureKindEnumTypeWrapper):
     """Why a completion failed."""
@@ -98,6 +102,10 @@ on another server or once this one is back. Sent before the server stops.
 """
 FAILURE_KIND_ANSWER_TOO_LARGE: FailureKind.ValueType  # 8
 """The final answer is longer than the server's `max_answer_chars` (`limit`)."""
+FAILURE_KIND_CONTEXT_WINDOW: FailureKind.ValueType  # 9
+"""Even compacted, the conversation does not fit the root model's context window
+(`limit`, in tokens); nothing oversized was sent.
+"""
 Global___FailureKind: _TypeAlias = FailureKind  # noqa: Y015
 
 @_typing.final
@@ -295,6 +303,7 @@ class CompletionEvent(_message.Message):
     FINISHED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     ANSWER_PART_FIELD_NUMBER: _builtins.int
+    CONTEXT_COMPACTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___CompletionStarted: ...
     @_builtins.property
@@ -321,6 +330,8 @@ class CompletionEvent(_message.Message):
     def failed(self) -> Global___CompletionFailed: ...
     @_builtins.property
     def answer_part(self) -> Global___AnswerPart: ...
+    @_builtins.property
+    def context_compacted(self) -> Global___ContextCompacted: ...
     def __init__(
         self,
         *,
@@ -337,12 +348,13 @@ class CompletionEvent(_message.Message):
         finished: Global___CompletionFinished | None = ...,
         failed: Global___CompletionFailed | None = ...,
         answer_part: Global___AnswerPart | None = ...,
+        context_compacted: Global___ContextCompacted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "context_compacted", b"context_compacted", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "context_compacted", b"context_compacted", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "turn_started", "root_response", "code_block_started", "output", "sub_call_started", "sub_call_finished", "code_block_finished", "notice", "usage", "finished", "failed", "answer_part"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "turn_started", "root_response", "code_block_started", "output", "sub_call_started", "sub_call_finished", "code_block_finished", "notice", "usage", "finished", "failed", "answer_part", "context_compacted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -422,6 +434,7 @@ class RootResponse(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     CUT_CHARS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     iteration: _builtins.int
     text: _builtins.str
@@ -429,6 +442,10 @@ class RootResponse(_message.Message):
     duration_seconds: _builtins.float
     cut_chars: _builtins.int
     """Characters cut from `text` (see the note on bounded text above)."""
+    finish_reason: _builtins.str
+    """Why the model stopped: "stop", or "length" when its output limit cut the response (a
+    code block it left open was not run, and the model was told).
+    """
     def __init__(
         self,
         *,
@@ -437,10 +454,11 @@ class RootResponse(_message.Message):
         text: _builtins.str = ...,
         duration_seconds: _builtins.float = ...,
         cut_chars: _builtins.int = ...,
+        finish_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_chars", b"cut_chars", "depth", b"depth", "duration_seconds", b"duration_seconds", "iteration", b"iteration", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_chars", b"cut_chars", "depth", b"depth", "duration_seconds", b"duration_seconds", "finish_reason", b"finish_reason", "iteration", b"iteration", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -566,6 +584,7 @@ class SubCallFinished(_message.Message):
     RESPONSE_CHARS_FIELD_NUMBER: _builtins.int
     DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     call_id: _builtins.int
     ok: _builtins.bool
@@ -573,6 +592,10 @@ class SubCallFinished(_message.Message):
     duration_seconds: _builtins.float
     error: _builtins.str
     """Why it failed, when ok is false."""
+    truncated: _builtins.bool
+    """The answer was cut by the sub-model's output limit (finish reason "length"); the code
+    received it with a "[truncated: ...]" line at its end.
+    """
     def __init__(
         self,
         *,
@@ -582,10 +605,11 @@ class SubCallFinished(_message.Message):
         response_chars: _builtins.int = ...,
         duration_seconds: _builtins.float = ...,
         error: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "depth", b"depth", "duration_seconds", b"duration_seconds", "error", b"error", "ok", b"ok", "response_chars", b"response_chars"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "depth", b"depth", "duration_seconds", b"duration_seconds", "error", b"error", "ok", b"ok", "response_chars", b"response_chars", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,6 +700,53 @@ class Notice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Notice: _TypeAlias = Notice  # noqa: Y015
+
+@_typing.final
+class ContextCompacted(_message.Message):
+    """Older turns of the conversation were shortened so that the next request fits the root
+    model's context window. The system prompt, the question and the latest turns are kept.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPTH_FIELD_NUMBER: _builtins.int
+    ITERATION_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    TOKENS_BEFORE_FIELD_NUMBER: _builtins.int
+    TOKENS_AFTER_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    depth: _builtins.int
+    iteration: _builtins.int
+    stage: _builtins.str
+    """"outputs": old REPL outputs were elided; "summary": old turns were replaced by a summary
+    the model wrote; "dropped": old turns were dropped (the summary failed); "cut": the latest
+    outputs themselves were cut.
+    """
+    tokens_before: _builtins.int
+    """Estimated prompt tokens before and after, and the window they must fit."""
+    tokens_after: _builtins.int
+    context_window: _builtins.int
+    messages: _builtins.int
+    """Messages changed or removed."""
+    def __init__(
+        self,
+        *,
+        depth: _builtins.int = ...,
+        iteration: _builtins.int = ...,
+        stage: _builtins.str = ...,
+        tokens_before: _builtins.int = ...,
+        tokens_after: _builtins.int = ...,
+        context_window: _builtins.int = ...,
+        messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window", b"context_window", "depth", b"depth", "iteration", b"iteration", "messages", b"messages", "stage", b"stage", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextCompacted: _TypeAlias = ContextCompacted  # noqa: Y015
 
 @_typing.final
 class UsageUpdate(_message.Message):
@@ -792,6 +863,7 @@ class CompletionFailed(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     PARTIAL_ANSWER_IN_PARTS_FIELD_NUMBER: _builtins.int
+    LAST_RESPONSE_FIELD_NUMBER: _builtins.int
     kind: Global___FailureKind.ValueType
     message: _builtins.str
     partial_answer: _builtins.str
@@ -802,7 +874,8 @@ class CompletionFailed(_message.Message):
     iterations: _builtins.int
     limit: _builtins.float
     """For TIMEOUT: the timeout in seconds; for COST_LIMIT: max_cost in USD; for
-    SERVER_SHUTDOWN: the shutdown grace in seconds; for ANSWER_TOO_LARGE: max_answer_chars.
+    SERVER_SHUTDOWN: the shutdown grace in seconds; for ANSWER_TOO_LARGE: max_answer_chars;
+    for CONTEXT_WINDOW: the root model's context window in tokens (0: not known).
     """
     elapsed_seconds: _builtins.float
     """Seconds the completion ran before it stopped."""
@@ -810,6 +883,10 @@ class CompletionFailed(_message.Message):
     """For LM_ERROR: the provider's HTTP status, when known."""
     partial_answer_in_parts: _builtins.bool
     """True when the partial answer came before as `answer_part` events."""
+    last_response: _builtins.str
+    """The root model's last response, when there was one (cut like `partial_answer`, to the
+    server's `event_excerpt_chars`).
+    """
     @_builtins.property
     def usage(self) -> _usage_pb2.UsageSummary: ...
     def __init__(
@@ -824,13 +901,19 @@ class CompletionFailed(_message.Message):
         elapsed_seconds: _builtins.float = ...,
         status_code: _builtins.int = ...,
         partial_answer_in_parts: _builtins.bool = ...,
+        last_response: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer", "partial_answer", b"partial_answer", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_last_response", b"_last_response", "_partial_answer", b"_partial_answer", "last_response", b"last_response", "partial_answer", b"partial_answer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer", "elapsed_seconds", b"elapsed_seconds", "iterations", b"iterations", "kind", b"kind", "limit", b"limit", "message", b"message", "partial_answer", b"partial_answer", "partial_answer_in_parts", b"partial_answer_in_parts", "status_code", b"status_code", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_last_response", b"_last_response", "_partial_answer", b"_partial_answer", "elapsed_seconds", b"elapsed_seconds", "iterations", b"iterations", "kind", b"kind", "last_response", b"last_response", "limit", b"limit", "message", b"message", "partial_answer", b"partial_answer", "partial_answer_in_parts", b"partial_answer_in_parts", "status_code", b"status_code", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__last_response: _TypeAlias = _typing.Literal["last_response"]  # noqa: Y015
+    _WhichOneofArgType__last_response: _TypeAlias = _typing.Literal["_last_response", b"_last_response"]  # noqa: Y015
     _WhichOneofReturnType__partial_answer: _TypeAlias = _typing.Literal["partial_answer"]  # noqa: Y015
     _WhichOneofArgType__partial_answer: _TypeAlias = _typing.Literal["_partial_answer", b"_partial_answer"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__last_response) -> _WhichOneofReturnType__last_response | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__partial_answer) -> _WhichOneofReturnType__partial_answer | None: ...
 
 Global___CompletionFailed: _TypeAlias = CompletionFailed  # noqa: Y015

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rlm/v1/usage.proto\x12\x06rlm.v1\"e\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x04\x12\x15\n\routput_tokens\x18\x04 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\"F\n\x0cUsageSummary\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.rlm.v1.ModelUsage\x12\x12\n\ntotal_cost\x18\x02 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rlm/v1/usage.proto\x12\x06rlm.v1\"~\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x04\x12\x15\n\routput_tokens\x18\x04 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x17\n\x0ftruncated_calls\x18\x06 \x01(\x04\"F\n\x0cUsageSummary\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.rlm.v1.ModelUsage\x12\x12\n\ntotal_cost\x18\x02 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlm.v1.usage_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELUSAGE']._serialized_start=30
-  _globals['_MODELUSAGE']._serialized_end=131
-  _globals['_USAGESUMMARY']._serialized_start=133
-  _globals['_USAGESUMMARY']._serialized_end=203
+  _globals['_MODELUSAGE']._serialized_end=156
+  _globals['_USAGESUMMARY']._serialized_start=158
+  _globals['_USAGESUMMARY']._serialized_end=228
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,7 @@ class ModelUsage(_message.Message):
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    TRUNCATED_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registered model name."""
     calls: _builtins.int
@@ -36,6 +37,10 @@ class ModelUsage(_message.Message):
     output_tokens: _builtins.int
     cost: _builtins.float
     """In USD, from the model's configured prices or litellm's price list (0 when unknown)."""
+    truncated_calls: _builtins.int
+    """Calls whose answer was cut by the output limit (max_tokens or the window): finish
+    reason "length".
+    """
     def __init__(
         self,
         *,
@@ -44,10 +49,11 @@ class ModelUsage(_message.Message):
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
         cost: _builtins.float = ...,
+        truncated_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cost", b"cost", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cost", b"cost", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "truncated_calls", b"truncated_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
