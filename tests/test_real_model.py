@@ -163,7 +163,9 @@ def test_scripted_root_gets_facts_from_the_real_sub_model(
         backend="openai",
         backend_kwargs=backend_kwargs(lm, ROOT_MODEL),
         other_backends=["openai"],
-        other_backend_kwargs=[real_model_kwargs(proxy, max_tokens=SUB_MAX_TOKENS, timeout=300)],
+        other_backend_kwargs=[
+            real_model_kwargs(proxy, max_tokens=SUB_MAX_TOKENS, context_window=N_CTX, timeout=300)
+        ],
         environment=environment,
         environment_kwargs={"image": SANDBOX_IMAGE} if environment == "docker" else {},
         max_iterations=4,
@@ -223,19 +225,27 @@ def window_problems(chats: list[Exchange]) -> list[str]:
     if refused:
         problems.append(f"requests refused: {refused}")
     for exchange in chats:
-        if exchange.request.get("max_tokens") != ROOT_MAX_TOKENS:
-            problems.append(f"max_tokens {exchange.request.get('max_tokens')} was sent")
+        # The loop may lower max_tokens to what the window leaves, never raise it.
+        sent = exchange.request.get("max_tokens")
+        if not isinstance(sent, int) or not 0 < sent <= ROOT_MAX_TOKENS:
+            problems.append(f"max_tokens {sent!r} was sent")
+            continue
         # The output room asked for fits beside the prompt (else llama cuts it silently).
-        if (exchange.prompt_tokens or 0) + ROOT_MAX_TOKENS > N_CTX:
+        if (exchange.prompt_tokens or 0) + sent > N_CTX:
             problems.append(f"prompt + max_tokens over the window: {exchange.summary()}")
     return problems
 
 
-def finish(
-    case: dict[str, Any], chats: list[Exchange], problems: list[str], usage_known: bool = True
-) -> None:
-    if usage_known and case["usage_reported"] != case["usage_server"]:
+def lowered_max_tokens(chats: list[Exchange]) -> list[int]:
+    """The max_tokens of the requests sent with less than asked for (to fit the window)."""
+    sent = [e.request.get("max_tokens") for e in chats]
+    return [n for n in sent if isinstance(n, int) and n < ROOT_MAX_TOKENS]
+
+
+def finish(case: dict[str, Any], chats: list[Exchange], problems: list[str]) -> None:
+    if case["usage_reported"] != case["usage_server"]:
         problems.append(f"usage {case['usage_reported']} != server's {case['usage_server']}")
+    case["max_tokens_lowered"] = lowered_max_tokens(chats)
     case["requests"] = [e.summary() for e in chats]
     case["outcome"] = "passed" if not problems else "failed"
     case["problems"] = problems
@@ -263,11 +273,12 @@ def test_real_model_as_root_ends_cleanly_inside_its_window(
     try:
         result = rlm.completion(ROOT_CONTEXT, root_prompt=ROOT_QUESTION)
     except RLMError as exc:
-        usage = getattr(exc, "usage_summary", None)
+        usage = exc.usage_summary
         case.update(
             ended="error",
             error=f"{type(exc).__name__}: {str(exc)[:500]}",
-            iterations=getattr(exc, "iterations", None),
+            iterations=exc.iterations,
+            last_response=(exc.last_response or "")[:300],
         )
     else:
         usage = result.usage_summary
@@ -280,9 +291,16 @@ def test_real_model_as_root_ends_cleanly_inside_its_window(
         )
     case["seconds"] = round(time.monotonic() - started, 2)
     chats = proxy.chats
+    compacted = [e for e in seen if isinstance(e, events.ContextCompacted)]
     case.update(
         turns=sum(isinstance(e, events.TurnStarted) for e in seen),
         notices=[e.text[:200] for e in seen if isinstance(e, events.Notice)],
+        compactions=[
+            f"turn {e.iteration}: {e.stage} {e.tokens_before} -> {e.tokens_after} tokens"
+            for e in compacted
+        ],
+        # Recorded, not failed: a stage that left the conversation larger (estimated tokens).
+        compactions_that_grew=sum(e.tokens_after > e.tokens_before for e in compacted),
         usage_reported=usage_dict(usage, MODEL_ALIAS),
         usage_server=usage_of(chats),
     )
@@ -318,22 +336,33 @@ def test_real_model_as_root_through_the_cli(
     )
     chats = proxy.chats
     problems = window_problems(chats)
-    usage = None
-    if done.returncode == 0:
+    try:
         printed = json.loads(done.stdout)
-        usage = UsageSummary.from_dict(printed.get("usage_summary", {}))
+    except ValueError:
+        printed = {}
+        problems.append(f"exit {done.returncode}, no JSON on stdout: {done.stdout[-300:]!r}")
+    if done.returncode == 0:
         case.update(
             ended="answer",
             answer=str(printed.get("response", ""))[:500],
-            json_fields=sorted(printed),
+            iterations=printed.get("iterations"),
+            how=printed.get("answer_source"),
         )
         if not case["answer"]:
             problems.append("an empty answer")
     else:
-        # A failure is one clear line on stderr (exit 1: a failure at run time).
-        case["ended"] = "error"
-        if done.returncode != 1 or len(done.stderr.strip().splitlines()) != 1:
-            problems.append(f"exit {done.returncode}: {done.stderr[-500:]!r}")
-    case.update(usage_reported=usage_dict(usage, MODEL_ALIAS), usage_server=usage_of(chats))
-    # The CLI's error line carries no usage: only an answer's is compared.
-    finish(case, chats, problems, usage_known=case["ended"] == "answer")
+        # A failure at run time: exit 1, and with --json what the run had done, as JSON.
+        error = printed.get("error") or {}
+        case.update(
+            ended="error",
+            error=f"{error.get('type')}: {str(error.get('message'))[:500]}",
+            iterations=printed.get("iterations"),
+        )
+        if done.returncode != 1 or not case["iterations"]:
+            problems.append(f"exit {done.returncode}, iterations {case['iterations']}")
+    usage = printed.get("usage_summary")
+    case.update(
+        usage_reported=usage_dict(UsageSummary.from_dict(usage or {}), MODEL_ALIAS),
+        usage_server=usage_of(chats),
+    )
+    finish(case, chats, problems)
