@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox_agent import __version__
 
 if TYPE_CHECKING:
+    from rlm_orchestrator.budget import UnpricedModelWarning
     from rlm_orchestrator.exceptions import (
         AnswerTooLargeError,
         CompletionTimeoutError,
@@ -59,6 +60,7 @@ _EXPORTS = {
     "RLMIteration": "types",
     "RLMMetadata": "types",
     "UsageSummary": "types",
+    "UnpricedModelWarning": "budget",
 }
 
 
@@ -94,6 +96,7 @@ __all__ = [
     "RLMLogger",
     "RLMMetadata",
     "SandboxError",
+    "UnpricedModelWarning",
     "UsageSummary",
     "__version__",
 ]

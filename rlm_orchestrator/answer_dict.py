@@ -81,9 +81,9 @@ async def _no_sub_calls(prompts: list[str], model: str, kind: str) -> list[SubCa
     return [SubCallOutcome(error="not available here")] * len(prompts)
 
 
-async def install(client: AgentClient) -> None:
+async def install(client: AgentClient) -> ExecutionReport:
     """A fresh `answer` dict (not ready) in the REPL: at the start of every completion."""
-    await client.execute(INSTALL_CODE, on_output=_ignore_output, on_sub_call=_no_sub_calls)
+    return await client.execute(INSTALL_CODE, on_output=_ignore_output, on_sub_call=_no_sub_calls)
 
 
 def answer_intact(report: ExecutionReport) -> bool:
@@ -91,10 +91,13 @@ def answer_intact(report: ExecutionReport) -> bool:
     return any(name == "answer" and type_name == _TYPE_NAME for name, type_name in report.variables)
 
 
-async def after_block(client: AgentClient, report: ExecutionReport) -> ExecutionReport:
+async def after_block(
+    client: AgentClient, report: ExecutionReport
+) -> tuple[ExecutionReport, ExecutionReport | None]:
     """The block's report, with the answer a rebound `answer` dict gave (if any); `answer`
-    is the installed dict again afterwards."""
+    is the installed dict again afterwards. Second: the report of the code that re-wrapped it,
+    when some ran (the session records it: it changed the namespace)."""
     if report.final_answer_chars is not None or answer_intact(report):
-        return report
+        return report, None
     rewrap = await client.execute(REWRAP_CODE, on_output=_ignore_output, on_sub_call=_no_sub_calls)
-    return dataclasses.replace(report, final_answer_chars=rewrap.final_answer_chars)
+    return dataclasses.replace(report, final_answer_chars=rewrap.final_answer_chars), rewrap

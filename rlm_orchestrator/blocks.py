@@ -7,7 +7,9 @@ sandbox (its contexts loaded again) and the block reports the loss to the model.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Status, StatusCode
@@ -16,10 +18,12 @@ from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.journal.replay import BlockRecord, RecordedSubCalls, SubCallRecord
 from rlm_orchestrator.logged_values import read_values
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.parsing import format_execution_output, truncate_output
 from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
+from rlm_orchestrator.sandbox.execution_stream import SubCallHandler
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.sub_calls import SubCalls
 from rlm_orchestrator.types import REPLResult, RLMChatCompletion
@@ -76,27 +80,42 @@ class BlockRunner:
         async def on_output(stream: str, text: str) -> None:
             self.emit(ev.OutputChunk(depth, turn, index, stream, text))
 
-        async def on_sub_call(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+        record = BlockRecord(code)
+
+        async def live(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
             return await self.sub_calls.answer(prompts, model, kind, calls)
+
+        def recorded(handler: SubCallHandler) -> SubCallHandler:
+            async def answer(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
+                answers = list(await handler(prompts, model, kind))
+                record.sub_calls.append(SubCallRecord.of(prompts, model, kind, answers))
+                return answers
+
+            return answer
 
         attributes = {"rlm.depth": depth, "rlm.iteration": iteration, "rlm.block": index}
         with telemetry.tracer().start_as_current_span("rlm.execute", attributes=attributes) as span:
             if telemetry.record_content():
                 span.set_attribute("rlm.code", telemetry.content(code))
-            try:
-                report = await self.session.sandbox.client.execute(
+            limits = self.settings.sandbox
+
+            async def execute(handler: SubCallHandler) -> ExecutionReport:
+                return await self.session.sandbox.client.execute(
                     code,
                     on_output=on_output,
-                    on_sub_call=on_sub_call,
-                    timeout_seconds=self.settings.sandbox.exec_timeout_seconds,
-                    max_output_chars=self.settings.sandbox.max_output_chars,
+                    on_sub_call=recorded(handler),
+                    timeout_seconds=limits.exec_timeout_seconds,
+                    max_output_chars=limits.max_output_chars,
                     execution_id=f"{iteration}.{index}",
                     traceparent=telemetry.traceparent(span),
                 )
+
+            try:
+                report = await execute(live)
             except SandboxError as exc:
                 if self.session.replace is None:
                     raise
-                report = await self._moved_to_a_new_sandbox(exc)
+                report = await self._rebuilt(exc, record, execute, live)
             span.set_attribute("rlm.exec.status", report.status)
             if report.status != "ok":
                 last_line = (report.error.strip().splitlines() or [report.status])[-1]
@@ -105,8 +124,13 @@ class BlockRunner:
                 span.set_attribute("rlm.output", telemetry.content(report.stdout + report.stderr))
         if report.agent_span is not None:
             telemetry.export_agent_span(report.agent_span)
+        if report.status != "sandbox_lost":
+            self.session.record(record.finish(report), report.worker_restarted)
         if not self.settings.final_in_text:
-            report = await answer_dict.after_block(self.session.sandbox.client, report)
+            report, rewrap = await answer_dict.after_block(self.session.sandbox.client, report)
+            if rewrap is not None:
+                internal = BlockRecord(answer_dict.REWRAP_CODE, internal=True).finish(rewrap)
+                self.session.record(internal, rewrap.worker_restarted)
         read = AnswerRead()
         if report.final_answer_chars is not None:
             read = await self._read_answer(None)
@@ -131,17 +155,52 @@ class BlockRunner:
         self.emit(ev.CodeBlockFinished(depth, turn, index, result))
         return result, read.note or None
 
-    async def _moved_to_a_new_sandbox(self, lost: SandboxError) -> ExecutionReport:
-        """The sandbox died or was cut off under the block: continue in a new one."""
-        await self.session.recover()
-        message = (
-            f"SandboxError: {lost}. The session moved to a new sandbox: every variable is lost; "
-            "the contexts were loaded again."
+    async def _rebuilt(
+        self,
+        lost: SandboxError,
+        record: BlockRecord,
+        execute: Callable[[SubCallHandler], Awaitable[ExecutionReport]],
+        live: SubCallHandler,
+    ) -> ExecutionReport:
+        """The sandbox died or was cut off under the block: a new one, the namespace rebuilt
+        by replay, and the block run again there (its sub-calls answered so far served from the
+        record), the model told nothing. When the replay diverges, or the block loses its
+        sandbox a second time (code that kills its own agent), the session goes on in a new
+        sandbox and the model is told what was lost."""
+        limits = self.settings.sandbox
+        recover = functools.partial(
+            self.session.recover, limits.exec_timeout_seconds, limits.max_output_chars
         )
-        return ExecutionReport(
-            status="sandbox_lost",
-            stdout="",
-            stderr=message + "\n",
-            error=message,
-            worker_restarted=True,
-        )
+        divergence = await recover()
+        if divergence is not None:
+            return _lost(
+                lost,
+                f"rebuilding your variables by running your code again diverged at {divergence} "
+                "(code that reads the clock, randomness or changing files does that): variables "
+                "set from there on may be missing or differ",
+            )
+        answered, record.sub_calls = record.sub_calls, []
+        try:
+            return await execute(RecordedSubCalls(answered, live=live))
+        except SandboxError as again:
+            divergence = await recover()
+            rebuilt = "rebuilt" if divergence is None else f"rebuilt up to {divergence}"
+            return _lost(
+                again,
+                "this block lost its sandbox twice (run again after the first loss), so it was "
+                f"not run a third time; the variables from before it were {rebuilt}",
+            )
+
+
+def _lost(lost: SandboxError, what: str) -> ExecutionReport:
+    message = (
+        f"SandboxError: {lost}. The session moved to a new sandbox and the contexts were loaded "
+        f"again, but {what}."
+    )
+    return ExecutionReport(
+        status="sandbox_lost",
+        stdout="",
+        stderr=message + "\n",
+        error=message,
+        worker_restarted=True,
+    )

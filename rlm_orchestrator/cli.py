@@ -5,18 +5,23 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from rlm_orchestrator.cli_options import ContextWindowOption, MaxTokensOption, RequestTimeoutOption
+from rlm_orchestrator.cli_options import (
+    CodeFencesOption,
+    ContextWindowOption,
+    InputCostOption,
+    MaxTokensOption,
+    OutputCostOption,
+    RequestTimeoutOption,
+)
+from rlm_orchestrator.cli_run import check_flags, run_local, run_remote
 from rlm_orchestrator.cli_support import (
     DebugOption,
-    StartupStatus,
     configuration_error,
-    fail,
-    print_result,
     read_context,
     run_app,
     show_version,
@@ -28,9 +33,6 @@ from rlm_orchestrator.config.limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITERAT
 from rlm_orchestrator.config.lm import BACKEND_NAMES
 from rlm_orchestrator.telemetry.trace_cli import trace_app
 from sandbox_agent.limits import DEFAULT_EXEC_TIMEOUT_SECONDS
-
-if TYPE_CHECKING:
-    from rlm_orchestrator.config.run import RunSettings
 
 # No rich markup: help texts are shown as written ("[default ...]", "[run]" stay).
 app = typer.Typer(
@@ -62,20 +64,6 @@ def _options(
 ) -> None:
     """Recursive Language Models: run one here, or serve them over gRPC."""
     state.debug = debug
-
-
-# Flags that only `run` on this machine uses: the server's own config decides them.
-LOCAL_ONLY = {
-    "backend": "--backend",
-    "api_base": "--api-base",
-    "api_key": "--api-key",
-    "environment": "--environment",
-    "log_dir": "--log-dir",
-    "config": "--config",
-    "max_tokens": "--max-tokens",
-    "context_window": "--context-window",
-    "request_timeout_seconds": "--request-timeout",
-}
 
 
 @app.command()
@@ -127,8 +115,14 @@ def run(
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="Total seconds for the completion.")] = None,
     max_cost: Annotated[
-        float | None, typer.Option(help="Stop when spend exceeds this (USD).")
+        float | None,
+        typer.Option(
+            help="Stop when spend exceeds this (USD). A model with no price (none set, none in "
+            "litellm's table: a local one) counts as $0: run warns."
+        ),
     ] = None,
+    input_cost_per_token: InputCostOption = None,
+    output_cost_per_token: OutputCostOption = None,
     log_dir: Annotated[Path | None, typer.Option(help="Write a JSONL trajectory log here.")] = None,
     max_tokens: MaxTokensOption = None,
     context_window: ContextWindowOption = None,
@@ -141,6 +135,7 @@ def run(
             show_default="final",
         ),
     ] = None,
+    code_fences: CodeFencesOption = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -187,13 +182,16 @@ def run(
         "max_cost": max_cost,
         "log_dir": log_dir,
         "answer_convention": answer_convention,
+        "code_fences": code_fences,
+        "input_cost_per_token": input_cost_per_token,
+        "output_cost_per_token": output_cost_per_token,
         "max_tokens": max_tokens,
         "context_window": context_window,
         "request_timeout_seconds": request_timeout,
     }
     try:
         token_flag = getattr(ctx.get_parameter_source("token"), "name", "") == "COMMANDLINE"
-        _check_flags({**flags, "config": config}, server, tls_ca, token_flag)
+        check_flags({**flags, "config": config}, server, tls_ca, token_flag)
         settings = load_run_settings(flags, config, read_sources=server is None)
     except ConfigurationError as exc:
         configuration_error(exc)
@@ -209,116 +207,16 @@ def run(
             "timeout_seconds": timeout,
             "max_cost": max_cost,
             "answer_convention": answer_convention,
+            "code_fences": list(settings.code_fences) if code_fences is not None else None,
         }
-        _run_remote(server, token, tls_ca, loaded, query, options, quiet, as_json)
+        run_remote(server, token, tls_ca, loaded, query, options, quiet, as_json)
         return
     if settings.unread_file is not None and not quiet:
         stderr.print(
             f"[dim]note: {settings.unread_file} has no [run] table: not read (run's settings "
             "go under [run]; a server's config is for `serve --config`)[/]"
         )
-    _run_local(settings, loaded, query, quiet, as_json)
-
-
-def _check_flags(
-    flags: dict[str, Any], server: str | None, tls_ca: Path | None, token_flag: bool
-) -> None:
-    """A flag that means nothing in this mode is refused, not ignored."""
-    from rlm_orchestrator.exceptions import ConfigurationError
-
-    if server is not None:
-        for name, flag in LOCAL_ONLY.items():
-            if flags[name] is not None:
-                raise ConfigurationError(
-                    f"{flag} means nothing with --server: the server's own config decides it"
-                )
-        return
-    for flag, given in (("--tls-ca", tls_ca is not None), ("--token", token_flag)):
-        if given:
-            raise ConfigurationError(f"{flag} means nothing without --server")
-
-
-def _run_local(settings: RunSettings, context: Any, query: str, quiet: bool, as_json: bool) -> None:
-    status = StartupStatus(quiet)
-    try:
-        _run_local_rlm(settings, context, query, quiet, as_json, status)
-    finally:
-        status.done()
-
-
-def _run_local_rlm(
-    settings: RunSettings,
-    context: Any,
-    query: str,
-    quiet: bool,
-    as_json: bool,
-    status: StartupStatus,
-) -> None:
-    from rlm_orchestrator import RLM, RLMError, RLMLogger
-    from rlm_orchestrator.console import EventPrinter
-    from rlm_orchestrator.events import Event
-
-    printer = None if quiet else EventPrinter(stderr)
-
-    def on_event(event: Event) -> None:
-        status.done()
-        if printer is not None:
-            printer(event)
-
-    lm_kwargs: dict[str, Any] = {"model_name": settings.model}
-    if settings.api_base:
-        lm_kwargs["api_base"] = settings.api_base
-    if settings.api_key:
-        lm_kwargs["api_key"] = settings.api_key
-    if settings.transport != "auto":
-        lm_kwargs["transport"] = settings.transport
-    lm_kwargs.update(settings.model_limits())
-    sub_kwargs = {**lm_kwargs, "model_name": settings.sub_model} if settings.sub_model else None
-    try:
-        rlm = RLM(
-            backend=settings.backend,
-            backend_kwargs=lm_kwargs,
-            environment=settings.environment,
-            environment_kwargs=settings.environment_kwargs,
-            max_depth=settings.max_depth,
-            max_iterations=settings.max_iterations,
-            other_backends=[settings.backend] if sub_kwargs else None,
-            other_backend_kwargs=[sub_kwargs] if sub_kwargs else None,
-            logger=RLMLogger(settings.log_dir) if settings.log_dir else None,
-            max_cost=settings.max_cost,
-            timeout_seconds=settings.timeout_seconds,
-            answer_convention=settings.answer_convention,
-            on_event=on_event,
-        )
-        result = rlm.completion(context, root_prompt=query)
-    except RLMError as exc:
-        raise fail(exc, as_json) from exc
-    print_result(result, quiet, as_json)
-
-
-def _run_remote(
-    server: str,
-    token: str | None,
-    tls_ca: Path | None,
-    context: Any,
-    query: str,
-    options: dict[str, Any],
-    quiet: bool,
-    as_json: bool,
-) -> None:
-    from rlm_orchestrator import RLMError
-    from rlm_orchestrator.client import Client
-    from rlm_orchestrator.console import EventPrinter
-
-    chosen = {k: v for k, v in options.items() if v is not None}
-    with Client(server, token=token, ca_file=tls_ca) as client:
-        try:
-            result = client.completion(
-                context, query, on_event=None if quiet else EventPrinter(stderr), **chosen
-            )
-        except RLMError as exc:
-            raise fail(exc, as_json) from exc
-    print_result(result, quiet, as_json)
+    run_local(settings, loaded, query, quiet, as_json)
 
 
 @app.command()

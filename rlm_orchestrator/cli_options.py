@@ -1,6 +1,7 @@
-"""`run`'s options that describe the model (the root's, and the sub-model's with it), kept
-apart from cli.py's commands so that each stays readable. Each maps to a backend_kwargs key of
-the same meaning (config/lm.py) and to a RunSettings field (config/run.py)."""
+"""`run`'s options that describe the model (the root's, and the sub-model's with it): its
+limits, its prices, the code fences it writes; kept apart from cli.py's commands so that each
+stays readable. Each maps to a backend_kwargs key (or RLM argument) of the same meaning
+(config/lm.py, config/fences.py) and to a RunSettings field (config/run.py)."""
 
 from __future__ import annotations
 
@@ -31,5 +32,24 @@ RequestTimeoutOption = Annotated[
     float | None,
     typer.Option(
         help="Seconds one model call may take (each retry gets as long).", show_default="600"
+    ),
+]
+InputCostOption = Annotated[
+    float | None,
+    typer.Option(
+        help="USD per input token of the root and sub model, for a model litellm has no "
+        "price for (a local one): what --max-cost counts. Replaces litellm's price."
+    ),
+]
+OutputCostOption = Annotated[
+    float | None,
+    typer.Option(help="USD per output token of the root and sub model (as above)."),
+]
+CodeFencesOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Languages of the fenced blocks that run, comma-separated: repl,python also "
+        "runs ```python blocks (for a model that never writes ```repl).",
+        show_default="repl",
     ),
 ]

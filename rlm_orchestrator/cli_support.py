@@ -113,6 +113,8 @@ class StartupStatus:
 
 
 def print_result(result: Any, quiet: bool, as_json: bool) -> None:
+    """The answer on stdout (or the result as JSON: turns, answer_source, usage, no context);
+    on stderr, what it cost and, even with --quiet, a note when it is no chosen answer."""
     if as_json:
         data = result.to_dict()
         # The context is the user's own input: not echoed back (it may be megabytes).
@@ -120,11 +122,20 @@ def print_result(result: Any, quiet: bool, as_json: bool) -> None:
         print(json.dumps(data, indent=2))
     else:
         print(result.response)
+        if result.out_of_turns:
+            # Exit code 0 as the original, but never mistaken for an answer the model chose.
+            stderr.print(
+                f"[bold yellow]note:[/] no final answer within {result.iterations} turn(s): "
+                "the answer above is the model's reply when asked for one after its last "
+                "turn (answer_source out_of_turns; raise --max-iterations?)",
+                soft_wrap=True,
+            )
     if not quiet:
         usage = result.usage_summary
+        how = f", {result.answer_source}" if result.answer_source else ""
         stderr.print(
-            f"[dim]{usage.total_calls} LM calls, ${usage.total_cost:.4f}, "
-            f"{result.execution_time:.1f}s[/]"
+            f"[dim]{result.iterations} turn(s){how}, {usage.total_calls} LM calls, "
+            f"${usage.total_cost:.4f}, {result.execution_time:.1f}s[/]"
         )
 
 

@@ -76,7 +76,9 @@ class CodeBlockFinished:
 
 @dataclass(frozen=True)
 class Notice:
-    """Something the model was told that a person watching should see too."""
+    """Something the model was told that a person watching should see too; or, from a
+    server before the first turn, something the client should know (a max_cost that cannot
+    be enforced: a model without a price)."""
 
     depth: int
     text: str
@@ -105,7 +107,7 @@ class UsageUpdated:
 class FinalAnswer:
     depth: int
     answer: str
-    source: str  # "FINAL" | "FINAL_VAR" | "code" | "out_of_turns" | "plain_lm"
+    source: str  # an AnswerSource (types.py): "final", "final_var", "out_of_turns", ...
     iterations: int
 
 

@@ -17,6 +17,7 @@ from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.blocks import BlockRunner
 from rlm_orchestrator.compaction import ContextBudget, Conversation, Turn
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
     DEFAULT_MAX_DEPTH,
@@ -47,6 +48,7 @@ from rlm_orchestrator.router import LMAnswer, LMRouter, UsageTracker
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.sub_calls import ChildSpawner, SubCalls
 from rlm_orchestrator.types import (
+    AnswerSource,
     CodeBlock,
     RLMChatCompletion,
     RLMIteration,
@@ -85,6 +87,8 @@ class LoopSettings:
     max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
     # How the model gives its answer: FINAL/FINAL_VAR, or upstream's `answer` dict.
     answer_convention: AnswerConvention = FINAL
+    # The languages of the fenced blocks that run (```repl; config/fences.py).
+    code_fences: tuple[str, ...] = DEFAULT_CODE_FENCES
 
     @property
     def final_in_text(self) -> bool:
@@ -124,6 +128,7 @@ class CompletionLoop:
         self.partial_answer: str | None = None
         self.last_response: str | None = None
         self.iterations = 0
+        self.answer_source = ""  # how the answer was reached (an AnswerSource)
         self._deadline: float | None = None
         self.sub_calls = SubCalls(
             settings.depth,
@@ -182,8 +187,9 @@ class CompletionLoop:
         except RLMError as exc:
             self._account(exc)
             raise
+        elapsed, usage = time.perf_counter() - started, self.tracker.summary()
         return RLMChatCompletion(
-            self.root_model, context, answer, self.tracker.summary(), time.perf_counter() - started
+            self.root_model, context, answer, usage, elapsed, self.iterations, self.answer_source
         )
 
     def _account(self, exc: RLMError) -> None:
@@ -230,6 +236,7 @@ class CompletionLoop:
             if self.logger:
                 self.logger.log(record)
             if outcome.answer is not None:
+                self.answer_source = outcome.source
                 self.emit(
                     ev.FinalAnswer(
                         self.settings.depth, outcome.answer, outcome.source, self.iterations
@@ -299,16 +306,17 @@ class CompletionLoop:
         response = answer.text
         record = RLMIteration(prompt=prompt, response=response)
         outcome = _Outcome()
-        blocks = find_code_blocks(response)
+        blocks = find_code_blocks(response, self.settings.code_fences)
         if answer.truncated:
             # A block the limit cut open is not run half-written; the model is told.
-            unclosed = open_code_block(response)
-            what = ": its last ```repl block was not closed, and was not run" if unclosed else ""
+            unclosed = open_code_block(response, self.settings.code_fences)
+            what = ": its last code block was not closed, and was not run" if unclosed else ""
             outcome.notes.append(CUT_RESPONSE_NOTE.format(what=what))
         for index, code in enumerate(blocks):
             result, answer_note = await self.blocks.run(iteration, index, code)
             record.code_blocks.append(CodeBlock(code, result))
-            if result.worker_restarted:
+            if result.worker_restarted and result.status != "sandbox_lost":
+                # (A lost sandbox's block says what was rebuilt and what was not: blocks.py.)
                 outcome.notes.append(
                     f"Note: the sandbox was restarted during block {index + 1}: "
                     "all variables were lost (the contexts were loaded again)."
@@ -316,10 +324,12 @@ class CompletionLoop:
             if answer_note is not None:
                 outcome.notes.append(answer_note)
             if result.final_answer is not None:
-                # FINAL_VAR called inside the code ends the run; later blocks do not run.
-                outcome.answer, outcome.source = result.final_answer, "code"
+                # FINAL_VAR called inside the code (under answer_dict: `answer` made ready)
+                # ends the run; later blocks do not run.
+                outcome.answer, outcome.source = result.final_answer, self._in_code
                 return record, outcome
-        final = find_final_answer(response) if self.settings.final_in_text else None
+        fences = self.settings.code_fences
+        final = find_final_answer(response, fences) if self.settings.final_in_text else None
         if final is None:
             return record, outcome
         if blocks and not self.settings.final_with_code:
@@ -327,14 +337,20 @@ class CompletionLoop:
                 self.partial_answer = final.value
             outcome.notes.append(DEFERRED_FINAL_NOTE)
         elif final.kind == "final":
-            outcome.answer, outcome.source = final.value, "FINAL"
+            outcome.answer, outcome.source = final.value, AnswerSource.FINAL
         else:
             read = await self._read_answer(final.value)
             if read.text is not None:
-                outcome.answer, outcome.source = read.text, "FINAL_VAR"
+                outcome.answer, outcome.source = read.text, AnswerSource.FINAL_VAR
             else:
                 outcome.notes.append(read.note)
         return record, outcome
+
+    @property
+    def _in_code(self) -> AnswerSource:
+        """The source of an answer the code gave, under this answer convention."""
+        final = self.settings.final_in_text
+        return AnswerSource.FINAL_VAR_IN_CODE if final else AnswerSource.ANSWER_DICT
 
     async def _read_answer(self, name: str | None) -> AnswerRead:
         return await read_answer(self.session.sandbox.client, name, self.settings.max_answer_chars)
@@ -344,7 +360,8 @@ class CompletionLoop:
         tail = [{"role": "assistant", "content": FINAL_ANSWER_REQUEST}]
         prompt, answer = await self._fitted_call(tail, self.iterations + 1)
         text = answer.text
-        final = find_final_answer(text) if self.settings.final_in_text else None
+        fences = self.settings.code_fences
+        final = find_final_answer(text, fences) if self.settings.final_in_text else None
         if final is not None and final.kind == "final":
             text = final.value
         elif final is not None:
@@ -360,5 +377,6 @@ class CompletionLoop:
             text = read.text if read.text is not None else text
         if self.logger:
             self.logger.log(RLMIteration(prompt=prompt, response=answer.text, final_answer=text))
-        self.emit(ev.FinalAnswer(self.settings.depth, text, "out_of_turns", self.iterations))
+        self.answer_source = AnswerSource.OUT_OF_TURNS
+        self.emit(ev.FinalAnswer(self.settings.depth, text, self.answer_source, self.iterations))
         return text

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-# A ```repl fence, its content and a closing ``` at the start of a line. The content group is
-# lazily optional so an empty block (```repl\n```) closes at once instead of running on to
-# the next block's closing fence.
-_CODE_BLOCK = re.compile(r"```repl[ \t]*\r?\n(?:(.*?)\r?\n)??[ \t]*```", re.DOTALL)
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
+
+
+def _fence(languages: tuple[str, ...]) -> str:
+    """An opening fence of one of `languages` (```repl by default), up to its line's end."""
+    names = "|".join(re.escape(language) for language in languages)
+    return rf"```(?:{names})[ \t]*\r?\n"
+
+
+@functools.cache
+def _code_block(languages: tuple[str, ...]) -> re.Pattern[str]:
+    """An opening fence, the block's content and a closing ``` at the start of a line. The
+    content group is lazily optional so an empty block (```repl\n```) closes at once instead
+    of running on to the next block's closing fence."""
+    return re.compile(_fence(languages) + r"(?:(.*?)\r?\n)??[ \t]*```", re.DOTALL)
+
+
+@functools.cache
+def _open_fence(languages: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile(_fence(languages))
+
 
 # Stands in for a masked block. It is not whitespace, so text that followed the block on the
 # same line does not end up looking like the start of a line.
@@ -37,24 +55,22 @@ class FinalAnswer:
     value: str
 
 
-def find_code_blocks(text: str) -> list[str]:
-    """Stripped contents of the complete ```repl blocks, in order; empty blocks skipped."""
+def find_code_blocks(text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES) -> list[str]:
+    """Stripped contents of the complete blocks fenced as one of `languages` (```repl), in
+    order; empty blocks skipped."""
     blocks: list[str] = []
-    for match in _CODE_BLOCK.finditer(text):
+    for match in _code_block(languages).finditer(text):
         content = (match.group(1) or "").strip()
         if content:
             blocks.append(content)
     return blocks
 
 
-_OPEN_FENCE = re.compile(r"```repl[ \t]*\r?\n")
-
-
-def open_code_block(text: str) -> bool:
-    """Whether `text` ends inside a ```repl block that was opened and never closed (a
-    response cut by the output limit mid-code)."""
-    ends = [match.end() for match in _CODE_BLOCK.finditer(text)]
-    return _OPEN_FENCE.search(text, ends[-1] if ends else 0) is not None
+def open_code_block(text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES) -> bool:
+    """Whether `text` ends inside a code block (fenced as one of `languages`) that was opened
+    and never closed (a response cut by the output limit mid-code)."""
+    ends = [match.end() for match in _code_block(languages).finditer(text)]
+    return _open_fence(languages).search(text, ends[-1] if ends else 0) is not None
 
 
 def _line_end(text: str, index: int, limit: int) -> int:
@@ -94,10 +110,13 @@ def _final_text(text: str, start: int, limit: int) -> str | None:
     return None
 
 
-def find_final_answer(text: str) -> FinalAnswer | None:
-    """The first FINAL_VAR(name), else the first FINAL(text), outside ```repl blocks."""
+def find_final_answer(
+    text: str, languages: tuple[str, ...] = DEFAULT_CODE_FENCES
+) -> FinalAnswer | None:
+    """The first FINAL_VAR(name), else the first FINAL(text), outside code blocks (those
+    fenced as one of `languages`)."""
     # A FINAL inside a code block is code the sandbox runs, not an answer.
-    masked = _CODE_BLOCK.sub(_MASK, text.replace("\r\n", "\n"))
+    masked = _code_block(languages).sub(_MASK, text.replace("\r\n", "\n"))
 
     var_match = _FINAL_VAR.search(masked)
     if var_match is not None:

@@ -8,12 +8,15 @@ where one sandbox lives until `close()` and every completion adds `context_N` to
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
+from rlm_orchestrator import budget, lm_keys, telemetry
 from rlm_orchestrator import events as ev
-from rlm_orchestrator import telemetry
 from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS, FINAL, AnswerConvention
 from rlm_orchestrator.config.errors import Loc, dotted, refusing
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES
+from rlm_orchestrator.config.fences import code_fences as code_fences_of
 from rlm_orchestrator.config.limits import (
     DEFAULT_MAX_ANSWER_CHARS,
     DEFAULT_MAX_DEPTH,
@@ -63,6 +66,7 @@ class RLM:
         final_with_code: bool = False,
         max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
         answer_convention: AnswerConvention = FINAL,
+        code_fences: Sequence[str] = DEFAULT_CODE_FENCES,
     ) -> None:
         self.backend = backend
         self.backend_kwargs = dict(backend_kwargs or {})
@@ -95,6 +99,9 @@ class RLM:
             for b, k in zip(other_backends or [], other_backend_kwargs or [], strict=True)
         ]
         self.other_backends = other_backends
+        # A model with no price counts as $0: max_cost cannot stop its spending (say so now).
+        models = [c for c in (self._root_config, *self.other_configs) if c is not None]
+        budget.warn_if_unenforceable(self.limits.max_cost, models)
         if not isinstance(depth, int) or depth < 0:
             raise ConfigurationError(f"RLM argument depth: must be an int >= 0 (got {depth!r})")
         self.depth = depth
@@ -109,6 +116,11 @@ class RLM:
         # the default system prompt teaches the one in use (a custom one is the caller's).
         self.answer_convention: AnswerConvention = answer_convention
         self.system_prompt = custom_system_prompt or system_prompt_for(answer_convention)
+        try:
+            # ```repl, the original's contract; ("repl", "python") also runs ```python blocks.
+            self.code_fences = code_fences_of(code_fences)
+        except ValueError as exc:
+            raise ConfigurationError(f"RLM argument code_fences: {exc}") from None
         self.logger = logger
         self.verbose = verbose
         self.persistent = persistent
@@ -170,6 +182,7 @@ class RLM:
             final_with_code=self.final_with_code,
             max_answer_chars=self.max_answer_chars,
             answer_convention=self.answer_convention,
+            code_fences=self.code_fences,
         )
 
     # -- synchronous API --------------------------------------------------------------------
@@ -202,6 +215,10 @@ class RLM:
 
     async def acompletion(self, prompt: Any, root_prompt: str | None = None) -> RLMChatCompletion:
         telemetry.configure()  # from OTEL_* / RLM_TRACE_STORE, once per process; off otherwise
+        for config in (self.root_config, *self.other_configs):
+            # Refused before a sandbox starts, not after retries of a call never sent.
+            if reason := lm_keys.missing_key(config):
+                raise ConfigurationError(reason)
         router = LMRouter(self.root_config, self.other_configs)
         # litellm imports while the sandbox starts; the runner waits for it before the loop.
         router.start_prepare()

@@ -21,12 +21,13 @@ from typing import Any
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.config.answer import ANSWER_DICT
+from rlm_orchestrator.journal.replay import BlockRecord
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.session import SessionState
-from rlm_orchestrator.types import RLMChatCompletion
+from rlm_orchestrator.types import AnswerSource, RLMChatCompletion
 
 
 class LazyProvider:
@@ -131,6 +132,9 @@ class CompletionRunner:
                 if depth == self.settings.depth:
                     await telemetry.flush()  # the completion's trace leaves now, not later
             span.set_attribute("rlm.cost_usd", tracker.total_cost)
+            # How it ended, as `trace show` prints it ("iterations=3 final=final_var").
+            span.set_attribute("rlm.iterations", result.iterations)
+            span.set_attribute("rlm.final_source", result.answer_source)
             return result
 
     async def _run(
@@ -157,7 +161,11 @@ class CompletionRunner:
             await active.add_context(context)
             if self.settings.answer_convention == ANSWER_DICT:
                 # A fresh `answer` every completion (a persistent session keeps the last one).
-                await answer_dict.install(active.sandbox.client)
+                installed = await answer_dict.install(active.sandbox.client)
+                active.record(
+                    BlockRecord(answer_dict.INSTALL_CODE, internal=True).finish(installed),
+                    installed.worker_restarted,
+                )
             # The LM client's import (started before the sandbox) ends before the loop's
             # deadline starts: it delays the first turn, it does not shorten the completion.
             await self.router.prepare()
@@ -203,7 +211,8 @@ class CompletionRunner:
         await self.router.prepare()
         started = time.perf_counter()
         answer = await self.router.complete(prompt, model=root_model, tracker=tracker)
-        self.emit(ev.FinalAnswer(depth, answer.text, "plain_lm", 0))
+        self.emit(ev.FinalAnswer(depth, answer.text, AnswerSource.PLAIN_LM, 0))
+        elapsed = time.perf_counter() - started
         return RLMChatCompletion(
-            root_model, prompt, answer.text, tracker.summary(), time.perf_counter() - started
+            root_model, prompt, answer.text, tracker.summary(), elapsed, 0, AnswerSource.PLAIN_LM
         )

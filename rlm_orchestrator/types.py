@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import ModuleType
 from typing import Any
 
@@ -107,15 +108,41 @@ class UsageSummary:
         )
 
 
+class AnswerSource(StrEnum):
+    """How a completion's answer was reached: RLMChatCompletion.answer_source, FinalAnswer
+    events' `source`, CompletionFinished.answer_source on the wire (the same names)."""
+
+    FINAL = "final"  # FINAL(text) in a root response
+    FINAL_VAR = "final_var"  # FINAL_VAR(name) in a root response: the variable's value
+    FINAL_VAR_IN_CODE = "final_var_in_code"  # FINAL_VAR(...) called by the code of a block
+    ANSWER_DICT = "answer_dict"  # answer["ready"] = True (answer_convention="answer_dict")
+    OUT_OF_TURNS = "out_of_turns"  # none within max_iterations: the reply to one last request
+    PLAIN_LM = "plain_lm"  # at depth >= max_depth: one plain LM call, no REPL
+
+
+ANSWER_SOURCES = tuple(source.value for source in AnswerSource)
+
+
 @dataclass
 class RLMChatCompletion:
-    """What `RLM.completion` returns (and the record of one sub-LM call)."""
+    """What `RLM.completion` returns (and the record of one sub-LM call).
+
+    The original's five fields, then two of ours: the root model's turns, and how the answer
+    was reached (`answer_source`: one of ANSWER_SOURCES; "" for a sub-LM call's record)."""
 
     root_model: str
     prompt: Any
     response: str
     usage_summary: UsageSummary
     execution_time: float
+    iterations: int = 0
+    answer_source: str = ""
+
+    @property
+    def out_of_turns(self) -> bool:
+        """No final answer within max_iterations: `response` is what the model said when
+        asked for one after its last turn, not an answer it chose to give."""
+        return self.answer_source == AnswerSource.OUT_OF_TURNS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +151,8 @@ class RLMChatCompletion:
             "response": self.response,
             "usage_summary": self.usage_summary.to_dict(),
             "execution_time": self.execution_time,
+            "iterations": self.iterations,
+            "answer_source": self.answer_source,
         }
 
 

@@ -297,6 +297,7 @@ class RemoteRLM:
         "max_cost",
         "final_with_code",
         "answer_convention",
+        "code_fences",
     }
 
     def __init__(self, server: ServerProcess, kwargs: dict[str, Any]) -> None:

@@ -158,3 +158,62 @@ def test_run_through_a_server(
     assert stdout == "remote answer\n" and "remote 4" in stderr
     code, _, stderr = run_in_process(*args, "--token", "wrong")
     assert code == 1 and "AuthenticationError" in stderr
+
+
+# --- what run reports (issue 19): turns, how the answer was reached, usage; ```python fences ---
+
+
+def test_run_json_reports_turns_source_and_usage_without_the_context(lm: ScriptedLMServer) -> None:
+    lm.set_sequence("cli-root", [repl("x = context.upper()"), "FINAL_VAR(x)"])
+    args = ["run", "-c", "-", "-q", "?", "--model", "cli-root", "--api-base", lm.base_url]
+    code, stdout, stderr = run_in_process(*args, "--json", "--quiet", stdin="CONTEXT-MARKER")
+    assert code == 0, stderr
+    data = json.loads(stdout)
+    assert (data["response"], data["iterations"], data["answer_source"]) == (
+        "CONTEXT-MARKER",
+        2,
+        "final_var",
+    )
+    assert data["usage_summary"]["model_usage_summaries"]["cli-root"]["total_calls"] == 2
+    assert "prompt" not in data and stdout.count("CONTEXT-MARKER") == 1  # the answer, only
+
+
+def test_run_flags_an_out_of_turns_answer_even_when_quiet(lm: ScriptedLMServer) -> None:
+    lm.set_sequence("cli-root", [repl("x = 1"), "my raw last reply"])
+    args = ["run", "-c", "-", "-q", "?", "--model", "cli-root", "--api-base", lm.base_url]
+    code, stdout, stderr = run_in_process(*args, "--max-iterations", "1", "--quiet", stdin="c")
+    assert code == 0, stderr
+    assert stdout == "my raw last reply\n"
+    (note,) = stderr.strip().splitlines()
+    assert note.startswith("note: no final answer within 1 turn(s)") and "out_of_turns" in note
+    lm.set_sequence("cli-root", [repl("x = 1"), "my raw last reply"])
+    code, stdout, stderr = run_in_process(*args, "--max-iterations", "1", stdin="c")
+    assert "1 turn(s), out_of_turns, 2 LM calls" in stderr
+
+
+def test_run_takes_code_fences(lm: ScriptedLMServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    python_only = ["```python\nx = 6 * 7\n```", "FINAL_VAR(x)"]
+    args = ["run", "-c", "-", "-q", "?", "--model", "cli-root", "--api-base", lm.base_url]
+    lm.set_sequence("cli-root", python_only)
+    code, stdout, stderr = run_in_process(*args, "--code-fences", "repl,python", stdin="c")
+    assert code == 0, stderr
+    assert stdout == "42\n"
+    lm.set_sequence("cli-root", python_only)
+    monkeypatch.setenv("RLM_RUN_CODE_FENCES", "python")
+    code, stdout, stderr = run_in_process(*args, "--quiet", stdin="c")
+    assert (code, stdout) == (0, "42\n"), stderr
+    code, _, stderr = run_in_process(*args, "--code-fences", "repl,", stdin="c")
+    assert code == 2 and "--code-fences" in stderr
+
+
+def test_run_through_a_server_takes_code_fences_and_reports_the_source(
+    orchestrator_server: ServerProcess, lm: ScriptedLMServer
+) -> None:
+    lm.set_sequence("root", ["```python\nx = 'py'\n```", "FINAL_VAR(x)"])
+    args = ["run", "-c", "-", "-q", "?", "--server", orchestrator_server.address]
+    code, stdout, stderr = run_in_process(
+        *args, "--token", SERVER_TOKEN, "--code-fences", "repl,python", "--json", stdin="c"
+    )
+    assert code == 0, stderr
+    data = json.loads(stdout)
+    assert (data["response"], data["iterations"], data["answer_source"]) == ("py", 2, "final_var")

@@ -261,3 +261,23 @@ def test_format_code_result_message() -> None:
         "role": "user",
         "content": "Code executed:\n```python\nprint(1)\n```\n\nREPL output:\n\n1",
     }
+
+
+# --- code fences other than ```repl (code_fences) ---------------------------------------------
+
+
+def test_only_repl_fences_run_by_default() -> None:
+    text = "```python\nx = 1\n```\n```repl\ny = 2\n```"
+    assert find_code_blocks(text) == ["y = 2"]
+
+
+def test_the_languages_given_run_and_no_other() -> None:
+    text = "```python\nx = 1\n```\n```py\nz = 3\n```\n```repl\ny = 2\n```\n```python3\nw = 4\n```"
+    assert find_code_blocks(text, ("repl", "python")) == ["x = 1", "y = 2"]
+    assert find_code_blocks(text, ("py", "python")) == ["x = 1", "z = 3"]
+
+
+def test_a_final_inside_an_accepted_fence_is_code_not_an_answer() -> None:
+    text = "```python\nFINAL('from code')\n```"
+    assert find_final_answer(text) == FinalAnswer("final", "'from code'")
+    assert find_final_answer(text, ("repl", "python")) is None

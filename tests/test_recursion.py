@@ -63,9 +63,11 @@ def test_child_spend_counts_against_the_parent_max_cost(
     priced_sub = backend_kwargs(lm, SUB_MODEL, input_cost_per_token=0.01)
     rlm = make_rlm(
         root=[repl("ans = rlm_query('costly')"), "FINAL_VAR(ans)"],
+        # The root model is free (priced at 0): only the child's calls can exceed max_cost.
+        backend_kwargs=backend_kwargs(lm, ROOT_MODEL, input_cost_per_token=0.0),
         other_backend_kwargs=[priced_sub],
         max_depth=2,
-        max_cost=0.5,  # the root model is free: only the child's calls can exceed it
+        max_cost=0.5,
     )
     with pytest.raises(CostLimitExceededError) as caught:
         rlm.completion("ctx")

@@ -51,7 +51,13 @@ def test_max_cost_stops_the_run_with_partial_answer_and_usage(
 ) -> None:
     priced = backend_kwargs(lm, ROOT_MODEL, input_cost_per_token=0.001, output_cost_per_token=0.001)
     first_response = repl("print(len(context))")
-    rlm = make_rlm(root=[first_response, "FINAL(never)"], backend_kwargs=priced, max_cost=0.01)
+    free_sub = backend_kwargs(lm, SUB_MODEL, input_cost_per_token=0.0)  # a price: no warning
+    rlm = make_rlm(
+        root=[first_response, "FINAL(never)"],
+        backend_kwargs=priced,
+        other_backend_kwargs=[free_sub],
+        max_cost=0.01,
+    )
     with pytest.raises(CostLimitExceededError) as caught:
         rlm.completion("ctx")
     error = caught.value
@@ -94,6 +100,7 @@ def test_max_cost_not_reached_completes(make_rlm: MakeRLM, lm: ScriptedLMServer)
     rlm = make_rlm(
         root=[repl("x = llm_query('hello')"), "FINAL_VAR(x)"],
         sub=["hi"],
+        backend_kwargs=backend_kwargs(lm, ROOT_MODEL, input_cost_per_token=0.0),
         other_backend_kwargs=[priced_sub],
         max_cost=1.0,
     )

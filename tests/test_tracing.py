@@ -129,6 +129,10 @@ def check_one_trace(spans: list[ReceivedSpan]) -> None:
 
     (root,) = [s for s in spans if not s.parent_span_id]
     assert root.name == "rlm.completion" and root.service == "rlm-orchestrator"
+    assert (root.attributes["rlm.iterations"], root.attributes["rlm.final_source"]) == (
+        2,
+        "final_var",
+    )
     turns = [s for s in spans if s.name == "rlm.turn"]
     assert len(turns) == 2 and all(parent(t) is root for t in turns)
     root_calls = [s for s in spans if s.name == "chat root"]

@@ -204,8 +204,15 @@ class AsyncClient:
         if kind == "finished":
             f = message.finished
             response = joined(parts, f.response_chars) if f.response_in_parts else f.response
+            usage = usage_from_proto(f.usage)
             result = RLMChatCompletion(
-                f.root_model, None, response, usage_from_proto(f.usage), f.execution_time_seconds
+                f.root_model,
+                None,
+                response,
+                usage,
+                f.execution_time_seconds,
+                iterations=f.iterations,
+                answer_source=f.answer_source,
             )
             return ev.CompletionFinished(result, f.iterations)
         if kind == "failed":

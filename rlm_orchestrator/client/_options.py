@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
 from rlm_orchestrator.exceptions import InvalidRequestError
@@ -31,6 +31,9 @@ class CompletionOptions(TypedDict, total=False):
     final_with_code: bool  # accept FINAL in the same response as code (the original's way)
     # "final" (FINAL/FINAL_VAR, the default) or "answer_dict" (answer["ready"] = True)
     answer_convention: Literal["final", "answer_dict"]
+    # the fenced blocks that run: ["repl"] (the server's default unless it says otherwise);
+    # ["repl", "python"] also runs ```python blocks. "repl,python" is taken too.
+    code_fences: Sequence[str] | str
 
 
 def options_message(options: Mapping[str, Any]) -> pb.CompletionOptions:
@@ -42,7 +45,10 @@ def options_message(options: Mapping[str, Any]) -> pb.CompletionOptions:
             f"unknown completion options {sorted(unknown)}; known: {sorted(known)}",
             code="INVALID_ARGUMENT",
         )
-    return pb.CompletionOptions(**{k: v for k, v in options.items() if v is not None})
+    given = {k: v for k, v in options.items() if v is not None}
+    if isinstance(given.get("code_fences"), str):  # "repl,python", as the CLI's flag takes it
+        given["code_fences"] = [part.strip() for part in given["code_fences"].split(",")]
+    return pb.CompletionOptions(**given)
 
 
 def encode_context(context: Any) -> tuple[int, bytes]:

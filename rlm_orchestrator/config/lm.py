@@ -13,9 +13,9 @@ one call (`max_tokens`, `timeout`) and of its window (`context_window`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from rlm_orchestrator.exceptions import ConfigurationError
 
@@ -166,3 +166,8 @@ class LMClientConfig:
         return input_tokens * (self.input_cost_per_token or 0.0) + output_tokens * (
             self.output_cost_per_token or 0.0
         )
+
+
+# USD per token (input_cost_per_token / output_cost_per_token), for a model litellm's price
+# table does not know (a local one, a gateway's alias): 0 is a price (free), None is none.
+TokenPrice = Annotated[float, Field(ge=0, allow_inf_nan=False)]

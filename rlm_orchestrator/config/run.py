@@ -18,7 +18,8 @@ from pydantic_settings import SettingsConfigDict
 
 from rlm_orchestrator.config import limits
 from rlm_orchestrator.config.answer import FINAL, AnswerConvention
-from rlm_orchestrator.config.lm import DEFAULT_MAX_TOKENS, Transport, check_backend
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES, CodeFences
+from rlm_orchestrator.config.lm import DEFAULT_MAX_TOKENS, TokenPrice, Transport, check_backend
 from rlm_orchestrator.config.loading import (
     Layer,
     env_layer,
@@ -51,6 +52,9 @@ FLAGS = {
     "max_cost": "--max-cost",
     "log_dir": "--log-dir",
     "answer_convention": "--answer-convention",
+    "code_fences": "--code-fences",
+    "input_cost_per_token": "--input-cost-per-token",
+    "output_cost_per_token": "--output-cost-per-token",
     "max_tokens": "--max-tokens",
     "context_window": "--context-window",
     "request_timeout_seconds": "--request-timeout",
@@ -74,6 +78,10 @@ class RunSettings(SandboxSettings):
     api_key: str | None = Field(default=None, repr=False)
     # How the models are reached (config/lm.py): "litellm" forces litellm.
     transport: Transport = "auto"
+    # USD per token of the root and the sub model, when litellm has no price for them (a local
+    # model): what --max-cost counts. Set, they replace litellm's price.
+    input_cost_per_token: TokenPrice | None = None
+    output_cost_per_token: TokenPrice | None = None
     max_iterations: limits.MaxIterations = limits.DEFAULT_MAX_ITERATIONS
     max_depth: limits.MaxDepth = limits.DEFAULT_MAX_DEPTH
     timeout_seconds: limits.Seconds | None = None
@@ -81,6 +89,8 @@ class RunSettings(SandboxSettings):
     log_dir: Path | None = None
     # How the model gives its answer: FINAL / FINAL_VAR, or upstream's `answer` dict.
     answer_convention: AnswerConvention = FINAL
+    # The fenced blocks that run: ```repl; "repl,python" also runs ```python blocks.
+    code_fences: CodeFences = DEFAULT_CODE_FENCES
     # The limits of each model call (root and sub): output tokens (0: none sent), the window
     # (for local or unknown models), and the seconds one call may take.
     max_tokens: Annotated[int, Field(ge=0)] = DEFAULT_MAX_TOKENS

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS
+from rlm_orchestrator.config.fences import code_fences
 from rlm_orchestrator.exceptions import InvalidRequestError, ResourceExhaustedError
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
@@ -71,6 +72,11 @@ def request_limits(options: pb.CompletionOptions, settings: ServerSettings) -> R
             f"answer_convention={options.answer_convention!r} must be one of "
             + ", ".join(ANSWER_CONVENTIONS)
         )
+    if options.code_fences:
+        try:
+            code_fences(list(options.code_fences))
+        except ValueError as exc:
+            raise RequestRefused(f"code_fences={list(options.code_fences)}: {exc}") from None
     return RequestLimits(**values)  # type: ignore[arg-type]
 
 

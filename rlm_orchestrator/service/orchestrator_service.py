@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlm_orchestrator import budget
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.config.answer import FINAL
 from rlm_orchestrator.convert.events import event_to_proto, output_pieces
@@ -164,6 +165,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         )
         # `started` doubles as "accepted": the client sends the context only after it, so a
         # refused request (auth, size, options, capacity) costs no upload.
+        roles = (runner.router.root, runner.router.sub)
+        if reason := budget.unenforceable(running.tracker.max_cost, roles):
+            emit(ev.Notice(0, reason))
         value = await read_context(request_iterator, start)
         running.task = asyncio.create_task(
             self._complete(runner, running, session, value, start.root_prompt or None)
@@ -282,6 +286,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             ),
             final_with_code=option("final_with_code", False),
             answer_convention=convention,
+            code_fences=tuple(options.code_fences) or self.settings.code_fences,
             system_prompt=option("system_prompt", system_prompt_for(convention)),
             # FINAL_VAR answers are read from the sandbox up to the size the server may send.
             max_answer_chars=self.settings.max_answer_chars,

@@ -79,7 +79,8 @@ class Outcome:
             root_model=result.root_model,
             usage=usage_to_proto(result.usage_summary),
             execution_time_seconds=result.execution_time,
-            iterations=self.running.iterations,
+            iterations=result.iterations or self.running.iterations,
+            answer_source=result.answer_source,
             response_chars=len(response),
         )
         if in_parts(response):

@@ -72,4 +72,7 @@ def merged_options(
     if defaults is not None:
         merged.CopyFrom(defaults)
     merged.MergeFrom(options)
+    if options.code_fences:  # a repeated field: MergeFrom appends, the request's replace
+        del merged.code_fences[:]
+        merged.code_fences.extend(options.code_fences)
     return merged

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rlm_orchestrator import telemetry
+from rlm_orchestrator import budget, lm_keys, telemetry
 from rlm_orchestrator.config.backends import LocalConfig
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
@@ -76,6 +76,9 @@ def build_router(settings: ServerSettings) -> LMRouter:
     root = configs[settings.root_model or settings.models[0].name]
     sub = configs[settings.sub_model] if settings.sub_model else root
     others = [sub] + [c for name, c in configs.items() if c is not sub]
+    for config in configs.values():  # a model that cannot be called is refused at start
+        if reason := lm_keys.missing_key(config):
+            raise ConfigurationError(reason)
     return LMRouter(root, others)
 
 
@@ -164,6 +167,10 @@ class OrchestratorServer:
         self._provider = await _sandbox_provider(self.settings)
         router = self._router = build_router(self.settings)
         await router.prepare()
+        # A budget its models cannot be held to: said once here, and to each request that has one.
+        default_cost = self.settings.limit_default("max_cost")
+        if reason := budget.unenforceable(default_cost, router.models.values()):
+            log.warning("the requests' default %s", reason)
         if isinstance(self._provider, SupportsReconcile):
             # What a previous orchestrator on this machine left behind goes first.
             removed = await self._provider.reconcile()

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES, CodeFences
 from rlm_orchestrator.config.limits import (
     DEFAULT_EXEC_TIMEOUT_SECONDS,
     DEFAULT_MAX_ANSWER_CHARS,
@@ -30,7 +31,7 @@ from rlm_orchestrator.config.limits import (
     Seconds,
     Usd,
 )
-from rlm_orchestrator.config.lm import DEFAULT_MAX_TOKENS, LMClientConfig, Transport
+from rlm_orchestrator.config.lm import DEFAULT_MAX_TOKENS, LMClientConfig, TokenPrice, Transport
 from rlm_orchestrator.config.loading import (
     env_layer,
     file_layer,
@@ -79,8 +80,10 @@ class ModelSettings(BaseModel):
     max_concurrency: int = Field(LMClientConfig.max_concurrency, ge=1)
     max_retries: int = Field(LMClientConfig.max_retries, ge=0)
     retry_initial_delay: float = Field(LMClientConfig.retry_initial_delay, ge=0)
-    input_cost_per_token: float | None = None
-    output_cost_per_token: float | None = None
+    # USD per token, for a model litellm's price table does not know (a local one): what
+    # max_cost counts. Set, they replace litellm's price.
+    input_cost_per_token: TokenPrice | None = None
+    output_cost_per_token: TokenPrice | None = None
     # The limits of one call: output tokens (0: none sent), the window in tokens (for local or
     # unknown models; else litellm's table, else learned), and the seconds one call may take.
     max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=0)
@@ -226,6 +229,9 @@ class ServerSettings(SandboxSettings):
     # On SIGTERM: how long running completions may go on before they are cancelled.
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     log_dir: Path | None = None
+    # The fenced blocks that run for a request that sets no code_fences: ```repl (the contract);
+    # ["repl", "python"] also runs ```python blocks. Not a limit: a request may set its own.
+    code_fences: CodeFences = DEFAULT_CODE_FENCES
 
     takes_setup_code = False
     refused_sandbox_keys = REFUSED_SANDBOX_KEYS

@@ -197,6 +197,7 @@ class CompletionOptions(_message.Message):
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     FINAL_WITH_CODE_FIELD_NUMBER: _builtins.int
     ANSWER_CONVENTION_FIELD_NUMBER: _builtins.int
+    CODE_FENCES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registered model names for the root LM and for sub-calls (llm_query)."""
     sub_model: _builtins.str
@@ -218,6 +219,13 @@ class CompletionOptions(_message.Message):
     "answer_dict" (upstream's `answer = {"content": ..., "ready": True}` in the REPL). The
     default system prompt follows it. Any other value is refused with INVALID_ARGUMENT.
     """
+    @_builtins.property
+    def code_fences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The languages of the fenced blocks that run as code, e.g. ["repl", "python"] to also run
+        ```python blocks (for models that never write ```repl). Empty: the server's default
+        (`code_fences`, itself ["repl"] unless configured). A language must be a word ([A-Za-z0-9_+-]).
+        """
+
     def __init__(
         self,
         *,
@@ -232,10 +240,11 @@ class CompletionOptions(_message.Message):
         system_prompt: _builtins.str | None = ...,
         final_with_code: _builtins.bool | None = ...,
         answer_convention: _builtins.str | None = ...,
+        code_fences: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention", "_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "answer_convention", b"answer_convention", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention", "_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "answer_convention", b"answer_convention", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention", "_exec_timeout_seconds", b"_exec_timeout_seconds", "_final_with_code", b"_final_with_code", "_iteration_timeout_seconds", b"_iteration_timeout_seconds", "_max_cost", b"_max_cost", "_max_depth", b"_max_depth", "_max_iterations", b"_max_iterations", "_model", b"_model", "_sub_model", b"_sub_model", "_system_prompt", b"_system_prompt", "_timeout_seconds", b"_timeout_seconds", "answer_convention", b"answer_convention", "code_fences", b"code_fences", "exec_timeout_seconds", b"exec_timeout_seconds", "final_with_code", b"final_with_code", "iteration_timeout_seconds", b"iteration_timeout_seconds", "max_cost", b"max_cost", "max_depth", b"max_depth", "max_iterations", b"max_iterations", "model", b"model", "sub_model", b"sub_model", "system_prompt", b"system_prompt", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_convention: _TypeAlias = _typing.Literal["answer_convention"]  # noqa: Y015
     _WhichOneofArgType__answer_convention: _TypeAlias = _typing.Literal["_answer_convention", b"_answer_convention"]  # noqa: Y015
@@ -686,7 +695,10 @@ class Notice(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     depth: _builtins.int
     text: _builtins.str
-    """What the model was told (a deferred FINAL, a missing FINAL_VAR variable, a restart...)."""
+    """What the model was told (a deferred FINAL, a missing FINAL_VAR variable, a restart...);
+    or, before the first turn, what the client should know: a max_cost that cannot be
+    enforced because the root or sub model has no price (its calls count as $0).
+    """
     def __init__(
         self,
         *,
@@ -811,7 +823,7 @@ class CompletionFinished(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     EXECUTION_TIME_SECONDS_FIELD_NUMBER: _builtins.int
     ITERATIONS_FIELD_NUMBER: _builtins.int
-    SOURCE_FIELD_NUMBER: _builtins.int
+    ANSWER_SOURCE_FIELD_NUMBER: _builtins.int
     RESPONSE_IN_PARTS_FIELD_NUMBER: _builtins.int
     RESPONSE_CHARS_FIELD_NUMBER: _builtins.int
     response: _builtins.str
@@ -820,8 +832,14 @@ class CompletionFinished(_message.Message):
     """The root model's registered name."""
     execution_time_seconds: _builtins.float
     iterations: _builtins.int
-    source: _builtins.str
-    """"FINAL", "FINAL_VAR", "code", "out_of_turns" or "plain_lm"."""
+    """Turns of the root model."""
+    answer_source: _builtins.str
+    """How the answer was reached: "final" (FINAL(...) in a response), "final_var" (FINAL_VAR(...)
+    in a response), "final_var_in_code" (FINAL_VAR called by the code), "answer_dict"
+    (answer["ready"] = True, under that answer_convention), "out_of_turns" (no answer within
+    max_iterations: `response` is the model's reply when asked for one after its last turn),
+    or "plain_lm" (max_depth 0: one plain LM call). The SDK's RLMChatCompletion.answer_source.
+    """
     response_in_parts: _builtins.bool
     """True when the answer came before as `answer_part` events."""
     response_chars: _builtins.int
@@ -836,13 +854,13 @@ class CompletionFinished(_message.Message):
         usage: _usage_pb2.UsageSummary | None = ...,
         execution_time_seconds: _builtins.float = ...,
         iterations: _builtins.int = ...,
-        source: _builtins.str = ...,
+        answer_source: _builtins.str = ...,
         response_in_parts: _builtins.bool = ...,
         response_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_time_seconds", b"execution_time_seconds", "iterations", b"iterations", "response", b"response", "response_chars", b"response_chars", "response_in_parts", b"response_in_parts", "root_model", b"root_model", "source", b"source", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_source", b"answer_source", "execution_time_seconds", b"execution_time_seconds", "iterations", b"iterations", "response", b"response", "response_chars", b"response_chars", "response_in_parts", b"response_in_parts", "root_model", b"root_model", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
