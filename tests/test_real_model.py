@@ -282,12 +282,11 @@ def test_real_model_as_root_ends_cleanly_inside_its_window(
         )
     else:
         usage = result.usage_summary
-        finals = [e for e in seen if isinstance(e, events.FinalAnswer)]
         case.update(
             ended="answer",
             answer=result.response[:500],
-            how=finals[-1].source if finals else None,
-            iterations=finals[-1].iterations if finals else None,
+            how=result.answer_source,
+            iterations=result.iterations,
         )
     case["seconds"] = round(time.monotonic() - started, 2)
     chats = proxy.chats
@@ -325,7 +324,10 @@ def test_real_model_as_root_through_the_cli(
         *("--model", MODEL_ALIAS, "--api-base", proxy.base_url),
         *("--max-tokens", str(ROOT_MAX_TOKENS), "--context-window", str(N_CTX)),
         *("--request-timeout", "300", "--max-iterations", str(ROOT_MAX_ITERATIONS)),
-        *("--timeout", "900"),
+        *("--timeout", "900", "--exec-timeout", "30"),
+        # This model writes ```python, never ```repl: its code runs, and its output fills
+        # the window faster than its replies alone.
+        *("--code-fences", "repl,python"),
     ]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=1000)
@@ -335,6 +337,9 @@ def test_real_model_as_root_through_the_cli(
         stderr=done.stderr[-1000:],
     )
     chats = proxy.chats
+    # Root calls carry the system prompt and more; sub-calls and summaries have 2 messages.
+    roots = [e for e in chats if len(e.request.get("messages", [])) > 2]
+    case["root_replies_with_code"] = sum("```" in e.content for e in roots)
     problems = window_problems(chats)
     try:
         printed = json.loads(done.stdout)
