@@ -64,7 +64,7 @@ sandbox-image:
 
 # Benchmarks (not tests): JSON in bench/results/, a table on stdout; exit 1 on a missed target,
 # 3 when a row that applies here was not measured or a benchmark crashed (bench/README.md).
-# One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup
+# One alone: `make bench BENCH=llm_query` (names: exec llm_query streaming acquire startup journal replay
 # scale recursion idle router).
 bench: setup
 	uv pip install --quiet --python $(PY) -e '.[dev,bench]'

@@ -36,6 +36,8 @@ CASES = {
     "idle": "bench.cases.idle",
     "router": "bench.cases.router",
     "fanout": "bench.cases.fanout",
+    "journal": "bench.cases.journal",
+    "replay": "bench.cases.replay",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 INCOMPLETE = 3

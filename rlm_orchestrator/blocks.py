@@ -18,6 +18,7 @@ from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.answers import AnswerRead, read_answer
 from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.journal.replay import BlockRecord, RecordedSubCalls, SubCallRecord
 from rlm_orchestrator.logged_values import read_values
 from rlm_orchestrator.logger import RLMLogger
@@ -46,12 +47,19 @@ class BlockRunner:
         sub_calls: SubCalls,
         emit: ev.EventHandler,
         logger: RLMLogger | None,
+        journal: CompletionJournal | None = None,
     ) -> None:
         self.settings = settings
         self.session = session
         self.sub_calls = sub_calls
         self.emit = emit
         self.logger = logger
+        self.journal = journal
+
+    def _count(self, answer: SubCallOutcome) -> None:
+        """A sub-call answered from the journal: its cost counts again, as it was paid."""
+        for model, usage in (answer.usage.model_usage_summaries if answer.usage else {}).items():
+            self.sub_calls.tracker.record(model, usage)
 
     def shown(self, result: REPLResult) -> str:
         output = format_execution_output(result.stdout, result.stderr, result.variables)
@@ -83,7 +91,15 @@ class BlockRunner:
         record = BlockRecord(code)
 
         async def live(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
-            return await self.sub_calls.answer(prompts, model, kind, calls)
+            answers = await self.sub_calls.answer(prompts, model, kind, calls)
+            if self.journal is not None:
+                sub_call = SubCallRecord.of(prompts, model, kind, answers)
+                await self.journal.sub_call(turn, index, sub_call)
+            return answers
+
+        first: SubCallHandler = live
+        if self.journal is not None and (done := self.journal.recorded_sub_calls(turn, index)):
+            first = RecordedSubCalls(done, live=live, on_served=self._count)
 
         def recorded(handler: SubCallHandler) -> SubCallHandler:
             async def answer(prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
@@ -111,7 +127,7 @@ class BlockRunner:
                 )
 
             try:
-                report = await execute(live)
+                report = await execute(first)
             except SandboxError as exc:
                 if self.session.replace is None:
                     raise
@@ -126,6 +142,8 @@ class BlockRunner:
             telemetry.export_agent_span(report.agent_span)
         if report.status != "sandbox_lost":
             self.session.record(record.finish(report), report.worker_restarted)
+            if self.journal is not None:
+                await self.journal.block(turn, index, record)
         if not self.settings.final_in_text:
             report, rewrap = await answer_dict.after_block(self.session.sandbox.client, report)
             if rewrap is not None:

@@ -14,6 +14,7 @@ RLMError                        INTERNAL              internal           base
 ├── LMError                     from the HTTP status  lm_error           failed after retries
 ├── CompletionCancelledError    CANCELLED             cancelled          a client cancelled it
 ├── TraceStoreError             NOT_FOUND                                no store, no such trace
+├── JournalError                UNAVAILABLE                              the journal store failed
 ├── ClientError                 the status received                      the server refused
 │   ├── AuthenticationError     UNAUTHENTICATED, PERMISSION_DENIED
 │   ├── InvalidRequestError     INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
@@ -260,3 +261,10 @@ class TraceStoreError(RLMError):
     """The trace store is missing or unreadable, or a trace id is unknown or ambiguous."""
 
     code = "NOT_FOUND"
+
+
+class JournalError(RLMError):
+    """The journal store failed (unreachable, full, corrupt): not a refused write, which is a
+    ValueError, nor a missing id, a KeyError (journal/store.py)."""
+
+    code = "UNAVAILABLE"

@@ -66,9 +66,14 @@ _KEYED = {"openai": ("OPENAI_API_KEY",), "hosted_vllm": ("HOSTED_VLLM_API_KEY",)
 
 def api_key(config: LMClientConfig) -> str | None:
     """The config's key; for an OpenAI-compatible api_base with no key anywhere, NO_KEY."""
-    if config.api_key or not config.api_base:
-        return config.api_key
     provider = config.litellm_model.partition("/")[0]
+    # A server of one's own, named in the config or (as litellm reads it) the environment.
+    own_base = config.api_base or (
+        provider == "openai"
+        and (os.environ.get("OPENAI_BASE_URL") or os.environ.get("OPENAI_API_BASE"))
+    )
+    if config.api_key or not own_base:
+        return config.api_key
     variables = _KEYED.get(provider)
     if variables is None or any(os.environ.get(name) for name in variables):
         return None  # litellm reads the variable as usual

@@ -32,6 +32,7 @@ from rlm_orchestrator.exceptions import (
     CostLimitExceededError,
     RLMError,
 )
+from rlm_orchestrator.journal.recorder import CompletionJournal, JournaledLM
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.parsing import (
     find_code_blocks,
@@ -115,16 +116,22 @@ class CompletionLoop:
         emit: ev.EventHandler = ev.ignore_event,
         logger: RLMLogger | None = None,
         spawn_child: ChildSpawner | None = None,
+        journal: CompletionJournal | None = None,
     ) -> None:
         self.settings = settings
         self.router = router
         self.tracker = tracker
         self.session = session
         self.root_model = root_model
+        if journal is not None:
+            # Written as it runs; a resumed run catches up silently (its client had those).
+            emit = _unless_replaying(emit, journal)
         self.emit = emit
         self.logger = logger
+        # The root model: through the journal, when there is one (recorder.py).
+        self.lm: LMRouter = router if journal is None else JournaledLM(router, journal)  # type: ignore[assignment]
         self.conversation = Conversation([])
-        self.budget = ContextBudget(router, root_model, tracker, emit, settings.depth)
+        self.budget = ContextBudget(self.lm, root_model, tracker, emit, settings.depth)
         self.partial_answer: str | None = None
         self.last_response: str | None = None
         self.iterations = 0
@@ -139,7 +146,7 @@ class CompletionLoop:
             self.remaining_seconds,
         )
         self.sub_calls.spawn_child = spawn_child
-        self.blocks = BlockRunner(settings, session, self.sub_calls, emit, logger)
+        self.blocks = BlockRunner(settings, session, self.sub_calls, emit, logger, journal)
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -272,9 +279,7 @@ class CompletionLoop:
             await self.budget.fit(self.conversation, tail, turn)
             prompt = [*self.conversation.messages(), *tail]
             try:
-                answer = await self.router.complete(
-                    prompt, model=self.root_model, tracker=self.tracker
-                )
+                answer = await self.lm.complete(prompt, model=self.root_model, tracker=self.tracker)
             except ContextOverflowError as exc:
                 if attempt == 2 or exc.window is None:
                     raise ContextWindowExceededError(
@@ -380,3 +385,11 @@ class CompletionLoop:
         self.answer_source = AnswerSource.OUT_OF_TURNS
         self.emit(ev.FinalAnswer(self.settings.depth, text, self.answer_source, self.iterations))
         return text
+
+
+def _unless_replaying(emit: ev.EventHandler, journal: CompletionJournal) -> ev.EventHandler:
+    def handler(event: ev.Event) -> None:
+        if not journal.replaying:
+            emit(event)
+
+    return handler

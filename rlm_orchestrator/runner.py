@@ -21,6 +21,7 @@ from typing import Any
 from rlm_orchestrator import answer_dict, telemetry
 from rlm_orchestrator import events as ev
 from rlm_orchestrator.config.answer import ANSWER_DICT
+from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.journal.replay import BlockRecord
 from rlm_orchestrator.logger import RLMLogger
 from rlm_orchestrator.loop import CompletionLoop, LoopSettings
@@ -113,8 +114,10 @@ class CompletionRunner:
         depth: int | None = None,
         session: SessionState | None = None,
         timeout_seconds: float | None = None,
+        journal: CompletionJournal | None = None,
     ) -> RLMChatCompletion:
-        """One completion. With `session`, its sandbox is used (and kept, with history)."""
+        """One completion. With `session`, its sandbox is used (and kept, with history); with
+        `journal`, it is written there as it runs (and answered from it where it has answers)."""
         depth = self.settings.depth if depth is None else depth
         attributes: dict[str, str | int] = {"rlm.depth": depth, "rlm.root_model": root_model}
         with telemetry.tracer().start_as_current_span(
@@ -122,7 +125,14 @@ class CompletionRunner:
         ) as span:
             try:
                 result = await self._run(
-                    context, root_prompt, tracker, root_model, depth, session, timeout_seconds
+                    context,
+                    root_prompt,
+                    tracker,
+                    root_model,
+                    depth,
+                    session,
+                    timeout_seconds,
+                    journal,
                 )
             except BaseException as exc:
                 telemetry.mark_error(span, exc)
@@ -146,6 +156,7 @@ class CompletionRunner:
         depth: int,
         session: SessionState | None,
         timeout_seconds: float | None,
+        journal: CompletionJournal | None = None,
     ) -> RLMChatCompletion:
         if depth >= self.settings.max_depth:
             return await self._plain_lm(context, root_model, tracker, depth)
@@ -179,6 +190,7 @@ class CompletionRunner:
                 root_model=root_model,
                 emit=self.emit,
                 logger=logger,
+                journal=journal,
             )
 
             async def spawn_child(prompt: str, seconds_left: float | None) -> RLMChatCompletion:

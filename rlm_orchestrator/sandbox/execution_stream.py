@@ -19,6 +19,7 @@ from opentelemetry import context as otel_context
 
 from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import SandboxError
+from rlm_orchestrator.types import UsageSummary
 from rlm_wire.v1 import sandbox_pb2 as pb
 from sandbox_agent.limits import (
     DEFAULT_MAX_OUTPUT_CHARS,
@@ -50,6 +51,8 @@ class SubCallOutcome:
 
     text: str | None = None
     error: str | None = None
+    # What the answer cost (the model's call, or a child RLM's whole tree); None: nothing paid.
+    usage: UsageSummary | None = field(default=None, compare=False, repr=False)
 
 
 OutputHandler = Callable[[str, str], Awaitable[None]]

@@ -16,10 +16,13 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS
+from rlm_orchestrator.config.answer import ANSWER_CONVENTIONS, FINAL
 from rlm_orchestrator.config.fences import code_fences
 from rlm_orchestrator.exceptions import InvalidRequestError, ResourceExhaustedError
+from rlm_orchestrator.loop import LoopSettings
+from rlm_orchestrator.prompts import system_prompt_for
 from rlm_orchestrator.sandbox.limits import SandboxPool, SandboxSlot
 from rlm_orchestrator.service.settings import LIMIT_OPTIONS, ServerSettings
 from rlm_orchestrator.service.tenants import Tenant
@@ -166,3 +169,31 @@ class Admission:
             undo()  # the call is refused: it holds nothing
             raise CapacityRefused(self.pool.refusal())
         return slot
+
+
+def loop_settings_for(
+    options: pb.CompletionOptions, limits: RequestLimits, settings: ServerSettings
+) -> LoopSettings:
+    """What a request's completion loop runs with: its limits, its options, the server's rest."""
+
+    def option(name: str, default: Any) -> Any:
+        return getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
+
+    # Checked by request_limits: one of ANSWER_CONVENTIONS.
+    convention = option("answer_convention", FINAL)
+    return LoopSettings(
+        max_depth=limits.max_depth,
+        max_iterations=limits.max_iterations,
+        timeout_seconds=limits.timeout_seconds,
+        iteration_timeout_seconds=limits.iteration_timeout_seconds,
+        # The server's sandbox limits, with the request's block timeout.
+        sandbox=settings.sandbox.limits.model_copy(
+            update={"exec_timeout_seconds": limits.exec_timeout_seconds}
+        ),
+        final_with_code=option("final_with_code", False),
+        answer_convention=convention,
+        code_fences=tuple(options.code_fences) or settings.code_fences,
+        system_prompt=option("system_prompt", system_prompt_for(convention)),
+        # FINAL_VAR answers are read from the sandbox up to the size the server may send.
+        max_answer_chars=settings.max_answer_chars,
+    )

@@ -22,8 +22,6 @@ from typing import Any
 
 from rlm_orchestrator import budget
 from rlm_orchestrator import events as ev
-from rlm_orchestrator.config.answer import FINAL
-from rlm_orchestrator.convert.events import event_to_proto, output_pieces
 from rlm_orchestrator.exceptions import (
     InvalidRequestError,
     LMError,
@@ -32,20 +30,22 @@ from rlm_orchestrator.exceptions import (
     ServerShutdownError,
     ServerUnavailableError,
 )
+from rlm_orchestrator.journal.recorder import CompletionJournal
 from rlm_orchestrator.logger import RLMLogger
-from rlm_orchestrator.loop import LoopSettings
-from rlm_orchestrator.prompts import system_prompt_for
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner
 from rlm_orchestrator.sandbox import SandboxProvider
 from rlm_orchestrator.sandbox.limits import SandboxPool
+from rlm_orchestrator.service import durable_service
 from rlm_orchestrator.service.admission import (
     Admission,
     CapacityRefused,
     RequestLimits,
     Ticket,
+    loop_settings_for,
     request_limits,
 )
+from rlm_orchestrator.service.durable import Durability
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.service.outcome import Outcome, RunningCompletion
 from rlm_orchestrator.service.run_input import Context, merged_options, read_context, read_start
@@ -76,9 +76,16 @@ class _Session:
 @maps_rlm_errors
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(
-        self, settings: ServerSettings, router: LMRouter, pool: SandboxPool, tenants: Tenants
+        self,
+        settings: ServerSettings,
+        router: LMRouter,
+        pool: SandboxPool,
+        tenants: Tenants,
+        durability: Durability | None = None,
     ) -> None:
         self.settings = settings
+        # The journal of durable completions (durable.py), when the server keeps one.
+        self.durability = durability
         self.tenants = tenants
         self.router = router
         self.pool = pool
@@ -127,14 +134,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                 EventBuffer(self.settings.max_buffered_event_bytes),
                 tenant=tenant.name,
             )
-            async for message in self._stream(runner, running, session, start, request_iterator):
+            if self.durability is not None and session is None:
+                stream_of = durable_service.durable_stream(
+                    self, runner, running, start, options, request_iterator, ticket.give_back
+                )
+            else:
+                stream_of = self._stream(runner, running, session, start, request_iterator)
+            async for message in stream_of:
                 yield message
         except asyncio.CancelledError:
             if self._cutting:
                 raise ServerShutdownError(self._cut_message()) from None
             raise
         finally:
-            ticket.give_back()
+            if running.task is None or self.durability is None or session is not None:
+                ticket.give_back()  # else the detached completion gives it back as it ends
             self._streams.discard(stream)
 
     async def _stream(
@@ -147,17 +161,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     ) -> AsyncIterator[pb.CompletionEvent]:
         """An admitted completion: `started`, the upload, then its events as it runs."""
         events = running.events
-        excerpt_chars = self.settings.event_excerpt_chars
-
-        def emit(event: ev.Event) -> None:
-            if isinstance(event, ev.TurnStarted) and event.depth == 0:
-                running.iterations = event.iteration
-            for piece in output_pieces(event, excerpt_chars):
-                message = event_to_proto(piece, excerpt_chars)
-                if message is not None:
-                    events.put(message)
-
-        runner.emit = emit
+        assert isinstance(events, EventBuffer)  # a journaled one streams from its log instead
+        runner.emit = emit = durable_service.emitter(running, self.settings.event_excerpt_chars)
         yield pb.CompletionEvent(
             started=pb.CompletionStarted(
                 completion_id=running.completion_id, session_id=start.session_id
@@ -192,11 +197,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         session: _Session | None,
         value: Any,
         root_prompt: str | None,
+        journal: CompletionJournal | None = None,
     ) -> None:
-        """Runs the completion; its last event is `finished` or `failed`, then the end mark."""
+        """Runs the completion; its last event is `finished` or `failed`, then the end mark
+        (and, journaled, its end in the journal)."""
         outcome = Outcome(
             running, self.settings.max_answer_chars, self.settings.event_excerpt_chars
         )
+        state = "failed"
         try:
             if session is not None:
                 async with session.lock:
@@ -211,13 +219,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                     session.last_used = time.monotonic()
             else:
                 result = await runner.run(
-                    value, root_prompt, tracker=running.tracker, root_model=running.root_model
+                    value,
+                    root_prompt,
+                    tracker=running.tracker,
+                    root_model=running.root_model,
+                    journal=journal,
                 )
             await outcome.finish(result)
+            state = "finished"
         except asyncio.CancelledError:
             grace = self._shutdown_grace
             if grace is None:
+                state = "cancelled"
                 outcome.fail(pb.FAILURE_KIND_CANCELLED, "the completion was cancelled")
+            elif journal is not None:
+                state = ""  # handed over: another server (or this one, back) resumes it
             else:
                 message = (
                     f"{SHUTTING_DOWN}: the completion was cancelled at the end of the {grace:g} s "
@@ -230,6 +246,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             outcome.fail_with(exc)
         finally:
             running.events.close()
+            if journal is not None and self.durability is not None:
+                if state:
+                    await self.durability.end(running.completion_id, state, {"state": state})
+                else:
+                    await self.durability.hand_over(running.completion_id)
 
     def _session_for(self, session_id: str, tenant: Tenant) -> _Session | None:
         if not session_id:
@@ -270,28 +291,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         options: pb.CompletionOptions,
         provider: SandboxProvider,
     ) -> CompletionRunner:
-        def option(name: str, default: Any) -> Any:
-            return getattr(options, name) if options.HasField(name) else default  # type: ignore[arg-type]
-
-        # Checked by request_limits: one of ANSWER_CONVENTIONS.
-        convention = option("answer_convention", FINAL)
-        loop_settings = LoopSettings(
-            max_depth=limits.max_depth,
-            max_iterations=limits.max_iterations,
-            timeout_seconds=limits.timeout_seconds,
-            iteration_timeout_seconds=limits.iteration_timeout_seconds,
-            # The server's sandbox limits, with the request's block timeout.
-            sandbox=self.settings.sandbox.limits.model_copy(
-                update={"exec_timeout_seconds": limits.exec_timeout_seconds}
-            ),
-            final_with_code=option("final_with_code", False),
-            answer_convention=convention,
-            code_fences=tuple(options.code_fences) or self.settings.code_fences,
-            system_prompt=option("system_prompt", system_prompt_for(convention)),
-            # FINAL_VAR answers are read from the sandbox up to the size the server may send.
-            max_answer_chars=self.settings.max_answer_chars,
-        )
+        loop_settings = loop_settings_for(options, limits, self.settings)
         return CompletionRunner(router, provider, loop_settings, logger=self._logger)
+
+    async def AttachCompletion(
+        self, request: pb.AttachCompletionRequest, context: Context
+    ) -> AsyncIterator[pb.CompletionEvent]:
+        async for message in durable_service.attach(self, request, context):
+            yield message
 
     # -- management ----------------------------------------------------------------------------
 

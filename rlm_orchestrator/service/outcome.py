@@ -24,6 +24,7 @@ from rlm_orchestrator.exceptions import (
 )
 from rlm_orchestrator.failures import INTERNAL, failure_kind, kind_to_proto
 from rlm_orchestrator.router import UsageTracker
+from rlm_orchestrator.service.durable import EventLog
 from rlm_orchestrator.service.event_buffer import EventBuffer
 from rlm_orchestrator.types import RLMChatCompletion
 from rlm_wire.v1 import orchestrator_pb2 as pb
@@ -39,7 +40,8 @@ class RunningCompletion:
     session_id: str
     root_model: str
     tracker: UsageTracker
-    events: EventBuffer
+    # Where its events go: a buffer for its one stream, or, journaled, its event log.
+    events: EventBuffer | EventLog
     started: float = field(default_factory=time.monotonic)
     iterations: int = 0
     task: Any = None  # asyncio.Task running it, once its context is uploaded

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rlm_orchestrator import budget, lm_keys, telemetry
 from rlm_orchestrator.config.backends import LocalConfig
+from rlm_orchestrator.config.journal import open_store
 from rlm_orchestrator.exceptions import ConfigurationError
 from rlm_orchestrator.router import LMRouter
 from rlm_orchestrator.sandbox import (
@@ -32,6 +33,8 @@ from rlm_orchestrator.sandbox import (
     create_provider,
 )
 from rlm_orchestrator.sandbox.limits import SandboxPool
+from rlm_orchestrator.service import durable_service
+from rlm_orchestrator.service.durable import Durability
 from rlm_orchestrator.service.listen import bind, check_port_free
 from rlm_orchestrator.service.orchestrator_service import OrchestratorService
 from rlm_orchestrator.service.router_service import add_router_service
@@ -156,6 +159,7 @@ class OrchestratorServer:
         self._provider: SandboxProvider | None = None
         self._service: OrchestratorService | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._leases: asyncio.Task[None] | None = None
         self._router: LMRouter | None = None
 
     async def start(self) -> int:
@@ -180,7 +184,8 @@ class OrchestratorServer:
             await self._provider.warm_up()  # a no-op without a pool
         pool = SandboxPool(self._provider, self.settings.max_sandboxes)
         tenants = Tenants(self.settings)
-        self._service = OrchestratorService(self.settings, router, pool, tenants)
+        durability = await _durability(self.settings)
+        self._service = OrchestratorService(self.settings, router, pool, tenants, durability)
         tokens = tenants.tokens()
         # The token check first, on metadata alone; undecodable messages (INVALID_ARGUMENT)
         # innermost, on the servicers' own handlers.
@@ -210,6 +215,14 @@ class OrchestratorServer:
         for name in ("", ORCHESTRATOR, LM_ROUTER):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reaper = asyncio.create_task(self._reap_sessions())
+        if durability is not None:
+            service = self._service
+
+            async def resume(*taken: Any) -> None:
+                await durable_service.resume(service, *taken)
+
+            # Renewing its leases, and taking over what dead servers left, from now on.
+            self._leases = asyncio.create_task(durability.keep_leases(resume))
         return self.port
 
     async def _reap_sessions(self) -> None:
@@ -231,8 +244,16 @@ class OrchestratorServer:
                 await self._reaper
             self._reaper = None
         await self._health.enter_graceful_shutdown()
+        if self._leases is not None:
+            self._leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._leases
+            self._leases = None
         if self._service is not None:
             await self._service.drain(self.settings.shutdown_grace_seconds)
+            if self._service.durability is not None:
+                await self._service.durability.aclose()
+                self._service.durability = None
         if self._server is not None:
             await self._server.stop(1.0)
             self._server = None
@@ -242,6 +263,18 @@ class OrchestratorServer:
         if self._router is not None:
             await self._router.finish_callbacks()  # its HTTP connections
             self._router = None
+
+
+async def _durability(settings: ServerSettings) -> Durability | None:
+    """The journal, opened, and what its retention drops at start."""
+    if settings.journal is None:
+        return None
+    store = await open_store(settings.journal)
+    journal = settings.journal
+    pruned = await store.prune(max_age_seconds=journal.max_age_seconds, max_bytes=journal.max_bytes)
+    if pruned:
+        log.info("journal: %d ended completion(s) past retention deleted", pruned)
+    return Durability(journal, store)
 
 
 async def serve(settings: ServerSettings) -> None:

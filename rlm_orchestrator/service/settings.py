@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from rlm_orchestrator.config.fences import DEFAULT_CODE_FENCES, CodeFences
+from rlm_orchestrator.config.journal import JournalSettings
 from rlm_orchestrator.config.limits import (
     DEFAULT_EXEC_TIMEOUT_SECONDS,
     DEFAULT_MAX_ANSWER_CHARS,
@@ -175,6 +176,8 @@ class ServerSettings(SandboxSettings):
     tls: TLSSettings | None = None
     # Clients with tokens of their own (`auth_token`, when set, is one more: "default").
     tenants: list[TenantSettings] = Field(default_factory=list)
+    # Durable completions (`[journal]`: store, lease_seconds, retention): none unless set.
+    journal: JournalSettings | None = None
     models: list[ModelSettings] = Field(default_factory=list)
     # Which models serve depth 0 and depth >= 1 when a request names none (default: first).
     root_model: str | None = None

@@ -109,6 +109,29 @@ FAILURE_KIND_CONTEXT_WINDOW: FailureKind.ValueType  # 9
 Global___FailureKind: _TypeAlias = FailureKind  # noqa: Y015
 
 @_typing.final
+class AttachCompletionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPLETION_ID_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_FIELD_NUMBER: _builtins.int
+    completion_id: _builtins.str
+    after_event: _builtins.int
+    """Events up to this offset are not sent (0: all of them)."""
+    def __init__(
+        self,
+        *,
+        completion_id: _builtins.str = ...,
+        after_event: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event", b"after_event", "completion_id", b"completion_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachCompletionRequest: _TypeAlias = AttachCompletionRequest  # noqa: Y015
+
+@_typing.final
 class RunRequest(_message.Message):
     """---------------------------------------------------------------------------------------------
     Run
@@ -313,6 +336,12 @@ class CompletionEvent(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     ANSWER_PART_FIELD_NUMBER: _builtins.int
     CONTEXT_COMPACTED_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """On a server with a journal: this event's number within its completion, from 1, without
+    gaps (events are written to the journal before they are sent, and none is dropped).
+    0 without a journal.
+    """
     @_builtins.property
     def started(self) -> Global___CompletionStarted: ...
     @_builtins.property
@@ -358,10 +387,11 @@ class CompletionEvent(_message.Message):
         failed: Global___CompletionFailed | None = ...,
         answer_part: Global___AnswerPart | None = ...,
         context_compacted: Global___ContextCompacted | None = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "context_compacted", b"context_compacted", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "context_compacted", b"context_compacted", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_part", b"answer_part", "code_block_finished", b"code_block_finished", "code_block_started", b"code_block_started", "context_compacted", b"context_compacted", "failed", b"failed", "finished", b"finished", "kind", b"kind", "notice", b"notice", "offset", b"offset", "output", b"output", "root_response", b"root_response", "started", b"started", "sub_call_finished", b"sub_call_finished", "sub_call_started", b"sub_call_started", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["started", "turn_started", "root_response", "code_block_started", "output", "sub_call_started", "sub_call_finished", "code_block_finished", "notice", "usage", "finished", "failed", "answer_part", "context_compacted"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

@@ -64,6 +64,11 @@ class OrchestratorStub:
                 request_serializer=rlm_dot_v1_dot_orchestrator__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=rlm_dot_v1_dot_orchestrator__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.AttachCompletion = channel.unary_stream(
+                '/rlm.v1.Orchestrator/AttachCompletion',
+                request_serializer=rlm_dot_v1_dot_orchestrator__pb2.AttachCompletionRequest.SerializeToString,
+                response_deserializer=rlm_dot_v1_dot_orchestrator__pb2.CompletionEvent.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -130,6 +135,18 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachCompletion(self, request, context):
+        """A journaled completion's events after `after_event` (they are numbered from 1, `started`
+        included: see CompletionEvent.offset), then its live events until it ends, whichever
+        server runs it (servers sharing a journal store): for a client whose Run stream was cut,
+        or that wants to follow a completion it did not start. A completion that ended sends what
+        it has left and ends. NOT_FOUND for an unknown completion (or another tenant's);
+        FAILED_PRECONDITION when the server keeps no journal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +179,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=rlm_dot_v1_dot_orchestrator__pb2.CloseSessionRequest.FromString,
                     response_serializer=rlm_dot_v1_dot_orchestrator__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'AttachCompletion': grpc.unary_stream_rpc_method_handler(
+                    servicer.AttachCompletion,
+                    request_deserializer=rlm_dot_v1_dot_orchestrator__pb2.AttachCompletionRequest.FromString,
+                    response_serializer=rlm_dot_v1_dot_orchestrator__pb2.CompletionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,6 +348,33 @@ class Orchestrator:
             '/rlm.v1.Orchestrator/CloseSession',
             rlm_dot_v1_dot_orchestrator__pb2.CloseSessionRequest.SerializeToString,
             rlm_dot_v1_dot_orchestrator__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rlm.v1.Orchestrator/AttachCompletion',
+            rlm_dot_v1_dot_orchestrator__pb2.AttachCompletionRequest.SerializeToString,
+            rlm_dot_v1_dot_orchestrator__pb2.CompletionEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,14 @@ class OrchestratorStub:
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CloseSessionRequest, _orchestrator_pb2.CloseSessionResponse]
     """Ends a session and releases its sandbox. NOT_FOUND when there is no such session."""
+    AttachCompletion: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.AttachCompletionRequest, _orchestrator_pb2.CompletionEvent]
+    """A journaled completion's events after `after_event` (they are numbered from 1, `started`
+    included: see CompletionEvent.offset), then its live events until it ends, whichever
+    server runs it (servers sharing a journal store): for a client whose Run stream was cut,
+    or that wants to follow a completion it did not start. A completion that ended sends what
+    it has left and ends. NOT_FOUND for an unknown completion (or another tenant's);
+    FAILED_PRECONDITION when the server keeps no journal.
+    """
 
 @_typing.type_check_only
 class OrchestratorAsyncStub(OrchestratorStub):
@@ -109,6 +117,14 @@ class OrchestratorAsyncStub(OrchestratorStub):
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CloseSessionRequest, _orchestrator_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Ends a session and releases its sandbox. NOT_FOUND when there is no such session."""
+    AttachCompletion: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.AttachCompletionRequest, _orchestrator_pb2.CompletionEvent]  # type: ignore[assignment]
+    """A journaled completion's events after `after_event` (they are numbered from 1, `started`
+    included: see CompletionEvent.offset), then its live events until it ends, whichever
+    server runs it (servers sharing a journal store): for a client whose Run stream was cut,
+    or that wants to follow a completion it did not start. A completion that ended sends what
+    it has left and ends. NOT_FOUND for an unknown completion (or another tenant's);
+    FAILED_PRECONDITION when the server keeps no journal.
+    """
 
 class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,5 +196,19 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.CloseSessionResponse, _abc.Awaitable[_orchestrator_pb2.CloseSessionResponse]]:
         """Ends a session and releases its sandbox. NOT_FOUND when there is no such session."""
+
+    @_abc_1.abstractmethod
+    def AttachCompletion(
+        self,
+        request: _orchestrator_pb2.AttachCompletionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.CompletionEvent], _abc.AsyncIterator[_orchestrator_pb2.CompletionEvent]]:
+        """A journaled completion's events after `after_event` (they are numbered from 1, `started`
+        included: see CompletionEvent.offset), then its live events until it ends, whichever
+        server runs it (servers sharing a journal store): for a client whose Run stream was cut,
+        or that wants to follow a completion it did not start. A completion that ended sends what
+        it has left and ends. NOT_FOUND for an unknown completion (or another tenant's);
+        FAILED_PRECONDITION when the server keeps no journal.
+        """
 
 def add_OrchestratorServicer_to_server(servicer: OrchestratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
