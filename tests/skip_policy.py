@@ -8,7 +8,8 @@ Debian's python3.X). A skip there means an install step broke, so it fails: "ski
 
 What can never apply is not a skip, anywhere:
 - not generated: a semantics test marked `not_through_server(why)` has no [server] variant;
-- deselected: the live Modal test (`modal_live`) unless RLM_MODAL_LIVE=1;
+- deselected: the live Modal test (`modal_live`) unless RLM_MODAL_LIVE=1, and the real-model
+  tests (`real_model`, `make test-real-model`) unless RLM_REAL_MODEL=1;
 - `not_applicable(why)`: a documented, permanent case whose skip stays a skip in CI (no test
   needs it today).
 """
@@ -20,6 +21,9 @@ from collections.abc import Generator
 
 import pytest
 from _pytest.reports import BaseReport
+
+# Markers of tests that run only when their variable is 1 (else they are deselected).
+OPT_IN = {"modal_live": "RLM_MODAL_LIVE", "real_model": "RLM_REAL_MODEL"}
 
 
 def in_ci() -> bool:
@@ -54,12 +58,13 @@ class SkipPolicy:
     def pytest_collection_modifyitems(
         self, config: pytest.Config, items: list[pytest.Item]
     ) -> None:
-        if os.environ.get("RLM_MODAL_LIVE") == "1":
-            return
-        live = [item for item in items if item.get_closest_marker("modal_live")]
-        if live:
-            config.hook.pytest_deselected(items=live)
-            items[:] = [item for item in items if item not in live]
+        opted_out = [
+            marker for marker, variable in OPT_IN.items() if os.environ.get(variable) != "1"
+        ]
+        out = {id(i) for i in items if any(i.get_closest_marker(m) for m in opted_out)}
+        if out:
+            config.hook.pytest_deselected(items=[i for i in items if id(i) in out])
+            items[:] = [i for i in items if id(i) not in out]
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(

@@ -26,6 +26,11 @@ def test_live():
     raise AssertionError("runs only with RLM_MODAL_LIVE=1")
 
 
+@pytest.mark.real_model
+def test_real_model():
+    raise AssertionError("runs only with RLM_REAL_MODEL=1 (make test-real-model)")
+
+
 def test_passes():
     pass
 """
@@ -34,8 +39,12 @@ def test_passes():
 def run_demo(directory: Path, ci: str | None) -> str:
     (directory / "conftest.py").write_text("from skip_policy import pytest_configure\n")
     (directory / "test_demo.py").write_text(DEMO)
-    (directory / "pytest.ini").write_text("[pytest]\nmarkers = modal_live: live\n")
-    env = {k: v for k, v in os.environ.items() if k not in {"CI", "RLM_MODAL_LIVE"}}
+    (directory / "pytest.ini").write_text(
+        "[pytest]\nmarkers =\n  modal_live: live\n  real_model: real\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"CI", "RLM_MODAL_LIVE", "RLM_REAL_MODEL"}
+    }
     env["PYTHONPATH"] = str(TESTS)
     if ci is not None:
         env["CI"] = ci
@@ -52,12 +61,12 @@ def run_demo(directory: Path, ci: str | None) -> str:
 
 def test_outside_ci_a_skip_skips_with_its_reason(tmp_path: Path) -> None:
     out = run_demo(tmp_path, ci=None)
-    assert "1 passed, 2 skipped, 1 deselected" in out, out
+    assert "1 passed, 2 skipped, 2 deselected" in out, out
     assert "needs the frobnicate tool" in out
 
 
 def test_in_ci_a_skip_fails_unless_documented_not_applicable(tmp_path: Path) -> None:
     out = run_demo(tmp_path, ci="true")
-    assert "1 failed, 1 passed, 1 skipped, 1 deselected" in out, out
+    assert "1 failed, 1 passed, 1 skipped, 2 deselected" in out, out
     assert "skipped in CI: needs the frobnicate tool" in out
     assert "cannot apply here" in out  # the not_applicable one: still a skip
