@@ -4,7 +4,9 @@ headers, and `serve`'s `ui_listen` (a real server process with its token)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import ssl
 import urllib.error
 import urllib.request
 from contextlib import closing
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, DummyCookieJar
+from aiohttp import ClientError, ClientSession, DummyCookieJar
 from aiohttp.test_utils import TestServer
 from conftest import SERVER_TOKEN, repl, server_config, start_server, stop_server
 from pydantic import SecretStr
@@ -21,12 +23,13 @@ from typer.testing import CliRunner
 
 from rlm_orchestrator.cli import app as cli_app
 from rlm_orchestrator.exceptions import ConfigurationError
-from rlm_orchestrator.service.settings import ServerSettings, TenantSettings
+from rlm_orchestrator.service.settings import ServerSettings, TenantSettings, TLSSettings
 from rlm_orchestrator.service.viewer import viewer_server
 from rlm_orchestrator.telemetry.store import TraceStore
 from rlm_orchestrator.testing.scripted_lm import ScriptedLMServer
 from rlm_orchestrator.ui.app import COOKIE, CSP, ViewerSettings, create_app, session_value
 from rlm_orchestrator.ui.model import trace_list_item, trace_view
+from tests.fakes.certs import make_test_pki
 
 
 @pytest.fixture
@@ -205,3 +208,34 @@ def test_serve_shows_its_completions_behind_its_token(
         assert status == 200 and json.loads(body)["completions"][0]["iterations"] == 2
     finally:
         stop_server(server)
+
+
+async def test_with_tls_the_viewer_is_https_with_client_certificates(
+    recorded: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (.ci/install-test-tools installs it)")
+    pki = make_test_pki(tmp_path / "pki")
+    monkeypatch.setenv("RLM_TRACE_STORE", str(recorded[0]))
+    tls = TLSSettings(
+        cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca_cert
+    )
+    token = "t" * 32
+    settings = ServerSettings(ui_listen="localhost:0", auth_token=SecretStr(token), tls=tls)
+    viewer = viewer_server(settings)
+    assert viewer is not None
+    await viewer.start()
+    try:
+        assert viewer.url.startswith("https://localhost:")
+        trusted = ssl.create_default_context(cafile=pki.ca_cert)
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with ClientSession() as session:
+            with pytest.raises(ClientError):  # no client certificate
+                await _get(session, viewer.url + "api/traces", headers=bearer, ssl=trusted)
+            trusted.load_cert_chain(pki.client_cert, pki.client_key)
+            status, _, body = await _get(
+                session, viewer.url + "api/traces", headers=bearer, ssl=trusted
+            )
+            assert status == 200 and json.loads(body)["traces"][0]["trace_id"] == recorded[1]
+    finally:
+        await viewer.stop()
