@@ -163,7 +163,7 @@ class OrchestratorServer:
         self._router: LMRouter | None = None
 
     async def start(self) -> int:
-        telemetry.configure()
+        telemetry.configure(metrics_listen=self.settings.metrics_listen)
         # Refusals first (no authentication beyond loopback, unisolated sandboxes): they come
         # before seconds of imports.
         check_authentication(self.settings)
