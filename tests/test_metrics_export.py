@@ -402,3 +402,19 @@ def test_log_records_carry_the_trace_and_span_ids(caplog: pytest.LogCaptureFixtu
     assert inside.span_id == format(context.span_id, "016x")  # type: ignore[attr-defined]
     assert (outside.trace_id, outside.span_id) == ("-", "-")  # type: ignore[attr-defined]
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_export_of_a_recorded_trace_and_its_refusals(tmp_path: Path) -> None:
+    from test_trace_store import _record_completion
+
+    db = tmp_path / "traces.db"
+    trace_id = _record_completion(db)
+    spans = TraceStore(db).spans(trace_id)
+    runner = CliRunner()
+    done = runner.invoke(app, ["trace", "export", trace_id[:8], "--store", str(db)])
+    assert done.exit_code == 0, done.output
+    check_trace_events(json.loads(done.stdout), spans)
+    bad = runner.invoke(app, ["trace", "export", "--last", "-f", "svg", "--store", str(db)])
+    assert bad.exit_code == 1 and "chrome, otlp-json" in bad.output
+    neither = runner.invoke(app, ["trace", "export", "--store", str(db)])
+    assert neither.exit_code == 1 and "TRACE_ID or --last" in neither.output
