@@ -418,3 +418,19 @@ def test_export_of_a_recorded_trace_and_its_refusals(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "chrome, otlp-json" in bad.output
     neither = runner.invoke(app, ["trace", "export", "--store", str(db)])
     assert neither.exit_code == 1 and "TRACE_ID or --last" in neither.output
+
+
+def test_a_metrics_listen_that_cannot_be_served_is_a_configuration_error() -> None:
+    from pydantic import ValidationError
+
+    from rlm_orchestrator.exceptions import ConfigurationError
+    from rlm_orchestrator.service.settings import ServerSettings
+    from rlm_orchestrator.telemetry import metrics
+
+    with pytest.raises(ValidationError):
+        ServerSettings(metrics_listen="9464")  # no host:port
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigurationError, match="metrics_listen"):
+            metrics._prometheus(f"127.0.0.1:{busy.getsockname()[1]}")
