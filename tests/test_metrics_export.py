@@ -8,7 +8,6 @@ to a local trace store.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace import TracerProvider
+from trace_export_support import check_trace_events, hex_ids_to_base64
 from typer.testing import CliRunner
 
 from rlm_orchestrator.cli import app
@@ -200,47 +200,6 @@ def _chrome(run: Run) -> dict[str, Any]:
     return loaded
 
 
-def check_trace_events(document: dict[str, Any], spans: list[StoredSpan]) -> None:
-    """A trace-event checker: every span once as a complete event, each child inside its
-    parent in time, rows that never cut a span, and one process id per recording process."""
-    events = document["traceEvents"]
-    assert all(e["ph"] in "XMsf" for e in events)
-    complete = [e for e in events if e["ph"] == "X"]
-    by_span = {e["args"]["span_id"]: e for e in complete}
-    assert len(complete) == len(by_span) == len(spans)
-    assert set(by_span) == {s.span_id for s in spans}
-    for e in complete:
-        assert e["dur"] >= 0 and e["ts"] >= 0
-        parent = by_span.get(e["args"]["parent_span_id"] or "")
-        if parent is not None:
-            assert parent["ts"] <= e["ts"] and e["ts"] + e["dur"] <= parent["ts"] + parent["dur"]
-    # On one row, two spans are disjoint or one holds the other (Perfetto's nesting rule).
-    rows: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for e in complete:
-        rows.setdefault((e["pid"], e["tid"]), []).append(e)
-    for row in rows.values():
-        for a in row:
-            for b in row:
-                a_end, b_end = a["ts"] + a["dur"], b["ts"] + b["dur"]
-                disjoint = a_end <= b["ts"] or b_end <= a["ts"]
-                nested = (a["ts"] <= b["ts"] and b_end <= a_end) or (
-                    b["ts"] <= a["ts"] and a_end <= b_end
-                )
-                assert a is b or disjoint or nested
-    # One process id per process that recorded spans: its resource (service and pid).
-    pids: dict[tuple[str, Any, bool], set[int]] = {}
-    for span in spans:
-        key = (span.service or "", span.resource.get("process.pid"), span.is_lm_call)
-        pids.setdefault(key, set()).add(by_span[span.span_id]["pid"])
-    assert all(len(found) == 1 for found in pids.values()), pids
-    assert len({next(iter(p)) for p in pids.values()}) == len(pids)
-    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
-    assert set(names) == {e["pid"] for e in complete}
-    # Flows come in pairs (start at the parent, finish at the child on another track).
-    starts = [e["id"] for e in events if e["ph"] == "s"]
-    assert sorted(starts) == sorted(e["id"] for e in events if e["ph"] == "f")
-
-
 def test_chrome_export_loads_with_every_span_and_correct_nesting(scripted_run: Run) -> None:
     spans = scripted_run.spans
     document = _chrome(scripted_run)
@@ -257,27 +216,13 @@ def test_chrome_export_loads_with_every_span_and_correct_nesting(scripted_run: R
     assert sum(e["name"] == "rlm.completion" for e in complete) == 2
 
 
-def _hex_ids_to_base64(data: Any) -> Any:
-    """OTLP JSON writes ids in hex; protobuf's JSON mapping reads bytes as base64."""
-    if isinstance(data, dict):
-        return {
-            k: base64.b64encode(bytes.fromhex(v)).decode()
-            if k in ("traceId", "spanId", "parentSpanId")
-            else _hex_ids_to_base64(v)
-            for k, v in data.items()
-        }
-    if isinstance(data, list):
-        return [_hex_ids_to_base64(v) for v in data]
-    return data
-
-
 def test_otlp_json_export_parses_as_an_export_request(scripted_run: Run) -> None:
     args = ["trace", "export", "--last", "--format", "otlp-json"]
     done = CliRunner().invoke(app, [*args, "--store", str(scripted_run.store)])
     assert done.exit_code == 0, done.output
     document = json.loads(done.stdout)
     request = json_format.Parse(
-        json.dumps(_hex_ids_to_base64(document)), trace_service_pb2.ExportTraceServiceRequest()
+        json.dumps(hex_ids_to_base64(document)), trace_service_pb2.ExportTraceServiceRequest()
     )
     parsed = [
         (span, resource)
