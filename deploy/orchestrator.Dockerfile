@@ -39,7 +39,7 @@ COPY pyproject.toml README.md ./
 COPY rlm_orchestrator/ rlm_orchestrator/
 COPY rlm_wire/ rlm_wire/
 COPY sandbox_agent/ sandbox_agent/
-RUN /opt/rlm/bin/pip install . \
+RUN /opt/rlm/bin/pip install '.[prometheus]' \
     && /opt/rlm/bin/rlm-orchestrator --help >/dev/null
 
 # --- Runtime: the virtualenv only (no sources, no build tools), as a non-root user ---------

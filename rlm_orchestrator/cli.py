@@ -269,14 +269,20 @@ def serve(
     import asyncio
     import logging
 
+    from rlm_orchestrator import telemetry
     from rlm_orchestrator.exceptions import ConfigurationError
     from rlm_orchestrator.service.listen import AddressInUseError
     from rlm_orchestrator.service.server import serve as run_server
     from rlm_orchestrator.service.settings import load_server_settings
 
+    # Each line names the trace and span it was logged in ("-" outside one).
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s trace_id=%(trace_id)s span_id=%(span_id)s "
+        "%(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(telemetry.TraceContextFilter())
     try:
         settings = load_server_settings(config, listen=listen)
     except (ConfigurationError, ValueError) as exc:
@@ -290,8 +296,6 @@ def serve(
         raise typer.Exit(1) from None
     # Every sandbox is released and the server stopped: skip the interpreter's teardown of
     # litellm's module graph (~1.2 s here), which would stretch the shutdown past its grace.
-    from rlm_orchestrator import telemetry
-
     telemetry.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -48,6 +48,7 @@ from rlm_orchestrator.prompts import (
 from rlm_orchestrator.router import LMAnswer, LMRouter, UsageTracker
 from rlm_orchestrator.session import SessionState
 from rlm_orchestrator.sub_calls import ChildSpawner, SubCalls
+from rlm_orchestrator.telemetry import metrics
 from rlm_orchestrator.types import (
     AnswerSource,
     CodeBlock,
@@ -221,6 +222,7 @@ class CompletionLoop:
                 ),
             ]
             started = time.perf_counter()
+            metrics.turn(self.settings.depth)
             try:
                 async with asyncio.timeout(self.settings.iteration_timeout_seconds):
                     with telemetry.tracer().start_as_current_span(
@@ -319,6 +321,7 @@ class CompletionLoop:
             outcome.notes.append(CUT_RESPONSE_NOTE.format(what=what))
         for index, code in enumerate(blocks):
             result, answer_note = await self.blocks.run(iteration, index, code)
+            metrics.code_block(result.status, self.settings.depth)
             record.code_blocks.append(CodeBlock(code, result))
             if result.worker_restarted and result.status != "sandbox_lost":
                 # (A lost sandbox's block says what was rebuilt and what was not: blocks.py.)

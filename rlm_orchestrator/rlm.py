@@ -33,6 +33,7 @@ from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.runner import CompletionRunner, LazyProvider
 from rlm_orchestrator.sandbox import SandboxProvider, create_provider
 from rlm_orchestrator.session import SessionState
+from rlm_orchestrator.telemetry import metrics
 from rlm_orchestrator.types import RLMChatCompletion, RLMMetadata
 
 
@@ -258,6 +259,7 @@ class RLM:
         self._provider, self._session = None, None
         if provider is not None:
             if session is not None:
+                metrics.sandbox_released(session.sandbox.sandbox_id)
                 await provider.release(session.sandbox)
             await provider.aclose()
 

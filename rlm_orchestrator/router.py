@@ -22,6 +22,7 @@ from rlm_orchestrator import lm_http, lm_litellm, lm_prices, telemetry
 from rlm_orchestrator.config.lm import LMClientConfig as LMClientConfig  # re-exported
 from rlm_orchestrator.context_window import ContextOverflowError, ModelWindows, overflow_in
 from rlm_orchestrator.exceptions import LMError
+from rlm_orchestrator.telemetry import metrics
 from rlm_orchestrator.types import ModelUsageSummary, UsageSummary
 
 MAX_ERROR_CHARS = 600
@@ -320,6 +321,7 @@ class LMRouter:
         if finish == "length":
             usage.truncated_calls = 1
         self.windows.observe(config.model_name, messages, usage.total_input_tokens)
+        metrics.lm_usage(config.model_name, usage)
         if tracker is not None:
             tracker.record(config.model_name, usage)
         return LMAnswer(

@@ -28,13 +28,14 @@ from rlm_orchestrator.loop import CompletionLoop, LoopSettings
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import Sandbox, SandboxProvider, SandboxSpec, SubCallOutcome
 from rlm_orchestrator.session import SessionState
+from rlm_orchestrator.telemetry import metrics
 from rlm_orchestrator.types import AnswerSource, RLMChatCompletion
 
 
 class LazyProvider:
     """A provider made on first use: a plain LM call never pays for a sandbox backend."""
 
-    name = "lazy"
+    name = "lazy"  # then the backend's, once made
 
     def __init__(self, factory: Callable[[], SandboxProvider]) -> None:
         self._factory = factory
@@ -43,6 +44,7 @@ class LazyProvider:
     async def acquire(self, spec: SandboxSpec) -> Sandbox:
         if self._provider is None:
             self._provider = self._factory()
+            self.name = self._provider.name
         return await self._provider.acquire(spec)
 
     async def release(self, sandbox: Sandbox) -> None:
@@ -87,21 +89,30 @@ class CompletionRunner:
     async def new_session(self) -> SessionState:
         spec = SandboxSpec.of(uuid.uuid4().hex, self.settings.sandbox)
         attributes = {"rlm.sandbox.provider": self.provider.name}
+        started = time.perf_counter()
         with telemetry.tracer().start_as_current_span("rlm.sandbox.create", attributes=attributes):
             sandbox = await self.provider.acquire(spec)
+        metrics.sandbox_acquired(
+            self.provider.name, sandbox.sandbox_id, time.perf_counter() - started
+        )
         if self.setup_code:
             try:
                 await sandbox.client.execute(
                     self.setup_code, on_output=_ignore_output, on_sub_call=_no_sub_calls
                 )
             except BaseException:
-                await self.provider.release(sandbox)
+                await self.release(sandbox)
                 raise
         return SessionState(sandbox, replace=self._replace)
 
+    async def release(self, sandbox: Sandbox) -> None:
+        """Give a sandbox back to the provider (and out of the metrics' live ones)."""
+        metrics.sandbox_released(sandbox.sandbox_id)
+        await self.provider.release(sandbox)
+
     async def _replace(self, lost: Sandbox) -> Sandbox:
         with contextlib.suppress(Exception):
-            await self.provider.release(lost)
+            await self.release(lost)
         return (await self.new_session()).sandbox
 
     async def run(
@@ -121,9 +132,12 @@ class CompletionRunner:
         depth = self.settings.depth if depth is None else depth
         attributes: dict[str, str | int] = {"rlm.depth": depth, "rlm.root_model": root_model}
         try:
-            with telemetry.tracer().start_as_current_span(
-                "rlm.completion", attributes=attributes
-            ) as span:
+            with (
+                telemetry.tracer().start_as_current_span(
+                    "rlm.completion", attributes=attributes
+                ) as span,
+                metrics.completion(counted=depth == self.settings.depth),
+            ):
                 try:
                     result = await self._run(
                         context,
@@ -218,7 +232,7 @@ class CompletionRunner:
         finally:
             if own_session:
                 with telemetry.tracer().start_as_current_span("rlm.sandbox.release"):
-                    await self.provider.release(active.sandbox)
+                    await self.release(active.sandbox)
 
     async def _plain_lm(
         self, prompt: Any, root_model: str, tracker: UsageTracker, depth: int

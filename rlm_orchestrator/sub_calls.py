@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 
 from rlm_orchestrator import events as ev
@@ -16,6 +17,7 @@ from rlm_orchestrator import telemetry
 from rlm_orchestrator.exceptions import LMError, RLMError
 from rlm_orchestrator.router import LMRouter, UsageTracker
 from rlm_orchestrator.sandbox import SubCallOutcome
+from rlm_orchestrator.telemetry import metrics
 from rlm_orchestrator.types import RLMChatCompletion, UsageSummary
 
 # Ends an answer the sub-model's output limit cut: the code (and the model, when it prints
@@ -66,34 +68,45 @@ class SubCalls:
             child = kind == "rlm_query" and self.spawn_child is not None
             served_by = self.model_for(None if child else model)
             self.emit(ev.SubCallStarted(depth, call_id, kind, served_by, len(prompt)))
+            started = time.perf_counter()
             if child:
-                return await self._child(call_id, prompt, calls)
-            try:
-                answer = await self.router.complete(
-                    prompt, model=model or None, depth=depth + 1, tracker=self.tracker
-                )
-            except LMError as exc:
-                self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, str(exc)))
-                return SubCallOutcome(error=str(exc))
-            text = answer.text
-            if answer.truncated:
-                text += TRUNCATED_MARK.format(limit=answer.usage.total_output_tokens)
-            calls.append(
-                RLMChatCompletion(
-                    answer.model,
-                    prompt,
-                    text,
-                    UsageSummary({answer.model: answer.usage}),
-                    answer.duration,
-                )
+                outcome = await self._child(call_id, prompt, calls)
+            else:
+                outcome = await self._lm(call_id, prompt, model, calls)
+            metrics.sub_call(kind, served_by, outcome.error is None, time.perf_counter() - started)
+            return outcome
+
+    async def _lm(
+        self, call_id: int, prompt: str, model: str, calls: list[RLMChatCompletion]
+    ) -> SubCallOutcome:
+        """llm_query: one call through the router."""
+        depth = self.depth
+        try:
+            answer = await self.router.complete(
+                prompt, model=model or None, depth=depth + 1, tracker=self.tracker
             )
-            self.emit(
-                ev.SubCallFinished(
-                    depth, call_id, True, len(text), answer.duration, truncated=answer.truncated
-                )
+        except LMError as exc:
+            self.emit(ev.SubCallFinished(depth, call_id, False, 0, 0.0, str(exc)))
+            return SubCallOutcome(error=str(exc))
+        text = answer.text
+        if answer.truncated:
+            text += TRUNCATED_MARK.format(limit=answer.usage.total_output_tokens)
+        calls.append(
+            RLMChatCompletion(
+                answer.model,
+                prompt,
+                text,
+                UsageSummary({answer.model: answer.usage}),
+                answer.duration,
             )
-            self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
-            return SubCallOutcome(text=text, usage=UsageSummary({answer.model: answer.usage}))
+        )
+        self.emit(
+            ev.SubCallFinished(
+                depth, call_id, True, len(text), answer.duration, truncated=answer.truncated
+            )
+        )
+        self.emit(ev.UsageUpdated(depth, self.tracker.summary()))
+        return SubCallOutcome(text=text, usage=UsageSummary({answer.model: answer.usage}))
 
     def model_for(self, named: str | None) -> str:
         """The model a sub-call goes to: the one the code named, else the router's for the

@@ -33,6 +33,7 @@ from rlm_orchestrator.sandbox.agent_client import AgentClient
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
 from rlm_orchestrator.sandbox.launch import CONTAINER_STATE_DIR, CONTAINER_WORKDIR, AgentLaunch
 from rlm_orchestrator.sandbox.owner import orchestrator_id, owner_gone
+from rlm_orchestrator.telemetry import metrics
 from sandbox_agent.limits import NOBODY_UID
 
 log = logging.getLogger("rlm_orchestrator.sandbox.docker")
@@ -85,6 +86,7 @@ class DockerProvider:
         self._starts = asyncio.Semaphore(self.options.max_concurrent_starts)
         self._live: dict[str, _Container] = {}
         self._pool: list[_Container] = []
+        metrics.watch_warm_pool(self, "docker", lambda provider: len(provider._pool))
         self._maintenance: asyncio.Task[None] | None = None
         self._refilling = asyncio.Lock()
 
@@ -103,6 +105,8 @@ class DockerProvider:
 
     async def acquire(self, spec: SandboxSpec) -> Sandbox:
         await self._ensure_maintenance()
+        if self.options.warm_pool_size:
+            metrics.warm_pool_take("docker", bool(self._pool))
         while self._pool:
             pooled = self._pool.pop(0)
             client, pooled.client = pooled.client, None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlm_orchestrator.sandbox.base import Sandbox, SandboxSpec
+from rlm_orchestrator.telemetry import metrics
 
 log = logging.getLogger("rlm_orchestrator.sandbox.warm_pool")
 
@@ -38,6 +39,7 @@ class WarmPool:
         alive: Callable[[Sandbox], bool],
         size: int,
         max_idle_seconds: float,
+        backend: str = "local",
     ) -> None:
         self._start = start
         self._stop = stop
@@ -51,6 +53,8 @@ class WarmPool:
         self._refilling = asyncio.Lock()
         self.hits = 0
         self.misses = 0
+        self.backend = backend
+        metrics.watch_warm_pool(self, backend)
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -63,15 +67,16 @@ class WarmPool:
         for dead in [idle for idle in self._idle if not self._alive(idle.sandbox)]:
             self._idle.remove(dead)
             self._discard(dead.sandbox)
-        for index, idle in enumerate(self._idle):
-            if fits(idle.sandbox):
-                del self._idle[index]
-                self._wanted.set()
-                self.hits += 1
-                idle.sandbox.spec = spec
-                return idle.sandbox
-        self.misses += 1
-        return None
+        taken = next((idle for idle in self._idle if fits(idle.sandbox)), None)
+        metrics.warm_pool_take(self.backend, taken is not None)
+        if taken is None:
+            self.misses += 1
+            return None
+        self._idle.remove(taken)
+        self._wanted.set()
+        self.hits += 1
+        taken.sandbox.spec = spec
+        return taken.sandbox
 
     def _discard(self, sandbox: Sandbox) -> None:
         self._wanted.set()

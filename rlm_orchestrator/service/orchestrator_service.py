@@ -53,6 +53,7 @@ from rlm_orchestrator.service.settings import ServerSettings
 from rlm_orchestrator.service.status import maps_rlm_errors
 from rlm_orchestrator.service.tenants import Tenant, Tenants
 from rlm_orchestrator.session import SessionState
+from rlm_orchestrator.telemetry import metrics
 from rlm_wire.v1 import orchestrator_pb2 as pb
 from rlm_wire.v1 import orchestrator_pb2_grpc
 
@@ -365,6 +366,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
 
     async def _close(self, session: _Session) -> None:
         try:
+            metrics.sandbox_released(session.state.sandbox.sandbox_id)
             await self.pool.release(session.state.sandbox)
         finally:
             session.ticket.give_back()

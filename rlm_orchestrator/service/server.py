@@ -166,7 +166,7 @@ class OrchestratorServer:
         self.viewer: ViewerServer | None = None
 
     async def start(self) -> int:
-        telemetry.configure()
+        telemetry.configure(metrics_listen=self.settings.metrics_listen)
         # Refusals first (no authentication beyond loopback, unisolated sandboxes): they come
         # before seconds of imports.
         check_authentication(self.settings)

@@ -235,6 +235,11 @@ class ServerSettings(SandboxSettings):
     # The completion viewer (`rlm-orchestrator ui`'s page) on this HOST:PORT, over the trace
     # store (RLM_TRACE_STORE), behind auth_token: service/viewer.py. None: not served.
     ui_listen: str | None = None
+    # A Prometheus scrape endpoint (text format at http://HOST:PORT/metrics), e.g.
+    # "127.0.0.1:9464": the metrics of telemetry/metrics.py. None: no endpoint (OTLP export
+    # still follows OTEL_METRICS_EXPORTER). It has no authentication: keep it on loopback or a
+    # network only the scraper reaches.
+    metrics_listen: str | None = Field(None, pattern=r"^\S*:\d+$")
     # The fenced blocks that run for a request that sets no code_fences: ```repl (the contract);
     # ["repl", "python"] also runs ```python blocks. Not a limit: a request may set its own.
     code_fences: CodeFences = DEFAULT_CODE_FENCES

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rlm_orchestrator.telemetry.tracing import (
+        TraceContextFilter,
         configure,
         content,
         context_from,
@@ -36,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "TraceContextFilter",
     "configure",
     "content",
     "context_from",

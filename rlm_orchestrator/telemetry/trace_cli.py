@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:
-    from rlm_orchestrator.telemetry.store import TraceStore
+    from rlm_orchestrator.telemetry.store import StoredSpan, TraceStore
 
 # The store and the renderers (opentelemetry's SDK, rich's tables) are imported by the
 # commands that use them: `rlm-orchestrator run` registers these commands and never needs them.
@@ -30,6 +30,10 @@ StoreOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+TraceIdArgument = Annotated[
+    str | None, typer.Argument(help="A trace id, or a unique prefix of one.")
+]
+LastOption = Annotated[bool, typer.Option("--last", help="The newest trace.")]
 
 
 def _fail(message: str) -> NoReturn:
@@ -104,15 +108,23 @@ def list_traces(
 
 @trace_app.command()
 def show(
-    trace_id: Annotated[
-        str | None, typer.Argument(help="A trace id, or a unique prefix of one.")
-    ] = None,
-    last: Annotated[bool, typer.Option("--last", help="The newest trace.")] = False,
+    trace_id: TraceIdArgument = None,
+    last: LastOption = False,
     as_json: JsonOption = False,
     store: StoreOption = None,
 ) -> None:
     """One trace as a tree of spans (or nested JSON with --json)."""
     from rlm_orchestrator.telemetry.show import render_tree, trace_to_json
+
+    spans = _trace_spans(trace_id, last, store)
+    if as_json:
+        _print_json(trace_to_json(spans))
+    else:
+        Console(highlight=False).print(render_tree(spans))
+
+
+def _trace_spans(trace_id: str | None, last: bool, store: Path | None) -> list[StoredSpan]:
+    """The spans of the trace named by id (or prefix), or of the newest with `last`."""
     from rlm_orchestrator.telemetry.store import TraceStoreError
 
     if (trace_id is None) == (not last):
@@ -126,10 +138,41 @@ def show(
             if newest is None:
                 _fail(f"no traces in {trace_store.path}")
             resolved = newest
-        spans = trace_store.spans(resolved)
+        return trace_store.spans(resolved)
     except TraceStoreError as exc:
         _fail(str(exc))
-    if as_json:
-        _print_json(trace_to_json(spans))
-    else:
-        Console(highlight=False).print(render_tree(spans))
+
+
+@trace_app.command("export")
+def export(
+    trace_id: TraceIdArgument = None,
+    last: LastOption = False,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="chrome: Chrome trace events (Perfetto, chrome://tracing); otlp-json: an "
+            "OTLP/HTTP JSON ExportTraceServiceRequest.",
+        ),
+    ] = "chrome",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
+    ] = None,
+    store: StoreOption = None,
+) -> None:
+    """One trace in a format other viewers read."""
+    from rlm_orchestrator.telemetry.export import FORMATS, to_chrome, to_otlp_json
+
+    if export_format not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, not {export_format!r}")
+    spans = _trace_spans(trace_id, last, store)
+    document = to_chrome(spans) if export_format == "chrome" else to_otlp_json(spans)
+    text = json.dumps(document, default=str)
+    if output is None:
+        typer.echo(text)
+        return
+    try:
+        output.write_text(text + "\n")
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc}")

@@ -12,6 +12,7 @@ handed to the same span processors as ours, with the agent's own resource.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from pathlib import Path
@@ -34,8 +35,12 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"configured": False, "provider": None, "processors": []}
 
 
-def configure(store_path: Path | None = None) -> bool:
-    """Set up the global tracer provider once, from the environment. True when tracing is on."""
+def configure(store_path: Path | None = None, *, metrics_listen: str | None = None) -> bool:
+    """Set up the global tracer provider once, from the environment, and the meter provider
+    (metrics.py; `metrics_listen`: a Prometheus scrape endpoint). True when tracing is on."""
+    from rlm_orchestrator.telemetry import metrics
+
+    metrics.configure(metrics_listen)
     with _lock:
         if _state["configured"]:
             return _state["provider"] is not None
@@ -50,7 +55,9 @@ def configure(store_path: Path | None = None) -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         service = os.environ.get("OTEL_SERVICE_NAME", "rlm-orchestrator")
-        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        # The pid tells replicas (and the viewers' process tracks) apart.
+        resource = Resource.create({"service.name": service, "process.pid": os.getpid()})
+        provider = TracerProvider(resource=resource)
         processors = [BatchSpanProcessor(_exporter(name)) for name in names]
         if store is not None:
             from rlm_orchestrator.telemetry.store import SqliteSpanExporter
@@ -111,9 +118,24 @@ async def flush() -> None:
 
 def shutdown() -> None:
     """Flush and stop the exporters (what the SDK would otherwise do at interpreter exit)."""
+    from rlm_orchestrator.telemetry import metrics
+
     provider = _state["provider"]
     if provider is not None:
         provider.shutdown()
+    metrics.shutdown()
+
+
+class TraceContextFilter(logging.Filter):
+    """Gives each record `trace_id` and `span_id` (of the span current where it was logged;
+    "-" outside one), for a log format that shows them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        valid = context.is_valid
+        record.trace_id = format(context.trace_id, "032x") if valid else "-"
+        record.span_id = format(context.span_id, "016x") if valid else "-"
+        return True
 
 
 def record_content() -> bool:
