@@ -97,11 +97,17 @@ def test_an_agent_cut_off_mid_session_is_replaced_and_set_aside(
             "    back.append(rlm_query('where'))\nprint('back', back)"
         )
 
-    # The block asks (with its agent's hostname) whether to sleep: yes the first time. Run
-    # again on the new agent after the cut, its request differs (another hostname), so it is
-    # asked anew, not answered from the record, and it does not sleep.
-    lm.add_rule(Rule("yes", model=SUB_MODEL, contains="sleep? ", times=1))
-    lm.add_rule(Rule("no", model=SUB_MODEL, contains="sleep? "))
+    # The block asks (with its agent's hostname) whether to sleep: yes the first time (the
+    # agent is cut while it sleeps). Run again on the new agent after the cut, its request
+    # differs (another hostname), so it is asked anew, not answered from the record: no.
+    asked = threading.Event()
+
+    def sleep_once(request: RecordedRequest) -> str:
+        answer = "no" if asked.is_set() else "yes"
+        asked.set()
+        return answer
+
+    lm.add_rule(Rule(sleep_once, model=SUB_MODEL, contains="sleep? "))
     lm.add_rule(Rule(child_hostname, model=SUB_MODEL))
     lm.set_sequence(
         ROOT_MODEL,
@@ -121,7 +127,7 @@ def test_an_agent_cut_off_mid_session_is_replaced_and_set_aside(
     worker = threading.Thread(target=lambda: results.append(rlm.completion("ctx").response))
     worker.start()
     try:
-        assert block_started.wait(60)
+        assert block_started.wait(60) and asked.wait(60)
         victim = next(c for c in docker_fleet.containers if _leased(c))
         address = docker_fleet.addresses[docker_fleet.containers.index(victim)]
         victim_host.append(victim.id[:12])  # its hostname
