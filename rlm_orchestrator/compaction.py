@@ -7,8 +7,11 @@ fit, older turns are compacted, cheapest first, until it does:
 
 1. "outputs": the REPL outputs of old turns are elided (their code stays), oldest first;
 2. "summary": old turns are replaced by a summary the root model writes of them (a paid call,
-   counted in usage); "dropped" instead when that call fails;
-3. "cut": only when the latest turns alone are too large: their outputs are cut in the middle.
+   counted in usage), when they take more than the summary may (an eighth of the window, at
+   most 512 tokens); "dropped" instead when that call fails;
+3. "dropped": old turns still there (too small to summarise with profit) are removed, a note
+   in their place;
+4. "cut": only when the latest turns alone are too large: their outputs are cut in the middle.
 
 The system prompt, the context's description, the question and the latest `KEEP_TURNS` turns
 are never compacted before stage 3. When even that does not fit, ContextWindowExceededError:
@@ -125,9 +128,17 @@ class ContextBudget:
         old = conversation.turns[:-KEEP_TURNS] if len(conversation.turns) > KEEP_TURNS else []
         with self._stage("outputs", conversation, tail, turn, window) as stage:
             stage.changed = _elide(old, fits)
-        if not fits() and self._worth_summarising(old):
+        summary_tokens = min(SUMMARY_MAX_TOKENS, max(64, window // 8))
+        if not fits() and self._worth_summarising(old, summary_tokens):
             with self._stage("summary", conversation, tail, turn, window) as stage:
-                stage.name, stage.changed = await self._summarise(conversation, old, window)
+                stage.name, stage.changed = await self._summarise(
+                    conversation, old, window, summary_tokens
+                )
+        old = conversation.turns[:-KEEP_TURNS] if len(conversation.turns) > KEEP_TURNS else []
+        if not fits() and old:
+            # Too small to summarise with profit, and still too large: they go, said so.
+            with self._stage("dropped", conversation, tail, turn, window) as stage:
+                stage.changed = _drop(conversation, old)
         if not fits():
             with self._stage("cut", conversation, tail, turn, window) as stage:
                 stage.changed = _cut_latest(conversation, tail, budget, self._estimate)
@@ -168,24 +179,24 @@ class ContextBudget:
                 )
             )
 
-    def _worth_summarising(self, old: list[Turn]) -> bool:
-        """Whether replacing these turns by a summary saves room: they must take well more
-        than a summary may (else the summary grows the conversation, and summarising the
-        summary each turn would cost a call for nothing)."""
+    def _worth_summarising(self, old: list[Turn], summary_tokens: int) -> bool:
+        """Whether replacing these turns by a summary saves room: they must take more than a
+        summary may (else the summary could grow the conversation, and summarising the
+        summary each turn would cost a call for nothing: such turns are dropped instead)."""
         if not old:
             return False
         taken = self.router.windows.estimate(self.model, [m for t in old for m in t.messages()])
-        return taken > 2 * SUMMARY_MAX_TOKENS
+        return taken > summary_tokens
 
     async def _summarise(
-        self, conversation: Conversation, old: list[Turn], window: int
+        self, conversation: Conversation, old: list[Turn], window: int, summary_tokens: int
     ) -> tuple[str, int]:
         """Replace the old turns by a summary the model writes: ("summary", messages), or
         ("dropped", messages) when the call fails."""
         first, last = old[0].number, old[-1].number
         earlier = f"{conversation.summary}\n\n" if conversation.summary else ""
         transcript = earlier + "\n\n".join(turn.transcript() for turn in old)
-        room = self.router.windows.chars_for(self.model, window - SUMMARY_MAX_TOKENS - 200)
+        room = self.router.windows.chars_for(self.model, window - summary_tokens - 200)
         prompt = [
             {"role": "system", "content": SUMMARY_PROMPT},
             {"role": "user", "content": cut_middle(transcript, max(room, 200))},
@@ -194,7 +205,7 @@ class ContextBudget:
         del conversation.turns[: len(old)]
         try:
             answer = await self.router.complete(
-                prompt, model=self.model, tracker=self.tracker, max_tokens=SUMMARY_MAX_TOKENS
+                prompt, model=self.model, tracker=self.tracker, max_tokens=summary_tokens
             )
         except LMError:
             conversation.summary = (
@@ -207,6 +218,18 @@ class ContextBudget:
         )
         self.emit(ev.UsageUpdated(self.depth, self.tracker.summary()))
         return "summary", removed
+
+
+def _drop(conversation: Conversation, old: list[Turn]) -> int:
+    """Old turns removed, a note (and the earlier summary, if any) in their place."""
+    removed = sum(len(turn.messages()) for turn in old)
+    del conversation.turns[: len(old)]
+    dropped = f"[Turns up to {old[-1].number} were dropped to fit the model's context window.]"
+    # An earlier summary stays; an earlier note of the same kind is replaced, not stacked.
+    kept = [line for line in (conversation.summary or "").split("\n") if line]
+    kept = [line for line in kept if not line.startswith("[Turns up to ")]
+    conversation.summary = "\n".join([*kept, dropped])
+    return removed
 
 
 def _elide(turns: list[Turn], fits: Callable[[], bool]) -> int:

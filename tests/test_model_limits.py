@@ -88,8 +88,10 @@ def test_a_sub_answer_cut_by_max_tokens_is_marked(lm: ScriptedLMServer) -> None:
 def test_twenty_turns_of_large_outputs_stay_inside_an_8k_window(
     windowed: ScriptedLMServer,
 ) -> None:
-    # Each turn prints 20,000 characters (~5,000 tokens): two turns alone exceed the window.
-    turns = [repl(f"step_{i} = {i}\nprint('{i}' * 20000)") for i in range(20)]
+    # Each turn thinks aloud (~3,000 characters) and prints 20,000 characters (~5,000 tokens):
+    # two turns alone exceed the window.
+    thinking = "I look at the next part of the context and keep what matters. " * 48
+    turns = [thinking + repl(f"step_{i} = {i}\nprint('{i}' * 20000)") for i in range(20)]
     windowed.set_script(
         Script(rules=[Rule("Steps 0 to n printed long runs of digits.", contains="## Turn ")])
     )

@@ -762,8 +762,8 @@ class ContextCompacted(_message.Message):
     iteration: _builtins.int
     stage: _builtins.str
     """"outputs": old REPL outputs were elided; "summary": old turns were replaced by a summary
-    the model wrote; "dropped": old turns were dropped (the summary failed); "cut": the latest
-    outputs themselves were cut.
+    the model wrote; "dropped": old turns were dropped (too small to summarise with profit, or
+    the summary failed); "cut": the latest outputs themselves were cut.
     """
     tokens_before: _builtins.int
     """Estimated prompt tokens before and after, and the window they must fit."""
