@@ -76,6 +76,29 @@ def killed_mid_block(
     return started.completion_id, received
 
 
+def attached_on(server: ServerProcess, completion_id: str, after: int) -> list[ev.StreamEvent]:
+    """What a client re-attached to `server` gets after the `after`-th event; the server is
+    stopped afterwards."""
+    try:
+        with server.client() as client:
+            return list(client.attach(completion_id, after_event=after))
+    finally:
+        stop_server(server)
+
+
+def finished_undisturbed(
+    lm: ScriptedLMServer, after: list[ev.StreamEvent]
+) -> ev.CompletionFinished:
+    """The completion ended with the undisturbed run's answer, and no model was asked twice:
+    4 root turns, 1 sub-call."""
+    finished = after[-1]
+    assert isinstance(finished, ev.CompletionFinished), after[-3:]
+    assert finished.result.response == "THE SKY IS BLUE!"
+    assert len(lm.requests_for(ROOT_MODEL)) == 4
+    assert len(lm.requests_for(SUB_MODEL)) == 1
+    return finished
+
+
 @pytest.mark.parametrize("environment", ["local", "docker"])
 def test_a_completion_outlives_a_killed_server(
     lm: ScriptedLMServer, tmp_path: Path, environment: str
@@ -92,18 +115,8 @@ def test_a_completion_outlives_a_killed_server(
     finally:
         stop_server(first)
     assert not any(isinstance(e, ev.CompletionFinished) for e in before)
-    second = start_server(config)
-    try:
-        with second.client() as client:
-            after = list(client.attach(completion_id, after_event=len(before)))
-    finally:
-        stop_server(second)
-    finished = after[-1]
-    assert isinstance(finished, ev.CompletionFinished), after[-3:]
-    assert finished.result.response == "THE SKY IS BLUE!"
-    # Nothing paid twice: 4 root turns, 1 sub-call, each asked once.
-    assert len(lm.requests_for(ROOT_MODEL)) == 4
-    assert len(lm.requests_for(SUB_MODEL)) == 1
+    after = attached_on(start_server(config), completion_id, len(before))
+    finished = finished_undisturbed(lm, after)
     # Every event once, in order: the journal holds 1..N without a gap, and the client got
     # exactly those (before the cut, then after it).
     offsets = journal_offsets(tmp_path / "journal", completion_id)
@@ -154,15 +167,10 @@ def test_a_replica_takes_over_when_the_other_dies(
             completion_id, before = killed_mid_block(doomed)
         finally:
             stop_server(doomed)
-        with survivor.client() as client:
-            after = list(client.attach(completion_id, after_event=len(before)))
-    finally:
+    except BaseException:
         stop_server(survivor)
-    finished = after[-1]
-    assert isinstance(finished, ev.CompletionFinished), after[-3:]
-    assert finished.result.response == "THE SKY IS BLUE!"
-    assert len(lm.requests_for(ROOT_MODEL)) == 4
-    assert len(lm.requests_for(SUB_MODEL)) == 1
+        raise
+    finished_undisturbed(lm, attached_on(survivor, completion_id, len(before)))
 
 
 def test_a_server_shut_down_hands_its_completion_over(lm: ScriptedLMServer, tmp_path: Path) -> None:
@@ -177,16 +185,7 @@ def test_a_server_shut_down_hands_its_completion_over(lm: ScriptedLMServer, tmp_
     finally:
         stop_server(first)
     assert not any(isinstance(e, ev.CompletionFailed) for e in before), before[-1]
-    second = start_server(config)
-    try:
-        with second.client() as client:
-            after = list(client.attach(completion_id, after_event=len(before)))
-    finally:
-        stop_server(second)
-    finished = after[-1]
-    assert isinstance(finished, ev.CompletionFinished), after[-3:]
-    assert finished.result.response == "THE SKY IS BLUE!"
-    assert len(lm.requests_for(ROOT_MODEL)) == 4 and len(lm.requests_for(SUB_MODEL)) == 1
+    finished_undisturbed(lm, attached_on(start_server(config), completion_id, len(before)))
 
 
 def test_the_journal_command_lists_deletes_and_prunes(tmp_path: Path) -> None:
