@@ -73,10 +73,14 @@ async def durable_stream(
     roles = (runner.router.root, runner.router.sub)
     if reason := budget.unenforceable(running.tracker.max_cost, roles):
         runner.emit(ev.Notice(0, reason))
-    value = await read_context(request_iterator, start)
-    journal = await durability.begin(
-        running.completion_id, running.tenant, start, options, _context_bytes(value)
-    )
+    try:
+        value = await read_context(request_iterator, start)
+        journal = await durability.begin(
+            running.completion_id, running.tenant, start, options, _context_bytes(value)
+        )
+    except BaseException:
+        durability.logs.pop(running.completion_id, None)  # it never began: nothing to keep
+        raise
     event_log.start()
     launch(service, runner, running, value, start.root_prompt or None, journal, give_back)
     async for message in follow(durability.store, running.completion_id, 1, event_log):
