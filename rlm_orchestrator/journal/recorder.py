@@ -18,6 +18,7 @@ sandbox, which rebuilds its namespace. Events are not sent again while it catche
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,12 @@ from rlm_orchestrator.journal.replay import BlockRecord, SubCallRecord
 from rlm_orchestrator.journal.store import Entry, JournalStore
 from rlm_orchestrator.router import LMAnswer, UsageTracker
 from rlm_orchestrator.types import ModelUsageSummary
+
+
+def context_of(request: dict[str, Any], data: bytes) -> Any:
+    """A completion's context from its blob, as its request's `context_encoding` says."""
+    text = data.decode("utf-8")
+    return json.loads(text) if request.get("context_encoding") == "json" else text
 
 
 def sub_call_payload(record: SubCallRecord) -> dict[str, Any]:

@@ -229,7 +229,7 @@ async def read_journal(store: JournalStore, completion_id: str) -> Recording:
     A resumed completion ran its blocks again on the server that took it over, which journaled
     them again: each block (turn, index) counts once, where it first ran, with every answer its
     sub-calls got (some before the first server died, the rest after)."""
-    from rlm_orchestrator.journal.recorder import sub_call_from
+    from rlm_orchestrator.journal.recorder import context_of, sub_call_from
 
     record = await store.get(completion_id)
     if record is None:
@@ -252,10 +252,7 @@ async def read_journal(store: JournalStore, completion_id: str) -> Recording:
             data = await store.blob(str(blob))
         except KeyError:
             raise RecordingError(f"the context of {completion_id} is not in the journal") from None
-        if request.get("context_encoding", "text") == "json":
-            recording.context = json.loads(data)
-        else:
-            recording.context = data.decode("utf-8")
+        recording.context = context_of(request, data)
         recording.has_context = True
     entries = await store.entries(completion_id)
     answers: dict[tuple[int, int], list[SubCallRecord]] = defaultdict(list)

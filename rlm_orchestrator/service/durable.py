@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -21,7 +20,7 @@ from google.protobuf import json_format
 
 from rlm_orchestrator.config.journal import JournalSettings
 from rlm_orchestrator.exceptions import ServerShutdownError
-from rlm_orchestrator.journal.recorder import CompletionJournal
+from rlm_orchestrator.journal.recorder import CompletionJournal, context_of
 from rlm_orchestrator.journal.store import CompletionRecord, Event, JournalStore
 from rlm_wire.v1 import orchestrator_pb2 as pb
 
@@ -159,11 +158,6 @@ def request_of(
 
 def options_of(request: dict[str, Any]) -> pb.CompletionOptions:
     return json_format.ParseDict(request.get("options", {}), pb.CompletionOptions())
-
-
-def context_of(request: dict[str, Any], data: bytes) -> Any:
-    text = data.decode("utf-8")
-    return json.loads(text) if request.get("context_encoding") == "json" else text
 
 
 Resume = Callable[[CompletionRecord, CompletionJournal, EventLog, Any], Awaitable[None]]
